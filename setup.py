@@ -1,0 +1,37 @@
+"""voxsparse: fully sparse 3D LiDAR perception (VoxelNeXt, DSVT, VoxelKP) in PyTorch."""
+
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+# The sparse backend is an extra so a CUDA user can pick the wheel matching their toolkit.
+# `cpu` also pins the CPU torch build: an unpinned torch on a fresh Linux machine pulls a
+# multi-GB CUDA build.
+EXTRAS = {
+    "cpu": ["torch==2.13.0", "spconv==2.3.8"],
+    "cu120": ["spconv-cu120==2.3.8"],
+    "cu126": ["spconv-cu126==2.3.8"],
+    "triton": ["spconv-triton>=1.0"],
+    "viz": ["open3d>=0.18", "matplotlib>=3.7"],
+    "nuscenes": ["nuscenes-devkit>=1.1.11"],
+    "waymo": ["waymo-open-dataset-tf-2-12-0==1.6.7"],
+    "test": ["pytest>=8", "shapely>=2.0"],
+}
+
+setup(
+    name="voxsparse",
+    version="0.1.0",
+    description=__doc__,
+    long_description=Path(__file__).with_name("README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["voxsparse", "voxsparse.*"]),
+    install_requires=[
+        "torch>=2.1",
+        "numpy>=1.24,<2",
+        "hydra-core>=1.3",
+        "tqdm>=4.60",
+        "tensorboard>=2.12",
+    ],
+    extras_require=EXTRAS,
+)

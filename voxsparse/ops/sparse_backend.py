@@ -1,0 +1,143 @@
+"""The one place that imports a sparse-convolution library.
+
+Models import sparse layers from here (``from voxsparse.ops.sparse_backend import spnn``) and never
+from ``spconv`` directly, so the backend can be swapped without touching model code.
+
+Backends, chosen by the ``VOXSPARSE_SPARSE_BACKEND`` environment variable (default ``auto``):
+
+- ``spconv``: the spconv 2.x wheels (``spconv`` on the CPU, ``spconv-cu120``/``spconv-cu126`` on CUDA).
+- ``spconv-triton``: ``spconv_triton``, a Triton re-implementation with the same API (GPU only).
+- ``auto``: spconv if importable, else spconv-triton.
+
+Two repairs make spconv's CPU path usable, and both are applied at import:
+
+1. spconv asks ``torch.cuda.current_stream()`` for every op, which raises on a CPU-only torch build
+   ("Torch not compiled with CUDA enabled") in the backward of strided convolutions. We return
+   stream 0 when CUDA is unavailable.
+2. spconv's CPU gather-multiply-scatter-add kernels race when torch runs more than one thread
+   (spconv issues #366, #679): with 2 threads a SubM conv is wrong by ~0.5 absolute. Every spconv
+   op that receives CPU tensors therefore runs with one torch thread, restored afterwards. The
+   wrapper sits on ``spconv.pytorch.ops`` functions, which both forward and backward go through.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import importlib
+import os
+from types import ModuleType
+from typing import Any, Callable, Iterator
+
+import torch
+
+ENV_VAR = "VOXSPARSE_SPARSE_BACKEND"
+_CHOICES = ("auto", "spconv", "spconv-triton")
+
+# spconv.pytorch.ops functions that run compute kernels on their tensor arguments.
+_SPCONV_KERNEL_OPS = (
+    "get_indice_pairs",
+    "get_indice_pairs_implicit_gemm",
+    "indice_conv",
+    "indice_conv_backward",
+    "fused_indice_conv",
+    "implicit_gemm",
+    "implicit_gemm_backward",
+    "indice_maxpool",
+    "indice_maxpool_backward",
+    "indice_maxpool_implicit_gemm",
+    "indice_maxpool_implicit_gemm_backward",
+    "indice_avgpool_implicit_gemm",
+    "indice_avgpool_implicit_gemm_backward",
+    "global_pool_rearrange",
+)
+
+
+class SparseBackendError(ImportError):
+    """No usable sparse-convolution library is installed, or the one requested is missing."""
+
+
+@contextlib.contextmanager
+def single_thread() -> Iterator[None]:
+    """Run the enclosed torch CPU work on one intra-op thread, then restore the previous count."""
+    previous = torch.get_num_threads()
+    if previous == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _has_cpu_tensor(args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
+    for value in (*args, *kwargs.values()):
+        if isinstance(value, torch.Tensor):
+            return value.device.type == "cpu"
+    return False
+
+
+def _cpu_single_threaded(fn: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        if _has_cpu_tensor(args, kwargs):
+            with single_thread():
+                return fn(*args, **kwargs)
+        return fn(*args, **kwargs)
+
+    wrapper.__voxsparse_wrapped__ = True  # type: ignore[attr-defined]
+    return wrapper
+
+
+def _current_stream_or_zero() -> int:
+    return torch.cuda.current_stream().cuda_stream if torch.cuda.is_available() else 0
+
+
+def _patch_spconv() -> None:
+    """Apply the two CPU repairs described in the module docstring (idempotent)."""
+    cppcore = importlib.import_module("spconv.pytorch.cppcore")
+    ops = importlib.import_module("spconv.pytorch.ops")
+    # Every module that did `from cppcore import get_current_stream` holds its own reference.
+    for name in ("spconv.pytorch.cppcore", "spconv.pytorch.ops", "spconv.pytorch.hash", "spconv.pytorch.utils"):
+        module = importlib.import_module(name)
+        if hasattr(module, "get_current_stream"):
+            module.get_current_stream = _current_stream_or_zero
+    assert cppcore.get_current_stream is _current_stream_or_zero
+    for name in _SPCONV_KERNEL_OPS:
+        fn = getattr(ops, name, None)
+        if fn is not None and not getattr(fn, "__voxsparse_wrapped__", False):
+            setattr(ops, name, _cpu_single_threaded(fn))
+
+
+def _load(name: str) -> ModuleType:
+    if name == "spconv":
+        module = importlib.import_module("spconv.pytorch")
+        _patch_spconv()
+        return module
+    return importlib.import_module("spconv_triton.pytorch")
+
+
+def _select() -> tuple[str, ModuleType]:
+    requested = os.environ.get(ENV_VAR, "auto").strip().lower()
+    if requested not in _CHOICES:
+        raise SparseBackendError(f"{ENV_VAR}={requested!r} is not one of {_CHOICES}")
+    candidates = ("spconv", "spconv-triton") if requested == "auto" else (requested,)
+    errors = []
+    for name in candidates:
+        try:
+            return name, _load(name)
+        except ImportError as exc:
+            errors.append(f"{name}: {exc}")
+    raise SparseBackendError(
+        "No sparse-convolution backend could be imported ("
+        + "; ".join(errors)
+        + "). Install one: `pip install spconv` (CPU), `pip install spconv-cu126` (CUDA 12.x) or "
+        "`pip install spconv-triton` (GPU via Triton); see README 'Sparse backends'."
+    )
+
+
+BACKEND_NAME, spnn = _select()
+"""Name of the loaded backend and its ``spconv.pytorch``-compatible module."""
+
+SparseConvTensor = spnn.SparseConvTensor

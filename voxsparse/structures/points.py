@@ -1,0 +1,57 @@
+"""Batched point clouds."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from voxsparse.structures._validation import check_tensor
+
+
+@dataclass
+class PointBatch:
+    """The points of ``batch_size`` frames, concatenated.
+
+    Attributes:
+        points: (N, 3 + C) float: x, y, z in metres (LiDAR frame) then C features (e.g. intensity).
+        batch_index: (N,) int64, the frame each point belongs to, in [0, batch_size).
+        batch_size: number of frames (a frame may have no points).
+    """
+
+    points: torch.Tensor
+    batch_index: torch.Tensor
+    batch_size: int
+
+    def __post_init__(self) -> None:
+        check_tensor("PointBatch.points", self.points, ndim=2, min_last_dim=3, floating=True, finite=True)
+        check_tensor("PointBatch.batch_index", self.batch_index, ndim=1, floating=False, length=len(self.points))
+        if self.batch_size < 1:
+            raise ValueError(f"PointBatch.batch_size: expected >= 1, got {self.batch_size}")
+        if self.batch_index.numel() and (
+            int(self.batch_index.min()) < 0 or int(self.batch_index.max()) >= self.batch_size
+        ):
+            raise ValueError(f"PointBatch.batch_index: values must lie in [0, {self.batch_size})")
+
+    @classmethod
+    def from_frames(cls, frames: Sequence[torch.Tensor]) -> "PointBatch":
+        """Concatenate per-frame (Ni, 3 + C) point tensors; all frames need the same C."""
+        if not frames:
+            raise ValueError("PointBatch.from_frames: expected at least one frame")
+        widths = {f.shape[-1] if f.ndim == 2 else -1 for f in frames}
+        if len(widths) != 1:
+            shapes = [tuple(f.shape) for f in frames]
+            raise ValueError(f"PointBatch.from_frames: frames must all be (Ni, D) with one D, got {shapes}")
+        index = torch.cat(
+            [torch.full((len(f),), i, dtype=torch.int64, device=f.device) for i, f in enumerate(frames)]
+        )
+        return cls(torch.cat(list(frames), dim=0), index, len(frames))
+
+    @property
+    def num_features(self) -> int:
+        """Columns per point, xyz included."""
+        return self.points.shape[1]
+
+    def to(self, device: torch.device | str) -> "PointBatch":
+        return PointBatch(self.points.to(device), self.batch_index.to(device), self.batch_size)
