@@ -75,3 +75,43 @@ class SparseVoxels:
 
     def to(self, device: torch.device | str) -> "SparseVoxels":
         return SparseVoxels(self.coords.to(device), self.features.to(device), self.grid, self.batch_size)
+
+
+@dataclass
+class SparseBEV:
+    """Sparse bird's-eye-view features: the output of a backbone's height compression.
+
+    Attributes:
+        coords: (M, 3) int32 cell indices (batch, y, x); a cell is ``stride`` voxels wide.
+        features: (M, C) float.
+        spatial_shape: (H, W) cells.
+        stride: BEV cell size in voxels of ``grid``.
+        grid: the voxel grid of the backbone's input.
+        batch_size: number of frames.
+    """
+
+    coords: torch.Tensor
+    features: torch.Tensor
+    spatial_shape: tuple[int, int]
+    stride: int
+    grid: VoxelGrid
+    batch_size: int
+
+    def __post_init__(self) -> None:
+        check_tensor("SparseBEV.coords", self.coords, ndim=2, last_dim=3, floating=False)
+        check_tensor("SparseBEV.features", self.features, ndim=2, floating=True, length=len(self.coords))
+
+    def __len__(self) -> int:
+        return self.coords.shape[0]
+
+    @property
+    def cell_size(self) -> tuple[float, float]:
+        """(x, y) size of one cell, metres."""
+        return (self.grid.voxel_size[0] * self.stride, self.grid.voxel_size[1] * self.stride)
+
+    def cell_centers(self, coords: torch.Tensor | None = None) -> torch.Tensor:
+        """(M, 2) centres (x, y) in metres of ``coords`` ((M, 3) batch, y, x; default: this tensor's cells)."""
+        coords = self.coords if coords is None else coords
+        size = self.features.new_tensor(self.cell_size)
+        low = self.features.new_tensor(self.grid.point_cloud_range[:2])
+        return (coords[:, [2, 1]].to(self.features.dtype) + 0.5) * size + low

@@ -1,0 +1,139 @@
+"""VoxelNeXt's sparse-convolution backbone (Chen et al., "VoxelNeXt: Fully Sparse VoxelNet for 3D
+Object Detection and Tracking", CVPR 2023).
+
+A SECOND-style sparse ResNet over 3D voxels with two *extra* down-sampling stages: their features,
+at strides 16 and 32, are scattered back onto the stride-8 voxels (sparse addition), which gives
+the large receptive field a fully sparse head needs without any dense BEV map. The 3D voxels are
+then flattened to a sparse BEV tensor by summing over height (sparse height compression) and refined
+by a sparse 2D convolution.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from voxsparse.ops.sparse_backend import SparseConvTensor, spnn
+from voxsparse.ops.sparse_utils import merge_duplicates
+from voxsparse.structures import SparseBEV, SparseVoxels
+
+
+def _norm_act(channels: int) -> list[nn.Module]:
+    return [nn.BatchNorm1d(channels, eps=1e-3, momentum=0.01), nn.ReLU(inplace=True)]
+
+
+def sparse_conv_block(
+    in_channels: int, out_channels: int, kernel_size: int, stride: int = 1, indice_key: str | None = None,
+    subm: bool = True, dims: int = 3,
+) -> nn.Module:
+    """Sparse conv (submanifold when ``subm``, else regular with ``stride``) + BatchNorm + ReLU."""
+    if subm:
+        conv_cls = spnn.SubMConv3d if dims == 3 else spnn.SubMConv2d
+        conv = conv_cls(in_channels, out_channels, kernel_size, padding=kernel_size // 2, bias=False,
+                        indice_key=indice_key)
+    else:
+        conv_cls = spnn.SparseConv3d if dims == 3 else spnn.SparseConv2d
+        conv = conv_cls(in_channels, out_channels, kernel_size, stride=stride, padding=kernel_size // 2,
+                        bias=False, indice_key=indice_key)
+    return spnn.SparseSequential(conv, *_norm_act(out_channels))
+
+
+class SparseBasicBlock(spnn.SparseModule):
+    """Residual block of two submanifold 3x3(x3) convolutions that keep the active set."""
+
+    def __init__(self, channels: int, indice_key: str, dims: int = 3) -> None:
+        super().__init__()
+        conv_cls = spnn.SubMConv3d if dims == 3 else spnn.SubMConv2d
+        self.conv1 = conv_cls(channels, channels, 3, padding=1, bias=False, indice_key=indice_key)
+        self.bn1 = nn.BatchNorm1d(channels, eps=1e-3, momentum=0.01)
+        self.conv2 = conv_cls(channels, channels, 3, padding=1, bias=False, indice_key=indice_key)
+        self.bn2 = nn.BatchNorm1d(channels, eps=1e-3, momentum=0.01)
+        self.relu = nn.ReLU(inplace=True)
+
+    def forward(self, x: SparseConvTensor) -> SparseConvTensor:
+        identity = x.features
+        out = self.conv1(x)
+        out = out.replace_feature(self.relu(self.bn1(out.features)))
+        out = self.conv2(out)
+        return out.replace_feature(self.relu(self.bn2(out.features) + identity))
+
+
+class VoxelNeXtBackbone(nn.Module):
+    """Sparse ResNet over 3D voxels with extra down-sampling and sparse height compression.
+
+    Stage ``i`` (i >= 1) starts with a stride-2 sparse convolution; stage 0 keeps the input
+    resolution. ``bev_stage`` is the stage whose resolution the BEV output has (stride
+    ``2 ** bev_stage``); the stages after it are the extra down-sampling stages, added back to it.
+
+    Args:
+        in_channels: voxel feature channels from the voxel encoder.
+        channels: output channels of each stage, e.g. (16, 32, 64, 128, 128, 128).
+        blocks: residual blocks per stage, same length as ``channels``.
+        bev_stage: index of the stage the extra stages are added to (3 ⇒ output stride 8).
+        out_channels: channels of the sparse BEV output.
+
+    Input: ``SparseVoxels`` (M voxels). Output: ``SparseBEV`` with ``out_channels`` features.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        channels: Sequence[int] = (16, 32, 64, 128, 128, 128),
+        blocks: Sequence[int] = (1, 2, 2, 2, 2, 2),
+        bev_stage: int = 3,
+        out_channels: int = 128,
+    ) -> None:
+        super().__init__()
+        if len(channels) != len(blocks):
+            raise ValueError(f"channels {tuple(channels)} and blocks {tuple(blocks)} must have equal length")
+        if not 0 <= bev_stage < len(channels):
+            raise ValueError(f"bev_stage={bev_stage} must index a stage of {len(channels)}")
+        if any(c != channels[bev_stage] for c in channels[bev_stage:]):
+            raise ValueError("the extra down-sampling stages must keep the BEV stage's channel count")
+        self.bev_stage = bev_stage
+        self.out_channels = out_channels
+        self.stem = sparse_conv_block(in_channels, channels[0], 3, indice_key="subm0")
+        self.stages = nn.ModuleList()
+        prev = channels[0]
+        for i, (c, n) in enumerate(zip(channels, blocks)):
+            layers: list[nn.Module] = []
+            if i > 0:
+                layers.append(sparse_conv_block(prev, c, 3, stride=2, indice_key=f"down{i}", subm=False))
+            layers += [SparseBasicBlock(c, indice_key=f"subm{i}") for _ in range(n)]
+            self.stages.append(spnn.SparseSequential(*layers))
+            prev = c
+        self.bev_conv = sparse_conv_block(prev, out_channels, 3, indice_key="bev_out", subm=False, dims=2)
+        self.bev_subm = sparse_conv_block(out_channels, out_channels, 3, indice_key="bev_subm", dims=2)
+
+    @property
+    def stride(self) -> int:
+        return 2**self.bev_stage
+
+    def forward(self, voxels: SparseVoxels) -> SparseBEV:
+        x = SparseConvTensor(voxels.features, voxels.coords.int(), list(voxels.grid.spatial_shape), voxels.batch_size)
+        x = self.stem(x)
+        outputs = []
+        for stage in self.stages:
+            x = stage(x)
+            outputs.append(x)
+        base = outputs[self.bev_stage]
+        # Sparse addition of the extra stages: scale their (y, x) to the BEV stage's grid and merge.
+        coords = [base.indices]
+        feats = [base.features]
+        for level, extra in enumerate(outputs[self.bev_stage + 1 :], start=1):
+            scaled = extra.indices.clone()
+            scaled[:, 1:] *= 2**level
+            coords.append(scaled)
+            feats.append(extra.features)
+        _, h, w = base.spatial_shape
+        bev_coords = torch.cat(coords)[:, [0, 2, 3]]
+        # An odd-sized grid rounds up when halved, so scaled-back indices can overshoot by one.
+        bev_coords[:, 1].clamp_(max=h - 1)
+        bev_coords[:, 2].clamp_(max=w - 1)
+        # Height compression: drop z, sum features over it (and over the merged extra stages).
+        bev_coords, bev_feats = merge_duplicates(bev_coords, torch.cat(feats), (voxels.batch_size, h, w))
+        bev = SparseConvTensor(bev_feats, bev_coords, [h, w], voxels.batch_size)
+        bev = self.bev_subm(self.bev_conv(bev))
+        return SparseBEV(bev.indices, bev.features, (h, w), self.stride, voxels.grid, voxels.batch_size)

@@ -1,0 +1,51 @@
+"""A single-stage 3D detector assembled from a voxel encoder, a backbone and a head."""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+from torch import nn
+
+from voxsparse.models.heads.center_head import CenterHeadBase, CenterPredictions, HeadLosses
+from voxsparse.structures import Annotations3D, Detections3D, PointBatch
+
+
+class SparseDetector(nn.Module):
+    """points → voxel encoder → sparse backbone → (sparse BEV) → center-based head.
+
+    ``backbone`` and ``head`` are factories (Hydra ``_partial_: true``) that receive their
+    ``in_channels`` from the stage before, so a config never repeats a channel count.
+
+    Args:
+        voxel_encoder: module ``PointBatch -> SparseVoxels`` with ``out_channels``.
+        backbone: ``(in_channels) -> module SparseVoxels -> SparseBEV`` with ``out_channels``.
+        head: ``(in_channels) -> CenterHeadBase``.
+        class_names: names of the head's classes, in label order.
+    """
+
+    def __init__(
+        self,
+        voxel_encoder: nn.Module,
+        backbone: Callable[..., nn.Module],
+        head: Callable[..., CenterHeadBase],
+        class_names: Sequence[str],
+    ) -> None:
+        super().__init__()
+        self.class_names = tuple(class_names)
+        self.voxel_encoder = voxel_encoder
+        self.backbone = backbone(in_channels=voxel_encoder.out_channels)
+        self.head = head(in_channels=self.backbone.out_channels, num_classes=len(self.class_names))
+
+    @property
+    def grid(self):
+        return self.voxel_encoder.grid
+
+    def forward(self, points: PointBatch) -> CenterPredictions:
+        return self.head(self.backbone(self.voxel_encoder(points)))
+
+    def loss(self, points: PointBatch, annotations: list[Annotations3D]) -> HeadLosses:
+        return self.head.loss(self(points), annotations)
+
+    def predict(self, points: PointBatch) -> list[Detections3D]:
+        """Detections per frame, in the LiDAR frame, scores descending."""
+        return self.head.decode(self(points))

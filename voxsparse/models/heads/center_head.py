@@ -1,0 +1,276 @@
+"""What every center-based head shares: per-cell predictions, target assignment, losses, decoding.
+
+A center-based head scores BEV *cells* per class and regresses a box at each cell. The sparse
+VoxelNeXt head predicts at the occupied cells only; the CenterPoint head predicts at every cell of a
+dense map. Both produce a :class:`CenterPredictions` over "their" cells, so one target assignment,
+one loss and one decoder serve both:
+
+- the positive of a ground-truth box is the cell nearest to its centre (for a dense map, the cell
+  that contains the centre; for the sparse head, the nearest occupied cell, as in VoxelNeXt);
+- the heatmap target of a cell is a Gaussian of its distance to the box centre, with CenterNet's
+  size-dependent radius, and exactly 1 at the positive;
+- decoding keeps cells whose score is the maximum of their 3x3 occupied neighbourhood (a sparse
+  max-pool: no NMS) and takes the top K.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from voxsparse.ops.sparse_utils import sparse_local_max
+from voxsparse.structures import Annotations3D, Boxes3D, Detections3D
+
+HEATMAP_PRIOR = 0.1  # initial foreground probability, keeps early focal loss stable
+
+
+@dataclass
+class CenterPredictions:
+    """Raw head outputs at M cells of a batch.
+
+    Attributes:
+        coords: (M, 3) int (batch, y, x) cell indices.
+        cell_xy: (M, 2) cell centres (x, y), metres.
+        heatmap: (M, num_classes) logits.
+        offset: (M, 2) box centre minus cell centre, in cells.
+        z: (M, 1) box centre height, metres.
+        log_dims: (M, 3) log of (dx, dy, dz) in metres.
+        rot: (M, 2) (sin, cos) of the heading.
+        velocity: (M, 2) (vx, vy) m/s, or None when the head has no velocity branch.
+        spatial_shape: (H, W) cells; cell_size: (x, y) metres per cell; batch_size: frames.
+    """
+
+    coords: torch.Tensor
+    cell_xy: torch.Tensor
+    heatmap: torch.Tensor
+    offset: torch.Tensor
+    z: torch.Tensor
+    log_dims: torch.Tensor
+    rot: torch.Tensor
+    velocity: torch.Tensor | None
+    spatial_shape: tuple[int, int]
+    cell_size: tuple[float, float]
+    batch_size: int
+
+    def regression(self) -> torch.Tensor:
+        """(M, 8 or 10) regression outputs in target order: offset, z, log dims, sin, cos[, v]."""
+        parts = [self.offset, self.z, self.log_dims, self.rot]
+        if self.velocity is not None:
+            parts.append(self.velocity)
+        return torch.cat(parts, dim=1)
+
+
+@dataclass
+class CenterTargets:
+    """Training targets for :class:`CenterPredictions` (P positives among M cells).
+
+    Attributes:
+        heatmap: (M, num_classes) Gaussian targets in [0, 1], 1 at positives.
+        positive: (P,) int64 cell index of each positive.
+        regression: (P, 8 or 10) targets in :meth:`CenterPredictions.regression` order.
+        gt_boxes: (P, 7) the matched ground-truth boxes.
+    """
+
+    heatmap: torch.Tensor
+    positive: torch.Tensor
+    regression: torch.Tensor
+    gt_boxes: torch.Tensor
+
+
+@dataclass
+class HeadLosses:
+    """Loss terms of one batch; ``total`` is what is back-propagated."""
+
+    total: torch.Tensor
+    heatmap: torch.Tensor
+    regression: torch.Tensor
+    num_positives: int
+
+
+def gaussian_radius(length: torch.Tensor, width: torch.Tensor, min_overlap: float = 0.1) -> torch.Tensor:
+    """CenterNet's radius (in the units of the inputs) within which a shifted box keeps
+    ``min_overlap`` IoU with the original: the smallest of the three corner cases' roots."""
+    a1, b1 = 1.0, length + width
+    c1 = width * length * (1 - min_overlap) / (1 + min_overlap)
+    r1 = (b1 + torch.sqrt(b1**2 - 4 * a1 * c1)) / 2
+    a2, b2 = 4.0, 2 * (length + width)
+    c2 = (1 - min_overlap) * width * length
+    r2 = (b2 + torch.sqrt(b2**2 - 4 * a2 * c2)) / 2
+    a3, b3 = 4 * min_overlap, -2 * min_overlap * (length + width)
+    c3 = (min_overlap - 1) * width * length
+    r3 = (b3 + torch.sqrt(b3**2 - 4 * a3 * c3)) / 2
+    return torch.minimum(torch.minimum(r1, r2), r3)
+
+
+def focal_heatmap_loss(logits: torch.Tensor, target: torch.Tensor, positive_mask: torch.Tensor) -> torch.Tensor:
+    """CenterNet's penalty-reduced focal loss, summed and divided by the number of positives.
+
+    Args:
+        logits: (M, C); target: (M, C) in [0, 1]; positive_mask: (M, C) bool.
+    """
+    log_p = F.logsigmoid(logits)
+    log_not_p = F.logsigmoid(-logits)
+    p = log_p.exp()
+    pos = -(((1 - p) ** 2) * log_p)[positive_mask].sum()
+    neg_weight = (1 - target) ** 4
+    neg = -(neg_weight * p**2 * log_not_p)[~positive_mask].sum()
+    return (pos + neg) / positive_mask.sum().clamp(min=1)
+
+
+class CenterHeadBase(nn.Module):
+    """Target assignment, losses and decoding for center-based heads.
+
+    Args:
+        num_classes: heatmap channels.
+        with_velocity: whether boxes carry (vx, vy).
+        code_weights: L1 weight of each regression target (8 or 10 values).
+        regression_weight: weight of the regression loss against the heatmap loss.
+        min_radius: smallest Gaussian radius, cells.
+        gaussian_overlap: CenterNet ``min_overlap``.
+        max_detections: top-K per frame at decoding.
+        score_threshold: minimum score kept at decoding.
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        with_velocity: bool = False,
+        code_weights: tuple[float, ...] | None = None,
+        regression_weight: float = 0.25,
+        min_radius: int = 2,
+        gaussian_overlap: float = 0.1,
+        max_detections: int = 500,
+        score_threshold: float = 0.1,
+    ) -> None:
+        super().__init__()
+        self.num_classes = num_classes
+        self.with_velocity = with_velocity
+        num_codes = 10 if with_velocity else 8
+        weights = code_weights if code_weights is not None else (1.0,) * 8 + (0.2,) * (num_codes - 8)
+        if len(weights) != num_codes:
+            raise ValueError(f"code_weights: expected {num_codes} values, got {len(weights)}")
+        self.register_buffer("code_weights", torch.tensor(weights, dtype=torch.float32), persistent=False)
+        self.regression_weight = regression_weight
+        self.min_radius = min_radius
+        self.gaussian_overlap = gaussian_overlap
+        self.max_detections = max_detections
+        self.score_threshold = score_threshold
+
+    # --- targets ---------------------------------------------------------------------------------
+    @torch.no_grad()
+    def assign_targets(self, pred: CenterPredictions, annotations: list[Annotations3D]) -> CenterTargets:
+        """Gaussian heatmaps and regression targets at the cells of ``pred``."""
+        device = pred.heatmap.device
+        cell = torch.tensor(pred.cell_size, device=device)
+        heatmap = torch.zeros_like(pred.heatmap, dtype=torch.float32)
+        positives, regressions, gt_rows = [], [], []
+        batch = pred.coords[:, 0].long()
+        for b, ann in enumerate(annotations):
+            cells = torch.nonzero(batch == b).squeeze(1)
+            if len(ann) == 0 or len(cells) == 0:
+                continue
+            boxes = ann.boxes.tensor.to(device=device, dtype=torch.float32)
+            labels = ann.labels.to(device)
+            xy = pred.cell_xy[cells].float()  # (Mb, 2)
+            delta = (xy[:, None, :] - boxes[None, :, :2]) / cell  # (Mb, G, 2) in cells
+            dist2 = (delta**2).sum(-1)
+            radius = gaussian_radius(boxes[:, 3] / cell[0], boxes[:, 4] / cell[1], self.gaussian_overlap)
+            radius = radius.floor().clamp(min=self.min_radius)
+            sigma = (2 * radius + 1) / 6
+            gauss = torch.exp(-dist2 / (2 * sigma[None] ** 2))
+            gauss = gauss * (delta.abs() <= radius[None, :, None]).all(-1)
+            # Per class, a cell takes the strongest Gaussian among that class's boxes.
+            per_class = torch.zeros(len(cells), self.num_classes, device=device)
+            per_class.scatter_reduce_(1, labels[None].expand(len(cells), -1), gauss, reduce="amax")
+            nearest = dist2.argmin(dim=0)  # (G,)
+            per_class[nearest, labels] = 1.0
+            heatmap[cells] = per_class
+            positive = cells[nearest]
+            positives.append(positive)
+            gt_rows.append(boxes[:, :7])
+            regressions.append(self._encode(boxes, pred.cell_xy[positive].float(), cell))
+        if positives:
+            positive = torch.cat(positives)
+            regression = torch.cat(regressions)
+            gt_boxes = torch.cat(gt_rows)
+        else:
+            positive = torch.zeros(0, dtype=torch.int64, device=device)
+            regression = torch.zeros(0, 10 if self.with_velocity else 8, device=device)
+            gt_boxes = torch.zeros(0, 7, device=device)
+        return CenterTargets(heatmap, positive, regression, gt_boxes)
+
+    def _encode(self, boxes: torch.Tensor, cell_xy: torch.Tensor, cell: torch.Tensor) -> torch.Tensor:
+        parts = [
+            (boxes[:, :2] - cell_xy) / cell,
+            boxes[:, 2:3],
+            boxes[:, 3:6].clamp(min=1e-3).log(),
+            torch.sin(boxes[:, 6:7]),
+            torch.cos(boxes[:, 6:7]),
+        ]
+        if self.with_velocity:
+            velocity = boxes[:, 7:9] if boxes.shape[1] >= 9 else boxes.new_zeros(len(boxes), 2)
+            parts.append(velocity)
+        return torch.cat(parts, dim=1)
+
+    # --- losses ----------------------------------------------------------------------------------
+    def loss(self, pred: CenterPredictions, annotations: list[Annotations3D]) -> HeadLosses:
+        """Focal heatmap loss + weighted L1 regression at the positives."""
+        targets = self.assign_targets(pred, annotations)
+        logits = pred.heatmap.float()
+        positive_mask = targets.heatmap == 1.0
+        hm_loss = focal_heatmap_loss(logits, targets.heatmap, positive_mask)
+        num_pos = len(targets.positive)
+        if num_pos:
+            reg = pred.regression()[targets.positive].float()
+            l1 = (reg - targets.regression).abs() * self.code_weights
+            reg_loss = l1.sum() / num_pos
+        else:
+            reg_loss = logits.sum() * 0.0
+        total = hm_loss + self.regression_weight * reg_loss
+        return HeadLosses(total, hm_loss.detach(), reg_loss.detach(), num_pos)
+
+    # --- decoding --------------------------------------------------------------------------------
+    @torch.no_grad()
+    def decode(self, pred: CenterPredictions) -> list[Detections3D]:
+        """Boxes at local heatmap maxima, top ``max_detections`` per frame above ``score_threshold``."""
+        scores = pred.heatmap.float().sigmoid()
+        shape = (pred.batch_size, *pred.spatial_shape)
+        is_peak = scores >= sparse_local_max(pred.coords, scores, shape, kernel_size=3)
+        scores = scores * is_peak
+        cell = scores.new_tensor(pred.cell_size)
+        boxes = self._decode_boxes(pred, cell)
+        batch = pred.coords[:, 0].long()
+        results = []
+        for b in range(pred.batch_size):
+            idx = torch.nonzero(batch == b).squeeze(1)
+            frame_scores = scores[idx].reshape(-1)  # (Mb * C,)
+            k = min(self.max_detections, frame_scores.numel())
+            top_scores, top = frame_scores.topk(k)
+            keep = top_scores > self.score_threshold
+            top_scores, top = top_scores[keep], top[keep]
+            rows = idx[torch.div(top, self.num_classes, rounding_mode="floor")]
+            results.append(
+                Detections3D(Boxes3D(boxes[rows]), top_scores, (top % self.num_classes).long())
+            )
+        return results
+
+    def _decode_boxes(self, pred: CenterPredictions, cell: torch.Tensor) -> torch.Tensor:
+        xy = pred.cell_xy.float() + pred.offset.float() * cell
+        dims = pred.log_dims.float().clamp(max=5).exp()
+        heading = torch.atan2(pred.rot[:, 0].float(), pred.rot[:, 1].float())
+        parts = [xy, pred.z.float(), dims, heading[:, None]]
+        if pred.velocity is not None:
+            parts.append(pred.velocity.float())
+        return torch.cat(parts, dim=1)
+
+
+def init_heatmap_bias(layer: nn.Module) -> None:
+    """Bias the heatmap output so every class starts at :data:`HEATMAP_PRIOR` probability."""
+    bias = getattr(layer, "bias", None)
+    if bias is None:
+        raise ValueError("heatmap output layer needs a bias")
+    nn.init.constant_(bias, -math.log((1 - HEATMAP_PRIOR) / HEATMAP_PRIOR))
