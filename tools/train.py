@@ -1,0 +1,60 @@
+"""Train a detector.
+
+    python tools/train.py                                  # small VoxelNeXt on the synthetic world (CPU ok)
+    python tools/train.py model=centerpoint_small          # the dense CenterPoint-head baseline
+    python tools/train.py resume=outputs/.../last.pth      # continue an interrupted run
+    torchrun --nproc_per_node=2 tools/train.py trainer.batch_size=1   # DDP (gloo on CPU, NCCL on GPU)
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import hydra
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from voxsparse.data.dataset import DetectionDataset
+from voxsparse.engine.distributed import cleanup, init_distributed
+from voxsparse.engine.evaluate import report, score_predictions
+from voxsparse.engine.inference import predict_dataset
+from voxsparse.engine.trainer import Trainer
+from voxsparse.evaluation.predictions_io import save_predictions
+
+log = logging.getLogger("voxsparse.train")
+
+
+@hydra.main(config_path="../configs", config_name="train", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    info = init_distributed(cfg.device)
+    output_dir = Path(HydraConfig.get().runtime.output_dir)
+    torch.manual_seed(cfg.trainer.seed)
+    model = instantiate(cfg.model)
+    if info.is_main:
+        params = sum(p.numel() for p in model.parameters())
+        log.info("model %s: %.2f M parameters; output in %s", cfg.name, params / 1e6, output_dir)
+    train_set = DetectionDataset(
+        instantiate(cfg.dataset.train), model.grid.point_cloud_range, instantiate(cfg.dataset.augmentations), seed=cfg.trainer.seed
+    )
+    trainer = Trainer(
+        model, train_set, instantiate(cfg.trainer), output_dir, info, OmegaConf.to_container(cfg, resolve=True)
+    )
+    if cfg.resume:
+        trainer.resume(cfg.resume)
+    trainer.fit()
+
+    if cfg.evaluate:
+        val_set = DetectionDataset(instantiate(cfg.dataset.val), model.grid.point_cloud_range)
+        predictions = predict_dataset(model, val_set, info, batch_size=cfg.trainer.batch_size, use_amp=trainer.use_amp)
+        if info.is_main:
+            save_predictions(output_dir / "predictions.pt", predictions.to_file(model.class_names, model.grid))
+            metrics = score_predictions(predictions, model.class_names, cfg.dataset.iou_thresholds)
+            report(metrics, output_dir)
+    cleanup(info)
+
+
+if __name__ == "__main__":
+    main()
