@@ -112,6 +112,8 @@ class VoxelNeXtBackbone(nn.Module):
         return 2**self.bev_stage
 
     def forward(self, voxels: SparseVoxels) -> SparseBEV:
+        if len(voxels) == 0:  # spconv cannot convolve an empty tensor; there is nothing to compute
+            return self._empty_output(voxels)
         x = SparseConvTensor(voxels.features, voxels.coords.int(), list(voxels.grid.spatial_shape), voxels.batch_size)
         x = self.stem(x)
         outputs = []
@@ -137,3 +139,11 @@ class VoxelNeXtBackbone(nn.Module):
         bev = SparseConvTensor(bev_feats, bev_coords, [h, w], voxels.batch_size)
         bev = self.bev_subm(self.bev_conv(bev))
         return SparseBEV(bev.indices, bev.features, (h, w), self.stride, voxels.grid, voxels.batch_size)
+
+    def _empty_output(self, voxels: SparseVoxels) -> SparseBEV:
+        _, h, w = voxels.grid.spatial_shape
+        for _ in range(self.bev_stage):  # each stride-2 conv with padding 1 rounds up
+            h, w = (h + 1) // 2, (w + 1) // 2
+        coords = voxels.coords.new_zeros(0, 3)
+        feats = voxels.features.new_zeros(0, self.out_channels)
+        return SparseBEV(coords, feats, (h, w), self.stride, voxels.grid, voxels.batch_size)

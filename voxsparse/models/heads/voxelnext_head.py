@@ -20,7 +20,9 @@ class _SparseBranch(nn.Module):
         )
         self.out = nn.Linear(in_channels, out_channels)
 
-    def forward(self, x: SparseConvTensor):
+    def forward(self, x: SparseConvTensor | None, empty_features=None):
+        if x is None:  # no occupied cells: spconv cannot run, the linear layer gives (0, C) outputs
+            return self.out(empty_features)
         return self.out(self.convs(x).features)
 
 
@@ -54,9 +56,13 @@ class VoxelNeXtHead(CenterHeadBase):
         init_heatmap_bias(self.branches["heatmap"].out)
 
     def forward(self, bev: SparseBEV) -> CenterPredictions:
-        x = SparseConvTensor(bev.features, bev.coords.int(), list(bev.spatial_shape), bev.batch_size)
-        x = self.shared(x)
-        out = {name: branch(x) for name, branch in self.branches.items()}
+        if len(bev) == 0:
+            empty = bev.features.new_zeros(0, self.branches["heatmap"].out.in_features)
+            out = {name: branch(None, empty) for name, branch in self.branches.items()}
+        else:
+            x = SparseConvTensor(bev.features, bev.coords.int(), list(bev.spatial_shape), bev.batch_size)
+            x = self.shared(x)
+            out = {name: branch(x) for name, branch in self.branches.items()}
         return CenterPredictions(
             coords=bev.coords,
             cell_xy=bev.cell_centers(),
