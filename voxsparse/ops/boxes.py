@@ -1,0 +1,326 @@
+"""Oriented 3D box geometry: corners, point membership and exact rotated IoU.
+
+Boxes are rows ``(x, y, z, dx, dy, dz, heading[, vx, vy, ...])`` in the LiDAR frame: metres and
+radians, ``(x, y, z)`` the box centre, ``dx`` the extent along the heading, heading counter-clockwise
+from +x. Columns past the seventh are ignored. Every op is plain torch, batched over boxes, and runs
+on the device of its inputs.
+
+Rotated IoU is exact: the intersection of two rectangles is a convex polygon whose vertices are
+the corners of each rectangle that lie inside the other plus the crossings of their edges; the
+vertices are ordered by angle around their centroid and the shoelace formula gives the area. It is
+computed in float64 in coordinates relative to one box's centre, so boxes far from the origin lose
+no precision, and the results come back in the dtype of the first argument. Pairs whose bounding
+circles cannot overlap are skipped, so sparse scenes cost far less than N x M polygon clips, and
+work is done in chunks so that 5000 x 5000 boxes need only the (N, M) output plus a bounded buffer.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+__all__ = [
+    "limit_period",
+    "boxes_to_corners_bev",
+    "boxes_to_corners_3d",
+    "points_in_boxes",
+    "bev_iou",
+    "iou_3d",
+    "bev_iou_aligned",
+    "iou_3d_aligned",
+]
+
+#: Distance (metres) under which a point counts as on a rectangle's boundary. Roundoff in the
+#: float64 geometry is ~1e-14 m for boxes tens of metres across, far below it.
+_EPS = 1e-9
+
+#: Box pairs clipped at once: each pair needs about 3 KB of float64 buffers.
+_PAIRS_PER_CHUNK = 1 << 15
+
+#: Elements of an (rows, M) candidate-pair screen evaluated at once.
+_SCREEN_ELEMENTS = 1 << 22
+
+# Corner signs in the box frame, counter-clockwise seen from above (+z).
+_CORNER_SIGNS = ((-1.0, -1.0), (1.0, -1.0), (1.0, 1.0), (-1.0, 1.0))
+
+
+def limit_period(angle: torch.Tensor, offset: float = 0.5, period: float = 2 * math.pi) -> torch.Tensor:
+    """Wrap angles into ``[-offset * period, (1 - offset) * period)``.
+
+    Args:
+        angle: tensor of any shape, radians.
+        offset: 0.5 gives ``[-period/2, period/2)``, 0 gives ``[0, period)``.
+        period: wrap period, radians (``pi`` for heading-agnostic axes).
+
+    Returns:
+        Tensor of the same shape and dtype.
+    """
+    return angle - torch.floor(angle / period + offset) * period
+
+
+def _check_boxes(name: str, boxes: torch.Tensor) -> None:
+    if boxes.ndim != 2 or boxes.shape[1] < 7:
+        raise ValueError(f"{name}: expected shape (N, >=7), got {tuple(boxes.shape)}")
+    if not boxes.is_floating_point():
+        raise TypeError(f"{name}: expected a floating dtype, got {boxes.dtype}")
+
+
+def _corners_xy(
+    cx: torch.Tensor, cy: torch.Tensor, dx: torch.Tensor, dy: torch.Tensor, heading: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Corner x and y, each (K, 4), from (K,) centres, sizes and headings."""
+    signs = torch.tensor(_CORNER_SIGNS, dtype=cx.dtype, device=cx.device)
+    lx, ly = signs[:, 0] * (0.5 * dx)[:, None], signs[:, 1] * (0.5 * dy)[:, None]
+    cos, sin = torch.cos(heading)[:, None], torch.sin(heading)[:, None]
+    return cx[:, None] + lx * cos - ly * sin, cy[:, None] + lx * sin + ly * cos
+
+
+def boxes_to_corners_bev(boxes: torch.Tensor) -> torch.Tensor:
+    """Bird's-eye-view corners of boxes.
+
+    Args:
+        boxes: (N, >=7) boxes, metres / radians.
+
+    Returns:
+        (N, 4, 2) corner (x, y) in metres, counter-clockwise seen from above, starting at the
+        rear-right corner (box frame ``(-dx/2, -dy/2)``).
+    """
+    _check_boxes("boxes", boxes)
+    return torch.stack(_corners_xy(boxes[:, 0], boxes[:, 1], boxes[:, 3], boxes[:, 4], boxes[:, 6]), dim=-1)
+
+
+def boxes_to_corners_3d(boxes: torch.Tensor) -> torch.Tensor:
+    """3D corners of boxes.
+
+    Args:
+        boxes: (N, >=7) boxes, metres / radians.
+
+    Returns:
+        (N, 8, 3) corners in metres: indices 0-3 the bottom face (``z - dz/2``) and 4-7 the top face
+        (``z + dz/2``), each in the counter-clockwise order of :func:`boxes_to_corners_bev`; corner
+        ``i + 4`` lies above corner ``i``.
+    """
+    bev = boxes_to_corners_bev(boxes)
+    bottom = (boxes[:, 2] - 0.5 * boxes[:, 5])[:, None, None].expand(-1, 4, 1)
+    top = (boxes[:, 2] + 0.5 * boxes[:, 5])[:, None, None].expand(-1, 4, 1)
+    return torch.cat((torch.cat((bev, bottom), dim=-1), torch.cat((bev, top), dim=-1)), dim=1)
+
+
+def points_in_boxes(points: torch.Tensor, boxes: torch.Tensor, chunk_size: int = 1 << 16) -> torch.Tensor:
+    """Which points lie inside which boxes.
+
+    Boxes are closed: a point on a face counts as inside.
+
+    Args:
+        points: (P, >=3) points, (x, y, z) in metres in the first three columns.
+        boxes: (N, >=7) boxes, metres / radians.
+        chunk_size: points processed at once; bounds the float buffers to ~``chunk_size * N``.
+
+    Returns:
+        (P, N) bool, ``[p, n]`` true when point ``p`` is inside box ``n``. ``mask.any(1)`` flags
+        points in any box; ``torch.where(mask.any(1), mask.byte().argmax(1), -1)`` one box index
+        per point (the first where boxes overlap, -1 for none).
+    """
+    _check_boxes("boxes", boxes)
+    if points.ndim != 2 or points.shape[1] < 3:
+        raise ValueError(f"points: expected shape (P, >=3), got {tuple(points.shape)}")
+    dtype = torch.promote_types(points.dtype, boxes.dtype)
+    boxes = boxes.to(dtype)
+    cos, sin = torch.cos(boxes[:, 6]), torch.sin(boxes[:, 6])
+    half = 0.5 * boxes[:, 3:6]
+    out = torch.empty(points.shape[0], boxes.shape[0], dtype=torch.bool, device=points.device)
+    for start in range(0, points.shape[0], chunk_size):
+        p = points[start : start + chunk_size, :3].to(dtype)
+        d = p[:, None, :] - boxes[None, :, 0:3]  # (p, N, 3)
+        # Rotate the offsets into each box frame (rotation by -heading).
+        u = d[..., 0] * cos + d[..., 1] * sin
+        v = -d[..., 0] * sin + d[..., 1] * cos
+        out[start : start + chunk_size] = (
+            (u.abs() <= half[:, 0]) & (v.abs() <= half[:, 1]) & (d[..., 2].abs() <= half[:, 2])
+        )
+    return out
+
+
+def _inside(
+    x: torch.Tensor, y: torch.Tensor, box: torch.Tensor, cx: torch.Tensor, cy: torch.Tensor
+) -> torch.Tensor:
+    """(K, 4) whether points ``(x, y)`` (K, 4) lie in the closed rectangle of ``box`` (K, >=7)
+    centred at ``(cx, cy)`` (K,), within ``_EPS``."""
+    cos, sin = torch.cos(box[:, 6:7]), torch.sin(box[:, 6:7])
+    du, dv = x - cx[:, None], y - cy[:, None]
+    u = du * cos + dv * sin
+    v = dv * cos - du * sin
+    return (u.abs() <= 0.5 * box[:, 3:4] + _EPS) & (v.abs() <= 0.5 * box[:, 4:5] + _EPS)
+
+
+def _pair_intersection_area(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """BEV intersection area of box pairs ``(a[k], b[k])``.
+
+    Args:
+        a, b: (K, >=7) float64 boxes.
+
+    Returns:
+        (K,) float64 areas in square metres, >= 0.
+    """
+    # Work relative to a's centre: overlapping pairs then have coordinates of box size only.
+    # x and y are kept as separate contiguous (K, n) tensors, which is ~2x faster than (K, n, 2).
+    zero = torch.zeros_like(a[:, 0])
+    cbx, cby = b[:, 0] - a[:, 0], b[:, 1] - a[:, 1]
+    ax, ay = _corners_xy(zero, zero, a[:, 3], a[:, 4], a[:, 6])  # (K, 4)
+    bx, by = _corners_xy(cbx, cby, b[:, 3], b[:, 4], b[:, 6])
+    a_in_b = _inside(ax, ay, b, cbx, cby)
+    b_in_a = _inside(bx, by, a, zero, zero)
+
+    # Crossing of edge i of a with edge j of b, (K, 4, 4): a_i + t * da_i = b_j + s * db_j with
+    # t, s in [0, 1].
+    dax, day = (ax.roll(-1, dims=1) - ax)[:, :, None], (ay.roll(-1, dims=1) - ay)[:, :, None]
+    dbx, dby = (bx.roll(-1, dims=1) - bx)[:, None, :], (by.roll(-1, dims=1) - by)[:, None, :]
+    wx, wy = bx[:, None, :] - ax[:, :, None], by[:, None, :] - ay[:, :, None]
+    denom = dax * dby - day * dbx
+    # Near-parallel edges are skipped: where they overlap, their ends are corners found above.
+    scale = torch.hypot(dax, day) * torch.hypot(dbx, dby)
+    proper = denom.abs() > 1e-12 * scale
+    denom = torch.where(proper, denom, torch.ones_like(denom))
+    t = (wx * dby - wy * dbx) / denom
+    s = (wx * day - wy * dax) / denom
+    crossing = proper & (t >= 0) & (t <= 1) & (s >= 0) & (s <= 1)
+
+    xs = torch.cat((ax, bx, (ax[:, :, None] + t * dax).flatten(1)), dim=1)  # (K, 24)
+    ys = torch.cat((ay, by, (ay[:, :, None] + t * day).flatten(1)), dim=1)
+    valid = torch.cat((a_in_b, b_in_a, crossing.flatten(1)), dim=1)
+    count = valid.sum(dim=1, keepdim=True)
+    n = count.clamp(min=1)
+    xs = xs - torch.where(valid, xs, 0).sum(dim=1, keepdim=True) / n  # relative to the centroid
+    ys = ys - torch.where(valid, ys, 0).sum(dim=1, keepdim=True) / n
+
+    # Pseudo-angle: monotone in atan2 over (-2, 2], cheaper; invalid points sort last.
+    l1 = (xs.abs() + ys.abs()).clamp(min=1e-300)
+    key = torch.where(valid, torch.copysign(1 - xs / l1, ys), 4.0)
+    order = key.argsort(dim=1)
+    xs, ys = xs.gather(1, order), ys.gather(1, order)
+    # Pad with the first vertex: the closing edge then runs from the last valid vertex, and the
+    # padding edges have zero length.
+    pad = torch.arange(xs.shape[1], device=xs.device) >= count
+    xs, ys = torch.where(pad, xs[:, :1], xs), torch.where(pad, ys[:, :1], ys)
+    area = 0.5 * (xs * ys.roll(-1, dims=1) - ys * xs.roll(-1, dims=1)).sum(dim=1)
+    return torch.where(count[:, 0] >= 3, area.clamp(min=0), 0.0)
+
+
+def _height_overlap(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Overlap in metres of the z-extents of broadcastable box tensors (..., >=7)."""
+    top = torch.minimum(a[..., 2] + 0.5 * a[..., 5], b[..., 2] + 0.5 * b[..., 5])
+    bottom = torch.maximum(a[..., 2] - 0.5 * a[..., 5], b[..., 2] - 0.5 * b[..., 5])
+    return (top - bottom).clamp(min=0)
+
+
+def _ratio(inter: torch.Tensor, size_a: torch.Tensor, size_b: torch.Tensor) -> torch.Tensor:
+    """inter / (size_a + size_b - inter), 0 where the union is empty (degenerate boxes)."""
+    union = size_a + size_b - inter
+    return torch.where(union > 0, inter / union.clamp(min=1e-300), torch.zeros_like(inter))
+
+
+def _pairwise_iou(a: torch.Tensor, b: torch.Tensor, use_height: bool) -> torch.Tensor:
+    """(N, M) BEV or 3D IoU; see :func:`bev_iou`."""
+    _check_boxes("a", a)
+    _check_boxes("b", b)
+    a64, b64 = a[:, :7].double(), b[:, :7].double()
+    m = b64.shape[0]
+    out = torch.empty(a64.shape[0], m, dtype=a.dtype, device=a.device)
+    radius_a = 0.5 * a64[:, 3:5].norm(dim=1)
+    radius_b = 0.5 * b64[:, 3:5].norm(dim=1)
+    size_a = a64[:, 3] * a64[:, 4] * (a64[:, 5] if use_height else 1)
+    size_b = b64[:, 3] * b64[:, 4] * (b64[:, 5] if use_height else 1)
+    rows = max(1, _SCREEN_ELEMENTS // max(m, 1))
+    for start in range(0, a64.shape[0], rows):
+        sub = a64[start : start + rows]
+        # Bounding circles must overlap (plus slack for touching boxes) for any shared area.
+        reach = radius_a[start : start + rows, None] + radius_b[None, :] + _EPS
+        near = torch.cdist(sub[:, 0:2], b64[:, 0:2], compute_mode="donot_use_mm_for_euclid_dist") <= reach
+        if use_height:
+            near &= _height_overlap(sub[:, None, :], b64[None, :, :]) > 0
+        ii, jj = near.nonzero(as_tuple=True)
+        inter = torch.zeros(sub.shape[0], m, dtype=torch.float64, device=a.device)
+        for p in range(0, ii.shape[0], _PAIRS_PER_CHUNK):
+            i, j = ii[p : p + _PAIRS_PER_CHUNK], jj[p : p + _PAIRS_PER_CHUNK]
+            area = _pair_intersection_area(sub[i], b64[j])
+            if use_height:
+                area = area * _height_overlap(sub[i], b64[j])
+            inter[i, j] = area
+        out[start : start + rows] = _ratio(inter, size_a[start : start + rows, None], size_b[None, :])
+    return out
+
+
+def bev_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Exact bird's-eye-view IoU of rotated boxes, all pairs.
+
+    Args:
+        a: (N, >=7) boxes, metres / radians.
+        b: (M, >=7) boxes on the same device.
+
+    Returns:
+        (N, M) IoU in [0, 1], dtype of ``a``. Pairs with an empty union (zero-area boxes) get 0.
+        Memory beyond the output is bounded (about 250 MB of buffers) whatever N and M.
+    """
+    return _pairwise_iou(a, b, use_height=False)
+
+
+def iou_3d(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Exact 3D IoU of boxes rotated about z, all pairs.
+
+    Intersection volume = BEV intersection area x overlap of the z-extents; IoU = intersection /
+    (volume_a + volume_b - intersection).
+
+    Args:
+        a: (N, >=7) boxes, metres / radians.
+        b: (M, >=7) boxes on the same device.
+
+    Returns:
+        (N, M) IoU in [0, 1], dtype of ``a``; 0 where the union is empty.
+    """
+    return _pairwise_iou(a, b, use_height=True)
+
+
+def _aligned_iou(a: torch.Tensor, b: torch.Tensor, use_height: bool) -> torch.Tensor:
+    _check_boxes("a", a)
+    _check_boxes("b", b)
+    if a.shape[0] != b.shape[0]:
+        raise ValueError(f"a and b must have the same number of boxes, got {a.shape[0]} and {b.shape[0]}")
+    a64, b64 = a[:, :7].double(), b[:, :7].double()
+    inter = torch.cat(
+        [
+            _pair_intersection_area(a64[p : p + _PAIRS_PER_CHUNK], b64[p : p + _PAIRS_PER_CHUNK])
+            for p in range(0, a64.shape[0], _PAIRS_PER_CHUNK)
+        ]
+        or [a64.new_zeros(0)]
+    )
+    size_a = a64[:, 3] * a64[:, 4]
+    size_b = b64[:, 3] * b64[:, 4]
+    if use_height:
+        inter = inter * _height_overlap(a64, b64)
+        size_a, size_b = size_a * a64[:, 5], size_b * b64[:, 5]
+    return _ratio(inter, size_a, size_b).to(a.dtype)
+
+
+def bev_iou_aligned(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Exact BEV IoU of matching rows.
+
+    Args:
+        a, b: (N, >=7) boxes, metres / radians.
+
+    Returns:
+        (N,) IoU of ``a[k]`` with ``b[k]``, dtype of ``a``.
+    """
+    return _aligned_iou(a, b, use_height=False)
+
+
+def iou_3d_aligned(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Exact 3D IoU of matching rows.
+
+    Args:
+        a, b: (N, >=7) boxes, metres / radians.
+
+    Returns:
+        (N,) IoU of ``a[k]`` with ``b[k]``, dtype of ``a``.
+    """
+    return _aligned_iou(a, b, use_height=True)
