@@ -10,12 +10,7 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from voxsparse.engine.inference import DatasetPredictions
-from voxsparse.evaluation.detection import (
-    DetectionMetrics,
-    FrameGroundTruth,
-    FramePredictions,
-    evaluate_detection,
-)
+from voxsparse.evaluation.detection import DetectionMetrics, evaluate_detection
 from voxsparse.utils.io import atomic_write
 
 log = logging.getLogger(__name__)
@@ -25,10 +20,10 @@ def score_predictions(
     predictions: DatasetPredictions, class_names: Sequence[str], iou_thresholds: Mapping[str, float]
 ) -> dict[str, DetectionMetrics]:
     """Per-class 3D AP at LEVEL_1 and LEVEL_2 difficulty."""
-    frames = [FramePredictions(d.boxes.tensor, d.scores, d.labels) for d in predictions.detections]
-    truths = [FrameGroundTruth(a.boxes.tensor, a.labels, a.difficulty) for a in predictions.annotations]
     return {
-        f"LEVEL_{level}": evaluate_detection(frames, truths, class_names, dict(iou_thresholds), difficulty=level)
+        f"LEVEL_{level}": evaluate_detection(
+            predictions.detections, predictions.annotations, class_names, dict(iou_thresholds), difficulty=level
+        )
         for level in (1, 2)
     }
 
