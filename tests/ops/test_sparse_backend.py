@@ -35,11 +35,21 @@ def test_subm_conv_matches_dense_reference_with_two_threads(seed):
     assert torch.get_num_threads() == 2
     size = 32
     coords, feats = _random_sparse(seed, size, 6000, 16)
+    feats.requires_grad_(True)
     conv = spnn.SubMConv3d(16, 32, 3, padding=1, bias=False)
     out = conv(SparseConvTensor(feats, coords, [size] * 3, 1))
-    ref = F.conv3d(_dense(coords, feats, size), _weight_oidhw(conv), padding=1)
-    ref_at_sites = ref[0, :, coords[:, 1].long(), coords[:, 2].long(), coords[:, 3].long()].T
+    grad_out = torch.randn_like(out.features)
+    (out.features * grad_out).sum().backward()
+
+    dense_in = _dense(coords, feats.detach(), size).requires_grad_(True)
+    weight = _weight_oidhw(conv).requires_grad_(True)
+    z, y, x = (coords[:, i].long() for i in (1, 2, 3))
+    ref_at_sites = F.conv3d(dense_in, weight, padding=1)[0, :, z, y, x].T
+    (ref_at_sites * grad_out.double()).sum().backward()
     torch.testing.assert_close(out.features.double(), ref_at_sites, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(feats.grad.double(), dense_in.grad[0, :, z, y, x].T, atol=1e-4, rtol=1e-4)
+    weight_grad = conv.weight.grad.double().permute(0, 4, 1, 2, 3)
+    torch.testing.assert_close(weight_grad, weight.grad, atol=1e-3, rtol=1e-4)
     assert torch.get_num_threads() == 2, "the backend must restore the thread count"
 
 
