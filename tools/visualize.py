@@ -1,0 +1,215 @@
+"""Show or render LiDAR frames with ground truth and predictions.
+
+    python tools/visualize.py                                   # synthetic val frame 0: a window, or a PNG when headless
+    python tools/visualize.py checkpoint=outputs/voxelnext_small/<run>/last.pth camera=chase output=pred.png
+    python tools/visualize.py predictions=outputs/eval/<run>/predictions.pt frame=3
+    python tools/visualize.py points=scan.bin camera=orbit      # a point file (.bin .npy .pcd .ply)
+    python tools/visualize.py num_frames=20 camera=orbit output=seq.mp4   # a sequence with track trails
+
+Headless (no DISPLAY) it renders with Open3D's offscreen renderer on the CPU (Vulkan lavapipe;
+Debian packages libusb-1.0-0 libvulkan1 mesa-vulkan-drivers), or, where that cannot run, draws a
+matplotlib bird's-eye view. See configs/visualize.yaml for every option.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import hydra
+import numpy as np
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from voxsparse.constants import CLASS_NAMES
+from voxsparse.structures import Detections3D, PointBatch
+from voxsparse.viz import camera_preset, load_points, render_scene, resolve_backend, write_image, write_video
+from voxsparse.viz.render import trail_history
+from voxsparse.viz.scene import Scene, build_scene
+from voxsparse.viz.viewer import has_display, show
+
+log = logging.getLogger("voxsparse.visualize")
+
+
+class _Frames:
+    """The frames to draw, loaded on first use and kept (the viewer steps back and forth)."""
+
+    def __init__(self, load: Callable[[int], Any], count: int):
+        self._load, self._count, self._cache = load, count, {}
+
+    def __len__(self) -> int:
+        return self._count
+
+    def __getitem__(self, i: int) -> Any:
+        if not 0 <= i < self._count:
+            raise IndexError(i)
+        if i not in self._cache:
+            self._cache[i] = self._load(i)
+        return self._cache[i]
+
+
+def _field(obj: Any, name: str) -> Any:
+    return obj.get(name) if isinstance(obj, dict) else getattr(obj, name, None)
+
+
+def _frames(cfg: DictConfig) -> tuple[_Frames, list[str]]:
+    """The frames (dataset frames, or one point file as a dict) and the class names."""
+    if cfg.points is not None:
+        points = load_points(cfg.points, columns=cfg.bin_columns)
+        log.info("%s: %d points", cfg.points, len(points))
+        frame = {"frame_id": Path(cfg.points).stem, "points": points}
+        return _Frames(lambda i: frame, 1), list(CLASS_NAMES)
+    if "dataset" not in cfg or cfg.dataset is None:
+        raise ValueError("no dataset config: give points=FILE or a dataset=... config")
+    source = instantiate(cfg.dataset[cfg.split])
+    first, count = int(cfg.frame), int(cfg.num_frames)
+    if not 0 <= first < len(source):
+        raise ValueError(f"frame={first}: the {cfg.split} split has {len(source)} frames")
+    count = min(count, len(source) - first)
+    names = list(cfg.dataset.get("class_names", CLASS_NAMES))
+    return _Frames(lambda i: source[first + i], count), names
+
+
+def _predictor(cfg: DictConfig, frames: _Frames) -> tuple[Callable[[int], Any] | None, tuple | None, list[str] | None]:
+    """A function frame index -> detections, the point-cloud range they were made in, class names."""
+    if cfg.checkpoint is not None and cfg.predictions is not None:
+        raise ValueError("give at most one of checkpoint=PATH and predictions=PATH")
+    if cfg.checkpoint is not None:
+        from voxsparse.engine.checkpoint import load_checkpoint
+
+        ckpt = load_checkpoint(cfg.checkpoint)
+        model = instantiate(OmegaConf.create(ckpt.config["model"]))
+        model.load_state_dict(ckpt.model)
+        model.to(cfg.device).eval()
+        r = tuple(float(v) for v in model.grid.point_cloud_range)
+
+        @torch.no_grad()
+        def predict(i: int) -> Detections3D:
+            p = torch.as_tensor(np.asarray(_field(frames[i], "points")), dtype=torch.float32)
+            inside = (p[:, 0] >= r[0]) & (p[:, 0] < r[3]) & (p[:, 1] >= r[1]) & (p[:, 1] < r[4])
+            inside &= (p[:, 2] >= r[2]) & (p[:, 2] < r[5])
+            start = time.perf_counter()
+            det = model.predict(PointBatch.from_frames([p[inside].to(cfg.device)]))[0].to("cpu")
+            log.info("frame %s: %d detections (%.0f ms)", _field(frames[i], "frame_id"), len(det),
+                     1e3 * (time.perf_counter() - start))
+            return det
+
+        cache: dict[int, Detections3D] = {}
+
+        def cached(i: int) -> Detections3D:
+            if i not in cache:
+                cache[i] = predict(i)
+            return cache[i]
+
+        return cached, r, list(model.class_names)
+    if cfg.predictions is not None:
+        from voxsparse.evaluation.predictions_io import load_predictions
+
+        content = load_predictions(cfg.predictions)
+        by_id = dict(zip(content.frame_ids, content.detections))
+
+        def lookup(i: int) -> Detections3D | None:
+            if cfg.points is not None:
+                key = cfg.predictions_frame if cfg.predictions_frame is not None else content.frame_ids[0]
+            else:
+                key = str(_field(frames[i], "frame_id"))
+            if key not in by_id:
+                log.warning("predictions file %s has no frame %r", cfg.predictions, key)
+            return by_id.get(key)
+
+        return lookup, tuple(content.point_cloud_range), list(content.class_names)
+    return None, None, None
+
+
+def _extent(cfg: DictConfig, pcr: tuple | None, frames: _Frames) -> tuple[float, ...]:
+    if cfg.extent is not None:
+        return tuple(float(v) for v in cfg.extent)
+    if pcr is not None:
+        return pcr[0], pcr[1], pcr[3], pcr[4]
+    if cfg.points is None and "point_cloud_range" in cfg.dataset:
+        r = cfg.dataset.point_cloud_range
+        return r[0], r[1], r[3], r[4]
+    xy = np.asarray(_field(frames[0], "points"))[:, :2]
+    lo, hi = np.percentile(xy, 0.5, axis=0), np.percentile(xy, 99.5, axis=0)
+    return float(lo[0]), float(lo[1]), float(hi[0]), float(hi[1])
+
+
+def run(cfg: DictConfig, output_dir: Path) -> list[Path]:
+    frames, class_names = _frames(cfg)
+    predict, pcr, predicted_names = _predictor(cfg, frames)
+    class_names = predicted_names or class_names
+    extent = _extent(cfg, pcr, frames)
+
+    def scene(i: int, color_by: str | None = None) -> Scene:
+        frame = frames[i]
+        trails = None
+        if cfg.num_frames > 1 and cfg.trail_length > 1 and cfg.points is None:
+            trails = trail_history(frames, i, int(cfg.trail_length))
+        return build_scene(
+            _field(frame, "points"),
+            frame if cfg.ground_truth and cfg.points is None else None,
+            predict(i) if predict is not None else None,
+            color_by=color_by or cfg.color_by,
+            class_names=class_names,
+            score_threshold=float(cfg.score_threshold),
+            trails=trails,
+            axes=cfg.axes,
+            ego=cfg.ego,
+            point_size=float(cfg.point_size),
+            line_width=float(cfg.line_width),
+            max_points=cfg.max_points,
+            title=str(_field(frame, "frame_id") or f"frame {i}"),
+        )
+
+    mode = cfg.mode
+    if mode == "auto":
+        mode = "show" if has_display() else "render"
+    if mode == "show":
+        show(lambda i, colors: scene(i, colors), len(frames), window_name="voxsparse", width=cfg.width, height=cfg.height,
+             point_size=float(cfg.point_size))
+        return []
+    if mode != "render":
+        raise ValueError(f"mode={mode!r}: expected auto, show or render")
+
+    backend = resolve_backend(cfg.backend)
+    n = len(frames)
+
+    def camera(i: int):
+        angle = None
+        if cfg.camera == "orbit" and n > 1:
+            angle = 225.0 + float(cfg.orbit_degrees) * i / n
+        return camera_preset(cfg.camera, int(cfg.width), int(cfg.height), extent, angle)
+
+    images = []
+    for i in range(n):
+        s = scene(i)
+        start = time.perf_counter()
+        images.append(render_scene(s, camera(i), backend, cfg.legend))
+        log.info("rendered %s with %s in %.2f s", s.title, backend, time.perf_counter() - start)
+    if cfg.output is not None:
+        output = Path(cfg.output)
+    else:
+        output = output_dir / (f"{_field(frames[0], 'frame_id') or 'frame'}.png" if n == 1 else "sequence.gif")
+    if output.suffix.lower() in (".gif", ".mp4"):
+        written = [write_video(output, images, float(cfg.fps))]
+    elif n == 1:
+        written = [write_image(output, images[0])]
+    else:  # a sequence to images: output is a pattern base, one PNG per frame
+        written = [write_image(output.with_name(f"{output.stem}_{i:04d}{output.suffix or '.png'}"), im)
+                   for i, im in enumerate(images)]
+    for path in written:
+        log.info("wrote %s", path)
+    return written
+
+
+@hydra.main(config_path="../configs", config_name="visualize", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    run(cfg, Path(HydraConfig.get().runtime.output_dir))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,213 @@
+"""Headless rendering of a :class:`~voxsparse.viz.scene.Scene` with Open3D's offscreen renderer.
+
+Open3D (0.20) renders through Filament. With no display and no GPU it runs Filament's Vulkan
+back-end on Mesa's CPU Vulkan driver (lavapipe / llvmpipe), which needs the Debian packages
+``libvulkan1`` and ``mesa-vulkan-drivers`` (and ``libusb-1.0-0`` for ``import open3d``). No X server,
+EGL device or OSMesa is needed. The warning ``GLFWWindowSystem: X11 GLFW init failed ... Falling
+back to headless mode`` is expected there. On a machine that also has a GPU driver, pin the CPU
+driver with ``VK_ICD_FILENAMES=/usr/share/vulkan/icd.d/lvp_icd.x86_64.json``.
+
+Without a Vulkan driver Filament aborts the whole process (``Unable to create Vulkan instance``),
+not a Python exception, so :func:`open3d_status` probes rendering once in a subprocess and callers
+fall back to the matplotlib bird's-eye view (``voxsparse.viz.render_bev``) when it fails.
+
+Filament allows one live renderer per process here (two at once abort at exit), so renders share
+one :class:`Open3DRenderer`, rebuilt only when the image size changes.
+"""
+
+from __future__ import annotations
+
+import atexit
+import functools
+import importlib.util
+import os
+import re
+import subprocess
+import sys
+
+import numpy as np
+
+from voxsparse.viz.camera import Camera
+from voxsparse.viz.overlay import draw_legend
+from voxsparse.viz.scene import LineLayer, PointLayer, Scene
+
+__all__ = ["open3d_status", "probe_open3d_rendering", "Open3DRenderer", "render_open3d", "close_renderer"]
+
+_PROBE = """
+import numpy as np
+import open3d.visualization.rendering as r
+renderer = r.OffscreenRenderer(16, 16)
+image = np.asarray(renderer.render_to_image())
+assert image.shape == (16, 16, 3), image.shape
+print("VOXSPARSE_RENDER_OK")
+"""
+
+
+@functools.lru_cache(maxsize=None)
+def open3d_status(timeout: float = 120.0) -> tuple[bool, str]:
+    """Whether Open3D offscreen rendering works here, and if not, why (probed once per process).
+
+    Set ``VOXSPARSE_OPEN3D_RENDER=0`` to force the fallback (or ``=1`` to skip the probe).
+    """
+    forced = os.environ.get("VOXSPARSE_OPEN3D_RENDER")
+    if forced == "0":
+        return False, "disabled by VOXSPARSE_OPEN3D_RENDER=0"
+    if importlib.util.find_spec("open3d") is None:
+        return False, "open3d is not installed (pip install open3d)"
+    if forced == "1":
+        return True, "forced by VOXSPARSE_OPEN3D_RENDER=1"
+    return probe_open3d_rendering(timeout)
+
+
+def probe_open3d_rendering(timeout: float = 120.0, env: dict[str, str] | None = None) -> tuple[bool, str]:
+    """Render a 16x16 image with Open3D in a subprocess (with environment ``env``, default this
+    process's): (True, ...) when it works, else (False, the reason and the packages to install)."""
+    try:
+        done = subprocess.run([sys.executable, "-c", _PROBE], capture_output=True, text=True, timeout=timeout, env=env)
+    except subprocess.TimeoutExpired:
+        return False, f"open3d offscreen rendering probe timed out after {timeout:.0f} s"
+    if done.returncode == 0 and "VOXSPARSE_RENDER_OK" in done.stdout:
+        return True, "open3d offscreen rendering works"
+    text = re.sub(r"\x1b\[[0-9;]*m", "", done.stderr + done.stdout).strip().splitlines()
+    joined = "\n".join(text)
+    hint = ""
+    if "libusb" in joined:
+        hint = " (install Debian's libusb-1.0-0)"
+    elif "vulkan" in joined.lower():
+        hint = " (install Debian's libvulkan1 and mesa-vulkan-drivers for CPU rendering)"
+    telling = [t for t in text if "reason:" in t or "Error" in t or "error" in t] or [t for t in text if t.strip()]
+    reason = telling[-1].strip() if telling else "no output"
+    return False, f"open3d offscreen rendering failed (exit {done.returncode}): {reason}{hint}"
+
+
+class Open3DRenderer:
+    """An offscreen renderer for scenes; reuse it across frames (creating one costs ~0.1-0.3 s).
+
+    Args:
+        width, height: image size in pixels.
+    """
+
+
+    def __init__(self, width: int, height: int):
+        import open3d.visualization.rendering as rendering
+
+        self.width, self.height = int(width), int(height)
+        self._rendering = rendering
+        self._renderer = rendering.OffscreenRenderer(self.width, self.height)
+        view = self._renderer.scene.view
+        # Unlit colours must reach the image unchanged: no tone mapping, bloom, SSAO or FXAA.
+        view.set_post_processing(False)
+
+    def close(self) -> None:
+        if self._renderer is not None:
+            self._renderer.scene.clear_geometry()
+            self._renderer = None
+
+    def _materials(self, layer: PointLayer | LineLayer):
+        m = self._rendering.MaterialRecord()
+        if isinstance(layer, PointLayer):
+            m.shader = "defaultUnlit"
+            m.point_size = float(layer.size)
+        else:
+            m.shader = "unlitLine"
+            m.line_width = float(layer.width)
+        return m
+
+    @staticmethod
+    def _geometry(layer: PointLayer | LineLayer):
+        import open3d as o3d
+
+        if isinstance(layer, PointLayer):
+            pc = o3d.t.geometry.PointCloud(o3d.core.Tensor(layer.xyz))
+            pc.point.colors = o3d.core.Tensor(layer.colors)
+            return pc
+        ls = o3d.geometry.LineSet(
+            o3d.utility.Vector3dVector(layer.vertices.astype(np.float64)),
+            o3d.utility.Vector2iVector(layer.segments.astype(np.int32)),
+        )
+        ls.colors = o3d.utility.Vector3dVector(layer.colors.astype(np.float64))
+        return ls
+
+    def _set_camera(self, camera: Camera) -> None:
+        Cam = self._rendering.Camera
+        cam = self._renderer.scene.camera
+        if camera.is_ortho:
+            half_w, half_h = camera.ortho_extent()
+            cam.set_projection(Cam.Projection.Ortho, -half_w, half_w, -half_h, half_h, camera.near, camera.far)
+        else:
+            cam.set_projection(camera.fov, camera.aspect, camera.near, camera.far, Cam.FovType.Vertical)
+        cam.look_at(np.asarray(camera.center, np.float32), np.asarray(camera.eye, np.float32),
+                    np.asarray(camera.up, np.float32))
+
+    def render(self, scene: Scene, camera: Camera, legend: bool = True, lines_on_top: bool = True) -> np.ndarray:
+        """(H, W, 3) uint8 image of ``scene`` seen by ``camera`` (resized to this renderer).
+
+        Args:
+            legend: draw the scene's legend and title over the image.
+            lines_on_top: draw boxes, skeletons and trails over the points, so a box is never hidden
+                by its own points; False keeps true depth order.
+        """
+        if self._renderer is None:
+            raise RuntimeError("Open3DRenderer: already closed")
+        camera = camera.with_size(self.width, self.height)
+        o3d_scene = self._renderer.scene
+        o3d_scene.clear_geometry()
+        o3d_scene.set_background([_srgb_encode(c) for c in scene.background] + [1.0])
+        for name, layer in scene.layers.items():
+            if lines_on_top and isinstance(layer, LineLayer):
+                layer = LineLayer(_pull_to_front(layer.vertices, camera), layer.segments, layer.colors, layer.width)
+            o3d_scene.add_geometry(name, self._geometry(layer), self._materials(layer))
+        self._set_camera(camera)
+        image = np.asarray(self._renderer.render_to_image())[..., :3].copy()
+        o3d_scene.clear_geometry()
+        if legend:
+            image = draw_legend(image, scene.legend, scene.title)
+        return image
+
+
+def _pull_to_front(vertices: np.ndarray, camera: Camera) -> np.ndarray:
+    """Slide each vertex along its ray from the eye to a depth just past the near plane.
+
+    A vertex's pixel stays the same, and so does every segment's (a 3D segment projects onto the
+    2D segment between its projected ends), but every line now lies in front of every point.
+    Depth order among the lines is kept (the new depth grows with the old). Vertices at or behind
+    the near plane are left alone.
+    """
+    eye = np.asarray(camera.eye, np.float64)
+    forward = np.asarray(camera.center, np.float64) - eye
+    forward /= np.linalg.norm(forward)
+    offset = vertices.astype(np.float64) - eye
+    depth = offset @ forward
+    front = depth > camera.near
+    target = 1.5 * camera.near + 0.01 * (depth - camera.near)
+    scale = np.where(front, target / np.where(front, depth, 1.0), 1.0)
+    return (eye + offset * scale[:, None]).astype(np.float32)
+
+
+def _srgb_encode(c: float) -> float:
+    """Inverse of the decoding Filament applies to the clear colour, so the image shows ``c``."""
+    c = min(max(float(c), 0.0), 1.0)
+    return 12.92 * c if c <= 0.0031308 else 1.055 * c ** (1 / 2.4) - 0.055
+
+
+_SHARED: Open3DRenderer | None = None
+
+
+def render_open3d(scene: Scene, camera: Camera, legend: bool = True, lines_on_top: bool = True) -> np.ndarray:
+    """Render with the process-wide renderer (made, or remade for a new size, on demand)."""
+    global _SHARED
+    if _SHARED is None or (_SHARED.width, _SHARED.height) != (camera.width, camera.height):
+        close_renderer()
+        _SHARED = Open3DRenderer(camera.width, camera.height)
+    return _SHARED.render(scene, camera, legend, lines_on_top)
+
+
+def close_renderer() -> None:
+    """Release the shared renderer (Filament must not hold two at once)."""
+    global _SHARED
+    if _SHARED is not None:
+        _SHARED.close()
+        _SHARED = None
+
+
+atexit.register(close_renderer)
