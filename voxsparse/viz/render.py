@@ -75,17 +75,23 @@ def _field(obj: Any, name: str) -> Any:
     return obj.get(name) if isinstance(obj, dict) else getattr(obj, name, None)
 
 
+def _pose(frame: Any) -> np.ndarray | None:
+    """(4, 4) world-from-sensor of a frame (``ego_pose``, as ``LidarFrame`` has, or ``pose``)."""
+    pose = _field(frame, "ego_pose")
+    return as_numpy(pose if pose is not None else _field(frame, "pose"), np.float64)
+
+
 def trail_history(
     frames: Sequence[Any], index: int, length: int = 10, source: str = "ground_truth", predictions: Sequence[Any] | None = None
 ) -> list[tuple[np.ndarray, np.ndarray]]:
     """``history`` for :func:`voxsparse.viz.scene.trail_lines`: track centres of frames
     ``index - length + 1 .. index``, in the coordinates of frame ``index``.
 
-    Frames with a ``pose`` field ((4, 4) world-from-sensor) are brought into frame ``index``'s
+    Frames with an ``ego_pose`` (or ``pose``) field ((4, 4) world-from-sensor) are brought into frame ``index``'s
     sensor frame; without one all frames are taken to share one frame. ``source`` picks the ground
     truth's ``track_ids`` or the predictions' (``predictions[i].track_ids``, set by a tracker).
     """
-    current_pose = as_numpy(_field(frames[index], "pose"), np.float64)
+    current_pose = _pose(frames[index])
     to_current = np.linalg.inv(current_pose) if current_pose is not None else None
     history = []
     for i in range(max(0, index - length + 1), index + 1):
@@ -95,7 +101,7 @@ def trail_history(
             history.append((np.zeros(0, np.int64), np.zeros((0, 3))))
             continue
         centres = boxes[:, :3]
-        pose = as_numpy(_field(frames[i], "pose"), np.float64)
+        pose = _pose(frames[i])
         if to_current is not None and pose is not None:
             homo = np.concatenate([centres, np.ones((len(centres), 1))], 1)
             centres = (homo @ (to_current @ pose).T)[:, :3]

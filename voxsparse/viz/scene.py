@@ -83,7 +83,8 @@ _SIDE = np.array(
      for e in SKELETON_EDGES],
     dtype=np.int64,
 )
-_SKELETON_SIDE_COLORS = np.array([[1.0, 1.0, 1.0], [0.25, 0.85, 1.0], [1.0, 0.55, 0.25]], dtype=np.float32)
+# Centre white, left lavender, right pale orange: apart from all six box colours.
+_SKELETON_SIDE_COLORS = np.array([[1.0, 1.0, 1.0], [0.6, 0.6, 1.0], [1.0, 0.85, 0.55]], dtype=np.float32)
 
 
 @dataclass
@@ -300,7 +301,7 @@ def skeleton_lines(
     """Human skeletons (Waymo 14-keypoint connectivity, :data:`SKELETON_EDGES`).
 
     An edge is drawn only when both its keypoints are visible (``visibility`` (K, 14) bool; all
-    visible when None). Left limbs are cyan, right limbs orange, the head and torso white, unless
+    visible when None). Left limbs are lavender, right limbs pale orange, the head and torso white, unless
     ``color`` gives one colour for all.
 
     Args:
