@@ -170,7 +170,7 @@ def run(cfg: DictConfig, output_dir: Path) -> list[Path]:
         mode = "show" if has_display() else "render"
     if mode == "show":
         show(lambda i, colors: scene(i, colors), len(frames), window_name="voxsparse", width=cfg.width, height=cfg.height,
-             point_size=float(cfg.point_size))
+             point_size=float(cfg.point_size), camera=cfg.camera)
         return []
     if mode != "render":
         raise ValueError(f"mode={mode!r}: expected auto, show or render")
@@ -188,7 +188,7 @@ def run(cfg: DictConfig, output_dir: Path) -> list[Path]:
     for i in range(n):
         s = scene(i)
         start = time.perf_counter()
-        images.append(render_scene(s, camera(i), backend, cfg.legend))
+        images.append(render_scene(s, camera(i), backend, cfg.legend, cfg.lines_on_top))
         log.info("rendered %s with %s in %.2f s", s.title, backend, time.perf_counter() - start)
     if cfg.output is not None:
         output = Path(cfg.output)
@@ -197,9 +197,9 @@ def run(cfg: DictConfig, output_dir: Path) -> list[Path]:
     if output.suffix.lower() in (".gif", ".mp4"):
         written = [write_video(output, images, float(cfg.fps))]
     elif n == 1:
-        written = [write_image(output, images[0])]
-    else:  # a sequence to images: output is a pattern base, one PNG per frame
-        written = [write_image(output.with_name(f"{output.stem}_{i:04d}{output.suffix or '.png'}"), im)
+        written = [write_image(output, images[0], cfg.png_colors)]
+    else:  # a sequence to images: one PNG per frame, numbered after the output's stem
+        written = [write_image(output.with_name(f"{output.stem}_{i:04d}{output.suffix or '.png'}"), im, cfg.png_colors)
                    for i, im in enumerate(images)]
     for path in written:
         log.info("wrote %s", path)

@@ -189,6 +189,29 @@ def test_trails_join_each_track_over_frames():
     assert len(set(by_track[True])) == 1 and set(by_track[True]) != set(by_track[False])
 
 
+def test_trail_history_moves_past_centres_into_the_current_frame():
+    from voxsparse.viz.render import sequence_scenes, trail_history
+
+    def frame(ego_x, world_xy, ids):
+        pose = np.eye(4)
+        pose[0, 3] = ego_x  # the ego drives along +x
+        boxes = np.zeros((len(ids), 7), np.float32)
+        boxes[:, :2] = np.asarray(world_xy, np.float32) - [ego_x, 0]  # LiDAR frame = world shifted
+        boxes[:, 3:6] = 1.0
+        return {"points": np.zeros((1, 4), np.float32), "boxes": boxes, "labels": np.zeros(len(ids), np.int64),
+                "track_ids": np.asarray(ids), "ego_pose": pose}
+
+    # Track 1 is parked at world (20, 0); track 2 drives from world (20, 5) to (25, 5).
+    frames = [frame(0.0, [(20, 0), (20, 5)], [1, 2]), frame(10.0, [(20, 0), (25, 5)], [1, 2])]
+    history = trail_history(frames, 1, length=5)
+    np.testing.assert_allclose(history[0][1][:, :2], [[10, 0], [10, 5]], atol=1e-5)  # frame 0 seen from frame 1
+    np.testing.assert_allclose(history[1][1][:, :2], [[10, 0], [15, 5]], atol=1e-5)
+    scenes = list(sequence_scenes(frames, trail_length=5))
+    assert len(scenes) == 2 and "trails" not in scenes[0].layers
+    ends = scenes[1].layers["trails"].endpoints[:, :, :2]
+    np.testing.assert_allclose(ends, [[[10, 0], [10, 0]], [[10, 5], [15, 5]]], atol=1e-5)
+
+
 def test_build_scene_layers_threshold_and_legend():
     frame = _toy_frame(5000)
     scene = build_scene(frame["points"], frame, _predictions(), score_threshold=0.3,
@@ -503,3 +526,47 @@ def test_open3d_300k_points_under_2s(open3d_renderer):
     _check_not_blank(image)
     print(f"300k points, scene + render at 1280x960: {elapsed:.2f} s")
     assert elapsed < 2.0
+
+
+# --------------------------------------------------------------------------------------------
+# interactive viewer: needs a display (e.g. `xvfb-run -a python -m pytest tests/viz`)
+
+
+@pytest.mark.skipif(not (os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")),
+                    reason="needs a display (run under xvfb-run to test the window)")
+def test_viewer_window_steps_frames_and_toggles_layers(monkeypatch):
+    o3d = pytest.importorskip("open3d")
+    from voxsparse.viz import viewer
+
+    frames = [_toy_frame(3000, seed) for seed in range(3)]
+    calls, captured = [], {}
+
+    def get_scene(i, colors):
+        calls.append((i, colors))
+        return build_scene(frames[i]["points"], frames[i], color_by=colors)
+
+    real = o3d.visualization.VisualizerWithKeyCallback
+
+    class Scripted:  # presses keys instead of waiting for a user, then returns
+        def __init__(self):
+            self.vis, self.callbacks = real(), {}
+
+        def __getattr__(self, name):
+            return getattr(self.vis, name)
+
+        def register_key_callback(self, key, callback):
+            self.callbacks[key] = callback
+            return self.vis.register_key_callback(key, callback)
+
+        def run(self):
+            for key in (ord("N"), ord("N"), 263, ord("G"), ord("C")):  # 263: left arrow
+                self.callbacks[key](self.vis)
+                self.vis.poll_events()
+                self.vis.update_renderer()
+            captured["image"] = np.asarray(self.vis.capture_screen_float_buffer(True))
+
+    monkeypatch.setattr(o3d.visualization, "VisualizerWithKeyCallback", Scripted)
+    viewer.show(get_scene, len(frames), width=400, height=300)
+    assert calls == [(0, "intensity"), (1, "intensity"), (2, "intensity"), (1, "intensity"), (1, "intensity"),
+                     (1, "height")]
+    assert captured["image"].std() > 0.01  # something was drawn

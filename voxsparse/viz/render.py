@@ -51,13 +51,19 @@ def _bev_extent(camera: Camera, scene: Scene) -> tuple[float, float, float, floa
     return float(lo[0]), float(lo[1]), float(hi[0]), float(hi[1])
 
 
-def render_scene(scene: Scene, camera: Camera, backend: str = "auto", legend: bool = True) -> np.ndarray:
-    """(H, W, 3) uint8 image of ``scene``; see the module docstring for ``backend``."""
+def render_scene(
+    scene: Scene, camera: Camera, backend: str = "auto", legend: bool = True, lines_on_top: bool = True
+) -> np.ndarray:
+    """(H, W, 3) uint8 image of ``scene``; see the module docstring for ``backend``.
+
+    ``lines_on_top`` (Open3D): boxes, skeletons and trails are drawn over the points; False keeps
+    true depth order (a box behind a wall is hidden). The BEV fallback always draws lines on top.
+    """
     backend = resolve_backend(backend)
     if backend == "open3d":
         from voxsparse.viz.render_open3d import render_open3d
 
-        return render_open3d(scene, camera, legend)
+        return render_open3d(scene, camera, legend, lines_on_top)
     from voxsparse.viz.render_bev import render_bev
 
     if not camera.is_top_down:
@@ -137,6 +143,7 @@ def render_sequence(
     fps: float = 5.0,
     backend: str = "auto",
     legend: bool = True,
+    lines_on_top: bool = True,
 ) -> list[np.ndarray]:
     """Render every scene (``camera`` may be a function of the frame number, e.g. an orbit) and,
     with ``path``, write a ``.gif`` / ``.mp4``. Returns the frames."""
@@ -144,7 +151,7 @@ def render_sequence(
     images = []
     for i, scene in enumerate(scenes):
         cam = camera(i) if callable(camera) else camera
-        images.append(render_scene(scene, cam, backend, legend))
+        images.append(render_scene(scene, cam, backend, legend, lines_on_top))
     if path is not None:
         from voxsparse.viz.video import write_video
 

@@ -30,6 +30,7 @@ from typing import Callable
 
 import numpy as np
 
+from voxsparse.viz.camera import Camera, camera_preset
 from voxsparse.viz.scene import LAYERS, LineLayer, PointLayer, Scene
 
 __all__ = ["ViewerState", "has_display", "show", "KEY_HELP"]
@@ -113,6 +114,16 @@ def _legacy_geometry(layer: PointLayer | LineLayer):
     return ls
 
 
+def _set_view(vis, camera: Camera) -> None:
+    """Point the window's camera like ``camera`` (direction and target; Open3D picks the zoom)."""
+    control = vis.get_view_control()
+    eye, center = np.asarray(camera.eye, np.float64), np.asarray(camera.center, np.float64)
+    control.set_lookat(center)
+    control.set_front((eye - center) / np.linalg.norm(eye - center))
+    control.set_up(np.asarray(camera.up, np.float64))
+    control.set_zoom(0.35 if camera.is_top_down else 0.15)
+
+
 def show(
     get_scene: Callable[[int, str], Scene],
     num_frames: int,
@@ -120,8 +131,11 @@ def show(
     width: int = 1280,
     height: int = 960,
     point_size: float = 2.0,
+    camera: str = "chase",
 ) -> None:
     """Open a window showing ``get_scene(frame_index, color_mode)``; returns when it is closed.
+
+    ``camera`` is the preset (``bev``, ``chase``, ``orbit``) the view starts from.
 
     Raises:
         RuntimeError: with no display, or when Open3D cannot open a window.
@@ -144,11 +158,13 @@ def show(
         option = vis.get_render_option()
         option.background_color = np.asarray(scene.background, np.float64)
         option.point_size = point_size
+        if first[0]:
+            _set_view(vis, camera_preset(camera, width, height))
         first[0] = False
         print(f"[{state.index + 1}/{num_frames}] {scene.title}  colours={state.color_mode}  hidden={sorted(state.hidden)}")
 
     def bind(key: str) -> None:
-        code = _GLFW_KEYS.get(key, ord(key))
+        code = _GLFW_KEYS[key] if key in _GLFW_KEYS else ord(key)
 
         def callback(_vis) -> bool:
             if state.handle(key):
