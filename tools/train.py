@@ -17,8 +17,8 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from voxsparse.data.dataset import DetectionDataset
-from voxsparse.engine.distributed import cleanup, init_distributed
+from voxsparse.data.dataset import DetectionDataset, fill_cache
+from voxsparse.engine.distributed import barrier, cleanup, init_distributed
 from voxsparse.engine.evaluate import report, score_predictions
 from voxsparse.engine.inference import predict_dataset
 from voxsparse.engine.trainer import Trainer
@@ -36,8 +36,16 @@ def main(cfg: DictConfig) -> None:
     if info.is_main:
         params = sum(p.numel() for p in model.parameters())
         log.info("model %s: %.2f M parameters; output in %s", cfg.name, params / 1e6, output_dir)
+    train_source, val_source = instantiate(cfg.dataset.train), instantiate(cfg.dataset.val)
+    if cfg.dataset.get("cache_dir") and cfg.dataset.get("cache_workers", 0) and info.is_main:
+        fill_cache(train_source, cfg.dataset.cache_workers, desc="generate train")
+        if cfg.evaluate:
+            fill_cache(val_source, cfg.dataset.cache_workers, desc="generate val")
+    barrier(info)
     train_set = DetectionDataset(
-        instantiate(cfg.dataset.train), model.grid.point_cloud_range, instantiate(cfg.dataset.augmentations), seed=cfg.trainer.seed
+        train_source, model.grid.point_cloud_range,
+        [instantiate(t) for t in cfg.dataset.augmentations],
+        seed=cfg.trainer.seed,
     )
     trainer = Trainer(
         model, train_set, instantiate(cfg.trainer), output_dir, info, OmegaConf.to_container(cfg, resolve=True)
@@ -47,7 +55,7 @@ def main(cfg: DictConfig) -> None:
     trainer.fit()
 
     if cfg.evaluate:
-        val_set = DetectionDataset(instantiate(cfg.dataset.val), model.grid.point_cloud_range)
+        val_set = DetectionDataset(val_source, model.grid.point_cloud_range)
         predictions = predict_dataset(model, val_set, info, batch_size=cfg.trainer.batch_size, use_amp=trainer.use_amp)
         if info.is_main:
             save_predictions(output_dir / "predictions.pt", predictions.to_file(model.class_names, model.grid))

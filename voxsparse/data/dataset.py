@@ -5,7 +5,8 @@ from __future__ import annotations
 from typing import Callable, Sequence
 
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
 
 from voxsparse.data.sample import Sample
 from voxsparse.data.transforms import RangeFilter
@@ -49,3 +50,29 @@ class DetectionDataset(Dataset):
             for transform in self.augmentations:
                 sample = transform(sample, generator)
         return self.crop(sample)
+
+
+class _Generate(Dataset):
+    """Reads every item of ``source`` (which caches what it generates) and returns only the index."""
+
+    def __init__(self, source: Dataset) -> None:
+        self.source = source
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, index: int) -> int:
+        self.source[index]
+        return index
+
+
+def fill_cache(source: Dataset, num_workers: int, desc: str = "generate") -> None:
+    """Materialise every frame of a caching ``source`` in ``num_workers`` processes, with a progress bar.
+
+    Generating frames before training, rather than in loader workers during it, keeps a small
+    machine's cores free for the model: a busy worker beside two OpenMP threads on two cores makes
+    every parallel region wait for a descheduled thread.
+    """
+    loader = DataLoader(_Generate(source), batch_size=None, num_workers=num_workers)
+    for _ in tqdm(loader, total=len(source), desc=desc, dynamic_ncols=True):
+        pass

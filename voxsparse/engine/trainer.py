@@ -40,7 +40,8 @@ class TrainerConfig:
         amp: mixed precision (float16 autocast + loss scaling); "auto" enables it on CUDA only.
         sync_bn: convert BatchNorm layers to SyncBatchNorm under DDP.
         checkpoint_every: write ``last.pth`` every this many epochs (and always at the end).
-        log_every: steps between TensorBoard/console scalars.
+        log_every: steps between TensorBoard scalars.
+        tensorboard: write TensorBoard scalars to ``<output_dir>/tensorboard``.
         seed: seeds model initialisation, sampling order and augmentation.
     """
 
@@ -56,6 +57,7 @@ class TrainerConfig:
     sync_bn: bool = False
     checkpoint_every: int = 1
     log_every: int = 20
+    tensorboard: bool = True
     seed: int = 0
 
 
@@ -114,7 +116,7 @@ class Trainer:
         self.epoch = 0
         self.step = 0
         self.writer = None
-        if dist_info.is_main:
+        if dist_info.is_main and cfg.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
             self.writer = SummaryWriter(str(self.output_dir / "tensorboard"))
@@ -173,7 +175,8 @@ class Trainer:
             with torch.autocast("cuda", dtype=torch.float16, enabled=self.use_amp):
                 preds = self.ddp(batch.points)
             losses = self.model.head.loss(preds, batch.annotations)
-            if not math.isfinite(float(losses.total)):
+            loss = losses.total.item()
+            if not math.isfinite(loss):
                 raise FloatingPointError(f"non-finite loss at step {self.step} (frames {batch.frame_ids})")
             self.optimizer.zero_grad(set_to_none=True)
             self.scaler.scale(losses.total).backward()
@@ -184,15 +187,15 @@ class Trainer:
             self.scaler.update()
             self.scheduler.step()
             self.step += 1
-            bar.set_postfix(loss=f"{float(losses.total):.3f}", hm=f"{float(losses.heatmap):.3f}")
+            bar.set_postfix(loss=f"{loss:.3f}", hm=f"{float(losses.heatmap):.3f}")
             if self.writer is not None and self.step % self.cfg.log_every == 0:
-                self.writer.add_scalar("loss/total", float(losses.total), self.step)
+                self.writer.add_scalar("loss/total", loss, self.step)
                 self.writer.add_scalar("loss/heatmap", float(losses.heatmap), self.step)
                 self.writer.add_scalar("loss/regression", float(losses.regression), self.step)
                 self.writer.add_scalar("lr", self.scheduler.get_last_lr()[0], self.step)
         if self.info.is_main:
             log.info(
                 "epoch %d/%d: loss %.3f (heatmap %.3f, regression %.3f), lr %.2e",
-                self.epoch + 1, self.cfg.epochs, float(losses.total), float(losses.heatmap),
+                self.epoch + 1, self.cfg.epochs, loss, float(losses.heatmap),
                 float(losses.regression), self.scheduler.get_last_lr()[0],
             )
