@@ -426,6 +426,24 @@ def test_tool_renders_point_file_and_predictions_with_matplotlib(tmp_path):
     assert _has_color_near(image, uv, C.PRED_CLASS_COLORS[0]).mean() >= 0.9
 
 
+def test_tool_renders_dataset_sequence_to_gif(tmp_path):
+    pytest.importorskip("matplotlib")
+    pytest.importorskip("hydra")
+    if not (REPO / "configs" / "dataset" / "synthetic.yaml").is_file():
+        pytest.skip("no configs/dataset/synthetic.yaml")
+    from PIL import Image
+
+    out = tmp_path / "seq.gif"
+    done = subprocess.run(
+        [sys.executable, str(REPO / "tools" / "visualize.py"), "frame=0", "num_frames=2", f"output={out}", "mode=render",
+         "backend=matplotlib", "width=320", "height=240", f"hydra.run.dir={tmp_path / 'run'}"],
+        capture_output=True, text=True, timeout=300, cwd=REPO,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    with Image.open(out) as im:
+        assert im.n_frames == 2 and im.size == (320, 240)
+
+
 # --------------------------------------------------------------------------------------------
 # Open3D headless rendering
 

@@ -143,7 +143,7 @@ def bev_camera(
 
 
 def chase_camera(
-    width: int = 1280, height: int = 960, distance: float = 14.0, height_m: float = 9.0, look_ahead: float = 22.0,
+    width: int = 1280, height: int = 960, distance: float = 18.0, height_m: float = 10.0, look_ahead: float = 22.0,
     fov: float = 60.0,
 ) -> Camera:
     """Third-person view from behind and above the ego vehicle, looking ahead along +x."""

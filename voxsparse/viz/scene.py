@@ -374,10 +374,11 @@ def trail_lines(
 
 
 def coordinate_frame(size: float = 3.0, origin: Sequence[float] = (0.0, 0.0, 0.0), width: float = 3.0) -> LineLayer:
-    """x (red), y (green), z (blue) axes of length ``size`` metres at ``origin``."""
+    """x (red), y (green), z (blue) axes of length ``size`` metres at ``origin``, in pale tints
+    that stay apart from the box colours (the GT vehicle green, the predicted vehicle red)."""
     o = np.asarray(origin, np.float32)
     vertices = np.stack([o, o + [size, 0, 0], o + [0, size, 0], o + [0, 0, size]])
-    return LineLayer(vertices, [[0, 1], [0, 2], [0, 3]], [[1, 0.2, 0.2], [0.2, 1, 0.2], [0.3, 0.5, 1]], width)
+    return LineLayer(vertices, [[0, 1], [0, 2], [0, 3]], [[1, 0.5, 0.5], [0.6, 1, 0.6], [0.5, 0.6, 1]], width)
 
 
 def ego_marker(
