@@ -1,6 +1,6 @@
 """Show or render LiDAR frames with ground truth and predictions.
 
-    python tools/visualize.py                                   # synthetic val frame 0: a window, or a PNG when headless
+    python tools/visualize.py                       # synthetic val frame 0: a window, or a PNG when headless
     python tools/visualize.py checkpoint=outputs/voxelnext_small/<run>/last.pth camera=chase output=pred.png
     python tools/visualize.py predictions=outputs/eval/<run>/predictions.pt frame=3
     python tools/visualize.py points=scan.bin camera=orbit      # a point file (.bin .npy .pcd .ply)
@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import hydra
 import numpy as np
@@ -74,7 +75,9 @@ def _frames(cfg: DictConfig) -> tuple[_Frames, list[str]]:
     return _Frames(lambda i: source[first + i], count), names
 
 
-def _predictor(cfg: DictConfig, frames: _Frames) -> tuple[Callable[[int], Any] | None, tuple | None, list[str] | None]:
+def _predictor(
+    cfg: DictConfig, frames: _Frames
+) -> tuple[Callable[[int], Any] | None, tuple | None, list[str] | None]:
     """A function frame index -> detections, the point-cloud range they were made in, class names."""
     if cfg.checkpoint is not None and cfg.predictions is not None:
         raise ValueError("give at most one of checkpoint=PATH and predictions=PATH")
@@ -94,8 +97,12 @@ def _predictor(cfg: DictConfig, frames: _Frames) -> tuple[Callable[[int], Any] |
             inside &= (p[:, 2] >= r[2]) & (p[:, 2] < r[5])
             start = time.perf_counter()
             det = model.predict(PointBatch.from_frames([p[inside].to(cfg.device)]))[0].to("cpu")
-            log.info("frame %s: %d detections (%.0f ms)", _field(frames[i], "frame_id"), len(det),
-                     1e3 * (time.perf_counter() - start))
+            log.info(
+                "frame %s: %d detections (%.0f ms)",
+                _field(frames[i], "frame_id"),
+                len(det),
+                1e3 * (time.perf_counter() - start),
+            )
             return det
 
         cache: dict[int, Detections3D] = {}
@@ -169,8 +176,15 @@ def run(cfg: DictConfig, output_dir: Path) -> list[Path]:
     if mode == "auto":
         mode = "show" if has_display() else "render"
     if mode == "show":
-        show(lambda i, colors: scene(i, colors), len(frames), window_name="voxsparse", width=cfg.width, height=cfg.height,
-             point_size=float(cfg.point_size), camera=cfg.camera)
+        show(
+            lambda i, colors: scene(i, colors),
+            len(frames),
+            window_name="voxsparse",
+            width=cfg.width,
+            height=cfg.height,
+            point_size=float(cfg.point_size),
+            camera=cfg.camera,
+        )
         return []
     if mode != "render":
         raise ValueError(f"mode={mode!r}: expected auto, show or render")
@@ -193,14 +207,20 @@ def run(cfg: DictConfig, output_dir: Path) -> list[Path]:
     if cfg.output is not None:
         output = Path(cfg.output)
     else:
-        output = output_dir / (f"{_field(frames[0], 'frame_id') or 'frame'}.png" if n == 1 else "sequence.gif")
+        output = output_dir / (
+            f"{_field(frames[0], 'frame_id') or 'frame'}.png" if n == 1 else "sequence.gif"
+        )
     if output.suffix.lower() in (".gif", ".mp4"):
         written = [write_video(output, images, float(cfg.fps))]
     elif n == 1:
         written = [write_image(output, images[0], cfg.png_colors)]
     else:  # a sequence to images: one PNG per frame, numbered after the output's stem
-        written = [write_image(output.with_name(f"{output.stem}_{i:04d}{output.suffix or '.png'}"), im, cfg.png_colors)
-                   for i, im in enumerate(images)]
+        written = [
+            write_image(
+                output.with_name(f"{output.stem}_{i:04d}{output.suffix or '.png'}"), im, cfg.png_colors
+            )
+            for i, im in enumerate(images)
+        ]
     for path in written:
         log.info("wrote %s", path)
     return written

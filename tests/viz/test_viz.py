@@ -43,9 +43,13 @@ REPO = Path(__file__).resolve().parents[2]
 def _toy_frame(num_points: int = 60_000, seed: int = 0) -> dict:
     """Ground returns plus returns on the faces of two objects, with GT boxes and one skeleton."""
     rng = np.random.default_rng(seed)
-    boxes = np.array([[12.0, 4.0, -0.95, 4.6, 1.9, 1.7, 0.4], [8.0, -6.0, -0.9, 0.7, 0.7, 1.8, -1.0]], np.float32)
+    boxes = np.array(
+        [[12.0, 4.0, -0.95, 4.6, 1.9, 1.7, 0.4], [8.0, -6.0, -0.9, 0.7, 0.7, 1.8, -1.0]], np.float32
+    )
     n_obj = num_points // 10
-    ground = np.column_stack([rng.uniform(-45, 45, (num_points - 2 * n_obj, 2)), np.full(num_points - 2 * n_obj, -1.8)])
+    ground = np.column_stack(
+        [rng.uniform(-45, 45, (num_points - 2 * n_obj, 2)), np.full(num_points - 2 * n_obj, -1.8)]
+    )
     parts = [ground]
     for b in boxes:  # points on the box faces
         local = rng.uniform(-0.5, 0.5, (n_obj, 3))
@@ -53,8 +57,15 @@ def _toy_frame(num_points: int = 60_000, seed: int = 0) -> dict:
         local[np.arange(n_obj), axis] = np.sign(local[np.arange(n_obj), axis]) * 0.5
         local *= b[3:6]
         c, s = np.cos(b[6]), np.sin(b[6])
-        parts.append(np.column_stack([b[0] + c * local[:, 0] - s * local[:, 1], b[1] + s * local[:, 0] + c * local[:, 1],
-                                      b[2] + local[:, 2]]))
+        parts.append(
+            np.column_stack(
+                [
+                    b[0] + c * local[:, 0] - s * local[:, 1],
+                    b[1] + s * local[:, 0] + c * local[:, 1],
+                    b[2] + local[:, 2],
+                ]
+            )
+        )
     xyz = np.concatenate(parts).astype(np.float32)
     points = np.column_stack([xyz, rng.uniform(0, 1, len(xyz))]).astype(np.float32)
     keypoints = np.zeros((2, 14, 3), np.float32)
@@ -76,21 +87,35 @@ def _standing_person(box: np.ndarray) -> np.ndarray:
     x, y, z, _, _, dz, _ = box
     base = z - dz / 2
     named = {
-        "nose": (0.1, 0.0, 1.62), "head_center": (0.0, 0.0, 1.65),
-        "left_shoulder": (0.0, 0.2, 1.45), "right_shoulder": (0.0, -0.2, 1.45),
-        "left_elbow": (0.0, 0.25, 1.15), "right_elbow": (0.0, -0.25, 1.15),
-        "left_wrist": (0.05, 0.25, 0.9), "right_wrist": (0.05, -0.25, 0.9),
-        "left_hip": (0.0, 0.12, 0.95), "right_hip": (0.0, -0.12, 0.95),
-        "left_knee": (0.05, 0.12, 0.5), "right_knee": (0.05, -0.12, 0.5),
-        "left_ankle": (0.0, 0.12, 0.08), "right_ankle": (0.0, -0.12, 0.08),
+        "nose": (0.1, 0.0, 1.62),
+        "head_center": (0.0, 0.0, 1.65),
+        "left_shoulder": (0.0, 0.2, 1.45),
+        "right_shoulder": (0.0, -0.2, 1.45),
+        "left_elbow": (0.0, 0.25, 1.15),
+        "right_elbow": (0.0, -0.25, 1.15),
+        "left_wrist": (0.05, 0.25, 0.9),
+        "right_wrist": (0.05, -0.25, 0.9),
+        "left_hip": (0.0, 0.12, 0.95),
+        "right_hip": (0.0, -0.12, 0.95),
+        "left_knee": (0.05, 0.12, 0.5),
+        "right_knee": (0.05, -0.12, 0.5),
+        "left_ankle": (0.0, 0.12, 0.08),
+        "right_ankle": (0.0, -0.12, 0.08),
     }
-    return np.array([[x + named[n][0], y + named[n][1], base + named[n][2]] for n in KEYPOINT_NAMES], np.float32)
+    return np.array(
+        [[x + named[n][0], y + named[n][1], base + named[n][2]] for n in KEYPOINT_NAMES], np.float32
+    )
 
 
 def _predictions() -> Detections3D:
     """Two predictions well apart from the GT boxes, so each colour has its own pixels."""
-    boxes = torch.tensor([[22.0, -12.0, -0.9, 4.4, 1.8, 1.6, -0.3], [-12.0, 9.0, -0.9, 1.8, 0.6, 1.7, 2.0],
-                          [30.0, 20.0, -0.9, 4.0, 1.8, 1.5, 0.0]])
+    boxes = torch.tensor(
+        [
+            [22.0, -12.0, -0.9, 4.4, 1.8, 1.6, -0.3],
+            [-12.0, 9.0, -0.9, 1.8, 0.6, 1.7, 2.0],
+            [30.0, 20.0, -0.9, 4.0, 1.8, 1.5, 0.0],
+        ]
+    )
     return Detections3D(Boxes3D(boxes), torch.tensor([0.9, 0.7, 0.05]), torch.tensor([0, 2, 0]))
 
 
@@ -123,8 +148,9 @@ def test_box_lines_reuse_corners_and_mark_heading():
     assert len(layer) == 2 * (len(BOX_EDGES) + 3)
     # The centre -> front line points along the heading, half a length long.
     for k, b in enumerate(boxes):
-        np.testing.assert_allclose(verts[k, 9] - verts[k, 8], 0.5 * b[3] * np.array([np.cos(b[6]), np.sin(b[6]), 0]),
-                                   atol=1e-5)
+        np.testing.assert_allclose(
+            verts[k, 9] - verts[k, 8], 0.5 * b[3] * np.array([np.cos(b[6]), np.sin(b[6]), 0]), atol=1e-5
+        )
     assert len(box_lines(boxes, (1, 0, 0), heading=False)) == 2 * len(BOX_EDGES)
     assert len(box_lines(np.zeros((0, 7)), (1, 0, 0))) == 0
 
@@ -198,13 +224,20 @@ def test_trail_history_moves_past_centres_into_the_current_frame():
         boxes = np.zeros((len(ids), 7), np.float32)
         boxes[:, :2] = np.asarray(world_xy, np.float32) - [ego_x, 0]  # LiDAR frame = world shifted
         boxes[:, 3:6] = 1.0
-        return {"points": np.zeros((1, 4), np.float32), "boxes": boxes, "labels": np.zeros(len(ids), np.int64),
-                "track_ids": np.asarray(ids), "ego_pose": pose}
+        return {
+            "points": np.zeros((1, 4), np.float32),
+            "boxes": boxes,
+            "labels": np.zeros(len(ids), np.int64),
+            "track_ids": np.asarray(ids),
+            "ego_pose": pose,
+        }
 
     # Track 1 is parked at world (20, 0); track 2 drives from world (20, 5) to (25, 5).
     frames = [frame(0.0, [(20, 0), (20, 5)], [1, 2]), frame(10.0, [(20, 0), (25, 5)], [1, 2])]
     history = trail_history(frames, 1, length=5)
-    np.testing.assert_allclose(history[0][1][:, :2], [[10, 0], [10, 5]], atol=1e-5)  # frame 0 seen from frame 1
+    np.testing.assert_allclose(
+        history[0][1][:, :2], [[10, 0], [10, 5]], atol=1e-5
+    )  # frame 0 seen from frame 1
     np.testing.assert_allclose(history[1][1][:, :2], [[10, 0], [15, 5]], atol=1e-5)
     scenes = list(sequence_scenes(frames, trail_length=5))
     assert len(scenes) == 2 and "trails" not in scenes[0].layers
@@ -214,8 +247,13 @@ def test_trail_history_moves_past_centres_into_the_current_frame():
 
 def test_build_scene_layers_threshold_and_legend():
     frame = _toy_frame(5000)
-    scene = build_scene(frame["points"], frame, _predictions(), score_threshold=0.3,
-                        trails=[(frame["track_ids"], frame["boxes"][:, :3]), (frame["track_ids"], frame["boxes"][:, :3] + 1)])
+    scene = build_scene(
+        frame["points"],
+        frame,
+        _predictions(),
+        score_threshold=0.3,
+        trails=[(frame["track_ids"], frame["boxes"][:, :3]), (frame["track_ids"], frame["boxes"][:, :3] + 1)],
+    )
     assert list(scene.layers) == [n for n in LAYERS if n != "pred_keypoints"]
     assert len(scene.layers["pred_boxes"]) == 2 * 15  # the 0.05 score box is dropped
     texts = [t for t, _ in scene.legend]
@@ -320,14 +358,18 @@ def _edge_samples(boxes: np.ndarray, per_edge: int = 5) -> np.ndarray:
     return (a[:, :, None] * (1 - t)[:, None] + b[:, :, None] * t[:, None]).reshape(len(boxes), -1, 3)
 
 
-def _has_color_near(image: np.ndarray, uv: np.ndarray, color: np.ndarray, radius: int = 2, tol: int = 40) -> np.ndarray:
+def _has_color_near(
+    image: np.ndarray, uv: np.ndarray, color: np.ndarray, radius: int = 2, tol: int = 40
+) -> np.ndarray:
     """(N,) whether a pixel within ``radius`` of each (column, row) is within ``tol`` of ``color``."""
     target = np.round(np.asarray(color) * 255).astype(int)
     h, w = image.shape[:2]
     out = []
     for u, v in uv:
         c, r = int(np.floor(u)), int(np.floor(v))
-        patch = image[max(r - radius, 0): min(r + radius + 1, h), max(c - radius, 0): min(c + radius + 1, w)]
+        patch = image[
+            max(r - radius, 0) : min(r + radius + 1, h), max(c - radius, 0) : min(c + radius + 1, w)
+        ]
         out.append(bool((np.abs(patch.reshape(-1, 3).astype(int) - target).max(-1) <= tol).any()))
     return np.array(out)
 
@@ -342,7 +384,8 @@ def _check_boxes_drawn(image, camera, boxes, labels, predicted, min_fraction):
             continue
         hits = _has_color_near(image, uv[vis], C.class_color([label], predicted)[0])
         assert hits.mean() >= min_fraction, (
-            f"{'pred' if predicted else 'GT'} box {box[:2]} colour found at {hits.mean():.0%} of its projected edges")
+            f"{'pred' if predicted else 'GT'} box {box[:2]}: colour at {hits.mean():.0%} of its edges"
+        )
         checked += 1
     assert checked, "no box in view"
 
@@ -351,7 +394,9 @@ def _check_not_blank(image, min_colors=50):
     assert image.dtype == np.uint8 and image.ndim == 3
     flat = image.reshape(-1, 3)
     background = np.round(C.BACKGROUND * 255).astype(int)
-    assert (np.abs(flat.astype(int) - background).max(-1) > 30).mean() > 0.01, "image is (nearly) all background"
+    assert (np.abs(flat.astype(int) - background).max(-1) > 30).mean() > 0.01, (
+        "image is (nearly) all background"
+    )
     assert len(np.unique(flat[::7], axis=0)) >= min_colors
 
 
@@ -369,8 +414,10 @@ def test_matplotlib_bev_fallback_draws_boxes_where_they_are():
     image = render_bev(scene, extent, w, h)
     assert image.shape == (h, w, 3)
     _check_not_blank(image)
-    for boxes, labels, predicted in ((frame["boxes"], frame["labels"], False),
-                                     (pred.boxes.tensor[:2].numpy(), pred.labels[:2].numpy(), True)):
+    for boxes, labels, predicted in (
+        (frame["boxes"], frame["labels"], False),
+        (pred.boxes.tensor[:2].numpy(), pred.labels[:2].numpy(), True),
+    ):
         for box, label in zip(boxes, labels):
             uv = bev_to_pixel(_edge_samples(box[None])[0][:, :2], extent, w, h)
             assert _has_color_near(image, uv, C.class_color([label], predicted)[0]).mean() >= 0.9
@@ -406,14 +453,36 @@ def test_tool_renders_point_file_and_predictions_with_matplotlib(tmp_path):
     frame, pred = _toy_frame(20000), _predictions()
     frame["points"].tofile(tmp_path / "scan.bin")
     empty = Detections3D(Boxes3D.empty(), torch.zeros(0), torch.zeros(0, dtype=torch.long))
-    save_predictions(tmp_path / "pred.pt", PredictionsFile(["other", "scan"], [empty, pred], ["Vehicle", "Pedestrian", "Cyclist"],
-                                                           (-40.0, -40.0, -3.0, 40.0, 40.0, 2.0)))
+    save_predictions(
+        tmp_path / "pred.pt",
+        PredictionsFile(
+            ["other", "scan"],
+            [empty, pred],
+            ["Vehicle", "Pedestrian", "Cyclist"],
+            (-40.0, -40.0, -3.0, 40.0, 40.0, 2.0),
+        ),
+    )
     out = tmp_path / "scan.png"
     done = subprocess.run(
-        [sys.executable, str(REPO / "tools" / "visualize.py"), f"points={tmp_path / 'scan.bin'}", f"output={out}",
-         f"predictions={tmp_path / 'pred.pt'}", "predictions_frame=scan", "legend=false", "mode=render",
-         "backend=matplotlib", "width=400", "height=300", f"hydra.run.dir={tmp_path / 'run'}"],
-        capture_output=True, text=True, timeout=300, cwd=REPO,
+        [
+            sys.executable,
+            str(REPO / "tools" / "visualize.py"),
+            f"points={tmp_path / 'scan.bin'}",
+            f"output={out}",
+            f"predictions={tmp_path / 'pred.pt'}",
+            "predictions_frame=scan",
+            "legend=false",
+            "mode=render",
+            "backend=matplotlib",
+            "width=400",
+            "height=300",
+            f"hydra.run.dir={tmp_path / 'run'}",
+        ],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=REPO,
     )
     assert done.returncode == 0, done.stderr[-3000:]
     image = np.asarray(Image.open(out).convert("RGB"))
@@ -421,7 +490,9 @@ def test_tool_renders_point_file_and_predictions_with_matplotlib(tmp_path):
     _check_not_blank(image, min_colors=10)
     # The predictions file's range sets the BEV camera, and the fallback draws what that camera
     # sees: the vehicle prediction lands where the camera projects it.
-    uv, vis = camera_preset("bev", 400, 300, (-40, -40, 40, 40)).project(_edge_samples(pred.boxes.tensor[:1].numpy())[0])
+    uv, vis = camera_preset("bev", 400, 300, (-40, -40, 40, 40)).project(
+        _edge_samples(pred.boxes.tensor[:1].numpy())[0]
+    )
     assert vis.all()
     assert _has_color_near(image, uv, C.PRED_CLASS_COLORS[0]).mean() >= 0.9
 
@@ -435,9 +506,23 @@ def test_tool_renders_dataset_sequence_to_gif(tmp_path):
 
     out = tmp_path / "seq.gif"
     done = subprocess.run(
-        [sys.executable, str(REPO / "tools" / "visualize.py"), "frame=0", "num_frames=2", f"output={out}", "mode=render",
-         "backend=matplotlib", "width=320", "height=240", f"hydra.run.dir={tmp_path / 'run'}"],
-        capture_output=True, text=True, timeout=300, cwd=REPO,
+        [
+            sys.executable,
+            str(REPO / "tools" / "visualize.py"),
+            "frame=0",
+            "num_frames=2",
+            f"output={out}",
+            "mode=render",
+            "backend=matplotlib",
+            "width=320",
+            "height=240",
+            f"hydra.run.dir={tmp_path / 'run'}",
+        ],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=REPO,
     )
     assert done.returncode == 0, done.stderr[-3000:]
     with Image.open(out) as im:
@@ -471,7 +556,7 @@ def test_probe_survives_missing_vulkan():
 
 
 def test_open3d_camera_matches_projection(open3d_renderer):
-    import open3d.visualization.rendering as rendering
+    from open3d.visualization import rendering
 
     renderer = open3d_renderer.Open3DRenderer(320, 240)
     try:
@@ -481,8 +566,12 @@ def test_open3d_camera_matches_projection(open3d_renderer):
             o3d_cam = renderer._renderer.scene.camera
             np.testing.assert_allclose(np.asarray(o3d_cam.get_view_matrix()), cam.view_matrix(), atol=1e-3)
             # Filament uses an infinite far plane: x and y rows (all the image needs) must agree.
-            np.testing.assert_allclose(np.asarray(o3d_cam.get_projection_matrix())[:2], cam.projection_matrix()[:2],
-                                       rtol=1e-4, atol=1e-6)
+            np.testing.assert_allclose(
+                np.asarray(o3d_cam.get_projection_matrix())[:2],
+                cam.projection_matrix()[:2],
+                rtol=1e-4,
+                atol=1e-6,
+            )
     finally:
         renderer.close()
     del rendering
@@ -497,7 +586,9 @@ def test_open3d_renders_frame_with_boxes(open3d_renderer, preset, tmp_path):
     assert image.shape == (480, 640, 3)
     _check_not_blank(image)
     fraction = 0.9  # lines are drawn over the points: every edge shows, bar a few covered by other lines
-    _check_boxes_drawn(image, camera, np.asarray(_f(frame, "boxes")), np.asarray(_f(frame, "labels")), False, fraction)
+    _check_boxes_drawn(
+        image, camera, np.asarray(_f(frame, "boxes")), np.asarray(_f(frame, "labels")), False, fraction
+    )
     _check_boxes_drawn(image, camera, pred.boxes.tensor[:2].numpy(), pred.labels[:2].numpy(), True, fraction)
     if preset != "bev":
         return
@@ -505,8 +596,12 @@ def test_open3d_renders_frame_with_boxes(open3d_renderer, preset, tmp_path):
     # mark, there is no box colour.
     box = pred.boxes.tensor[0].numpy()
     c, s = np.cos(box[6]), np.sin(box[6])
-    inner = np.array([[box[0] + c * u * box[3] - s * v * box[4], box[1] + s * u * box[3] + c * v * box[4], box[2]]
-                      for u, v in ((-0.25, 0.25), (-0.25, -0.25), (0.2, 0.25), (0.2, -0.25))])
+    inner = np.array(
+        [
+            [box[0] + c * u * box[3] - s * v * box[4], box[1] + s * u * box[3] + c * v * box[4], box[2]]
+            for u, v in ((-0.25, 0.25), (-0.25, -0.25), (0.2, 0.25), (0.2, -0.25))
+        ]
+    )
     uv, vis = camera.project(inner)
     assert vis.all()
     assert not _has_color_near(image, uv, C.PRED_CLASS_COLORS[0], radius=0, tol=60).any()
@@ -534,7 +629,9 @@ def test_open3d_line_width_in_pixels(open3d_renderer, preset, width):
     across = np.cross(view, np.asarray(camera.up, np.float64))
     across /= np.linalg.norm(across)
     scene = Scene()
-    scene.add("line", LineLayer(np.stack([center - across, center + across]), [[0, 1]], [[1.0, 1.0, 1.0]], width))
+    scene.add(
+        "line", LineLayer(np.stack([center - across, center + across]), [[0, 1]], [[1.0, 1.0, 1.0]], width)
+    )
     image = open3d_renderer.render_open3d(scene, camera, legend=False)
     uv, _ = camera.project(center[None])
     thickness = (image[:, int(uv[0, 0]), 0] > 128).sum()
@@ -555,7 +652,9 @@ def test_open3d_300k_points_under_2s(open3d_renderer):
 
     rng = np.random.default_rng(0)
     n = 300_000
-    points = np.column_stack([rng.uniform(-60, 60, (n, 2)), rng.uniform(-2, 2, n), rng.uniform(0, 1, n)]).astype(np.float32)
+    points = np.column_stack(
+        [rng.uniform(-60, 60, (n, 2)), rng.uniform(-2, 2, n), rng.uniform(0, 1, n)]
+    ).astype(np.float32)
     frame = _toy_frame(2000)
     camera = camera_preset("chase", 1280, 960)
     open3d_renderer.render_open3d(build_scene(points[:1000], frame), camera)  # warm the shared renderer
@@ -575,8 +674,10 @@ def test_open3d_300k_points_under_2s(open3d_renderer):
 # interactive viewer: needs a display (e.g. `xvfb-run -a python -m pytest tests/viz`)
 
 
-@pytest.mark.skipif(not (os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")),
-                    reason="needs a display (run under xvfb-run to test the window)")
+@pytest.mark.skipif(
+    not (os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")),
+    reason="needs a display (run under xvfb-run to test the window)",
+)
 def test_viewer_window_steps_frames_and_toggles_layers(monkeypatch):
     o3d = pytest.importorskip("open3d")
     from voxsparse.viz import viewer
@@ -610,6 +711,12 @@ def test_viewer_window_steps_frames_and_toggles_layers(monkeypatch):
 
     monkeypatch.setattr(o3d.visualization, "VisualizerWithKeyCallback", Scripted)
     viewer.show(get_scene, len(frames), width=400, height=300)
-    assert calls == [(0, "intensity"), (1, "intensity"), (2, "intensity"), (1, "intensity"), (1, "intensity"),
-                     (1, "height")]
+    assert calls == [
+        (0, "intensity"),
+        (1, "intensity"),
+        (2, "intensity"),
+        (1, "intensity"),
+        (1, "intensity"),
+        (1, "height"),
+    ]
     assert captured["image"].std() > 0.01  # something was drawn

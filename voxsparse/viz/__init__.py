@@ -14,7 +14,13 @@ Importing this package does not import Open3D or matplotlib; each back-end impor
 
 from voxsparse.viz.camera import PRESETS, Camera, bev_camera, camera_preset, chase_camera, orbit_camera
 from voxsparse.viz.pointio import load_points
-from voxsparse.viz.render import render_scene, render_sequence, resolve_backend, sequence_scenes, trail_history
+from voxsparse.viz.render import (
+    render_scene,
+    render_sequence,
+    resolve_backend,
+    sequence_scenes,
+    trail_history,
+)
 from voxsparse.viz.scene import (
     LAYERS,
     SKELETON_EDGES,
@@ -32,29 +38,29 @@ from voxsparse.viz.scene import (
 from voxsparse.viz.video import write_image, write_video
 
 __all__ = [
+    "LAYERS",
     "PRESETS",
+    "SKELETON_EDGES",
     "Camera",
+    "LineLayer",
+    "PointLayer",
+    "Scene",
     "bev_camera",
+    "box_lines",
+    "build_scene",
     "camera_preset",
     "chase_camera",
-    "orbit_camera",
+    "coordinate_frame",
+    "ego_marker",
     "load_points",
+    "orbit_camera",
+    "point_colors",
     "render_scene",
     "render_sequence",
     "resolve_backend",
     "sequence_scenes",
-    "trail_history",
-    "LAYERS",
-    "SKELETON_EDGES",
-    "LineLayer",
-    "PointLayer",
-    "Scene",
-    "box_lines",
-    "build_scene",
-    "coordinate_frame",
-    "ego_marker",
-    "point_colors",
     "skeleton_lines",
+    "trail_history",
     "trail_lines",
     "write_image",
     "write_video",

@@ -9,12 +9,12 @@ land in a rendered image.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from typing import Sequence
 
 import numpy as np
 
-__all__ = ["Camera", "bev_camera", "chase_camera", "orbit_camera", "camera_preset", "PRESETS"]
+__all__ = ["PRESETS", "Camera", "bev_camera", "camera_preset", "chase_camera", "orbit_camera"]
 
 PRESETS = ("bev", "chase", "orbit")
 
@@ -65,7 +65,7 @@ class Camera:
         d = np.asarray(self.center, np.float64) - np.asarray(self.eye, np.float64)
         return bool(d[2] < 0 and np.hypot(d[0], d[1]) < 0.02 * -d[2])
 
-    def with_size(self, width: int, height: int) -> "Camera":
+    def with_size(self, width: int, height: int) -> Camera:
         return replace(self, width=int(width), height=int(height))
 
     def view_matrix(self) -> np.ndarray:
@@ -117,12 +117,17 @@ class Camera:
         in_front = (-cam[:, 2] > self.near) & (-cam[:, 2] < self.far)
         ndc = clip[:, :2] / np.where(np.abs(w) < 1e-12, 1e-12, w)
         uv = np.stack([(ndc[:, 0] + 1.0) * 0.5 * self.width, (1.0 - ndc[:, 1]) * 0.5 * self.height], 1)
-        visible = in_front & (uv[:, 0] >= 0) & (uv[:, 0] < self.width) & (uv[:, 1] >= 0) & (uv[:, 1] < self.height)
+        visible = (
+            in_front & (uv[:, 0] >= 0) & (uv[:, 0] < self.width) & (uv[:, 1] >= 0) & (uv[:, 1] < self.height)
+        )
         return uv, visible
 
 
 def bev_camera(
-    extent: Sequence[float] = (-51.2, -51.2, 51.2, 51.2), width: int = 1280, height: int = 960, margin: float = 0.02
+    extent: Sequence[float] = (-51.2, -51.2, 51.2, 51.2),
+    width: int = 1280,
+    height: int = 960,
+    margin: float = 0.02,
 ) -> Camera:
     """Top-down view of the rectangle ``(x_min, y_min, x_max, y_max)``, +x (forward) up.
 
@@ -138,22 +143,45 @@ def bev_camera(
     visible_h = max(x1 - x0, (y1 - y0) / aspect) * (1.0 + 2 * margin)
     cx, cy = 0.5 * (x0 + x1), 0.5 * (y0 + y1)
     fov = math.degrees(2.0 * math.atan(0.5 * visible_h / BEV_DISTANCE))
-    return Camera(eye=(cx, cy, BEV_DISTANCE), center=(cx, cy, 0.0), up=(1.0, 0.0, 0.0), width=width, height=height,
-                  fov=fov, near=0.5 * BEV_DISTANCE, far=2.0 * BEV_DISTANCE)
+    return Camera(
+        eye=(cx, cy, BEV_DISTANCE),
+        center=(cx, cy, 0.0),
+        up=(1.0, 0.0, 0.0),
+        width=width,
+        height=height,
+        fov=fov,
+        near=0.5 * BEV_DISTANCE,
+        far=2.0 * BEV_DISTANCE,
+    )
 
 
 def chase_camera(
-    width: int = 1280, height: int = 960, distance: float = 18.0, height_m: float = 10.0, look_ahead: float = 22.0,
+    width: int = 1280,
+    height: int = 960,
+    distance: float = 18.0,
+    height_m: float = 10.0,
+    look_ahead: float = 22.0,
     fov: float = 60.0,
 ) -> Camera:
     """Third-person view from behind and above the ego vehicle, looking ahead along +x."""
-    return Camera(eye=(-distance, 0.0, height_m), center=(look_ahead, 0.0, 0.0), up=(0.0, 0.0, 1.0),
-                  width=width, height=height, fov=fov)
+    return Camera(
+        eye=(-distance, 0.0, height_m),
+        center=(look_ahead, 0.0, 0.0),
+        up=(0.0, 0.0, 1.0),
+        width=width,
+        height=height,
+        fov=fov,
+    )
 
 
 def orbit_camera(
-    angle_deg: float = 225.0, width: int = 1280, height: int = 960, radius: float = 60.0, elevation_deg: float = 35.0,
-    center: Sequence[float] = (0.0, 0.0, 0.0), fov: float = 60.0,
+    angle_deg: float = 225.0,
+    width: int = 1280,
+    height: int = 960,
+    radius: float = 60.0,
+    elevation_deg: float = 35.0,
+    center: Sequence[float] = (0.0, 0.0, 0.0),
+    fov: float = 60.0,
 ) -> Camera:
     """Camera on a circle around ``center``: ``angle_deg`` from +x counter-clockwise, looking at it.
 
@@ -163,12 +191,22 @@ def orbit_camera(
     a, e = math.radians(angle_deg), math.radians(elevation_deg)
     c = np.asarray(center, np.float64)
     eye = c + radius * np.array([math.cos(e) * math.cos(a), math.cos(e) * math.sin(a), math.sin(e)])
-    return Camera(eye=tuple(eye.tolist()), center=tuple(c.tolist()), up=(0.0, 0.0, 1.0), width=width, height=height,
-                  fov=fov)
+    return Camera(
+        eye=tuple(eye.tolist()),
+        center=tuple(c.tolist()),
+        up=(0.0, 0.0, 1.0),
+        width=width,
+        height=height,
+        fov=fov,
+    )
 
 
 def camera_preset(
-    name: str, width: int = 1280, height: int = 960, extent: Sequence[float] | None = None, angle_deg: float | None = None
+    name: str,
+    width: int = 1280,
+    height: int = 960,
+    extent: Sequence[float] | None = None,
+    angle_deg: float | None = None,
 ) -> Camera:
     """A preset by name: ``bev`` (fits ``extent``), ``chase``, or ``orbit`` (at ``angle_deg``)."""
     if name == "bev":

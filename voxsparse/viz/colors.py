@@ -7,20 +7,20 @@ intensity ramp of the points: ground truth is drawn in cool colours, predictions
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
 __all__ = [
+    "BACKGROUND",
     "GT_CLASS_COLORS",
+    "HEIGHT_RAMP",
+    "INTENSITY_RAMP",
     "PRED_CLASS_COLORS",
     "SEMANTIC_COLORS",
-    "BACKGROUND",
     "class_color",
-    "track_color",
     "ramp",
-    "INTENSITY_RAMP",
-    "HEIGHT_RAMP",
+    "track_color",
 ]
 
 #: Ground-truth box colour of class label i (Vehicle, Pedestrian, Cyclist): cool colours.
@@ -105,7 +105,9 @@ def _hsv_to_rgb(h: np.ndarray, s: float, v: float) -> np.ndarray:
     return table[i, np.arange(len(h))]
 
 
-def ramp(values: np.ndarray, stops: np.ndarray, vmin: float | None = None, vmax: float | None = None) -> np.ndarray:
+def ramp(
+    values: np.ndarray, stops: np.ndarray, vmin: float | None = None, vmax: float | None = None
+) -> np.ndarray:
     """Map (N,) values to (N, 3) colours by piecewise-linear interpolation between ``stops``.
 
     ``vmin`` / ``vmax`` default to the 1st and 99th percentiles, so a few outliers do not wash

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -34,12 +34,14 @@ def draw_legend(
         out.paste(panel, (0, 0), panel)
         for i, (text, color) in enumerate(entries):
             y = pad + i * line_h
-            rgb = tuple(int(round(255 * float(c))) for c in color)
+            rgb = tuple(round(255 * float(c)) for c in color)
             draw.rectangle([pad, y + 2, pad + swatch, y + 2 + swatch], fill=rgb)
             draw.text((2 * pad + swatch, y), text, fill=(235, 235, 235), font=font)
     if title:
         y = h - line_h - pad
-        panel = Image.new("RGBA", (min(_text_width(draw, title, font) + 2 * pad, w), line_h + pad), (0, 0, 0, 170))
+        panel = Image.new(
+            "RGBA", (min(_text_width(draw, title, font) + 2 * pad, w), line_h + pad), (0, 0, 0, 170)
+        )
         out.paste(panel, (0, y - pad // 2), panel)
         draw.text((pad, y), title, fill=(235, 235, 235), font=font)
     return np.asarray(out)

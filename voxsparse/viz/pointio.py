@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["load_points", "POINT_FILE_SUFFIXES"]
+__all__ = ["POINT_FILE_SUFFIXES", "load_points"]
 
 POINT_FILE_SUFFIXES = (".bin", ".npy", ".pcd", ".ply")
 
@@ -47,7 +47,9 @@ def load_points(path: str | os.PathLike, columns: int = 4) -> np.ndarray:
     elif suffix in (".pcd", ".ply"):
         points = _read_open3d(path)
     else:
-        raise ValueError(f"point file {path}: unknown suffix {suffix!r}; expected one of {POINT_FILE_SUFFIXES}")
+        raise ValueError(
+            f"point file {path}: unknown suffix {suffix!r}; expected one of {POINT_FILE_SUFFIXES}"
+        )
     points = np.asarray(points, dtype=np.float32)
     if points.shape[1] == 3:
         points = np.concatenate([points, np.zeros((len(points), 1), np.float32)], 1)
@@ -60,7 +62,9 @@ def _read_open3d(path: Path) -> np.ndarray:
     try:
         import open3d as o3d
     except ImportError as exc:
-        raise ValueError(f"point file {path}: reading {path.suffix} needs open3d (pip install open3d)") from exc
+        raise ValueError(
+            f"point file {path}: reading {path.suffix} needs open3d (pip install open3d)"
+        ) from exc
     cloud = o3d.t.io.read_point_cloud(str(path))
     if "positions" not in cloud.point or cloud.point.positions.shape[0] == 0:
         raise ValueError(f"point file {path}: no points could be read")

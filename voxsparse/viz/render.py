@@ -10,15 +10,23 @@ from __future__ import annotations
 import logging
 import math
 import os
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any
 
 import numpy as np
 
 from voxsparse.viz.camera import Camera, camera_preset
 from voxsparse.viz.scene import Scene, as_numpy, build_scene
 
-__all__ = ["render_scene", "resolve_backend", "trail_history", "sequence_scenes", "render_sequence", "orbit_path"]
+__all__ = [
+    "orbit_path",
+    "render_scene",
+    "render_sequence",
+    "resolve_backend",
+    "sequence_scenes",
+    "trail_history",
+]
 
 log = logging.getLogger("voxsparse.viz")
 
@@ -43,7 +51,9 @@ def _bev_extent(camera: Camera, scene: Scene) -> tuple[float, float, float, floa
     """The ground rectangle a top-down camera sees; for other cameras the scene's x/y bounds."""
     if camera.is_top_down:
         distance = camera.eye[2] - camera.center[2]
-        half_h = camera.ortho_extent()[1] if camera.is_ortho else distance * math.tan(math.radians(camera.fov) / 2)
+        half_h = (
+            camera.ortho_extent()[1] if camera.is_ortho else distance * math.tan(math.radians(camera.fov) / 2)
+        )
         half_w = half_h * camera.aspect
         cx, cy = camera.center[0], camera.center[1]
         return cx - half_h, cy - half_w, cx + half_h, cy + half_w
@@ -88,14 +98,19 @@ def _pose(frame: Any) -> np.ndarray | None:
 
 
 def trail_history(
-    frames: Sequence[Any], index: int, length: int = 10, source: str = "ground_truth", predictions: Sequence[Any] | None = None
+    frames: Sequence[Any],
+    index: int,
+    length: int = 10,
+    source: str = "ground_truth",
+    predictions: Sequence[Any] | None = None,
 ) -> list[tuple[np.ndarray, np.ndarray]]:
     """``history`` for :func:`voxsparse.viz.scene.trail_lines`: track centres of frames
     ``index - length + 1 .. index``, in the coordinates of frame ``index``.
 
-    Frames with an ``ego_pose`` (or ``pose``) field ((4, 4) world-from-sensor) are brought into frame ``index``'s
-    sensor frame; without one all frames are taken to share one frame. ``source`` picks the ground
-    truth's ``track_ids`` or the predictions' (``predictions[i].track_ids``, set by a tracker).
+    Frames with an ``ego_pose`` (or ``pose``) field ((4, 4) world-from-sensor) are brought into
+    frame ``index``'s sensor frame; without one all frames are taken to share one frame. ``source``
+    picks the ground truth's ``track_ids`` or the predictions' (``predictions[i].track_ids``, set by
+    a tracker).
     """
     current_pose = _pose(frames[index])
     to_current = np.linalg.inv(current_pose) if current_pose is not None else None
@@ -125,7 +140,9 @@ def sequence_scenes(
     """One :func:`build_scene` per frame (``frame.points`` and the frame as ground truth), with trails."""
     title = scene_kwargs.pop("title", None)
     for i, frame in enumerate(frames):
-        trails = trail_history(frames, i, trail_length, trails_from, predictions) if trail_length > 1 else None
+        trails = (
+            trail_history(frames, i, trail_length, trails_from, predictions) if trail_length > 1 else None
+        )
         yield build_scene(
             _field(frame, "points"),
             frame,
@@ -159,8 +176,9 @@ def render_sequence(
     return images
 
 
-def orbit_path(num_frames: int, width: int, height: int, extent: Sequence[float] | None = None,
-               degrees: float = 360.0) -> Callable[[int], Camera]:
+def orbit_path(
+    num_frames: int, width: int, height: int, extent: Sequence[float] | None = None, degrees: float = 360.0
+) -> Callable[[int], Camera]:
     """A camera function turning ``degrees`` around the scene over ``num_frames`` frames."""
     step = degrees / max(num_frames, 1)
     return lambda i: camera_preset("orbit", width, height, extent, angle_deg=225.0 + i * step)

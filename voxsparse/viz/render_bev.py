@@ -10,18 +10,16 @@ on the image's left.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
 from voxsparse.viz.scene import LineLayer, PointLayer, Scene
 
-__all__ = ["render_bev", "bev_to_pixel"]
+__all__ = ["bev_to_pixel", "render_bev"]
 
 
-def bev_to_pixel(
-    xy: np.ndarray, extent: Sequence[float], width: int, height: int
-) -> np.ndarray:
+def bev_to_pixel(xy: np.ndarray, extent: Sequence[float], width: int, height: int) -> np.ndarray:
     """(N, 2) pixel (column, row) of ground-plane points in an image from :func:`render_bev`.
 
     Valid for ``axes_off=True`` images, whose axes fill the whole image.
@@ -77,13 +75,28 @@ def render_bev(
     for name, layer in scene.layers.items():
         if isinstance(layer, PointLayer):
             size_pt = (layer.size * 72.0 / dpi) ** 2  # marker area in points^2 for a size-px square
-            ax.scatter(-layer.xyz[:, 1], layer.xyz[:, 0], s=size_pt, c=layer.colors, marker="s", linewidths=0,
-                       rasterized=True, zorder=1)
+            ax.scatter(
+                -layer.xyz[:, 1],
+                layer.xyz[:, 0],
+                s=size_pt,
+                c=layer.colors,
+                marker="s",
+                linewidths=0,
+                rasterized=True,
+                zorder=1,
+            )
         elif isinstance(layer, LineLayer):
             ends = layer.endpoints  # (S, 2, 3)
             segments = np.stack([-ends[..., 1], ends[..., 0]], -1)
-            ax.add_collection(LineCollection(segments, colors=layer.colors, linewidths=layer.width * 72.0 / dpi,
-                                             zorder=3 if name != "trails" else 2, capstyle="round"))
+            ax.add_collection(
+                LineCollection(
+                    segments,
+                    colors=layer.colors,
+                    linewidths=layer.width * 72.0 / dpi,
+                    zorder=3 if name != "trails" else 2,
+                    capstyle="round",
+                )
+            )
     ax.set_xlim(-y1, -y0)
     ax.set_ylim(x0, x1)
     ax.set_aspect("equal", adjustable="box")
@@ -98,12 +111,29 @@ def render_bev(
         ax.set_xlim(-y1, -y0)
     if legend and scene.legend:
         handles = [Patch(color=c, label=t) for t, c in scene.legend]
-        leg = ax.legend(handles=handles, loc="upper left", fontsize=10 * max(1.0, height / 960), framealpha=0.6,
-                        facecolor="black", labelcolor="0.9", edgecolor="0.4")
+        leg = ax.legend(
+            handles=handles,
+            loc="upper left",
+            fontsize=10 * max(1.0, height / 960),
+            framealpha=0.6,
+            facecolor="black",
+            labelcolor="0.9",
+            edgecolor="0.4",
+        )
         leg.set_zorder(5)
     if scene.title:
-        ax.text(0.01, 0.01, scene.title, transform=ax.transAxes, color="0.9", fontsize=10 * max(1.0, height / 960),
-                va="bottom", ha="left", zorder=5, bbox=dict(facecolor="black", alpha=0.6, edgecolor="none"))
+        ax.text(
+            0.01,
+            0.01,
+            scene.title,
+            transform=ax.transAxes,
+            color="0.9",
+            fontsize=10 * max(1.0, height / 960),
+            va="bottom",
+            ha="left",
+            zorder=5,
+            bbox={"facecolor": "black", "alpha": 0.6, "edgecolor": "none"},
+        )
     fig.canvas.draw()
     image = np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
     return image

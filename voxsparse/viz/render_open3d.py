@@ -32,7 +32,7 @@ from voxsparse.viz.camera import Camera
 from voxsparse.viz.overlay import draw_legend
 from voxsparse.viz.scene import LineLayer, PointLayer, Scene
 
-__all__ = ["open3d_status", "probe_open3d_rendering", "Open3DRenderer", "render_open3d", "close_renderer"]
+__all__ = ["Open3DRenderer", "close_renderer", "open3d_status", "probe_open3d_rendering", "render_open3d"]
 
 _PROBE = """
 import numpy as np
@@ -44,7 +44,7 @@ print("VOXSPARSE_RENDER_OK")
 """
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def open3d_status(timeout: float = 120.0) -> tuple[bool, str]:
     """Whether Open3D offscreen rendering works here, and if not, why (probed once per process).
 
@@ -64,7 +64,14 @@ def probe_open3d_rendering(timeout: float = 120.0, env: dict[str, str] | None = 
     """Render a 16x16 image with Open3D in a subprocess (with environment ``env``, default this
     process's): (True, ...) when it works, else (False, the reason and the packages to install)."""
     try:
-        done = subprocess.run([sys.executable, "-c", _PROBE], capture_output=True, text=True, timeout=timeout, env=env)
+        done = subprocess.run(
+            [sys.executable, "-c", _PROBE],
+            check=False,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env=env,
+        )
     except subprocess.TimeoutExpired:
         return False, f"open3d offscreen rendering probe timed out after {timeout:.0f} s"
     if done.returncode == 0 and "VOXSPARSE_RENDER_OK" in done.stdout:
@@ -76,7 +83,9 @@ def probe_open3d_rendering(timeout: float = 120.0, env: dict[str, str] | None = 
         hint = " (install Debian's libusb-1.0-0)"
     elif "vulkan" in joined.lower():
         hint = " (install Debian's libvulkan1 and mesa-vulkan-drivers for CPU rendering)"
-    telling = [t for t in text if "reason:" in t or "Error" in t or "error" in t] or [t for t in text if t.strip()]
+    telling = [t for t in text if "reason:" in t or "Error" in t or "error" in t] or [
+        t for t in text if t.strip()
+    ]
     reason = telling[-1].strip() if telling else "no output"
     return False, f"open3d offscreen rendering failed (exit {done.returncode}): {reason}{hint}"
 
@@ -88,9 +97,8 @@ class Open3DRenderer:
         width, height: image size in pixels.
     """
 
-
     def __init__(self, width: int, height: int):
-        import open3d.visualization.rendering as rendering
+        from open3d.visualization import rendering
 
         self.width, self.height = int(width), int(height)
         self._rendering = rendering
@@ -134,13 +142,20 @@ class Open3DRenderer:
         cam = self._renderer.scene.camera
         if camera.is_ortho:
             half_w, half_h = camera.ortho_extent()
-            cam.set_projection(Cam.Projection.Ortho, -half_w, half_w, -half_h, half_h, camera.near, camera.far)
+            cam.set_projection(
+                Cam.Projection.Ortho, -half_w, half_w, -half_h, half_h, camera.near, camera.far
+            )
         else:
             cam.set_projection(camera.fov, camera.aspect, camera.near, camera.far, Cam.FovType.Vertical)
-        cam.look_at(np.asarray(camera.center, np.float32), np.asarray(camera.eye, np.float32),
-                    np.asarray(camera.up, np.float32))
+        cam.look_at(
+            np.asarray(camera.center, np.float32),
+            np.asarray(camera.eye, np.float32),
+            np.asarray(camera.up, np.float32),
+        )
 
-    def render(self, scene: Scene, camera: Camera, legend: bool = True, lines_on_top: bool = True) -> np.ndarray:
+    def render(
+        self, scene: Scene, camera: Camera, legend: bool = True, lines_on_top: bool = True
+    ) -> np.ndarray:
         """(H, W, 3) uint8 image of ``scene`` seen by ``camera`` (resized to this renderer).
 
         Args:
@@ -156,7 +171,9 @@ class Open3DRenderer:
         o3d_scene.set_background([_srgb_encode(c) for c in scene.background] + [1.0])
         for name, layer in scene.layers.items():
             if lines_on_top and isinstance(layer, LineLayer):
-                layer = LineLayer(_pull_to_front(layer.vertices, camera), layer.segments, layer.colors, layer.width)
+                layer = LineLayer(
+                    _pull_to_front(layer.vertices, camera), layer.segments, layer.colors, layer.width
+                )
             o3d_scene.add_geometry(name, self._geometry(layer), self._materials(layer, camera))
         self._set_camera(camera)
         image = np.asarray(self._renderer.render_to_image())[..., :3].copy()

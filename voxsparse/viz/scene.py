@@ -13,8 +13,9 @@ Layer names used by :func:`build_scene` (the viewer's toggles use them too): ``p
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -24,21 +25,21 @@ from voxsparse.ops.boxes import boxes_to_corners_3d, points_in_boxes
 from voxsparse.viz import colors as C
 
 __all__ = [
-    "PointLayer",
-    "LineLayer",
-    "Scene",
+    "BOX_EDGES",
     "LAYERS",
     "SKELETON_EDGES",
-    "BOX_EDGES",
-    "point_colors",
+    "LineLayer",
+    "PointLayer",
+    "Scene",
+    "as_numpy",
     "box_lines",
-    "skeleton_lines",
-    "keypoint_points",
-    "trail_lines",
+    "build_scene",
     "coordinate_frame",
     "ego_marker",
-    "build_scene",
-    "as_numpy",
+    "keypoint_points",
+    "point_colors",
+    "skeleton_lines",
+    "trail_lines",
 ]
 
 #: Layer names of :func:`build_scene`, in drawing order.
@@ -47,7 +48,8 @@ LAYERS = ("points", "gt_boxes", "pred_boxes", "gt_keypoints", "pred_keypoints", 
 #: The 12 edges of a box, as pairs of corner indices of ``boxes_to_corners_3d``
 #: (0-3 bottom face counter-clockwise from rear-right, 4-7 the top face above them).
 BOX_EDGES = np.array(
-    [[0, 1], [1, 2], [2, 3], [3, 0], [4, 5], [5, 6], [6, 7], [7, 4], [0, 4], [1, 5], [2, 6], [3, 7]], dtype=np.int64
+    [[0, 1], [1, 2], [2, 3], [3, 0], [4, 5], [5, 6], [6, 7], [7, 4], [0, 4], [1, 5], [2, 6], [3, 7]],
+    dtype=np.int64,
 )
 # Heading mark: a cross on the front face (corners 1, 2, 6, 5 have +dx/2) and a line from the
 # centre (vertex 8) to the front-face centre (vertex 9).
@@ -79,8 +81,14 @@ SKELETON_EDGES = _edges(
 )
 # Limb side of each edge (0 centre, 1 left, 2 right), for colouring.
 _SIDE = np.array(
-    [1 if all(KEYPOINT_NAMES[i].startswith("left") for i in e) else 2 if all(KEYPOINT_NAMES[i].startswith("right") for i in e) else 0
-     for e in SKELETON_EDGES],
+    [
+        1
+        if all(KEYPOINT_NAMES[i].startswith("left") for i in e)
+        else 2
+        if all(KEYPOINT_NAMES[i].startswith("right") for i in e)
+        else 0
+        for e in SKELETON_EDGES
+    ],
     dtype=np.int64,
 )
 # Centre white, left lavender, right pale orange: apart from all six box colours.
@@ -139,7 +147,7 @@ class LineLayer:
         return self.vertices[self.segments]
 
     @staticmethod
-    def concat(layers: Sequence["LineLayer"], width: float | None = None) -> "LineLayer":
+    def concat(layers: Sequence[LineLayer], width: float | None = None) -> LineLayer:
         layers = [l for l in layers if l is not None]
         if not layers:
             return LineLayer(np.zeros((0, 3)), np.zeros((0, 2)), np.zeros((0, 3)), width or 2.0)
@@ -166,10 +174,15 @@ class Scene:
         if layer is not None and len(layer):
             self.layers[name] = layer
 
-    def only(self, names: Iterable[str]) -> "Scene":
+    def only(self, names: Iterable[str]) -> Scene:
         """A scene with only the named layers (unknown names ignored)."""
         keep = set(names)
-        return Scene({k: v for k, v in self.layers.items() if k in keep}, list(self.legend), self.title, self.background)
+        return Scene(
+            {k: v for k, v in self.layers.items() if k in keep},
+            list(self.legend),
+            self.title,
+            self.background,
+        )
 
     def bounds(self) -> tuple[np.ndarray, np.ndarray]:
         """(min, max) corners of everything in the scene; a unit cube around 0 when empty."""
@@ -189,7 +202,7 @@ def as_numpy(value: Any, dtype=None) -> np.ndarray | None:
     """numpy view of a tensor / Boxes3D / array-like (None stays None)."""
     if value is None:
         return None
-    if hasattr(value, "tensor") and isinstance(getattr(value, "tensor"), torch.Tensor):  # Boxes3D
+    if hasattr(value, "tensor") and isinstance(value.tensor, torch.Tensor):  # Boxes3D
         value = value.tensor
     if isinstance(value, torch.Tensor):
         value = value.detach().cpu().numpy()
@@ -232,7 +245,10 @@ def point_colors(
         if semantic_labels is None:
             semantic_labels = np.full(n, -1, dtype=np.int64)
             if boxes is not None and len(boxes) and box_labels is not None:
-                inside = points_in_boxes(torch.from_numpy(points[:, :3].astype(np.float32)), torch.from_numpy(np.asarray(boxes, np.float32)))
+                inside = points_in_boxes(
+                    torch.from_numpy(points[:, :3].astype(np.float32)),
+                    torch.from_numpy(np.asarray(boxes, np.float32)),
+                )
                 hit = inside.any(1)
                 first = inside.to(torch.uint8).argmax(1)
                 labels = torch.from_numpy(np.asarray(box_labels, np.int64))
@@ -280,7 +296,10 @@ def box_lines(
     corners = boxes_to_corners_3d(boxes_t).numpy()  # (K, 8, 3)
     centre = boxes_t[:, 0:3].numpy()
     h = boxes_t[:, 6].numpy()
-    front = centre + np.stack([np.cos(h), np.sin(h), np.zeros_like(h)], -1) * (0.5 * boxes_t[:, 3].numpy())[:, None]
+    front = (
+        centre
+        + np.stack([np.cos(h), np.sin(h), np.zeros_like(h)], -1) * (0.5 * boxes_t[:, 3].numpy())[:, None]
+    )
     vertices = np.concatenate([corners, centre[:, None], front[:, None]], axis=1)  # (K, 10, 3)
     edges = np.concatenate([BOX_EDGES, _HEADING_EDGES]) if heading else BOX_EDGES
     segments = edges[None] + 10 * np.arange(k)[:, None, None]
@@ -309,7 +328,11 @@ def skeleton_lines(
     """
     kp = as_numpy(keypoints, np.float32).reshape(-1, len(KEYPOINT_NAMES), 3)
     k = len(kp)
-    vis = np.ones((k, len(KEYPOINT_NAMES)), bool) if visibility is None else as_numpy(visibility).astype(bool).reshape(k, -1)
+    vis = (
+        np.ones((k, len(KEYPOINT_NAMES)), bool)
+        if visibility is None
+        else as_numpy(visibility).astype(bool).reshape(k, -1)
+    )
     keep = vis[:, SKELETON_EDGES[:, 0]] & vis[:, SKELETON_EDGES[:, 1]]  # (K, E)
     person, edge = np.nonzero(keep)
     segments = person[:, None] * len(KEYPOINT_NAMES) + SKELETON_EDGES[edge]
@@ -373,7 +396,9 @@ def trail_lines(
     return LineLayer(np.array(vertices), np.array(segments), np.array(seg_colors), width)
 
 
-def coordinate_frame(size: float = 3.0, origin: Sequence[float] = (0.0, 0.0, 0.0), width: float = 3.0) -> LineLayer:
+def coordinate_frame(
+    size: float = 3.0, origin: Sequence[float] = (0.0, 0.0, 0.0), width: float = 3.0
+) -> LineLayer:
     """x (red), y (green), z (blue) axes of length ``size`` metres at ``origin``, in pale tints
     that stay apart from the box colours (the GT vehicle green, the predicted vehicle red)."""
     o = np.asarray(origin, np.float32)
@@ -459,14 +484,20 @@ def build_scene(
         if boxes is not None and len(boxes):
             labels = labels if labels is not None else np.zeros(len(boxes), np.int64)
             keep = scores >= score_threshold if scores is not None else np.ones(len(boxes), bool)
-            scene.add("pred_boxes", box_lines(boxes[keep], C.class_color(labels[keep], True), heading, line_width))
+            scene.add(
+                "pred_boxes", box_lines(boxes[keep], C.class_color(labels[keep], True), heading, line_width)
+            )
             for label in sorted(set(labels[keep].tolist())):
-                scene.legend.append((f"Pred {name(label)}", tuple(float(v) for v in C.class_color([label], True)[0])))
+                scene.legend.append(
+                    (f"Pred {name(label)}", tuple(float(v) for v in C.class_color([label], True)[0]))
+                )
             kp = _field(predictions, "keypoints")
             if kp is not None and len(as_numpy(kp)):
                 vis = _field(predictions, "keypoint_visibility")
                 vis = as_numpy(vis)[keep] if vis is not None else None
-                scene.add("pred_keypoints", skeleton_lines(as_numpy(kp)[keep], vis, (1.0, 0.35, 0.95), line_width))
+                scene.add(
+                    "pred_keypoints", skeleton_lines(as_numpy(kp)[keep], vis, (1.0, 0.35, 0.95), line_width)
+                )
     if trails:
         scene.add("trails", trail_lines(trails, line_width))
     if axes:

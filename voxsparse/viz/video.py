@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
-__all__ = ["write_video", "write_image"]
+__all__ = ["write_image", "write_video"]
 
 
 def write_image(path: str | os.PathLike, image: np.ndarray, colors: int | None = None) -> Path:
@@ -46,20 +46,32 @@ def write_video(path: str | os.PathLike, frames: Sequence[np.ndarray], fps: floa
         # One palette for all frames, from a sample of every frame's rows.
         picks = np.linspace(0, len(frames) - 1, min(len(frames), 16)).round().astype(int)
         sample = np.concatenate([np.asarray(frames[i])[:: max(1, len(picks) // 2), :, :3] for i in picks])
-        palette = Image.fromarray(np.ascontiguousarray(sample)).quantize(colors=255, method=Image.Quantize.MEDIANCUT)
+        palette = Image.fromarray(np.ascontiguousarray(sample)).quantize(
+            colors=255, method=Image.Quantize.MEDIANCUT
+        )
         images = [im.quantize(palette=palette, dither=Image.Dither.NONE) for im in images]
-        images[0].save(path, save_all=True, append_images=images[1:], duration=int(round(1000 / fps)), loop=0,
-                       optimize=False)
+        images[0].save(
+            path,
+            save_all=True,
+            append_images=images[1:],
+            duration=round(1000 / fps),
+            loop=0,
+            optimize=False,
+        )
         return path
     if suffix == ".mp4":
         try:
             import imageio.v2 as imageio
             import imageio_ffmpeg  # noqa: F401  (the ffmpeg binary)
         except ImportError as exc:
-            raise RuntimeError(f"video {path}: MP4 needs `pip install imageio imageio-ffmpeg` (or write a .gif)") from exc
+            raise RuntimeError(
+                f"video {path}: MP4 needs `pip install imageio imageio-ffmpeg` (or write a .gif)"
+            ) from exc
         h, w = frames[0].shape[:2]
         ph, pw = h + h % 2, w + w % 2
-        with imageio.get_writer(path, fps=fps, codec="libx264", pixelformat="yuv420p", macro_block_size=1) as writer:
+        with imageio.get_writer(
+            path, fps=fps, codec="libx264", pixelformat="yuv420p", macro_block_size=1
+        ) as writer:
             for f in frames:
                 f = np.ascontiguousarray(f[..., :3])
                 if f.shape[:2] != (ph, pw):

@@ -25,15 +25,15 @@ Mouse: drag to rotate, shift-drag / wheel to pan and zoom (Open3D's defaults).
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import numpy as np
 
 from voxsparse.viz.camera import Camera, camera_preset
 from voxsparse.viz.scene import LAYERS, LineLayer, PointLayer, Scene
 
-__all__ = ["ViewerState", "has_display", "show", "KEY_HELP"]
+__all__ = ["KEY_HELP", "ViewerState", "has_display", "show"]
 
 #: key -> (action, argument)
 _KEYS: dict[str, tuple[str, object]] = {
@@ -161,7 +161,10 @@ def show(
         if first[0]:
             _set_view(vis, camera_preset(camera, width, height))
         first[0] = False
-        print(f"[{state.index + 1}/{num_frames}] {scene.title}  colours={state.color_mode}  hidden={sorted(state.hidden)}")
+        print(
+            f"[{state.index + 1}/{num_frames}] {scene.title}  colours={state.color_mode}  "
+            f"hidden={sorted(state.hidden)}"
+        )
 
     def bind(key: str) -> None:
         code = _GLFW_KEYS[key] if key in _GLFW_KEYS else ord(key)
