@@ -27,7 +27,7 @@ def _predictions(coords: torch.Tensor, batch_size: int, num_classes: int = 3, wi
     return CenterPredictions(
         coords=coords, cell_xy=xy, heatmap=torch.full((m, num_classes), -10.0), offset=torch.zeros(m, 2),
         z=torch.zeros(m, 1), log_dims=torch.zeros(m, 3), rot=torch.zeros(m, 2),
-        velocity=torch.zeros(m, 2) if with_velocity else None, spatial_shape=SHAPE, cell_size=(CELL, CELL),
+        velocity=torch.zeros(m, 2) if with_velocity else None, iou=None, spatial_shape=SHAPE, cell_size=(CELL, CELL),
         batch_size=batch_size,
     )
 
@@ -85,6 +85,38 @@ def test_decoding_perfect_predictions_returns_the_ground_truth(dense):
     torch.testing.assert_close(det.scores, torch.full((2,), torch.sigmoid(torch.tensor(5.0)).item()))
 
 
+def test_extra_regression_positives_lie_inside_their_box():
+    head = CenterHeadBase(num_classes=3, regression_positives=9)
+    coords = torch.stack(torch.meshgrid(torch.arange(1), torch.arange(20), torch.arange(20), indexing="ij"), -1)
+    pred = _predictions(coords.reshape(-1, 3).int(), 1)
+    boxes = [[1.3, -2.2, -1.0, 4.5, 1.9, 1.6, 0.4], [0.2, 3.9, -1.0, 0.8, 0.7, 1.8, 0.0]]
+    targets = head.assign_targets(pred, [_annotations(boxes, [0, 1])])
+    assert len(targets.positive) == len(set(targets.positive.tolist())), "a cell regresses one box"
+    car = targets.gt_boxes[:, 3] > 4
+    assert 1 < int(car.sum()) <= 9 and int((~car).sum()) >= 1
+    # Every positive's centre lies inside the box it regresses, except possibly each box's nearest cell.
+    local = pred.cell_xy[targets.positive] - targets.gt_boxes[:, :2]
+    c, s = torch.cos(targets.gt_boxes[:, 6]), torch.sin(targets.gt_boxes[:, 6])
+    along, across = local[:, 0] * c + local[:, 1] * s, -local[:, 0] * s + local[:, 1] * c
+    inside = (along.abs() <= targets.gt_boxes[:, 3] / 2) & (across.abs() <= targets.gt_boxes[:, 4] / 2)
+    assert int((~inside).sum()) <= 2
+    # The encoded offsets point from each cell to its box centre.
+    centre = pred.cell_xy[targets.positive] + targets.regression[:, :2] * CELL
+    torch.testing.assert_close(centre, targets.gt_boxes[:, :2])
+
+
+def test_iou_branch_rectifies_scores():
+    head = CenterHeadBase(num_classes=1, iou_rectifier=(0.5,), score_threshold=0.0)
+    coords = torch.tensor([[0, 5, 5], [0, 5, 15]], dtype=torch.int32)
+    pred = _predictions(coords, 1, num_classes=1)
+    pred.heatmap[:] = 0.0  # both cells score 0.5
+    pred.log_dims[:] = 0.5
+    pred.iou = torch.tensor([[0.8], [-0.6]])  # IoU 0.9 and 0.2
+    det = head.decode(pred)[0]
+    torch.testing.assert_close(det.scores, torch.tensor([(0.5 * 0.9) ** 0.5, (0.5 * 0.2) ** 0.5]))
+    assert det.boxes.tensor[0, 0] < 0, "the cell with the higher predicted IoU ranks first"
+
+
 def test_sparse_local_max_matches_brute_force():
     coords = _random_cells(300, 2, seed=2)
     values = torch.rand(len(coords), 3)
@@ -120,14 +152,14 @@ def _voxels(count: int, batch_size: int, seed: int) -> SparseVoxels:
 @pytest.mark.parametrize("head_cls", [VoxelNeXtHead, CenterPointHead])
 def test_backbone_and_heads_train_and_decode(head_cls):
     backbone = VoxelNeXtBackbone(4, channels=(8, 16, 16, 16), blocks=(1, 1, 1, 1), bev_stage=2, out_channels=16)
-    head = head_cls(in_channels=16, num_classes=3, head_channels=16)
+    head = head_cls(in_channels=16, num_classes=3, head_channels=16, with_iou=True, regression_positives=4)
     voxels = _voxels(3000, 2, seed=3)
     bev = backbone(voxels)
     assert bev.stride == 4 and bev.spatial_shape == (20, 20)
     ann = _annotations([[0.0, 0.0, -1.0, 4.0, 2.0, 1.5, 0.0]], [0])
     losses = head.loss(head(bev), [ann, ann])
     losses.total.backward()
-    assert math.isfinite(losses.total.item()) and losses.num_positives == 2
+    assert math.isfinite(losses.total.item()) and losses.num_positives >= 2 and losses.iou > 0
     assert all(p.grad is not None for p in head.parameters())
     head.eval()
     detections = head.decode(head(backbone(voxels)))

@@ -35,6 +35,7 @@ class VoxelNeXtHead(CenterHeadBase):
         head_channels: width of the shared conv and branches.
         num_convs: submanifold convs per branch before its linear output.
         kernel_size: of every submanifold conv.
+        with_iou: add the IoU branch that rectifies scores.
         **kwargs: :class:`CenterHeadBase` options (velocity, loss weights, decoding).
 
     Input: ``SparseBEV`` (M cells). Output: :class:`CenterPredictions` at those M cells.
@@ -42,7 +43,7 @@ class VoxelNeXtHead(CenterHeadBase):
 
     def __init__(
         self, in_channels: int, num_classes: int, head_channels: int = 64, num_convs: int = 1,
-        kernel_size: int = 3, **kwargs,
+        kernel_size: int = 3, with_iou: bool = False, **kwargs,
     ) -> None:
         super().__init__(num_classes, **kwargs)
         key = "head_subm"
@@ -50,6 +51,8 @@ class VoxelNeXtHead(CenterHeadBase):
         outputs = {"heatmap": num_classes, "offset": 2, "z": 1, "log_dims": 3, "rot": 2}
         if self.with_velocity:
             outputs["velocity"] = 2
+        if with_iou:
+            outputs["iou"] = 1
         self.branches = nn.ModuleDict(
             {name: _SparseBranch(head_channels, c, num_convs, kernel_size, key) for name, c in outputs.items()}
         )
@@ -67,6 +70,7 @@ class VoxelNeXtHead(CenterHeadBase):
             coords=bev.coords,
             cell_xy=bev.cell_centers(),
             velocity=out.pop("velocity", None),
+            iou=out.pop("iou", None),
             spatial_shape=bev.spatial_shape,
             cell_size=bev.cell_size,
             batch_size=bev.batch_size,
