@@ -132,14 +132,20 @@ def _predictor(
     return None, None, None
 
 
+#: Ground area shown for dataset frames when no model range is known (the small models' grid).
+DEFAULT_EXTENT = (-51.2, -51.2, 51.2, 51.2)
+
+
 def _extent(cfg: DictConfig, pcr: tuple | None, frames: _Frames) -> tuple[float, ...]:
+    """(x_min, y_min, x_max, y_max) to frame: the option, the model's / predictions' range, the
+    dataset's ``point_cloud_range``, :data:`DEFAULT_EXTENT`, or for a point file its points."""
     if cfg.extent is not None:
         return tuple(float(v) for v in cfg.extent)
     if pcr is not None:
         return pcr[0], pcr[1], pcr[3], pcr[4]
-    if cfg.points is None and "point_cloud_range" in cfg.dataset:
-        r = cfg.dataset.point_cloud_range
-        return r[0], r[1], r[3], r[4]
+    if cfg.points is None:
+        r = cfg.dataset.get("point_cloud_range")
+        return (r[0], r[1], r[3], r[4]) if r is not None else DEFAULT_EXTENT
     xy = np.asarray(_field(frames[0], "points"))[:, :2]
     lo, hi = np.percentile(xy, 0.5, axis=0), np.percentile(xy, 99.5, axis=0)
     return float(lo[0]), float(lo[1]), float(hi[0]), float(hi[1])
