@@ -29,6 +29,7 @@ from omegaconf import DictConfig, OmegaConf
 from voxsparse.constants import CLASS_NAMES
 from voxsparse.structures import Detections3D, PointBatch
 from voxsparse.viz import camera_preset, load_points, render_scene, resolve_backend, write_image, write_video
+from voxsparse.viz.colors import KEY_COLORS
 from voxsparse.viz.render import trail_history
 from voxsparse.viz.scene import Scene, build_scene
 from voxsparse.viz.viewer import has_display, show
@@ -219,12 +220,11 @@ def run(cfg: DictConfig, output_dir: Path) -> list[Path]:
     if output.suffix.lower() in (".gif", ".mp4"):
         written = [write_video(output, images, float(cfg.fps))]
     elif n == 1:
-        written = [write_image(output, images[0], cfg.png_colors)]
+        written = [write_image(output, images[0], cfg.png_colors, KEY_COLORS)]
     else:  # a sequence to images: one PNG per frame, numbered after the output's stem
+        pattern = f"{output.stem}_{{:04d}}{output.suffix or '.png'}"
         written = [
-            write_image(
-                output.with_name(f"{output.stem}_{i:04d}{output.suffix or '.png'}"), im, cfg.png_colors
-            )
+            write_image(output.with_name(pattern.format(i)), im, cfg.png_colors, KEY_COLORS)
             for i, im in enumerate(images)
         ]
     for path in written:

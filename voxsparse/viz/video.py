@@ -11,11 +11,15 @@ import numpy as np
 __all__ = ["write_image", "write_video"]
 
 
-def write_image(path: str | os.PathLike, image: np.ndarray, colors: int | None = None) -> Path:
+def write_image(
+    path: str | os.PathLike, image: np.ndarray, colors: int | None = None, keep_colors: Sequence = ()
+) -> Path:
     """Save an (H, W, 3) uint8 image as PNG (or any format Pillow knows by suffix).
 
     ``colors`` (<= 256) writes a palette PNG of that many colours: a dense point cloud renders as
     noise-like texture that compresses poorly, and a palette typically makes the file 2-4x smaller.
+    ``keep_colors`` (RGB in [0, 1]) are put in the palette exactly, so box and legend colours are
+    not shifted by the quantization.
     """
     from PIL import Image
 
@@ -23,7 +27,17 @@ def write_image(path: str | os.PathLike, image: np.ndarray, colors: int | None =
     path.parent.mkdir(parents=True, exist_ok=True)
     im = Image.fromarray(np.ascontiguousarray(image[..., :3]))
     if colors is not None:
-        im = im.quantize(colors=int(colors), method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE)
+        keep = np.round(np.asarray(keep_colors, np.float64).reshape(-1, 3) * 255).astype(np.uint8)
+        keep = np.unique(keep, axis=0)
+        free = int(colors) - len(keep)
+        if free < 1 or int(colors) > 256:
+            raise ValueError(f"write_image: colors={colors} leaves no room beside {len(keep)} kept colours")
+        learned = im.quantize(colors=free, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE)
+        table = np.asarray(learned.getpalette()[: 3 * free], np.uint8).reshape(-1, 3)
+        table = np.concatenate([keep, table])
+        palette = Image.new("P", (1, 1))
+        palette.putpalette(table.reshape(-1).tolist() + [0] * (768 - table.size))
+        im = im.quantize(palette=palette, dither=Image.Dither.NONE)
     im.save(path, optimize=True)
     return path
 
