@@ -1,10 +1,12 @@
 """Show or render LiDAR frames with ground truth and predictions.
 
     python tools/visualize.py                       # synthetic val frame 0: a window, or a PNG when headless
-    python tools/visualize.py checkpoint=outputs/voxelnext_small/<run>/last.pth camera=chase output=pred.png
-    python tools/visualize.py predictions=outputs/eval/<run>/predictions.pt frame=3
+    python tools/visualize.py checkpoint=outputs/voxelnext_small/<run>/last.pth camera=chase \
+        png_colors=128 output=docs/images/synthetic_predictions.png    # the README image
+    python tools/visualize.py predictions=outputs/eval/<run>/predictions.pt frame=3 camera=bev
     python tools/visualize.py points=scan.bin camera=orbit      # a point file (.bin .npy .pcd .ply)
-    python tools/visualize.py num_frames=20 camera=orbit output=seq.mp4   # a sequence with track trails
+    python tools/visualize.py num_frames=20 +dataset.val.sequence_length=20 camera=orbit output=seq.mp4
+                                                                # a sequence with track trails (or .gif)
 
 Headless (no DISPLAY) it renders with Open3D's offscreen renderer on the CPU (Vulkan lavapipe;
 Debian packages libusb-1.0-0 libvulkan1 mesa-vulkan-drivers), or, where that cannot run, draws a

@@ -281,6 +281,26 @@ def test_camera_projection_and_bev_orientation():
         assert vis[0], name
 
 
+def test_lines_pulled_in_front_keep_their_pixels():
+    from voxsparse.viz.render_open3d import _pull_to_front
+
+    camera = camera_preset("chase", 640, 480)
+    # The second box surrounds the eye: some of its segments reach behind the camera.
+    boxes = np.array([[10.0, 3.0, -1.0, 4.0, 2.0, 1.5, 0.3], [*camera.eye, 4.0, 2.0, 1.5, 0.0]])
+    layer = box_lines(boxes, (1.0, 0.0, 0.0))
+    pulled = _pull_to_front(layer, camera)
+    before, after = layer.endpoints.reshape(-1, 3), pulled.endpoints.reshape(-1, 3)
+    np.testing.assert_array_equal(pulled.colors, layer.colors)
+    uv0, vis0 = camera.project(before)
+    uv1, _ = camera.project(after)
+    np.testing.assert_allclose(uv1[vis0], uv0[vis0], atol=1e-2)
+    eye = np.asarray(camera.eye)
+    first = slice(0, 2 * 15)  # box 0's segment ends: all in front, now within 1 m of the eye
+    assert (np.linalg.norm(after[first] - eye, axis=1) < 1.0).all()
+    crossing = ~(np.linalg.norm(after - before, axis=1) > 0)
+    assert crossing[2 * 15 :].any()  # box 1 straddles the camera: those segments stay put
+
+
 def test_viewer_keys():
     state = ViewerState(num_frames=3)
     assert not state.handle("B") and state.index == 0  # already at the first frame

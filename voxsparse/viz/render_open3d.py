@@ -171,9 +171,7 @@ class Open3DRenderer:
         o3d_scene.set_background([_srgb_encode(c) for c in scene.background] + [1.0])
         for name, layer in scene.layers.items():
             if lines_on_top and isinstance(layer, LineLayer):
-                layer = LineLayer(
-                    _pull_to_front(layer.vertices, camera), layer.segments, layer.colors, layer.width
-                )
+                layer = _pull_to_front(layer, camera)
             o3d_scene.add_geometry(name, self._geometry(layer), self._materials(layer, camera))
         self._set_camera(camera)
         image = np.asarray(self._renderer.render_to_image())[..., :3].copy()
@@ -195,23 +193,26 @@ def _line_width_scale(camera: Camera) -> float:
     return math.tan(math.radians(camera.fov) / 2.0) / math.tan(math.radians(30.0))
 
 
-def _pull_to_front(vertices: np.ndarray, camera: Camera) -> np.ndarray:
-    """Slide each vertex along its ray from the eye to a depth just past the near plane.
+def _pull_to_front(layer: LineLayer, camera: Camera) -> LineLayer:
+    """Slide line end points along their rays from the eye to depths just past the near plane.
 
-    A vertex's pixel stays the same, and so does every segment's (a 3D segment projects onto the
-    2D segment between its projected ends), but every line now lies in front of every point.
-    Depth order among the lines is kept (the new depth grows with the old). Vertices at or behind
-    the near plane are left alone.
+    A point's pixel stays the same, and so does a segment's (a 3D segment in front of the camera
+    projects onto the 2D segment between its projected ends), but the lines now lie in front of
+    every point. Depth order among the lines is kept (the new depth grows with the old). Segments
+    reaching behind the near plane are left as they are (clipping would change what shows of them).
     """
+    ends = layer.endpoints.reshape(-1, 3).astype(np.float64)  # (2S, 3): segments no longer share
     eye = np.asarray(camera.eye, np.float64)
     forward = np.asarray(camera.center, np.float64) - eye
     forward /= np.linalg.norm(forward)
-    offset = vertices.astype(np.float64) - eye
+    offset = ends - eye
     depth = offset @ forward
-    front = depth > camera.near
+    front = (depth > camera.near).reshape(-1, 2).all(1).repeat(2)
     target = 1.5 * camera.near + 0.01 * (depth - camera.near)
     scale = np.where(front, target / np.where(front, depth, 1.0), 1.0)
-    return (eye + offset * scale[:, None]).astype(np.float32)
+    vertices = (eye + offset * scale[:, None]).astype(np.float32)
+    segments = np.arange(len(vertices)).reshape(-1, 2)
+    return LineLayer(vertices, segments, layer.colors, layer.width)
 
 
 def _srgb_encode(c: float) -> float:
