@@ -15,13 +15,14 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from voxsparse.models.layers import batch_norm_1d
 from voxsparse.ops.sparse_backend import SparseConvTensor, spnn
 from voxsparse.ops.sparse_utils import merge_duplicates
 from voxsparse.structures import SparseBEV, SparseVoxels
 
 
 def _norm_act(channels: int) -> list[nn.Module]:
-    return [nn.BatchNorm1d(channels, eps=1e-3, momentum=0.01), nn.ReLU(inplace=True)]
+    return [batch_norm_1d(channels), nn.ReLU(inplace=True)]
 
 
 def sparse_conv_block(
@@ -47,9 +48,9 @@ class SparseBasicBlock(spnn.SparseModule):
         super().__init__()
         conv_cls = spnn.SubMConv3d if dims == 3 else spnn.SubMConv2d
         self.conv1 = conv_cls(channels, channels, 3, padding=1, bias=False, indice_key=indice_key)
-        self.bn1 = nn.BatchNorm1d(channels, eps=1e-3, momentum=0.01)
+        self.bn1 = batch_norm_1d(channels)
         self.conv2 = conv_cls(channels, channels, 3, padding=1, bias=False, indice_key=indice_key)
-        self.bn2 = nn.BatchNorm1d(channels, eps=1e-3, momentum=0.01)
+        self.bn2 = batch_norm_1d(channels)
         self.relu = nn.ReLU(inplace=True)
 
     def forward(self, x: SparseConvTensor) -> SparseConvTensor:

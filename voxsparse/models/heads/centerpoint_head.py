@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from voxsparse.models.layers import batch_norm_2d
 from voxsparse.models.heads.center_head import CenterHeadBase, CenterPredictions, init_heatmap_bias
 from voxsparse.structures import SparseBEV
 
@@ -16,7 +17,7 @@ from voxsparse.structures import SparseBEV
 def _conv_bn_relu(in_channels: int, out_channels: int) -> nn.Sequential:
     return nn.Sequential(
         nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False),
-        nn.BatchNorm2d(out_channels, eps=1e-3, momentum=0.01),
+        batch_norm_2d(out_channels),
         nn.ReLU(inplace=True),
     )
 

@@ -7,6 +7,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from voxsparse.models.layers import batch_norm_1d
 from voxsparse.models.voxel_encoders.mean_vfe import _check_columns
 from voxsparse.ops.scatter import scatter_max, scatter_mean
 from voxsparse.ops.voxelize import dynamic_voxelize
@@ -49,9 +50,9 @@ class VoxelNetVFE(nn.Module):
         self.out_channels = int(layer_channels[-1])
         widths = [in_channels + (6 if with_voxel_center else 3)] + [2 * int(c) for c in layer_channels[:-1]]
         self.layers = nn.ModuleList(
-            # No Linear bias: BatchNorm's shift replaces it. eps / momentum as in OpenPCDet's VFEs.
+            # No Linear bias: BatchNorm's shift replaces it.
             nn.Sequential(
-                nn.Linear(w, int(c), bias=False), nn.BatchNorm1d(int(c), eps=1e-3, momentum=0.01), nn.ReLU()
+                nn.Linear(w, int(c), bias=False), batch_norm_1d(int(c)), nn.ReLU()
             )
             for w, c in zip(widths, layer_channels)
         )
