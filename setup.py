@@ -12,7 +12,7 @@ EXTRAS = {
     "cu120": ["spconv-cu120==2.3.8"],
     "cu126": ["spconv-cu126==2.3.8"],
     "triton": ["spconv-triton>=1.0"],
-    "viz": ["open3d>=0.18", "matplotlib>=3.7"],
+    "viz": ["open3d>=0.20", "matplotlib>=3.7", "imageio>=2.30", "imageio-ffmpeg>=0.5"],
     "nuscenes": ["nuscenes-devkit>=1.1.11"],
     "waymo": ["waymo-open-dataset-tf-2-12-0==1.6.7"],
     "test": ["pytest>=8", "shapely>=2.0"],
