@@ -149,18 +149,20 @@ class Trainer:
         self.epoch, self.step = ckpt.epoch, ckpt.step
         log.info("resumed from %s at epoch %d (step %d)", path, self.epoch, self.step)
 
-    def fit(self) -> None:
-        """Train from ``self.epoch`` to ``cfg.epochs``."""
+    def fit(self, stop_after: int | None = None) -> None:
+        """Train from ``self.epoch`` to ``cfg.epochs``, or only up to epoch ``stop_after`` (the
+        schedule still spans ``cfg.epochs``; a later :meth:`resume` continues it)."""
         start = time.time()
-        while self.epoch < self.cfg.epochs:
+        last = self.cfg.epochs if stop_after is None else min(stop_after, self.cfg.epochs)
+        while self.epoch < last:
             self._train_epoch()
             self.epoch += 1
-            if self.info.is_main and (self.epoch % self.cfg.checkpoint_every == 0 or self.epoch == self.cfg.epochs):
+            if self.info.is_main and (self.epoch % self.cfg.checkpoint_every == 0 or self.epoch == last):
                 save_checkpoint(self.state(), self.checkpoint_path)
         if self.info.is_main:
-            log.info("training finished in %.1f min", (time.time() - start) / 60)
+            log.info("trained to epoch %d in %.1f min", self.epoch, (time.time() - start) / 60)
             if self.writer is not None:
-                self.writer.close()
+                self.writer.flush()
 
     def _train_epoch(self) -> None:
         self.ddp.train()

@@ -1,0 +1,107 @@
+"""Training, resuming and the command-line tools, end to end on tiny synthetic data."""
+
+import functools
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from voxsparse.data.dataset import DetectionDataset
+from voxsparse.data.synthetic import SyntheticDataset
+from voxsparse.data.transforms import GlobalAugment
+from voxsparse.engine.distributed import DistInfo
+from voxsparse.engine.trainer import Trainer, TrainerConfig
+from voxsparse.models.backbones.voxelnext import VoxelNeXtBackbone
+from voxsparse.models.detectors.sparse_detector import SparseDetector
+from voxsparse.models.heads.voxelnext_head import VoxelNeXtHead
+from voxsparse.models.voxel_encoders import MeanVFE
+from voxsparse.structures import VoxelGrid
+
+ROOT = Path(__file__).resolve().parents[2]
+RANGE = (-16.0, -16.0, -3.0, 16.0, 16.0, 2.0)
+TINY_MODEL = [
+    "model.voxel_encoder.grid.point_cloud_range=[-16,-16,-3,16,16,2]",
+    "model.backbone.channels=[8,8,8,8,8]",
+    "model.backbone.out_channels=8",
+    "model.head.head_channels=8",
+]
+
+
+def _trainer(output_dir: Path, cache: Path) -> Trainer:
+    torch.manual_seed(0)
+    model = SparseDetector(
+        MeanVFE(VoxelGrid((0.25, 0.25, 0.25), RANGE)),
+        functools.partial(VoxelNeXtBackbone, channels=(8, 8, 8), blocks=(0, 1, 1), bev_stage=2, out_channels=8),
+        functools.partial(VoxelNeXtHead, head_channels=8, with_iou=True, regression_positives=4),
+        ("Vehicle", "Pedestrian", "Cyclist"),
+    )
+    data = DetectionDataset(SyntheticDataset("train", 4, seed=3, cache_dir=cache), RANGE, [GlobalAugment()], seed=0)
+    cfg = TrainerConfig(epochs=2, batch_size=2, num_workers=0, tensorboard=False)
+    return Trainer(model, data, cfg, output_dir, DistInfo(), config_dict={"test": True})
+
+
+def test_resumed_run_ends_with_the_same_weights(tmp_path):
+    straight = _trainer(tmp_path / "straight", tmp_path / "cache")
+    straight.fit()
+    interrupted = _trainer(tmp_path / "interrupted", tmp_path / "cache")
+    interrupted.fit(stop_after=1)
+    assert interrupted.epoch == 1 and interrupted.checkpoint_path.is_file()
+    resumed = _trainer(tmp_path / "resumed", tmp_path / "cache")
+    resumed.resume(interrupted.checkpoint_path)
+    assert (resumed.epoch, resumed.step) == (1, 2)
+    resumed.fit()
+    for (name, a), b in zip(straight.model.state_dict().items(), resumed.model.state_dict().values()):
+        torch.testing.assert_close(a, b, msg=lambda m: f"{name}: {m}")
+
+
+def _run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=600)
+
+
+def test_train_and_eval_tools(tmp_path):
+    data = [
+        "dataset.train.num_frames=2", "dataset.val.num_frames=2", f"dataset.cache_dir={tmp_path / 'cache'}",
+        "dataset.cache_workers=1",
+    ]
+    run_dir = tmp_path / "run"
+    train = _run(
+        "tools/train.py", *TINY_MODEL, *data, "trainer.epochs=1", "trainer.batch_size=1",
+        "trainer.tensorboard=false", f"hydra.run.dir={run_dir}",
+    )
+    assert train.returncode == 0, train.stderr[-3000:]
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert set(metrics) == {"LEVEL_1", "LEVEL_2"} and "AP_L2/Vehicle" in metrics["LEVEL_2"]
+    assert "Vehicle" in train.stderr + train.stdout, "the AP table is printed"
+
+    by_checkpoint = _run("tools/eval.py", f"checkpoint={run_dir / 'last.pth'}", *data, f"hydra.run.dir={tmp_path / 'e1'}")
+    assert by_checkpoint.returncode == 0, by_checkpoint.stderr[-3000:]
+    by_file = _run("tools/eval.py", f"predictions={run_dir / 'predictions.pt'}", *data, f"hydra.run.dir={tmp_path / 'e2'}")
+    assert by_file.returncode == 0, by_file.stderr[-3000:]
+    assert json.loads((tmp_path / "e2" / "metrics.json").read_text()) == metrics
+
+    (tmp_path / "broken.pth").write_bytes(b"not a checkpoint")
+    broken = _run("tools/eval.py", f"checkpoint={tmp_path / 'broken.pth'}", *data, f"hydra.run.dir={tmp_path / 'e3'}")
+    assert broken.returncode != 0 and "broken.pth: cannot be read" in broken.stderr
+    missing = _run(
+        "tools/eval.py", f"predictions={run_dir / 'predictions.pt'}", "dataset.val.num_frames=3",
+        f"dataset.cache_dir={tmp_path / 'cache'}", f"hydra.run.dir={tmp_path / 'e4'}",
+    )
+    assert missing.returncode != 0 and "1 of 3 frames of the evaluated split have no entry" in missing.stderr
+
+
+@pytest.mark.parametrize("bad", ["nan", "shape"])
+def test_detector_rejects_bad_points(bad):
+    from voxsparse.structures import PointBatch
+
+    points = torch.rand(10, 4)
+    if bad == "nan":
+        points[3, 1] = float("nan")
+        with pytest.raises(ValueError, match="PointBatch.points: 1 row"):
+            PointBatch.from_frames([points])
+    else:
+        encoder = MeanVFE(VoxelGrid((0.25, 0.25, 0.25), RANGE), in_channels=4)
+        with pytest.raises(ValueError, match="MeanVFE: expected points with 4 columns, got 5"):
+            encoder(PointBatch.from_frames([torch.rand(10, 5)]))
