@@ -130,12 +130,7 @@ class Open3DRenderer:
             pc = o3d.t.geometry.PointCloud(o3d.core.Tensor(layer.xyz))
             pc.point.colors = o3d.core.Tensor(layer.colors)
             return pc
-        ls = o3d.geometry.LineSet(
-            o3d.utility.Vector3dVector(layer.vertices.astype(np.float64)),
-            o3d.utility.Vector2iVector(layer.segments.astype(np.int32)),
-        )
-        ls.colors = o3d.utility.Vector3dVector(layer.colors.astype(np.float64))
-        return ls
+        return line_set(layer)
 
     def _set_camera(self, camera: Camera) -> None:
         Cam = self._rendering.Camera
@@ -242,3 +237,15 @@ def close_renderer() -> None:
 
 
 atexit.register(close_renderer)
+
+
+def line_set(layer: LineLayer):
+    """An Open3D ``LineSet`` of a line layer (both the offscreen renderer and the window use it)."""
+    import open3d as o3d
+
+    ls = o3d.geometry.LineSet(
+        o3d.utility.Vector3dVector(layer.vertices.astype(np.float64)),
+        o3d.utility.Vector2iVector(layer.segments.astype(np.int32)),
+    )
+    ls.colors = o3d.utility.Vector3dVector(layer.colors.astype(np.float64))
+    return ls

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from voxsparse.viz.camera import Camera, camera_preset
+from voxsparse.viz.render_open3d import line_set
 from voxsparse.viz.scene import LAYERS, LineLayer, PointLayer, Scene
 
 __all__ = ["KEY_HELP", "ViewerState", "has_display", "show"]
@@ -106,12 +107,7 @@ def _legacy_geometry(layer: PointLayer | LineLayer):
         pc = o3d.geometry.PointCloud(o3d.utility.Vector3dVector(layer.xyz.astype(np.float64)))
         pc.colors = o3d.utility.Vector3dVector(layer.colors.astype(np.float64))
         return pc
-    ls = o3d.geometry.LineSet(
-        o3d.utility.Vector3dVector(layer.vertices.astype(np.float64)),
-        o3d.utility.Vector2iVector(layer.segments.astype(np.int32)),
-    )
-    ls.colors = o3d.utility.Vector3dVector(layer.colors.astype(np.float64))
-    return ls
+    return line_set(layer)
 
 
 def _set_view(vis, camera: Camera) -> None:

@@ -138,6 +138,7 @@ class CenterHeadBase(nn.Module):
     Args:
         num_classes: heatmap channels.
         with_velocity: whether boxes carry (vx, vy).
+        with_iou: whether the head has the IoU branch that rectifies scores.
         code_weights: L1 weight of each regression target (8 or 10 values).
         regression_weight: weight of the regression loss against the heatmap loss.
         regression_positives: cells (nearest first, inside the box) that regress each box.
@@ -153,6 +154,7 @@ class CenterHeadBase(nn.Module):
         self,
         num_classes: int,
         with_velocity: bool = False,
+        with_iou: bool = False,
         code_weights: tuple[float, ...] | None = None,
         regression_weight: float = 0.25,
         regression_positives: int = 1,
@@ -166,6 +168,7 @@ class CenterHeadBase(nn.Module):
         super().__init__()
         self.num_classes = num_classes
         self.with_velocity = with_velocity
+        self.with_iou = with_iou
         num_codes = 10 if with_velocity else 8
         weights = code_weights if code_weights is not None else (1.0,) * 8 + (0.2,) * (num_codes - 8)
         if len(weights) != num_codes:
@@ -184,6 +187,15 @@ class CenterHeadBase(nn.Module):
         self.gaussian_overlap = gaussian_overlap
         self.max_detections = max_detections
         self.score_threshold = score_threshold
+
+    def output_channels(self) -> dict[str, int]:
+        """Channels of each per-cell output, named as the :class:`CenterPredictions` fields."""
+        outputs = {"heatmap": self.num_classes, "offset": 2, "z": 1, "log_dims": 3, "rot": 2}
+        if self.with_velocity:
+            outputs["velocity"] = 2
+        if self.with_iou:
+            outputs["iou"] = 1
+        return outputs
 
     # --- targets ---------------------------------------------------------------------------------
     @torch.no_grad()

@@ -24,30 +24,24 @@ def _conv_bn_relu(in_channels: int, out_channels: int) -> nn.Sequential:
 
 class CenterPointHead(CenterHeadBase):
     """Dense head: shared 3x3 conv, then per output ``num_convs`` 3x3 convs and a 1x1 output conv
-    (``with_iou`` adds the IoU branch; other keyword arguments go to :class:`CenterHeadBase`).
+    (keyword arguments such as ``with_iou`` go to :class:`CenterHeadBase`).
 
     Input: ``SparseBEV`` with spatial shape (H, W). Output: :class:`CenterPredictions` at all
     B * H * W cells.
     """
 
     def __init__(
-        self, in_channels: int, num_classes: int, head_channels: int = 64, num_convs: int = 1,
-        with_iou: bool = False, **kwargs,
+        self, in_channels: int, num_classes: int, head_channels: int = 64, num_convs: int = 1, **kwargs
     ) -> None:
         super().__init__(num_classes, **kwargs)
         self.shared = _conv_bn_relu(in_channels, head_channels)
-        outputs = {"heatmap": num_classes, "offset": 2, "z": 1, "log_dims": 3, "rot": 2}
-        if self.with_velocity:
-            outputs["velocity"] = 2
-        if with_iou:
-            outputs["iou"] = 1
         self.branches = nn.ModuleDict(
             {
                 name: nn.Sequential(
                     *[_conv_bn_relu(head_channels, head_channels) for _ in range(num_convs)],
                     nn.Conv2d(head_channels, c, 1),
                 )
-                for name, c in outputs.items()
+                for name, c in self.output_channels().items()
             }
         )
         init_heatmap_bias(self.branches["heatmap"][-1])

@@ -35,26 +35,20 @@ class VoxelNeXtHead(CenterHeadBase):
         head_channels: width of the shared conv and branches.
         num_convs: submanifold convs per branch before its linear output.
         kernel_size: of every submanifold conv.
-        with_iou: add the IoU branch that rectifies scores.
-        **kwargs: :class:`CenterHeadBase` options (velocity, loss weights, decoding).
+        **kwargs: :class:`CenterHeadBase` options (velocity, IoU branch, loss weights, decoding).
 
     Input: ``SparseBEV`` (M cells). Output: :class:`CenterPredictions` at those M cells.
     """
 
     def __init__(
         self, in_channels: int, num_classes: int, head_channels: int = 64, num_convs: int = 1,
-        kernel_size: int = 3, with_iou: bool = False, **kwargs,
+        kernel_size: int = 3, **kwargs,
     ) -> None:
         super().__init__(num_classes, **kwargs)
         key = "head_subm"
         self.shared = sparse_conv_block(in_channels, head_channels, kernel_size, indice_key=key, dims=2)
-        outputs = {"heatmap": num_classes, "offset": 2, "z": 1, "log_dims": 3, "rot": 2}
-        if self.with_velocity:
-            outputs["velocity"] = 2
-        if with_iou:
-            outputs["iou"] = 1
         self.branches = nn.ModuleDict(
-            {name: _SparseBranch(head_channels, c, num_convs, kernel_size, key) for name, c in outputs.items()}
+            {name: _SparseBranch(head_channels, c, num_convs, kernel_size, key) for name, c in self.output_channels().items()}
         )
         init_heatmap_bias(self.branches["heatmap"].out)
 
