@@ -701,27 +701,24 @@ def build_scene(
         fixed = side * (hw - 0.5 * road.parking) + rng.uniform(-0.2, 0.2)
         return A.sample_vehicle(rng), along(fixed), heading, 0.0, 0.25
 
-    def in_lane():
-        i = int(rng.integers(len(main_lanes)))
-        fixed, heading = main_lanes[i]
-        return (
-            A.sample_vehicle(rng),
-            along(fixed + rng.normal(0, 0.15)),
-            heading + rng.normal(0, 0.004),
-            lane_speed[i],
-            0.4,
-        )
+    def driving(lanes, speeds, place):
+        """A sampler of vehicles driving in one of ``lanes`` ((offset, heading) pairs), at ``place(offset)``."""
 
-    def crossing():
-        i = int(rng.integers(len(cross_lanes)))
-        fixed, heading = cross_lanes[i]
-        return (
-            A.sample_vehicle(rng),
-            across(fixed + rng.normal(0, 0.15)),
-            heading + rng.normal(0, 0.004),
-            cross_speed[i],
-            0.4,
-        )
+        def sample():
+            i = int(rng.integers(len(lanes)))
+            fixed, heading = lanes[i]
+            return (
+                A.sample_vehicle(rng),
+                place(fixed + rng.normal(0, 0.15)),
+                heading + rng.normal(0, 0.004),
+                speeds[i],
+                0.4,
+            )
+
+        return sample
+
+    in_lane = driving(main_lanes, lane_speed, along)
+    crossing = driving(cross_lanes, cross_speed, across)
 
     placer.fill(n_parked, parked)
     placer.fill(n_crossing, crossing)
