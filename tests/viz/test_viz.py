@@ -410,6 +410,19 @@ def _check_boxes_drawn(image, camera, boxes, labels, predicted, min_fraction):
     assert checked, "no box in view"
 
 
+def _run_visualize(*args: str) -> None:
+    """Run ``tools/visualize.py`` with Hydra overrides ``args``; fail with its stderr if it fails."""
+    done = subprocess.run(
+        [sys.executable, str(REPO / "tools" / "visualize.py"), *args],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=REPO,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
 def _check_not_blank(image, min_colors=50):
     assert image.dtype == np.uint8 and image.ndim == 3
     flat = image.reshape(-1, 3)
@@ -483,28 +496,18 @@ def test_tool_renders_point_file_and_predictions_with_matplotlib(tmp_path):
         ),
     )
     out = tmp_path / "scan.png"
-    done = subprocess.run(
-        [
-            sys.executable,
-            str(REPO / "tools" / "visualize.py"),
-            f"points={tmp_path / 'scan.bin'}",
-            f"output={out}",
-            f"predictions={tmp_path / 'pred.pt'}",
-            "predictions_frame=scan",
-            "legend=false",
-            "mode=render",
-            "backend=matplotlib",
-            "width=400",
-            "height=300",
-            f"hydra.run.dir={tmp_path / 'run'}",
-        ],
-        check=False,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=REPO,
+    _run_visualize(
+        f"points={tmp_path / 'scan.bin'}",
+        f"output={out}",
+        f"predictions={tmp_path / 'pred.pt'}",
+        "predictions_frame=scan",
+        "legend=false",
+        "mode=render",
+        "backend=matplotlib",
+        "width=400",
+        "height=300",
+        f"hydra.run.dir={tmp_path / 'run'}",
     )
-    assert done.returncode == 0, done.stderr[-3000:]
     image = np.asarray(Image.open(out).convert("RGB"))
     assert image.shape == (300, 400, 3)
     _check_not_blank(image, min_colors=10)
@@ -525,26 +528,16 @@ def test_tool_renders_dataset_sequence_to_gif(tmp_path):
     from PIL import Image
 
     out = tmp_path / "seq.gif"
-    done = subprocess.run(
-        [
-            sys.executable,
-            str(REPO / "tools" / "visualize.py"),
-            "frame=0",
-            "num_frames=2",
-            f"output={out}",
-            "mode=render",
-            "backend=matplotlib",
-            "width=320",
-            "height=240",
-            f"hydra.run.dir={tmp_path / 'run'}",
-        ],
-        check=False,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=REPO,
+    _run_visualize(
+        "frame=0",
+        "num_frames=2",
+        f"output={out}",
+        "mode=render",
+        "backend=matplotlib",
+        "width=320",
+        "height=240",
+        f"hydra.run.dir={tmp_path / 'run'}",
     )
-    assert done.returncode == 0, done.stderr[-3000:]
     with Image.open(out) as im:
         assert im.n_frames == 2 and im.size == (320, 240)
 
