@@ -29,6 +29,7 @@ setup(
     install_requires=[
         "torch>=2.1",
         "numpy>=1.24,<2",
+        "scipy>=1.10",  # Hungarian matching in the keypoint metrics
         "hydra-core>=1.3",
         "tqdm>=4.60",
         "tensorboard>=2.12",
