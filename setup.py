@@ -4,6 +4,10 @@ from pathlib import Path
 
 from setuptools import find_packages, setup
 
+# The official nuScenes metrics; the test extra carries it so CI runs the devkit-backed tests. Its
+# `from nuscenes import NuScenes` imports cv2 (opencv-python-headless, ~50 MB) and scikit-learn.
+NUSCENES_DEVKIT = "nuscenes-devkit==1.2.0"
+
 # The sparse backend is an extra so a CUDA user can pick the wheel matching their toolkit.
 # `cpu` also pins the CPU torch build: an unpinned torch on a fresh Linux machine pulls a
 # multi-GB CUDA build.
@@ -13,9 +17,9 @@ EXTRAS = {
     "cu126": ["spconv-cu126==2.3.8"],
     "triton": ["spconv-triton>=1.0"],
     "viz": ["open3d>=0.20", "matplotlib>=3.7", "imageio>=2.30", "imageio-ffmpeg>=0.5"],
-    "nuscenes": ["nuscenes-devkit>=1.1.11"],
+    "nuscenes": [NUSCENES_DEVKIT],
     "waymo": ["waymo-open-dataset-tf-2-12-0==1.6.7"],
-    "test": ["pytest>=8", "shapely>=2.0"],
+    "test": ["pytest>=8", "shapely>=2.0", NUSCENES_DEVKIT],
 }
 
 setup(

@@ -5,3 +5,10 @@ from voxsparse.evaluation.keypoints import (  # noqa: F401
     evaluate_keypoints,
     match_humans,
 )
+from voxsparse.evaluation.nuscenes import (  # noqa: F401
+    NuScenesMetrics,
+    RigidTransform,
+    evaluate_nuscenes,
+    export_submission,
+    lidar_to_global_from_nusc,
+)
