@@ -17,7 +17,7 @@ Attributes: our models predict none, so each box gets the attribute the communit
 (:func:`default_attribute`). The devkit scores it in mAAE only.
 
 Splits: ``DetectionEval`` takes a predefined split name (``"val"``, ``"mini_val"``, ...) or the name
-of a custom split listed in ``<dataroot>/<version>/splits.json`` (devkit >= 1.1.11); the tiny
+of a custom split listed in ``<dataroot>/<version>/splits.json`` (devkit 1.2.0, the pinned one); the tiny
 dataset of :mod:`voxsparse.data.nuscenes_tiny` writes such a file, so no devkit code is patched.
 """
 
