@@ -18,7 +18,7 @@ from tqdm import tqdm
 from voxsparse.data.dataset import DetectionDataset
 from voxsparse.data.sample import collate
 from voxsparse.engine.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
-from voxsparse.engine.distributed import DistInfo
+from voxsparse.engine.distributed import DistInfo, convert_sync_batchnorm, mean_over_ranks
 from voxsparse.models.detectors.sparse_detector import SparseDetector
 
 log = logging.getLogger(__name__)
@@ -38,7 +38,9 @@ class TrainerConfig:
         div_factor: initial lr = lr / div_factor.
         grad_clip: max global gradient norm (0 disables clipping).
         amp: mixed precision (float16 autocast + loss scaling); "auto" enables it on CUDA only.
-        sync_bn: convert BatchNorm layers to SyncBatchNorm under DDP.
+        sync_bn: under DDP, BatchNorm statistics over the global batch (torch's SyncBatchNorm on
+            GPU, :class:`~voxsparse.engine.distributed.CpuSyncBatchNorm` on the CPU); without it
+            each rank normalises by its own frames' statistics.
         checkpoint_every: write ``last.pth`` every this many epochs (and always at the end).
         log_every: steps between TensorBoard scalars.
         tensorboard: write TensorBoard scalars to ``<output_dir>/tensorboard``.
@@ -64,7 +66,10 @@ class TrainerConfig:
 class Trainer:
     """Fits a :class:`SparseDetector` on a :class:`DetectionDataset`.
 
-    Only rank 0 logs, writes TensorBoard scalars and checkpoints; every rank trains.
+    Only rank 0 logs, writes TensorBoard scalars and checkpoints; every rank trains. Under DDP the
+    loss normalisers (counts of positives) are averaged over ranks, so with ``sync_bn`` a step of W
+    processes with ``batch_size`` frames each equals a step of one process with W * ``batch_size``
+    frames; logged losses are those of the global batch.
     """
 
     def __init__(
@@ -85,11 +90,12 @@ class Trainer:
         self.model = model.to(self.device)
         if dist_info.enabled:
             if cfg.sync_bn:
-                self.model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
+                self.model = convert_sync_batchnorm(self.model, self.device)
             ids = [dist_info.local_rank] if self.device.type == "cuda" else None
             self.ddp: torch.nn.Module = DistributedDataParallel(self.model, device_ids=ids)
         else:
             self.ddp = self.model
+        self.reduce_counts = mean_over_ranks if dist_info.enabled else None
         self.sampler = DistributedSampler(
             train_set, num_replicas=dist_info.world_size, rank=dist_info.rank, shuffle=True, seed=cfg.seed,
             drop_last=True,
@@ -176,10 +182,16 @@ class Trainer:
             batch = batch.to(self.device)
             with torch.autocast("cuda", dtype=torch.float16, enabled=self.use_amp):
                 preds = self.ddp(batch.points)
-            losses = self.model.head.loss(preds, batch.annotations)
-            loss = losses.total.item()
+            losses = self.model.head.loss(preds, batch.annotations, self.reduce_counts)
+            terms = torch.stack([losses.total.detach(), losses.heatmap, losses.regression])
+            if self.info.enabled:
+                # With positives counted over all ranks, the mean of the ranks' losses is the global
+                # batch's loss; and every rank stops on a non-finite one (none is left in backward).
+                terms = mean_over_ranks(terms)
+            loss, hm_loss, reg_loss = terms.tolist()
             if not math.isfinite(loss):
-                raise FloatingPointError(f"non-finite loss at step {self.step} (frames {batch.frame_ids})")
+                frames = f"frames of rank {self.info.rank}: {batch.frame_ids}"
+                raise FloatingPointError(f"non-finite loss at step {self.step} ({frames})")
             self.optimizer.zero_grad(set_to_none=True)
             self.scaler.scale(losses.total).backward()
             if self.cfg.grad_clip > 0:
@@ -189,15 +201,14 @@ class Trainer:
             self.scaler.update()
             self.scheduler.step()
             self.step += 1
-            bar.set_postfix(loss=f"{loss:.3f}", hm=f"{float(losses.heatmap):.3f}")
+            bar.set_postfix(loss=f"{loss:.3f}", hm=f"{hm_loss:.3f}")
             if self.writer is not None and self.step % self.cfg.log_every == 0:
                 self.writer.add_scalar("loss/total", loss, self.step)
-                self.writer.add_scalar("loss/heatmap", float(losses.heatmap), self.step)
-                self.writer.add_scalar("loss/regression", float(losses.regression), self.step)
+                self.writer.add_scalar("loss/heatmap", hm_loss, self.step)
+                self.writer.add_scalar("loss/regression", reg_loss, self.step)
                 self.writer.add_scalar("lr", self.scheduler.get_last_lr()[0], self.step)
         if self.info.is_main:
             log.info(
                 "epoch %d/%d: loss %.3f (heatmap %.3f, regression %.3f), lr %.2e",
-                self.epoch + 1, self.cfg.epochs, loss, float(losses.heatmap),
-                float(losses.regression), self.scheduler.get_last_lr()[0],
+                self.epoch + 1, self.cfg.epochs, loss, hm_loss, reg_loss, self.scheduler.get_last_lr()[0],
             )

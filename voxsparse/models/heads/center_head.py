@@ -22,6 +22,7 @@ one loss and one decoder serve both:
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -117,11 +118,14 @@ def gaussian_radius(length: torch.Tensor, width: torch.Tensor, min_overlap: floa
     return torch.minimum(torch.minimum(r1, r2), r3)
 
 
-def focal_heatmap_loss(logits: torch.Tensor, target: torch.Tensor, positive_mask: torch.Tensor) -> torch.Tensor:
+def focal_heatmap_loss(
+    logits: torch.Tensor, target: torch.Tensor, positive_mask: torch.Tensor, num_positives: torch.Tensor | None = None
+) -> torch.Tensor:
     """CenterNet's penalty-reduced focal loss, summed and divided by the number of positives.
 
     Args:
         logits: (M, C); target: (M, C) in [0, 1]; positive_mask: (M, C) bool.
+        num_positives: () the divisor (at least 1); None: the positives of ``positive_mask``.
     """
     log_p = F.logsigmoid(logits)
     log_not_p = F.logsigmoid(-logits)
@@ -129,7 +133,8 @@ def focal_heatmap_loss(logits: torch.Tensor, target: torch.Tensor, positive_mask
     pos = -(((1 - p) ** 2) * log_p)[positive_mask].sum()
     neg_weight = (1 - target) ** 4
     neg = -(neg_weight * p**2 * log_not_p)[~positive_mask].sum()
-    return (pos + neg) / positive_mask.sum().clamp(min=1)
+    count = positive_mask.sum() if num_positives is None else num_positives
+    return (pos + neg) / count.clamp(min=1)
 
 
 class CenterHeadBase(nn.Module):
@@ -282,25 +287,42 @@ class CenterHeadBase(nn.Module):
         return torch.cat(parts, dim=1)
 
     # --- losses ----------------------------------------------------------------------------------
-    def loss(self, pred: CenterPredictions, annotations: list[Annotations3D]) -> HeadLosses:
-        """Focal heatmap loss + weighted L1 regression at the positives."""
+    def loss(
+        self,
+        pred: CenterPredictions,
+        annotations: list[Annotations3D],
+        reduce_counts: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ) -> HeadLosses:
+        """Focal heatmap loss + weighted L1 regression at the positives, each divided by its count
+        of positives.
+
+        Args:
+            reduce_counts: maps this process's (heatmap positives, regression positives), a (2,)
+                float tensor, to the divisors. Under DDP, which averages gradients over ranks, pass
+                the mean over ranks (``voxsparse.engine.distributed.mean_over_ranks``) so the
+                gradient equals that of one process with the global batch. None: the local counts.
+        """
         targets = self.assign_targets(pred, annotations)
         logits = pred.heatmap.float()
         positive_mask = targets.heatmap == 1.0
-        hm_loss = focal_heatmap_loss(logits, targets.heatmap, positive_mask)
         num_pos = len(targets.positive)
-        zero = logits.sum() * 0.0
-        reg_loss, iou_loss = zero, zero
-        if num_pos:
-            reg = pred.regression()[targets.positive].float()
-            l1 = (reg - targets.regression).abs() * self.code_weights
-            reg_loss = l1.sum() / num_pos
-            if pred.iou is not None:
-                cell = logits.new_tensor(pred.cell_size)
-                with torch.no_grad():
-                    boxes = self._decode_boxes(pred, cell, targets.positive)
-                    iou = iou_3d_aligned(boxes[:, :7], targets.gt_boxes).clamp(0, 1)
-                iou_loss = (pred.iou[targets.positive, 0].float() - (2 * iou - 1)).abs().sum() / num_pos
+        counts = torch.stack([positive_mask.sum(), torch.as_tensor(num_pos, device=logits.device)]).float()
+        if reduce_counts is not None:
+            counts = reduce_counts(counts)
+        counts = counts.clamp(min=1)
+        hm_loss = focal_heatmap_loss(logits, targets.heatmap, positive_mask, counts[0])
+        # Without positives the sums below are 0 but still reach every output, so DDP sees each
+        # parameter take part in every step.
+        reg = pred.regression()[targets.positive].float()
+        l1 = (reg - targets.regression).abs() * self.code_weights
+        reg_loss = l1.sum() / counts[1]
+        iou_loss = logits.sum() * 0.0
+        if pred.iou is not None:
+            cell = logits.new_tensor(pred.cell_size)
+            with torch.no_grad():
+                boxes = self._decode_boxes(pred, cell, targets.positive)
+                iou = iou_3d_aligned(boxes[:, :7], targets.gt_boxes).clamp(0, 1)
+            iou_loss = (pred.iou[targets.positive, 0].float() - (2 * iou - 1)).abs().sum() / counts[1]
         total = hm_loss + self.regression_weight * reg_loss + self.iou_weight * iou_loss
         return HeadLosses(total, hm_loss.detach(), reg_loss.detach(), iou_loss.detach(), num_pos)
 
