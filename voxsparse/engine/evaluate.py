@@ -1,40 +1,189 @@
-"""Evaluate a detector on a dataset split and report the numbers (table, JSON, predictions file)."""
+"""Score predictions with the dataset's metric suite and report the numbers (table, ``metrics.json``).
+
+A dataset config names its suite in ``evaluation`` (``configs/dataset/*.yaml``); :data:`SUITES` maps
+that name to the function that scores it. Predictions reach a suite with labels in the dataset's
+class order: :func:`relabel` maps a model's or a file's class names onto it.
+
+Rules for predictions files (``tools/eval.py predictions=PATH``), matched to the evaluated split by
+frame id:
+
+- class names the dataset does not have: ``ValueError`` listing them (no prediction is dropped
+  silently); known names are mapped to the dataset's label order by name;
+- a frame of the split missing from the file: ``ValueError`` by default (``missing_frames="error"``);
+  with ``missing_frames="miss"`` the frame counts as having no detections, so its GT boxes are
+  false negatives;
+- a frame id listed twice: ``ValueError``;
+- frames in the file but not in the split are ignored, so a subset of frames can be scored.
+
+Box width, NaN/inf and out-of-range values are checked when the file is read
+(``voxsparse.evaluation.predictions_io``) and when scored (``voxsparse.evaluation.detection``).
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Protocol
 
 import torch
 
 from voxsparse.engine.inference import DatasetPredictions
-from voxsparse.evaluation.detection import DetectionMetrics, evaluate_detection
+from voxsparse.evaluation.detection import DetectionMetrics, evaluate_detection_levels
+from voxsparse.evaluation.predictions_io import PredictionsFile
+from voxsparse.structures import Boxes3D, Detections3D
 from voxsparse.utils.io import atomic_write
 
 log = logging.getLogger(__name__)
 
+MISSING_FRAME_RULES = ("error", "miss")
+
+
+class SuiteResult(Protocol):
+    """What a metric suite returns: a readable table and every number as JSON-ready values."""
+
+    def table(self) -> str: ...
+
+    def to_dict(self) -> dict[str, Any]: ...
+
+
+@dataclass
+class WaymoResult:
+    """Waymo AP / APH at LEVEL_1 and LEVEL_2 (keys "LEVEL_1", "LEVEL_2")."""
+
+    levels: dict[str, DetectionMetrics]
+
+    def table(self) -> str:
+        return "\n\n".join(m.table() for m in self.levels.values())
+
+    def to_dict(self) -> dict[str, Any]:
+        return {name: m.to_dict() for name, m in self.levels.items()}
+
 
 def score_predictions(
     predictions: DatasetPredictions, class_names: Sequence[str], iou_thresholds: Mapping[str, float]
-) -> dict[str, DetectionMetrics]:
-    """Per-class 3D AP at LEVEL_1 and LEVEL_2 difficulty."""
-    return {
-        f"LEVEL_{level}": evaluate_detection(
-            predictions.detections, predictions.annotations, class_names, dict(iou_thresholds), difficulty=level
+) -> WaymoResult:
+    """Waymo 3D AP / APH per class and range bin at LEVEL_1 and LEVEL_2.
+
+    ``class_names`` names the labels of both the detections and the annotations.
+    """
+    levels = evaluate_detection_levels(
+        predictions.detections, predictions.annotations, class_names, dict(iou_thresholds)
+    )
+    return WaymoResult({f"LEVEL_{level}": m for level, m in levels.items()})
+
+
+def _waymo_suite(predictions: DatasetPredictions, dataset: Mapping) -> WaymoResult:
+    return score_predictions(predictions, list(dataset["class_names"]), dataset["iou_thresholds"])
+
+
+#: Metric suites by the name a dataset config gives in ``evaluation``. A suite takes the predictions
+#: (labels in the dataset's class order) and the dataset config. New suites (nuScenes) go here.
+SUITES: dict[str, Callable[[DatasetPredictions, Mapping], SuiteResult]] = {"waymo": _waymo_suite}
+
+
+def metric_suite(dataset: Mapping) -> Callable[[DatasetPredictions, Mapping], SuiteResult]:
+    """The suite the dataset config names in ``evaluation``.
+
+    Raises:
+        ValueError: the config has no ``evaluation`` key.
+        NotImplementedError: no suite of that name exists (yet).
+    """
+    name = dataset.get("evaluation")
+    if name is None:
+        raise ValueError(
+            f"dataset config: no 'evaluation' key naming its metric suite (one of {sorted(SUITES)})"
         )
-        for level in (1, 2)
-    }
+    if name not in SUITES:
+        raise NotImplementedError(
+            f"dataset.evaluation={name!r}: no metric suite of that name is implemented (available: "
+            f"{sorted(SUITES)}); suites are registered in voxsparse.engine.evaluate.SUITES"
+        )
+    return SUITES[name]
 
 
-def report(metrics: Mapping[str, DetectionMetrics], output_dir: str | Path) -> dict[str, Any]:
-    """Log a readable table per difficulty and write ``metrics.json``; returns the JSON content."""
-    output_dir = Path(output_dir)
-    content = {}
-    for level, m in metrics.items():
-        log.info("3D detection, %s:\n%s", level, m.table())
-        content[level] = m.to_dict()
-    text = json.dumps(content, indent=2, allow_nan=True).encode()
-    atomic_write(output_dir / "metrics.json", lambda f: f.write(text))
+def relabel(
+    detections: Sequence[Detections3D], from_names: Sequence[str], to_names: Sequence[str], source: str
+) -> list[Detections3D]:
+    """Map labels indexing ``from_names`` to the same names in ``to_names``.
+
+    Raises:
+        ValueError: naming ``source`` and listing the names of ``from_names`` absent from ``to_names``.
+    """
+    unknown = [n for n in from_names if n not in to_names]
+    if unknown:
+        raise ValueError(
+            f"{source}: unknown class names {unknown}; the evaluated dataset has {list(to_names)}"
+        )
+    if list(from_names) == list(to_names):
+        return list(detections)
+    mapping = torch.tensor([list(to_names).index(n) for n in from_names], dtype=torch.int64)
+    return [dataclasses.replace(d, labels=mapping.to(d.labels.device)[d.labels]) for d in detections]
+
+
+def frames_from_file(
+    content: PredictionsFile,
+    frame_ids: Sequence[str],
+    class_names: Sequence[str],
+    missing_frames: str = "error",
+    source: str = "predictions file",
+) -> list[Detections3D]:
+    """Detections of each frame of ``frame_ids`` from a predictions file, labels in ``class_names``
+    order (rules in the module docstring).
+
+    Raises:
+        ValueError: naming ``source``, for unknown class names, repeated frame ids, or missing
+            frames when ``missing_frames="error"``; or for a ``missing_frames`` not in
+            :data:`MISSING_FRAME_RULES`.
+    """
+    if missing_frames not in MISSING_FRAME_RULES:
+        raise ValueError(f"missing_frames must be one of {MISSING_FRAME_RULES}, got {missing_frames!r}")
+    detections = relabel(content.detections, content.class_names, class_names, source)
+    by_id = dict(zip(content.frame_ids, detections))
+    if len(by_id) != len(content.frame_ids):
+        repeated = sorted({f for f in content.frame_ids if content.frame_ids.count(f) > 1})
+        raise ValueError(f"{source}: frame ids listed more than once: {repeated[:5]}")
+    missing = [f for f in frame_ids if f not in by_id]
+    if missing and missing_frames == "error":
+        raise ValueError(
+            f"{source}: {len(missing)} of {len(frame_ids)} frames of the evaluated split have no entry "
+            f"(first: {missing[:3]}); a frame with no detections must still be listed, or pass "
+            f"missing_frames=miss to count their ground truth as missed"
+        )
+    if missing:
+        log.warning(
+            "%s: %d of %d frames have no entry; their ground truth counts as missed",
+            source,
+            len(missing),
+            len(frame_ids),
+        )
+    extra = len(set(by_id) - set(frame_ids))
+    if extra:
+        log.info("%s: %d frames are not in the evaluated split and are ignored", source, extra)
+    width = max((d.boxes.tensor.shape[1] for d in detections), default=7)
+    nothing = Detections3D(
+        Boxes3D.empty(with_velocity=width == 9), torch.zeros(0), torch.zeros(0, dtype=torch.int64)
+    )
+    return [by_id.get(f, nothing) for f in frame_ids]
+
+
+def _json_value(value: Any) -> Any:
+    """nan (a metric with nothing to measure) becomes null: JSON has no nan."""
+    if isinstance(value, dict):
+        return {k: _json_value(v) for k, v in value.items()}
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    return value
+
+
+def report(result: SuiteResult, output_dir: str | Path) -> dict[str, Any]:
+    """Log the suite's table and write ``metrics.json`` atomically (nan as null); returns its content."""
+    log.info("Evaluation:\n%s", result.table())
+    content = _json_value(result.to_dict())
+    text = json.dumps(content, indent=2, allow_nan=False).encode()
+    atomic_write(Path(output_dir) / "metrics.json", lambda f: f.write(text))
     return content
