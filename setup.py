@@ -18,8 +18,11 @@ EXTRAS = {
     "triton": ["spconv-triton>=1.0"],
     "viz": ["open3d>=0.20", "matplotlib>=3.7", "imageio>=2.30", "imageio-ffmpeg>=0.5"],
     "nuscenes": [NUSCENES_DEVKIT],
-    "waymo": ["waymo-open-dataset-tf-2-12-0==1.6.7"],
-    "test": ["pytest>=8", "shapely>=2.0", NUSCENES_DEVKIT],
+    # Waymo TFRecords: CRC32C (google-crc32c, a 37 KB wheel) and protobuf for the official protos, which
+    # come from `pip install --no-deps waymo-open-dataset-tf-2-12-0==1.6.7`: with its dependencies that
+    # wheel pins numpy==1.23.5 and TensorFlow 2.13, which pip cannot install beside numpy>=1.24.
+    "waymo": ["google-crc32c>=1.5", "protobuf>=4.21"],
+    "test": ["pytest>=8", "shapely>=2.0", NUSCENES_DEVKIT, "google-crc32c>=1.5"],
 }
 
 setup(

@@ -1,0 +1,31 @@
+"""Waymo Open Dataset v1 (TFRecord segments of ``Frame`` protos) without TensorFlow.
+
+* ``tfrecord``: the TFRecord container, read and written with checksums verified,
+* ``range_image``: the official range-image-to-points conversion in numpy,
+* ``frame``: ``Frame`` protos to :class:`WaymoFrame` and :func:`read_frames`,
+* ``writer``: Waymo-format frames built from vehicle-frame points and labels (tests, examples).
+
+Install: ``pip install --no-deps waymo-open-dataset-tf-2-12-0==1.6.7`` for the protos (``INSTALL_HINT``).
+"""
+
+from voxsparse.data.waymo.frame import (
+    INSTALL_HINT,
+    POINT_FEATURES,
+    WaymoFrame,
+    decode_frame,
+    read_frames,
+    track_id,
+)
+from voxsparse.data.waymo.tfrecord import TFRecordError, iter_records, write_records
+
+__all__ = [
+    "INSTALL_HINT",
+    "POINT_FEATURES",
+    "TFRecordError",
+    "WaymoFrame",
+    "decode_frame",
+    "iter_records",
+    "read_frames",
+    "track_id",
+    "write_records",
+]

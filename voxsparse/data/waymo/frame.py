@@ -1,0 +1,356 @@
+"""Waymo Open Dataset v1 ``Frame`` protos to :class:`WaymoFrame` (numpy arrays, vehicle frame).
+
+Reading needs the official protobuf definitions (``dataset_pb2``, ``label_pb2``, ``keypoint_pb2``) of
+the ``waymo-open-dataset-tf-2-12-0`` wheel and nothing else of it: no TensorFlow (see
+:data:`INSTALL_HINT`). Range images become points with :mod:`voxsparse.data.waymo.range_image`.
+
+Labels, from ``Frame.laser_labels`` (``label.proto``):
+
+* classes: ``TYPE_VEHICLE``, ``TYPE_PEDESTRIAN``, ``TYPE_CYCLIST`` become ``CLASS_NAMES`` labels
+  Vehicle, Pedestrian, Cyclist; ``TYPE_SIGN`` and ``TYPE_UNKNOWN`` are dropped.
+* boxes: ``(center_x, center_y, center_z, length, width, height, heading, speed_x, speed_y)`` as
+  stored: Waymo's box is already voxsparse's (centre, ``length`` along the heading, heading
+  counter-clockwise from +x in the vehicle frame). ``metadata.speed_x/y`` (m/s) are passed through
+  unrotated: Waymo documents no frame for them (its maintainers call them "global" velocities,
+  i.e. over the ground, issue #39); OpenPCDet treats them as vehicle-frame axes, as we do.
+* boxes with ``num_lidar_points_in_box == 0`` are dropped unless ``keep_empty_boxes``, as the
+  official detection metric drops them (``metrics/tools/compute_detection_metrics_main.cc``).
+* difficulty: ``detection_difficulty_level`` when it is LEVEL_1 or LEVEL_2, else (UNKNOWN, unset)
+  LEVEL_2 when ``num_lidar_points_in_box <= 5`` and LEVEL_1 otherwise, the official rule
+  (``kDetectionLevel2NumPointsThreshold`` in the same file).
+* track ids: Waymo's string ``id`` hashed to int64 by :func:`track_id` (stable across runs and machines).
+* keypoints: ``laser_keypoints`` (vehicle frame) in ``KEYPOINT_NAMES`` order, each name matching the
+  ``KeypointType`` of the same name (``nose`` = ``KEYPOINT_TYPE_NOSE``, ..., ``head_center`` =
+  ``KEYPOINT_TYPE_HEAD_CENTER``; ``KEYPOINT_TYPE_FOREHEAD``, a camera-only type, is ignored). A
+  keypoint is visible when labelled and not ``is_occluded`` (Waymo's "fully visible", what its pose
+  metrics score). An occluded keypoint keeps its location with visibility False; an unlabelled one is
+  zeros with visibility False.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from google.protobuf.message import DecodeError
+
+from voxsparse.constants import CLASS_NAMES, KEYPOINT_NAMES
+from voxsparse.data.waymo.range_image import LASER_NAMES, TOP_LASER, range_image_to_points, row_inclinations
+from voxsparse.data.waymo.tfrecord import iter_records
+
+__all__ = [
+    "INSTALL_HINT",
+    "LEVEL_2_MAX_POINTS",
+    "POINT_FEATURES",
+    "WaymoFrame",
+    "decode_frame",
+    "read_frames",
+    "track_id",
+]
+
+INSTALL_HINT = (
+    "reading Waymo Open Dataset files needs its protobuf definitions: "
+    "`pip install --no-deps waymo-open-dataset-tf-2-12-0==1.6.7` (a 3.8 MB wheel for x86-64 Linux, any "
+    "Python 3; its *_pb2 modules need only protobuf, which voxsparse already has). Without --no-deps pip "
+    "would also install TensorFlow 2.13 and pin numpy==1.23.5, which conflicts with voxsparse (numpy>=1.24)."
+)
+
+#: Columns of ``WaymoFrame.points``: vehicle-frame position (m), range from the sensor (m) and the raw
+#: intensity and elongation of the return.
+POINT_FEATURES: tuple[str, ...] = ("x", "y", "z", "range", "intensity", "elongation")
+
+#: Objects without a human difficulty and at most this many points are LEVEL_2 (Waymo's rule).
+LEVEL_2_MAX_POINTS = 5
+
+# label_pb2.Label.Type -> index into CLASS_NAMES.
+_CLASS_OF_TYPE = {
+    1: CLASS_NAMES.index("Vehicle"),
+    2: CLASS_NAMES.index("Pedestrian"),
+    4: CLASS_NAMES.index("Cyclist"),
+}
+
+
+@dataclass
+class WaymoFrame:
+    """One Waymo frame: all LiDAR returns and the 3D labels, in the frame's vehicle frame.
+
+    The vehicle frame (x forward, y left, z up, origin at the rear axle) plays the part of the LiDAR
+    frame of ``voxsparse.data.sample.FrameLike``, whose fields come first.
+
+    Attributes:
+        frame_id: ``"<context name>_<timestamp_micros>"``.
+        points: (N, 6) float32, columns ``POINT_FEATURES``. Order: first returns of lasers TOP, FRONT,
+            SIDE_LEFT, SIDE_RIGHT, REAR, then their second returns; within a range image, row-major
+            (the official ``convert_range_image_to_point_cloud`` order, per return).
+        boxes: (K, 9) float32 (x, y, z, dx, dy, dz, heading, vx, vy), heading in [-pi, pi).
+        labels: (K,) int64 index into ``CLASS_NAMES``.
+        num_points: (K,) int64 ``num_lidar_points_in_box``.
+        difficulty: (K,) int64 1 = LEVEL_1, 2 = LEVEL_2.
+        track_ids: (K,) int64 :func:`track_id` of the Waymo object id.
+        keypoints: (K, 14, 3) float32 ``laser_keypoints`` in ``KEYPOINT_NAMES`` order, zeros if unlabelled.
+        keypoint_visibility: (K, 14) bool labelled and not occluded.
+        point_features: names of the columns of ``points``.
+        laser_id: (N,) uint8 ``LaserName`` of each point (1 TOP, 2 FRONT, 3 SIDE_LEFT, 4 SIDE_RIGHT, 5 REAR).
+        return_index: (N,) uint8 0 = first return, 1 = second.
+        no_label_zone: (N,) bool the point lies in a no-label zone (range-image channel 3 > 0).
+        timestamp: ``timestamp_micros`` in seconds (Unix time of the first TOP LiDAR scan of the frame).
+        ego_pose: (4, 4) float64 global-from-vehicle frame pose (``Frame.pose``).
+        context_name: the segment (``Context.name``); frames of one segment form one sequence.
+    """
+
+    frame_id: str
+    points: np.ndarray
+    boxes: np.ndarray
+    labels: np.ndarray
+    num_points: np.ndarray
+    difficulty: np.ndarray
+    track_ids: np.ndarray
+    keypoints: np.ndarray
+    keypoint_visibility: np.ndarray
+    point_features: tuple[str, ...]
+    laser_id: np.ndarray
+    return_index: np.ndarray
+    no_label_zone: np.ndarray
+    timestamp: float
+    ego_pose: np.ndarray
+    context_name: str
+
+    def __post_init__(self) -> None:
+        n, k = len(self.points), len(self.boxes)
+        expected = {
+            "points": ((n, len(self.point_features)), np.float32),
+            "boxes": ((k, 9), np.float32),
+            "labels": ((k,), np.int64),
+            "num_points": ((k,), np.int64),
+            "difficulty": ((k,), np.int64),
+            "track_ids": ((k,), np.int64),
+            "keypoints": ((k, len(KEYPOINT_NAMES), 3), np.float32),
+            "keypoint_visibility": ((k, len(KEYPOINT_NAMES)), np.bool_),
+            "laser_id": ((n,), np.uint8),
+            "return_index": ((n,), np.uint8),
+            "no_label_zone": ((n,), np.bool_),
+            "ego_pose": ((4, 4), np.float64),
+        }
+        for name, (shape, dtype) in expected.items():
+            value = getattr(self, name)
+            if not isinstance(value, np.ndarray) or value.dtype != dtype or value.shape != shape:
+                got = (
+                    f"{value.dtype} {value.shape}" if isinstance(value, np.ndarray) else type(value).__name__
+                )
+                raise ValueError(
+                    f"WaymoFrame.{name}: expected a {np.dtype(dtype)} array of shape {shape}, got {got}"
+                )
+
+    def __len__(self) -> int:
+        """Number of labelled objects."""
+        return len(self.boxes)
+
+
+def track_id(object_id: str) -> int:
+    """Stable non-negative int64 for a Waymo object id: BLAKE2b (8-byte digest, little-endian), sign bit cleared.
+
+    Two of a million ids collide with probability ~5e-8.
+    """
+    digest = hashlib.blake2b(object_id.encode("utf-8"), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & 0x7FFF_FFFF_FFFF_FFFF
+
+
+@functools.lru_cache(maxsize=1)
+def _protos() -> tuple[Any, Any]:
+    """``(dataset_pb2, keypoint_pb2)`` of the official package, or an ImportError saying how to install it."""
+    try:
+        from waymo_open_dataset import dataset_pb2
+        from waymo_open_dataset.protos import keypoint_pb2
+    except ImportError as error:
+        raise ImportError(INSTALL_HINT) from error
+    return dataset_pb2, keypoint_pb2
+
+
+@functools.lru_cache(maxsize=1)
+def _keypoint_slots() -> dict[int, int]:
+    """``KeypointType`` value -> index into ``KEYPOINT_NAMES``."""
+    keypoint_type = _protos()[1].KeypointType
+    return {keypoint_type.Value(f"KEYPOINT_TYPE_{name.upper()}"): i for i, name in enumerate(KEYPOINT_NAMES)}
+
+
+def _transform(values: Any, where: str) -> np.ndarray:
+    matrix = np.asarray(values, dtype=np.float64)
+    if matrix.shape != (16,):
+        raise ValueError(f"{where}: expected 16 values (a 4x4 row-major transform), got {matrix.shape[0]}")
+    return matrix.reshape(4, 4)
+
+
+def _matrix(compressed: bytes, channels: int, where: str) -> np.ndarray:
+    """A zlib-compressed serialized ``MatrixFloat`` as an (H, W, channels) float32 array."""
+    try:
+        raw = zlib.decompress(compressed)
+    except zlib.error as error:
+        raise ValueError(f"{where}: not zlib-compressed data ({error})") from None
+    matrix = _protos()[0].MatrixFloat.FromString(raw)
+    dims = tuple(matrix.shape.dims)
+    # protobuf >= 7 converts a repeated field to numpy in ~1 ms per TOP image; 4.x-6.x loop per element
+    # (100-200 ms), which makes reading ~5x slower.
+    data = np.asarray(matrix.data, dtype=np.float32)
+    if len(dims) != 3 or dims[2] != channels or data.size != int(np.prod(dims)):
+        raise ValueError(
+            f"{where}: expected an (H, W, {channels}) matrix, got dims {dims} with {data.size} values"
+        )
+    return data.reshape(dims)
+
+
+def _decode_points(
+    frame: Any, frame_pose: np.ndarray, where: str
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """points (N, 6) float32, laser_id (N,) uint8, return_index (N,) uint8, no_label_zone (N,) bool."""
+    calibrations = {c.name: c for c in frame.context.laser_calibrations}
+    lasers = sorted(frame.lasers, key=lambda laser: laser.name)
+    names = [laser.name for laser in lasers]
+    if len(set(names)) != len(names) or not set(names) <= set(LASER_NAMES):
+        raise ValueError(f"{where}: lasers {names}: expected distinct names among {sorted(LASER_NAMES)}")
+    chunks, laser_ids, returns, nlz = [], [], [], []
+    top_pose = None
+    for return_index, field in enumerate(("ri_return1", "ri_return2")):
+        for laser in lasers:
+            range_image = getattr(laser, field)
+            if not range_image.range_image_compressed:
+                continue
+            name = LASER_NAMES[laser.name]
+            at = f"{where}: laser {name} {field}"
+            if laser.name not in calibrations:
+                raise ValueError(f"{at}: no laser calibration for it in context.laser_calibrations")
+            calibration = calibrations[laser.name]
+            image = _matrix(range_image.range_image_compressed, 4, f"{at}.range_image_compressed")
+            height, width = image.shape[:2]
+            pixel_pose = None
+            if laser.name == TOP_LASER:
+                if top_pose is None:
+                    # Stored with the first return only; the second return shares it.
+                    pose_field = "ri_return1.range_image_pose_compressed"
+                    if not laser.ri_return1.range_image_pose_compressed:
+                        raise ValueError(f"{where}: laser TOP: {pose_field} is empty")
+                    top_pose = _matrix(
+                        laser.ri_return1.range_image_pose_compressed, 6, f"{where}: laser TOP {pose_field}"
+                    )
+                pixel_pose = top_pose
+                if pixel_pose.shape[:2] != (height, width):
+                    raise ValueError(
+                        f"{at}: range image is {height}x{width} but its pixel pose is "
+                        f"{pixel_pose.shape[0]}x{pixel_pose.shape[1]}"
+                    )
+            inclinations = row_inclinations(
+                calibration.beam_inclinations,
+                calibration.beam_inclination_min,
+                calibration.beam_inclination_max,
+                height,
+                f"{where}: laser {name} calibration",
+            )
+            extrinsic = _transform(
+                calibration.extrinsic.transform, f"{where}: laser {name} calibration extrinsic"
+            )
+            xyz, pixels = range_image_to_points(
+                image[..., 0], extrinsic, inclinations, pixel_pose, frame_pose
+            )
+            channels = image.reshape(-1, 4)[pixels]
+            chunk = np.empty((len(pixels), len(POINT_FEATURES)), dtype=np.float32)
+            chunk[:, :3] = xyz
+            chunk[:, 3:] = channels[:, :3]  # range, intensity, elongation
+            chunks.append(chunk)
+            laser_ids.append(np.full(len(pixels), laser.name, dtype=np.uint8))
+            returns.append(np.full(len(pixels), return_index, dtype=np.uint8))
+            nlz.append(channels[:, 3] > 0)  # 1 in a no-label zone, -1 outside
+    if not chunks:
+        return np.zeros((0, len(POINT_FEATURES)), np.float32), *(
+            np.zeros(0, t) for t in (np.uint8, np.uint8, bool)
+        )
+    return np.concatenate(chunks), np.concatenate(laser_ids), np.concatenate(returns), np.concatenate(nlz)
+
+
+def decode_frame(frame: Any, where: str = "frame", keep_empty_boxes: bool = False) -> WaymoFrame:
+    """Convert a ``dataset_pb2.Frame`` to a :class:`WaymoFrame`; ``where`` names it in error messages."""
+    where = f"{where} ({frame.context.name}@{frame.timestamp_micros})"
+    ego_pose = _transform(frame.pose.transform, f"{where}: pose")
+    points, laser_id, return_index, no_label_zone = _decode_points(frame, ego_pose, where)
+
+    labels = [
+        label
+        for label in frame.laser_labels
+        if label.type in _CLASS_OF_TYPE and (keep_empty_boxes or label.num_lidar_points_in_box > 0)
+    ]
+    k, slots = len(labels), _keypoint_slots()
+    boxes = np.zeros((k, 9), dtype=np.float32)
+    keypoints = np.zeros((k, len(KEYPOINT_NAMES), 3), dtype=np.float32)
+    visibility = np.zeros((k, len(KEYPOINT_NAMES)), dtype=bool)
+    labelled = np.zeros((k, len(KEYPOINT_NAMES)), dtype=bool)
+    for i, label in enumerate(labels):
+        b, m = label.box, label.metadata
+        boxes[i] = (
+            b.center_x,
+            b.center_y,
+            b.center_z,
+            b.length,
+            b.width,
+            b.height,
+            b.heading,
+            m.speed_x,
+            m.speed_y,
+        )
+        for keypoint in label.laser_keypoints.keypoint:
+            slot = slots.get(keypoint.type)
+            if slot is None:
+                continue
+            if labelled[i, slot]:
+                raise ValueError(f"{where}: object {label.id!r} labels keypoint type {keypoint.type} twice")
+            location = keypoint.keypoint_3d.location_m
+            keypoints[i, slot] = (location.x, location.y, location.z)
+            labelled[i, slot] = True
+            visibility[i, slot] = not keypoint.keypoint_3d.visibility.is_occluded
+    # A heading just below pi can round onto pi in float32; keep [-pi, pi).
+    boxes[boxes[:, 6] >= np.float32(np.pi), 6] -= np.float32(2 * np.pi)
+
+    num_points = np.array([label.num_lidar_points_in_box for label in labels], dtype=np.int64)
+    human = np.array([label.detection_difficulty_level for label in labels], dtype=np.int64)
+    difficulty = np.where(np.isin(human, (1, 2)), human, np.where(num_points <= LEVEL_2_MAX_POINTS, 2, 1))
+    return WaymoFrame(
+        frame_id=f"{frame.context.name}_{frame.timestamp_micros}",
+        points=points,
+        boxes=boxes,
+        labels=np.array([_CLASS_OF_TYPE[label.type] for label in labels], dtype=np.int64),
+        num_points=num_points,
+        difficulty=difficulty.astype(np.int64),
+        track_ids=np.array([track_id(label.id) for label in labels], dtype=np.int64),
+        keypoints=keypoints,
+        keypoint_visibility=visibility,
+        point_features=POINT_FEATURES,
+        laser_id=laser_id,
+        return_index=return_index,
+        no_label_zone=no_label_zone,
+        timestamp=frame.timestamp_micros * 1e-6,
+        ego_pose=ego_pose,
+        context_name=frame.context.name,
+    )
+
+
+def read_frames(path: str | os.PathLike, keep_empty_boxes: bool = False) -> Iterator[WaymoFrame]:
+    """Yield the frames of a Waymo Open Dataset v1 TFRecord segment, in file order.
+
+    Raises:
+        ImportError: the official protos are not installed (:data:`INSTALL_HINT`).
+        TFRecordError: a record is truncated or fails its checksum.
+        ValueError: a record is not a valid ``Frame`` (message: file, record, segment and timestamp, field).
+    """
+    dataset_pb2 = _protos()[0]
+    path = Path(path)
+    for index, data in enumerate(iter_records(path)):
+        where = f"{path}: record {index}"
+        try:
+            frame = dataset_pb2.Frame.FromString(data)
+        except DecodeError as error:
+            raise ValueError(f"{where}: not a waymo.open_dataset.Frame ({error})") from None
+        yield decode_frame(frame, where, keep_empty_boxes)
