@@ -1,0 +1,621 @@
+"""The prepared on-disk layout shared by the real datasets: its writer (:func:`prepare`) and its
+reader (:class:`PreparedDataset`).
+
+One split of a prepared dataset, ``<root>/<split>/``::
+
+    index.json                    the split's table of contents, written last (atomically): a split
+                                  without it is incomplete and cannot be opened
+    frames/<frame_id>.npz         one frame (``np.savez``, uncompressed): points (N, C) float32,
+                                  boxes (K, 7 | 9) float32, labels / num_points / difficulty /
+                                  track_ids (K,) int64, optional keypoints (K, 14, 3) float32,
+                                  keypoint_visibility (K, 14) bool, no_label_zone (N,) bool,
+                                  and the frame id
+    tasks/<task_key>.json         one finished unit of work (a nuScenes sample, a Waymo segment) and
+                                  the frames it wrote: what makes a run resumable
+    gt_database/                  optional, see :mod:`voxsparse.data.gt_database`
+
+Every file is written with :func:`voxsparse.utils.io.atomic_write`, so a killed run leaves complete
+files or none (plus temporary ``.<name>.*.tmp`` files, removed by the next run). A run first deletes
+``index.json`` and the merged GT database, so an interrupted run never leaves a stale index; a
+rerun skips every task whose record and files read back complete and were made with the same
+settings (``config``), redoes the others, and writes the index again.
+
+Points are in the LiDAR frame (x forward, y left, z up, metres); boxes are
+``(x, y, z, dx, dy, dz, heading[, vx, vy])`` (see ``docs/ARCHITECTURE.md``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import multiprocessing
+import os
+import re
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+from tqdm import tqdm
+
+from voxsparse.data.gt_database import cut_objects, merge_parts, read_part, write_part
+from voxsparse.utils.io import atomic_write
+
+__all__ = [
+    "FORMAT_VERSION",
+    "FrameEntry",
+    "PrepareError",
+    "PreparedDataset",
+    "PreparedFrame",
+    "PreparedIndex",
+    "column_indices",
+    "prepare",
+    "read_frame",
+    "read_index",
+]
+
+log = logging.getLogger(__name__)
+
+#: Bump when the layout changes: older splits are then refused (and re-prepared from scratch).
+FORMAT_VERSION = 1
+
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+_XYZ = ("x", "y", "z")
+
+
+class PrepareError(RuntimeError):
+    """A unit of work failed during :func:`prepare`; the message names the task and the cause."""
+
+
+def _check_name(kind: str, name: str) -> str:
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
+        raise ValueError(f"{kind} {name!r}: must match {_NAME.pattern} (it names a file)")
+    return name
+
+
+@dataclass
+class PreparedFrame:
+    """One frame as stored: numpy arrays in the LiDAR frame; satisfies ``FrameLike``.
+
+    Attributes:
+        frame_id: unique in its split; a file name (letters, digits, ``._-``).
+        points: (N, C) float32, columns named by ``point_features`` (first x, y, z in metres).
+        boxes: (K, 7 | 9) float32 ``(x, y, z, dx, dy, dz, heading[, vx, vy])``.
+        labels: (K,) int64 indices into the split's class names.
+        num_points: (K,) int64 LiDAR points in each box, as the dataset counts them.
+        difficulty: (K,) int64, 1 = LEVEL_1, 2 = LEVEL_2.
+        track_ids: (K,) int64 object ids, stable over a sequence.
+        keypoints: (K, 14, 3) float32 or None; keypoint_visibility: (K, 14) bool or None.
+        no_label_zone: (N,) bool, points in a zone left unlabelled (Waymo), or None.
+        point_features: names of the C columns.
+    """
+
+    frame_id: str
+    points: np.ndarray
+    boxes: np.ndarray
+    labels: np.ndarray
+    num_points: np.ndarray
+    difficulty: np.ndarray
+    track_ids: np.ndarray
+    keypoints: np.ndarray | None = None
+    keypoint_visibility: np.ndarray | None = None
+    no_label_zone: np.ndarray | None = None
+    point_features: tuple[str, ...] = field(default=_XYZ)
+
+    def __post_init__(self) -> None:
+        where = f"frame {self.frame_id!r}"
+        _check_name("frame id", self.frame_id)
+        k, c = len(self.boxes), len(self.point_features)
+        expected: dict[str, tuple[tuple[int, ...], Any]] = {
+            "points": ((-1, c), np.float32),
+            "boxes": ((k, -1), np.float32),
+            "labels": ((k,), np.int64),
+            "num_points": ((k,), np.int64),
+            "difficulty": ((k,), np.int64),
+            "track_ids": ((k,), np.int64),
+            "keypoints": ((k, -1, 3), np.float32),
+            "keypoint_visibility": ((k, -1), np.bool_),
+            "no_label_zone": ((len(self.points),), np.bool_),
+        }
+        for name, (shape, dtype) in expected.items():
+            value = getattr(self, name)
+            if value is None and name in ("keypoints", "keypoint_visibility", "no_label_zone"):
+                continue
+            if not isinstance(value, np.ndarray) or value.dtype != dtype:
+                got = f"{value.dtype} array" if isinstance(value, np.ndarray) else type(value).__name__
+                raise TypeError(f"{where}: {name} must be a {np.dtype(dtype)} array, got {got}")
+            if value.ndim != len(shape) or any(s not in (-1, v) for s, v in zip(shape, value.shape)):
+                raise ValueError(f"{where}: {name} has shape {value.shape}, expected {shape} (-1 = any)")
+        if tuple(self.point_features[:3]) != _XYZ:
+            raise ValueError(f"{where}: point_features must start with x, y, z, got {self.point_features}")
+        if self.boxes.shape[1] not in (7, 9):
+            raise ValueError(f"{where}: boxes need 7 or 9 columns, got {self.boxes.shape[1]}")
+        if (self.keypoints is None) != (self.keypoint_visibility is None):
+            raise ValueError(f"{where}: keypoints and keypoint_visibility must both be given or both be None")
+        if self.keypoints is not None and self.keypoints.shape[1] != self.keypoint_visibility.shape[1]:
+            raise ValueError(
+                f"{where}: keypoints {self.keypoints.shape} and visibility "
+                f"{self.keypoint_visibility.shape} disagree"
+            )
+        for name in ("points", "boxes"):
+            bad = ~np.isfinite(getattr(self, name)).all(axis=1)
+            if bad.any():
+                raise ValueError(f"{where}: {int(bad.sum())} row(s) of {name} hold NaN or inf")
+        if k and (self.boxes[:, 3:6] < 0).any():
+            raise ValueError(f"{where}: box sizes (columns 3:6) must be non-negative")
+
+    @classmethod
+    def from_frame(cls, frame: Any, point_features: Sequence[str] | None = None) -> PreparedFrame:
+        """Convert any ``FrameLike`` (casting dtypes). Column names come from ``frame.point_features``
+        when it has them (all columns, or all but x, y, z), else from ``point_features``."""
+        if isinstance(frame, PreparedFrame):
+            return frame
+        points = np.asarray(frame.points, dtype=np.float32)
+        names = tuple(getattr(frame, "point_features", None) or point_features or ())
+        if len(names) == points.shape[1] - 3 and names[:3] != _XYZ:
+            names = _XYZ + names
+        if len(names) != points.shape[1]:
+            raise ValueError(
+                f"frame {frame.frame_id!r}: {points.shape[1]} point columns but point_features {names}"
+            )
+
+        def opt(name: str, dtype) -> np.ndarray | None:
+            value = getattr(frame, name, None)
+            return None if value is None else np.asarray(value, dtype=dtype)
+
+        return cls(
+            frame_id=str(frame.frame_id),
+            points=points,
+            boxes=np.asarray(frame.boxes, dtype=np.float32),
+            labels=np.asarray(frame.labels, dtype=np.int64),
+            num_points=np.asarray(frame.num_points, dtype=np.int64),
+            difficulty=np.asarray(frame.difficulty, dtype=np.int64),
+            track_ids=np.asarray(frame.track_ids, dtype=np.int64),
+            keypoints=opt("keypoints", np.float32),
+            keypoint_visibility=opt("keypoint_visibility", np.bool_),
+            no_label_zone=opt("no_label_zone", np.bool_),
+            point_features=names,
+        )
+
+
+_FRAME_ARRAYS = (
+    "points",
+    "boxes",
+    "labels",
+    "num_points",
+    "difficulty",
+    "track_ids",
+    "keypoints",
+    "keypoint_visibility",
+    "no_label_zone",
+)
+
+
+def _write_frame(path: Path, frame: PreparedFrame) -> None:
+    arrays = {k: getattr(frame, k) for k in _FRAME_ARRAYS if getattr(frame, k) is not None}
+    arrays["frame_id"] = np.asarray(frame.frame_id)
+    arrays["point_features"] = np.asarray(frame.point_features)
+    atomic_write(path, lambda f: np.savez(f, **arrays))
+
+
+def read_frame(path: str | os.PathLike) -> PreparedFrame:
+    """Read and check one frame file.
+
+    Raises:
+        ValueError: naming the file, when it is missing, truncated, corrupt or inconsistent.
+    """
+    try:
+        # Reading every member checks each one's CRC-32, so a damaged file fails here.
+        with np.load(path, allow_pickle=False) as z:
+            a = {k: z[k] for k in z.files}
+        return PreparedFrame(
+            frame_id=str(a.pop("frame_id")),
+            point_features=tuple(str(n) for n in a.pop("point_features")),
+            **{k: a.get(k) for k in _FRAME_ARRAYS},
+        )
+    except Exception as exc:  # any failure means the file must be rewritten
+        raise ValueError(
+            f"prepared frame {path}: unreadable ({type(exc).__name__}: {exc}); rerun tools/prepare_data.py to "
+            f"rewrite it"
+        ) from exc
+
+
+@dataclass(frozen=True)
+class FrameEntry:
+    """What the index knows of a frame without opening it.
+
+    Attributes:
+        frame_id: the frame's id (its file is ``frames/<frame_id>.npz``).
+        num_points: N, the frame's points.
+        labels: (K,) the boxes' labels.
+        box_points: (K,) the boxes' ``num_points``.
+    """
+
+    frame_id: str
+    num_points: int
+    labels: tuple[int, ...]
+    box_points: tuple[int, ...]
+
+    @classmethod
+    def of(cls, frame: PreparedFrame) -> FrameEntry:
+        return cls(
+            frame.frame_id, len(frame.points), tuple(frame.labels.tolist()), tuple(frame.num_points.tolist())
+        )
+
+
+@dataclass(frozen=True)
+class PreparedIndex:
+    """A split's ``index.json``.
+
+    Attributes:
+        split: the split's name.
+        class_names: label ``i`` is ``class_names[i]``.
+        point_features: names of the stored point columns.
+        config: the settings the frames were made with (dataset, version, sweeps, ...).
+        frames: every frame, in preparation order.
+        gt_database: whether ``gt_database/`` holds this split's GT database.
+        version: :data:`FORMAT_VERSION` of the writer.
+    """
+
+    split: str
+    class_names: tuple[str, ...]
+    point_features: tuple[str, ...]
+    config: dict[str, Any]
+    frames: tuple[FrameEntry, ...]
+    gt_database: bool
+    version: int = FORMAT_VERSION
+
+    def to_json(self) -> bytes:
+        return json.dumps(asdict(self)).encode("utf-8")
+
+
+def read_index(root: str | os.PathLike, split: str) -> PreparedIndex:
+    """Read ``<root>/<split>/index.json``.
+
+    Raises:
+        FileNotFoundError: the split was never prepared, or its preparation did not finish.
+        ValueError: a file that is not a readable index of this format version.
+    """
+    path = Path(root) / split / "index.json"
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"prepared split {path.parent}: no index.json, so it was not prepared or its preparation did not "
+            f"finish; run (or rerun, it resumes) tools/prepare_data.py"
+        )
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+        if raw.get("version") != FORMAT_VERSION:
+            raise ValueError(f"format version {raw.get('version')}, this code reads {FORMAT_VERSION}")
+        return PreparedIndex(
+            split=raw["split"],
+            class_names=tuple(raw["class_names"]),
+            point_features=tuple(raw["point_features"]),
+            config=dict(raw["config"]),
+            frames=tuple(
+                FrameEntry(f["frame_id"], int(f["num_points"]), tuple(f["labels"]), tuple(f["box_points"]))
+                for f in raw["frames"]
+            ),
+            gt_database=bool(raw["gt_database"]),
+            version=raw["version"],
+        )
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ValueError(f"prepared index {path}: unreadable ({exc}); rerun tools/prepare_data.py") from exc
+
+
+def column_indices(available: Sequence[str], wanted: Sequence[str] | None, source: str) -> list[int] | None:
+    """Positions of the ``wanted`` point columns in ``available`` (None: keep all).
+
+    Raises:
+        ValueError: naming ``source``, when a wanted column is not available.
+    """
+    if wanted is None:
+        return None
+    missing = [n for n in wanted if n not in available]
+    if missing:
+        raise ValueError(f"{source}: point features {missing} not available; it has {list(available)}")
+    return [list(available).index(n) for n in wanted]
+
+
+# --- writer ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Job:
+    """One task for a worker process (everything in it is pickled)."""
+
+    key: str
+    task: Any
+    factory: Callable[[Any], Iterable[Any]]
+    split_dir: Path
+    num_classes: int
+    point_features: tuple[str, ...] | None
+    config: dict[str, Any]
+    gt_database: bool
+
+    @property
+    def record_path(self) -> Path:
+        return self.split_dir / "tasks" / f"{self.key}.json"
+
+
+def _finished(job: _Job) -> dict | None:
+    """The task's record if its outputs are complete and were made with ``job``'s settings."""
+    try:
+        record = json.loads(job.record_path.read_text(encoding="utf-8"))
+        if record["config"] != job.config or record["version"] != FORMAT_VERSION:
+            return None
+        if job.gt_database and not record["gt_database"]:
+            return None
+        for entry in record["frames"]:
+            frame = read_frame(job.split_dir / "frames" / f"{entry['frame_id']}.npz")
+            if FrameEntry.of(frame) != FrameEntry(
+                entry["frame_id"], entry["num_points"], tuple(entry["labels"]), tuple(entry["box_points"])
+            ):
+                return None
+            if job.gt_database:
+                part = read_part(job.split_dir / "gt_database" / "parts" / f"{frame.frame_id}.npz")
+                if part.points.shape[1] != frame.points.shape[1] or len(part.boxes) != len(frame.boxes):
+                    return None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return record
+
+
+def _run(job: _Job) -> tuple[str, dict, bool]:
+    """Do one task (or find it done). Returns (key, record, skipped)."""
+    record = _finished(job)
+    if record is not None:
+        return job.key, record, True
+    try:
+        entries, features = [], None
+        for raw in job.factory(job.task):
+            frame = PreparedFrame.from_frame(raw, job.point_features)
+            if len(frame.labels) and not 0 <= frame.labels.min() <= frame.labels.max() < job.num_classes:
+                raise ValueError(
+                    f"frame {frame.frame_id!r}: labels must lie in [0, {job.num_classes}), got "
+                    f"{frame.labels.min()}..{frame.labels.max()}"
+                )
+            if features is not None and frame.point_features != features:
+                raise ValueError(
+                    f"frame {frame.frame_id!r}: point_features {frame.point_features} != {features}"
+                )
+            features = frame.point_features
+            _write_frame(job.split_dir / "frames" / f"{frame.frame_id}.npz", frame)
+            if job.gt_database:
+                write_part(
+                    job.split_dir / "gt_database" / "parts" / f"{frame.frame_id}.npz", cut_objects(frame)
+                )
+            entries.append(asdict(FrameEntry.of(frame)))
+    except Exception as exc:
+        raise PrepareError(f"{job.split_dir.name} task {job.key!r}: {type(exc).__name__}: {exc}") from exc
+    record = {
+        "version": FORMAT_VERSION,
+        "key": job.key,
+        "config": job.config,
+        "gt_database": job.gt_database,
+        "point_features": list(features) if features is not None else None,
+        "frames": entries,
+    }
+    atomic_write(job.record_path, lambda f: f.write(json.dumps(record).encode("utf-8")))
+    return job.key, record, False
+
+
+def _init_worker() -> None:
+    # Workers run side by side: one thread each (torch ops in cut_objects) avoids oversubscription.
+    torch.set_num_threads(1)
+
+
+def prepare(
+    frames_iterable_factory: Callable[[Any], Iterable[Any]],
+    tasks: Mapping[str, Any],
+    out_dir: str | os.PathLike,
+    split: str,
+    workers: int = 1,
+    *,
+    class_names: Sequence[str],
+    point_features: Sequence[str] | None = None,
+    config: Mapping[str, Any] | None = None,
+    gt_database: bool = False,
+    progress: bool = True,
+) -> PreparedIndex:
+    """Convert a dataset split into the prepared layout (module docstring), resuming a previous run.
+
+    Args:
+        frames_iterable_factory: ``factory(task)`` yields the task's frames (``FrameLike``, with
+            ``point_features`` or not); called in worker processes, so it and the tasks must be
+            picklable (module-level functions, dataclasses).
+        tasks: task key (a file name: letters, digits, ``._-``) -> task, e.g. a nuScenes sample or a
+            Waymo segment path; the index lists their frames in this order.
+        out_dir: the prepared dataset's root; the split goes to ``out_dir/split``.
+        split: the split's name.
+        workers: processes; 1 runs in this process.
+        class_names: what the frames' labels index.
+        point_features: column names for frames that do not carry ``point_features``.
+        config: JSON-able settings the frames depend on (e.g. the number of sweeps). A finished task
+            recorded with other settings is redone.
+        gt_database: also cut the points inside every box and build ``gt_database/``.
+        progress: show a progress bar.
+
+    Returns:
+        The index written to ``out_dir/split/index.json``.
+
+    Raises:
+        PrepareError: a task failed (naming it and the cause, e.g. a missing sweep file); the
+            finished tasks are kept and a rerun resumes.
+        ValueError: bad arguments, or frames that disagree (duplicate ids, different columns).
+    """
+    _check_name("split", split)
+    for key in tasks:
+        _check_name("task key", key)
+    if workers < 1:
+        raise ValueError(f"workers: expected >= 1, got {workers}")
+    config = json.loads(json.dumps(dict(config or {})))  # plain JSON types, compared with records
+    split_dir = Path(out_dir) / split
+    split_dir.mkdir(parents=True, exist_ok=True)
+    # No stale index or database may outlive this run if it is interrupted.
+    for stale in (
+        split_dir / "index.json",
+        split_dir / "gt_database" / "objects.npz",
+        split_dir / "gt_database" / "points.npy",
+    ):
+        stale.unlink(missing_ok=True)
+    for tmp in split_dir.rglob(".*.tmp"):  # left by a killed run's atomic writes
+        tmp.unlink(missing_ok=True)
+
+    jobs = [
+        _Job(
+            key,
+            task,
+            frames_iterable_factory,
+            split_dir,
+            len(class_names),
+            None if point_features is None else tuple(point_features),
+            config,
+            gt_database,
+        )
+        for key, task in tasks.items()
+    ]
+    records: dict[str, dict] = {}
+    skipped = 0
+    bar = tqdm(
+        total=len(jobs), desc=f"prepare {split}", unit="task", disable=not progress, dynamic_ncols=True
+    )
+    threads = torch.get_num_threads()
+    if workers == 1 or len(jobs) <= 1:
+        _init_worker()
+        results: Iterable[tuple[str, dict, bool]] = map(_run, jobs)
+        pool = None
+    else:
+        pool = multiprocessing.Pool(min(workers, len(jobs)), initializer=_init_worker)
+        results = pool.imap_unordered(_run, jobs)
+    try:
+        for key, record, was_skipped in results:
+            records[key] = record
+            skipped += was_skipped
+            bar.update()
+            bar.set_postfix(skipped=skipped)
+    finally:
+        bar.close()
+        torch.set_num_threads(threads)
+        if pool is not None:
+            pool.terminate()
+            pool.join()
+    if skipped:
+        log.info("prepare %s: %d of %d tasks were already done", split, skipped, len(jobs))
+
+    frames: list[FrameEntry] = []
+    owner: dict[str, str] = {}
+    features = {tuple(r["point_features"]) for r in records.values() if r["point_features"] is not None}
+    if len(features) > 1:
+        raise ValueError(f"split {split}: frames have different point_features: {sorted(features)}")
+    for key in tasks:
+        for f in records[key]["frames"]:
+            if f["frame_id"] in owner:
+                raise ValueError(
+                    f"split {split}: frame id {f['frame_id']!r} comes from tasks {owner[f['frame_id']]!r} and {key!r}"
+                )
+            owner[f["frame_id"]] = key
+            frames.append(
+                FrameEntry(f["frame_id"], f["num_points"], tuple(f["labels"]), tuple(f["box_points"]))
+            )
+    if features:
+        names = features.pop()
+    elif point_features is not None:
+        names = tuple(point_features)
+    else:
+        names = _XYZ
+    if gt_database:
+        num_objects = merge_parts(split_dir / "gt_database", [f.frame_id for f in frames], class_names, names)
+        log.info("prepare %s: GT database of %d objects", split, num_objects)
+    index = PreparedIndex(split, tuple(class_names), names, config, tuple(frames), gt_database)
+    atomic_write(split_dir / "index.json", lambda f: f.write(index.to_json()))
+    return index
+
+
+# --- reader ------------------------------------------------------------------------------------
+
+
+class PreparedDataset(Dataset):
+    """The frames of a prepared split, as :class:`PreparedFrame` s (``FrameLike``).
+
+    Args:
+        root: the prepared dataset's root (``tools/prepare_data.py --out``).
+        split: the split's name.
+        class_names: when given, must equal the split's class names (catches a config that labels
+            classes in another order than the data).
+        point_features: the point columns to return, by name (e.g. ``[x, y, z, intensity]``); all
+            stored columns when None.
+        min_points: boxes with fewer ``num_points`` are dropped (nuScenes keeps boxes with no
+            LiDAR point; training usually wants 1).
+        drop_no_label_zone: drop points flagged as in a no-label zone (Waymo).
+    """
+
+    def __init__(
+        self,
+        root: str | os.PathLike,
+        split: str,
+        class_names: Sequence[str] | None = None,
+        point_features: Sequence[str] | None = None,
+        min_points: int = 0,
+        drop_no_label_zone: bool = False,
+    ) -> None:
+        self.root = Path(root)
+        self.split = split
+        self.index = read_index(root, split)
+        source = f"prepared split {self.root / split}"
+        if class_names is not None and tuple(class_names) != self.index.class_names:
+            raise ValueError(
+                f"{source}: class_names {list(class_names)} differ from the data's "
+                f"{list(self.index.class_names)}"
+            )
+        self.columns = column_indices(self.index.point_features, point_features, source)
+        self.point_features = self.index.point_features if point_features is None else tuple(point_features)
+        self.min_points = int(min_points)
+        self.drop_no_label_zone = drop_no_label_zone
+
+    @property
+    def class_names(self) -> tuple[str, ...]:
+        return self.index.class_names
+
+    @property
+    def frame_ids(self) -> list[str]:
+        return [f.frame_id for f in self.index.frames]
+
+    def frame_labels(self) -> list[np.ndarray]:
+        """Per frame, the labels of the boxes :meth:`__getitem__` returns (read from the index)."""
+        return [
+            np.asarray([l for l, n in zip(f.labels, f.box_points) if n >= self.min_points], dtype=np.int64)
+            for f in self.index.frames
+        ]
+
+    def __len__(self) -> int:
+        return len(self.index.frames)
+
+    def __getitem__(self, index: int) -> PreparedFrame:
+        entry = self.index.frames[index]
+        frame = read_frame(self.root / self.split / "frames" / f"{entry.frame_id}.npz")
+        points, nlz = frame.points, frame.no_label_zone
+        if self.drop_no_label_zone and nlz is not None:
+            points, nlz = points[~nlz], None
+        if self.columns is not None:
+            points = np.ascontiguousarray(points[:, self.columns])
+        keep = frame.num_points >= self.min_points
+
+        def sel(a: np.ndarray | None) -> np.ndarray | None:
+            return None if a is None else a[keep]
+
+        return PreparedFrame(
+            frame_id=frame.frame_id,
+            points=points,
+            boxes=frame.boxes[keep],
+            labels=frame.labels[keep],
+            num_points=frame.num_points[keep],
+            difficulty=frame.difficulty[keep],
+            track_ids=frame.track_ids[keep],
+            keypoints=sel(frame.keypoints),
+            keypoint_visibility=sel(frame.keypoint_visibility),
+            no_label_zone=nlz,
+            point_features=self.point_features,
+        )
