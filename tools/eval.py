@@ -23,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from voxsparse.data.dataset import DetectionDataset
 from voxsparse.engine.checkpoint import load_checkpoint
 from voxsparse.engine.distributed import cleanup, init_distributed
-from voxsparse.engine.evaluate import frames_from_file, metric_suite, relabel, report
+from voxsparse.engine.evaluate import frames_from_file, in_dataset_order, metric_suite, report
 from voxsparse.engine.inference import DatasetPredictions, predict_dataset
 from voxsparse.evaluation.predictions_io import load_predictions, save_predictions
 
@@ -64,13 +64,9 @@ def main(cfg: DictConfig) -> None:
             save_predictions(
                 output_dir / "predictions.pt", predictions.to_file(model.class_names, model.grid)
             )
-        detections = relabel(
-            predictions.detections,
-            model.class_names,
-            list(cfg.dataset.class_names),
-            f"checkpoint {cfg.checkpoint}",
+        predictions = in_dataset_order(
+            predictions, model.class_names, list(cfg.dataset.class_names), f"checkpoint {cfg.checkpoint}"
         )
-        predictions = DatasetPredictions(predictions.frame_ids, detections, predictions.annotations)
     else:
         predictions = _from_predictions_file(cfg)
     if info.is_main:

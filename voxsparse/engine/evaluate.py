@@ -125,6 +125,14 @@ def relabel(
     return [dataclasses.replace(d, labels=mapping.to(d.labels.device)[d.labels]) for d in detections]
 
 
+def in_dataset_order(
+    predictions: DatasetPredictions, from_names: Sequence[str], to_names: Sequence[str], source: str
+) -> DatasetPredictions:
+    """``predictions`` with labels mapped from a model's class names to the dataset's (:func:`relabel`)."""
+    detections = relabel(predictions.detections, from_names, to_names, source)
+    return DatasetPredictions(predictions.frame_ids, detections, predictions.annotations)
+
+
 def frames_from_file(
     content: PredictionsFile,
     frame_ids: Sequence[str],

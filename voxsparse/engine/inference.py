@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 from torch.utils.data import DataLoader, Subset
@@ -12,8 +12,8 @@ from tqdm import tqdm
 from voxsparse.data.dataset import DetectionDataset
 from voxsparse.data.sample import collate
 from voxsparse.engine.distributed import DistInfo, gather_objects
-from voxsparse.models.detectors.sparse_detector import SparseDetector
 from voxsparse.evaluation.predictions_io import PredictionsFile
+from voxsparse.models.detectors.sparse_detector import SparseDetector
 from voxsparse.structures import Annotations3D, Detections3D, VoxelGrid
 
 
