@@ -282,3 +282,22 @@ def test_prepared_split_feeds_gt_sampling_end_to_end(root):
     sample = Sample.from_frame(ds[0])
     out = gt_sampling(root)(sample, torch.Generator().manual_seed(0))
     assert len(out.annotations) >= len(sample.annotations)
+
+
+def test_detection_dataset_tells_epoch_aware_transforms_the_epoch():
+    """The trainer calls DetectionDataset.set_epoch each epoch; GT sampling's fade depends on it."""
+    from voxsparse.data.dataset import DetectionDataset
+
+    class Recorder:
+        epoch = None
+
+        def set_epoch(self, epoch):
+            self.epoch = epoch
+
+        def __call__(self, sample, generator):
+            return sample
+
+    recorder = Recorder()
+    dataset = DetectionDataset([], (-10, -10, -3, 10, 10, 3), [recorder, lambda sample, generator: sample])
+    dataset.set_epoch(3)
+    assert recorder.epoch == 3 and dataset.epoch == 3

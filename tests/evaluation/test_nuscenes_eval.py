@@ -377,7 +377,7 @@ def test_perfect_predictions_score_one(tiny, tmp_path):
         assert getattr(metrics, key) == pytest.approx(0.0, abs=1e-4), key
     assert set(metrics.per_class) == set(CLASSES)
     assert math.isnan(metrics.per_class["traffic_cone"].aoe) and math.isnan(metrics.per_class["barrier"].ave)
-    flat = metrics.as_dict()
+    flat = metrics.to_dict()
     assert flat["mAP"] == metrics.mAP and flat["ATE/bus"] == metrics.per_class["bus"].ate
     assert flat["AP@0.5m/car"] == metrics.per_class["car"].ap_by_distance[0.5] == pytest.approx(1.0)
     assert (tmp_path / "eval" / "metrics_summary.json").is_file()
@@ -443,3 +443,28 @@ def test_custom_split_restricts_the_evaluation(tiny, tmp_path):
     """A split naming one scene: the other scene's samples are ignored, the score stays perfect."""
     metrics = _export_and_eval(tiny, tmp_path, eval_set="tiny_first")
     assert metrics.mAP == pytest.approx(1.0, abs=1e-9)
+
+
+def test_metric_suite_scores_loader_frames_through_the_devkit(tiny):
+    """tools/eval.py's nuScenes suite: loader ground truth returned as predictions scores mAP 1,
+    so the loader's LiDAR-frame boxes, the export and the devkit agree end to end."""
+    from voxsparse.data.nuscenes import load_sample, plan_samples
+    from voxsparse.data.sample import Sample
+    from voxsparse.engine.evaluate import metric_suite
+    from voxsparse.engine.inference import DatasetPredictions
+
+    info, nusc = tiny
+    samples = [Sample.from_frame(load_sample(s)) for s in plan_samples(nusc, "tiny_val", max_sweeps=1)]
+    detections = [
+        Detections3D(s.annotations.boxes, torch.linspace(0.9, 0.5, len(s.annotations.labels)), s.annotations.labels)
+        for s in samples
+    ]
+    dataset = {
+        "evaluation": "nuscenes", "class_names": list(CLASSES), "raw_root": str(info.dataroot),
+        "version": info.version, "val_split": "tiny_val",
+    }
+    predictions = DatasetPredictions([s.frame_id for s in samples], detections, [s.annotations for s in samples])
+    metrics = metric_suite(dataset)(predictions, dataset)
+    assert metrics.mAP == pytest.approx(1.0, abs=1e-9)
+    assert metrics.mATE == pytest.approx(0.0, abs=1e-4) and metrics.mAVE == pytest.approx(0.0, abs=1e-3)
+    assert "NDS" in metrics.table() and metrics.to_dict()["mAP"] == metrics.mAP

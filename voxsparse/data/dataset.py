@@ -38,7 +38,11 @@ class DetectionDataset(Dataset):
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
+        """Seed this epoch's augmentations, and tell epoch-aware ones (GT sampling's fade) the epoch."""
         self.epoch = epoch
+        for transform in self.augmentations:
+            if hasattr(transform, "set_epoch"):
+                transform.set_epoch(epoch)
 
     def __len__(self) -> int:
         return len(self.source)

@@ -25,6 +25,7 @@ import dataclasses
 import json
 import logging
 import math
+import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -81,9 +82,29 @@ def _waymo_suite(predictions: DatasetPredictions, dataset: Mapping) -> WaymoResu
     return score_predictions(predictions, list(dataset["class_names"]), dataset["iou_thresholds"])
 
 
+def _nuscenes_suite(predictions: DatasetPredictions, dataset: Mapping) -> SuiteResult:
+    """The devkit's DetectionEval on the predictions, exported as a submission; frame ids are sample
+    tokens, and the dataset config names the raw dataset (``raw_root``, ``version``, ``val_split``)."""
+    from nuscenes import NuScenes
+
+    from voxsparse.evaluation.nuscenes import evaluate_nuscenes, export_submission, lidar_to_global_from_nusc
+
+    nusc = NuScenes(version=dataset["version"], dataroot=str(dataset["raw_root"]), verbose=False)
+    tokens = list(predictions.frame_ids)
+    with tempfile.TemporaryDirectory(prefix="voxsparse-nuscenes-") as work:
+        path = Path(work) / "results_nusc.json"
+        export_submission(
+            predictions.detections, tokens, list(dataset["class_names"]), lidar_to_global_from_nusc(nusc, tokens), path
+        )
+        return evaluate_nuscenes(nusc, path, dataset["val_split"], work)
+
+
 #: Metric suites by the name a dataset config gives in ``evaluation``. A suite takes the predictions
-#: (labels in the dataset's class order) and the dataset config. New suites (nuScenes) go here.
-SUITES: dict[str, Callable[[DatasetPredictions, Mapping], SuiteResult]] = {"waymo": _waymo_suite}
+#: (labels in the dataset's class order) and the dataset config.
+SUITES: dict[str, Callable[[DatasetPredictions, Mapping], SuiteResult]] = {
+    "waymo": _waymo_suite,
+    "nuscenes": _nuscenes_suite,
+}
 
 
 def metric_suite(dataset: Mapping) -> Callable[[DatasetPredictions, Mapping], SuiteResult]:

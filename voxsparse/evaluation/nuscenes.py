@@ -352,7 +352,21 @@ class NuScenesMetrics:
     mAAE: float
     per_class: dict[str, NuScenesClassMetrics]
 
-    def as_dict(self) -> dict[str, float]:
+    def table(self) -> str:
+        """mAP, NDS and the mean TP errors, then one row per class (AP and TP errors)."""
+        lines = [
+            "nuScenes detection (devkit DetectionEval)",
+            f"mAP {self.mAP:.4f}   NDS {self.NDS:.4f}   "
+            + "   ".join(f"m{short} {getattr(self, 'm' + short):.4f}" for _, short in _TP_METRICS),
+            "",
+            f"{'class':<22}{'AP':>8}" + "".join(f"{short:>8}" for _, short in _TP_METRICS),
+        ]
+        for name, m in self.per_class.items():
+            errors = "".join(f"{getattr(m, short.lower()):>8.4f}" for _, short in _TP_METRICS)
+            lines.append(f"{name:<22}{m.ap:>8.4f}{errors}")
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict[str, float]:
         """Flat scalars for loggers, e.g. ``{"mAP": 0.6, "NDS": 0.68, ..., "AP/car": 0.8, "ATE/car": 0.2}``."""
         out = {
             "mAP": self.mAP,
