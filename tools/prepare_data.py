@@ -80,14 +80,15 @@ def prepare_nuscenes(args: argparse.Namespace) -> list[PreparedIndex]:
 
 
 def waymo_frames(path: str) -> Iterator:
-    """The frames of one Waymo TFRecord (a ``prepare`` factory: module level, so workers can pickle it)."""
+    """The frames of one Waymo TFRecord (a ``prepare`` factory: module level, so workers can pickle it).
+
+    Without the official protobuf definitions, reading raises an ImportError that says how to
+    install them (``voxsparse.data.waymo.INSTALL_HINT``).
+    """
     try:
         from voxsparse.data.waymo import read_frames
-    except ImportError as exc:
-        raise ImportError(
-            'Waymo preparation needs the waymo extra: pip install -e ".[waymo]" (waymo-open-dataset-tf-2-12-0; its '
-            f"wheels are for Python 3.10 and 3.11) and the voxsparse.data.waymo package ({exc})"
-        ) from exc
+    except ImportError as exc:  # the TFRecord reader's CRC library
+        raise ImportError(f'Waymo preparation needs the waymo extra: pip install -e ".[waymo]" ({exc})') from exc
     return read_frames(path)
 
 

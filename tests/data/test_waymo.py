@@ -12,6 +12,7 @@ import hashlib
 import math
 import sys
 import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -417,3 +418,38 @@ def test_matches_official_frame_utils(segment, tmp_path):
     # Official columns: range, intensity, elongation, x, y, z (computed in float32).
     np.testing.assert_allclose(ours[0].points[:, :3], official[:, 3:], atol=1e-4, rtol=0)
     np.testing.assert_array_equal(ours[0].points[:, 3:], official[:, :3])
+
+
+# ---------------------------------------------------------------- tools/prepare_data.py waymo
+
+
+@requires_protos
+def test_prepare_data_waymo_reads_back_the_decoded_frames(tmp_path):
+    """raw TFRecords (real protos) -> tools/prepare_data.py waymo -> PreparedDataset equals read_frames."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tools"))
+    import prepare_data
+
+    from voxsparse.data.prepared import PreparedDataset
+    from voxsparse.data.waymo.writer import build_frame, example_frame_spec, waymo_lasers, write_frames
+
+    lasers = waymo_lasers(top=(32, 600), side=(16, 100))
+    segments = {"segment-a": (0, 1), "segment-b": (2,)}
+    for name, seeds in segments.items():
+        frames = [build_frame(example_frame_spec(seed, lasers, timestamp_micros=1_550_000_000_000_000 + seed))[0] for seed in seeds]
+        write_frames(tmp_path / "raw" / "training" / f"{name}.tfrecord", frames)
+    prepare_data.main(["waymo", "--root", str(tmp_path / "raw"), "--out", str(tmp_path / "out"), "--workers", "2", "--quiet"])
+
+    expected = {
+        f.frame_id: f for path in sorted((tmp_path / "raw" / "training").glob("*.tfrecord")) for f in read_frames(path)
+    }
+    prepared = PreparedDataset(tmp_path / "out", "train")
+    assert len(prepared) == len(expected) == 3
+    for i in range(len(prepared)):
+        got = prepared[i]
+        want = expected[got.frame_id]
+        columns = [want.point_features.index(name) for name in got.point_features]
+        np.testing.assert_allclose(got.points, want.points[:, columns], atol=1e-4)
+        np.testing.assert_allclose(got.boxes, want.boxes, atol=1e-4)
+        for field in ("labels", "num_points", "difficulty", "track_ids", "keypoint_visibility"):
+            np.testing.assert_array_equal(getattr(got, field), getattr(want, field), err_msg=field)
+        np.testing.assert_allclose(got.keypoints, want.keypoints, atol=1e-4)
