@@ -23,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from voxsparse.data.dataset import DetectionDataset
 from voxsparse.engine.checkpoint import load_checkpoint
 from voxsparse.engine.distributed import cleanup, init_distributed
-from voxsparse.engine.evaluate import frames_from_file, in_dataset_order, metric_suite, report
+from voxsparse.engine.evaluate import frames_from_file, metric_suite, report, score_model_predictions
 from voxsparse.engine.inference import DatasetPredictions, predict_dataset
 from voxsparse.evaluation.predictions_io import load_predictions, save_predictions
 
@@ -64,13 +64,14 @@ def main(cfg: DictConfig) -> None:
             save_predictions(
                 output_dir / "predictions.pt", predictions.to_file(model.class_names, model.grid)
             )
-        predictions = in_dataset_order(
-            predictions, model.class_names, list(cfg.dataset.class_names), f"checkpoint {cfg.checkpoint}"
-        )
-    else:
-        predictions = _from_predictions_file(cfg)
+            keypoint_labels = getattr(model, "keypoint_labels", None)
+            result = score_model_predictions(
+                predictions, model.class_names, cfg.dataset, f"checkpoint {cfg.checkpoint}", keypoint_labels
+            )
+    elif info.is_main:  # a predictions file holds boxes only: detection metrics
+        result = suite(_from_predictions_file(cfg), cfg.dataset)
     if info.is_main:
-        report(suite(predictions, cfg.dataset), output_dir)
+        report(result, output_dir)
         log.info("results in %s", output_dir)
     cleanup(info)
 

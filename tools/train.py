@@ -19,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from voxsparse.data.dataset import DetectionDataset, fill_cache
 from voxsparse.engine.distributed import barrier, cleanup, init_distributed
-from voxsparse.engine.evaluate import in_dataset_order, metric_suite, report
+from voxsparse.engine.evaluate import metric_suite, report, score_model_predictions
 from voxsparse.engine.inference import predict_dataset
 from voxsparse.engine.trainer import Trainer
 from voxsparse.evaluation.predictions_io import save_predictions
@@ -33,7 +33,8 @@ def main(cfg: DictConfig) -> None:
     output_dir = Path(HydraConfig.get().runtime.output_dir)
     torch.manual_seed(cfg.trainer.seed)
     model = instantiate(cfg.model)
-    suite = metric_suite(cfg.dataset) if cfg.evaluate else None  # an unknown suite fails before training
+    if cfg.evaluate:
+        metric_suite(cfg.dataset)  # an unknown suite fails before training, not after
     if info.is_main:
         params = sum(p.numel() for p in model.parameters())
         log.info("model %s: %.2f M parameters; output in %s", cfg.name, params / 1e6, output_dir)
@@ -60,8 +61,8 @@ def main(cfg: DictConfig) -> None:
         predictions = predict_dataset(model, val_set, info, batch_size=cfg.trainer.batch_size, use_amp=trainer.use_amp)
         if info.is_main:
             save_predictions(output_dir / "predictions.pt", predictions.to_file(model.class_names, model.grid))
-            scored = in_dataset_order(predictions, model.class_names, list(cfg.dataset.class_names), "model")
-            report(suite(scored, cfg.dataset), output_dir)
+            keypoint_labels = getattr(model, "keypoint_labels", None)
+            report(score_model_predictions(predictions, model.class_names, cfg.dataset, "model", keypoint_labels), output_dir)
     cleanup(info)
 
 

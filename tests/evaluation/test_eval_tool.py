@@ -117,8 +117,9 @@ def test_malformed_predictions_file_names_file_and_field(tmp_path, changes, mess
 
 def test_suite_comes_from_the_dataset_config():
     assert metric_suite({"evaluation": "waymo"}) is not None
-    with pytest.raises(NotImplementedError, match=r"dataset\.evaluation='nuscenes'.*SUITES"):
-        metric_suite({"evaluation": "nuscenes"})
+    assert metric_suite({"evaluation": "nuscenes"}) is not None
+    with pytest.raises(NotImplementedError, match=r"dataset\.evaluation='kitti'.*SUITES"):
+        metric_suite({"evaluation": "kitti"})
     with pytest.raises(ValueError, match="no 'evaluation' key"):
         metric_suite({"class_names": NAMES})
 
@@ -190,3 +191,30 @@ def test_eval_tool_scores_a_predictions_file_with_missing_frames(tmp_path):
                 assert value == pytest.approx(found / (found + missed), abs=1e-6)
                 checked += 1
     assert checked >= 2
+
+
+def test_keypoint_model_predictions_are_scored_by_both_suites():
+    """score_model_predictions (train.py and eval.py): ground truth returned as the predictions of a
+    keypoint model scores detection AP 1 and keypoint PEM 0, under "detection" and "keypoints"."""
+    from voxsparse.data.dataset import DetectionDataset
+    from voxsparse.data.synthetic import SyntheticDataset
+    from voxsparse.engine.evaluate import score_model_predictions
+    from voxsparse.engine.inference import DatasetPredictions
+    from voxsparse.models.voxelkp.structures import KeypointDetections3D
+
+    names = ["Vehicle", "Pedestrian", "Cyclist"]
+    frames = DetectionDataset(SyntheticDataset("val", 2, seed=5), (-30, -30, -3, 30, 30, 2))
+    samples = [frames[i] for i in range(len(frames))]
+    detections = []
+    for s in samples:
+        a = s.annotations
+        detections.append(KeypointDetections3D(
+            boxes=a.boxes, scores=torch.linspace(0.9, 0.5, len(a.labels)), labels=a.labels,
+            keypoints=a.keypoints, keypoint_scores=a.keypoint_visibility.float(),
+        ))
+    assert sum(int((s.annotations.labels == 1).sum()) for s in samples) > 0, "the frames hold pedestrians"
+    dataset = {"evaluation": "waymo", "class_names": names, "iou_thresholds": {"Vehicle": 0.7, "Pedestrian": 0.5, "Cyclist": 0.5}}
+    predictions = DatasetPredictions([s.frame_id for s in samples], detections, [s.annotations for s in samples])
+    result = score_model_predictions(predictions, names, dataset, "test", keypoint_labels=[1]).to_dict()
+    assert result["keypoints"]["PEM"] == pytest.approx(0.0, abs=1e-6) and result["keypoints"]["num_tp"] > 0
+    assert result["detection"]["LEVEL_1"]["AP_L1/Pedestrian"] == pytest.approx(1.0)

@@ -12,7 +12,7 @@ from voxsparse.data.dataset import DetectionDataset
 from voxsparse.data.sample import Sample, collate
 from voxsparse.data.synthetic import SyntheticDataset
 from voxsparse.evaluation.keypoints import evaluate_keypoints
-from voxsparse.models.backbones.voxelnext import VoxelNeXtBackbone
+from voxsparse.models.backbones.voxelnext import SparseLevel, VoxelNeXtBackbone, project_to_bev
 from voxsparse.models.detectors.keypoint_detector import (
     KeypointDetector,
     keypoint_ground_truth_for_eval,
@@ -30,7 +30,7 @@ from voxsparse.models.voxelkp.box_attention import (
 )
 from voxsparse.models.voxelkp.hybrid import HybridBlock
 from voxsparse.models.voxelkp.selective_kernel import SelectiveKernelBlock, SelectiveKernelConv
-from voxsparse.models.voxelkp.spatial_encoding import SparseLevel, SpatialEncoding, project_to_bev
+from voxsparse.models.voxelkp.spatial_encoding import SpatialEncoding
 from voxsparse.models.voxelkp.structures import KeypointDetections3D
 from voxsparse.ops.boxes import points_in_boxes
 from voxsparse.ops.sparse_backend import SparseConvTensor, spnn

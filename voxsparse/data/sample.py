@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol, Sequence
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -34,7 +35,7 @@ class Sample:
     annotations: Annotations3D
 
     @classmethod
-    def from_frame(cls, frame: FrameLike) -> "Sample":
+    def from_frame(cls, frame: FrameLike) -> Sample:
         def t(a, dtype):
             return None if a is None else torch.as_tensor(np.asarray(a), dtype=dtype)
 
@@ -58,7 +59,7 @@ class Batch:
     annotations: list[Annotations3D]
     frame_ids: list[str]
 
-    def to(self, device: torch.device | str) -> "Batch":
+    def to(self, device: torch.device | str) -> Batch:
         return Batch(self.points.to(device), [a.to(device) for a in self.annotations], self.frame_ids)
 
     def __len__(self) -> int:

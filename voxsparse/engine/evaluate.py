@@ -146,6 +146,44 @@ def relabel(
     return [dataclasses.replace(d, labels=mapping.to(d.labels.device)[d.labels]) for d in detections]
 
 
+@dataclass
+class CombinedResult:
+    """Several suites' results under names (e.g. "detection", "keypoints")."""
+
+    parts: dict[str, SuiteResult]
+
+    def table(self) -> str:
+        return "\n\n".join(part.table() for part in self.parts.values())
+
+    def to_dict(self) -> dict[str, Any]:
+        return {name: part.to_dict() for name, part in self.parts.items()}
+
+
+def score_model_predictions(
+    predictions: DatasetPredictions,
+    class_names: Sequence[str],
+    dataset: Mapping,
+    source: str,
+    keypoint_labels: Sequence[int] | None = None,
+) -> SuiteResult:
+    """Score a model's predictions (labels index ``class_names``) with the dataset's suite, and, for a
+    keypoint model (``keypoint_labels``: its human classes), with the keypoint metrics too."""
+    result = metric_suite(dataset)(in_dataset_order(predictions, class_names, dataset["class_names"], source), dataset)
+    if keypoint_labels is None:
+        return result
+    from voxsparse.evaluation.keypoints import evaluate_keypoints
+    from voxsparse.models.detectors.keypoint_detector import (
+        keypoint_ground_truth_for_eval,
+        keypoint_predictions_for_eval,
+    )
+
+    keypoints = evaluate_keypoints(
+        keypoint_predictions_for_eval(predictions.detections, keypoint_labels),
+        keypoint_ground_truth_for_eval(predictions.annotations, keypoint_labels),
+    )
+    return CombinedResult({"detection": result, "keypoints": keypoints})
+
+
 def in_dataset_order(
     predictions: DatasetPredictions, from_names: Sequence[str], to_names: Sequence[str], source: str
 ) -> DatasetPredictions:

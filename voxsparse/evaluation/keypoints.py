@@ -179,6 +179,15 @@ class KeypointMetrics:
     num_tp_keypoints: int
     num_mismatched_keypoints: int
 
+    def table(self) -> str:
+        """The headline numbers and the matching counts, for logs."""
+        return (
+            "Keypoints (Waymo pose-estimation metrics)\n"
+            f"PEM {self.pem:.4f} m   MPJPE {self.mpjpe:.4f} m   OKS-AP {self.oks_ap:.4f}\n"
+            f"humans: {self.num_gt} labelled GT ({self.num_gt_unlabelled} unlabelled), {self.num_pred} predicted, "
+            f"{self.num_tp} matched, {self.num_fn} missed, {self.num_fp} false"
+        )
+
     def to_dict(self) -> dict[str, float]:
         """Flat scalars for loggers / JSON, e.g. ``{"PEM": 0.12, "MPJPE": 0.08, "OKS_AP": 0.6, ...}``."""
         out: dict[str, float] = {"PEM": self.pem, "MPJPE": self.mpjpe, "OKS_AP": self.oks_ap}

@@ -21,14 +21,14 @@ import math
 import torch
 
 __all__ = [
-    "limit_period",
-    "boxes_to_corners_bev",
-    "boxes_to_corners_3d",
-    "points_in_boxes",
     "bev_iou",
-    "iou_3d",
     "bev_iou_aligned",
+    "boxes_to_corners_3d",
+    "boxes_to_corners_bev",
+    "iou_3d",
     "iou_3d_aligned",
+    "limit_period",
+    "points_in_boxes",
 ]
 
 #: Distance (metres) under which a point counts as on a rectangle's boundary. Roundoff in the

@@ -29,8 +29,9 @@ import contextlib
 import functools
 import importlib
 import os
+from collections.abc import Callable, Iterator
 from types import ModuleType
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import torch
 

@@ -26,13 +26,13 @@ class Boxes3D:
             raise ValueError("Boxes3D.tensor: box sizes (columns 3:6, dx dy dz) must be non-negative")
 
     @classmethod
-    def empty(cls, with_velocity: bool = False, device: torch.device | str = "cpu") -> "Boxes3D":
+    def empty(cls, with_velocity: bool = False, device: torch.device | str = "cpu") -> Boxes3D:
         return cls(torch.zeros(0, 9 if with_velocity else 7, device=device))
 
     def __len__(self) -> int:
         return self.tensor.shape[0]
 
-    def __getitem__(self, index: int | slice | torch.Tensor) -> "Boxes3D":
+    def __getitem__(self, index: int | slice | torch.Tensor) -> Boxes3D:
         if isinstance(index, int):
             index = slice(index, index + 1)
         return Boxes3D(self.tensor[index])
@@ -63,10 +63,10 @@ class Boxes3D:
             return self.tensor[:, 7:9]
         return self.tensor.new_zeros(len(self), 2)
 
-    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> "Boxes3D":
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> Boxes3D:
         return Boxes3D(self.tensor.to(device=device, dtype=dtype))
 
     @staticmethod
-    def cat(boxes: list["Boxes3D"]) -> "Boxes3D":
+    def cat(boxes: list[Boxes3D]) -> Boxes3D:
         return Boxes3D(torch.cat([b.tensor for b in boxes], dim=0))
 

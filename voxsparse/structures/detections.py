@@ -52,7 +52,7 @@ class Annotations3D:
     def __len__(self) -> int:
         return len(self.boxes)
 
-    def to(self, device: torch.device | str) -> "Annotations3D":
+    def to(self, device: torch.device | str) -> Annotations3D:
         return _move(self, device)
 
 
@@ -80,5 +80,5 @@ class Detections3D:
     def __len__(self) -> int:
         return len(self.boxes)
 
-    def to(self, device: torch.device | str) -> "Detections3D":
+    def to(self, device: torch.device | str) -> Detections3D:
         return _move(self, device)

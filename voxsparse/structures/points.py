@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 
@@ -35,7 +35,7 @@ class PointBatch:
             raise ValueError(f"PointBatch.batch_index: values must lie in [0, {self.batch_size})")
 
     @classmethod
-    def from_frames(cls, frames: Sequence[torch.Tensor]) -> "PointBatch":
+    def from_frames(cls, frames: Sequence[torch.Tensor]) -> PointBatch:
         """Concatenate per-frame (Ni, 3 + C) point tensors; all frames need the same C."""
         if not frames:
             raise ValueError("PointBatch.from_frames: expected at least one frame")
@@ -53,5 +53,5 @@ class PointBatch:
         """Columns per point, xyz included."""
         return self.points.shape[1]
 
-    def to(self, device: torch.device | str) -> "PointBatch":
+    def to(self, device: torch.device | str) -> PointBatch:
         return PointBatch(self.points.to(device), self.batch_index.to(device), self.batch_size)

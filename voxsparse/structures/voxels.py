@@ -73,7 +73,7 @@ class SparseVoxels:
         xyz = self.coords[:, [3, 2, 1]].to(self.features.dtype)
         return (xyz + 0.5) * size + low
 
-    def to(self, device: torch.device | str) -> "SparseVoxels":
+    def to(self, device: torch.device | str) -> SparseVoxels:
         return SparseVoxels(self.coords.to(device), self.features.to(device), self.grid, self.batch_size)
 
 

@@ -34,7 +34,7 @@ e.g. on the CPU; ``out_channels`` then sets their width.
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F

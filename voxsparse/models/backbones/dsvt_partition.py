@@ -29,8 +29,8 @@ Conventions: sparse coordinates are (batch, z, y, x); shapes, strides, windows a
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 
@@ -72,7 +72,7 @@ class WindowPartition:
         size = torch.tensor(self.window_shape[:dims], dtype=dtype, device=self.offsets.device)
         return (self.offsets[:, :dims].to(dtype) + 0.5) / size * 2 - 1
 
-    def positions(self, dims: int, dtype: torch.dtype = torch.float32) -> "WindowPositions":
+    def positions(self, dims: int, dtype: torch.dtype = torch.float32) -> WindowPositions:
         """The voxels' in-window positions as a table of the window's distinct positions (when there
         are fewer of them than voxels) and each voxel's row in it: a position embedding then runs on
         the table only and is gathered, exactly as if it ran per voxel (it has no batch statistics)."""

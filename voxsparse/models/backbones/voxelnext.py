@@ -10,7 +10,8 @@ by a sparse 2D convolution.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -18,7 +19,7 @@ from torch import nn
 from voxsparse.models.layers import batch_norm_1d
 from voxsparse.ops.sparse_backend import SparseConvTensor, spnn
 from voxsparse.ops.sparse_utils import merge_duplicates
-from voxsparse.structures import SparseBEV, SparseVoxels
+from voxsparse.structures import SparseBEV, SparseVoxels, VoxelGrid
 
 
 def _norm_act(channels: int) -> list[nn.Module]:
@@ -59,6 +60,59 @@ class SparseBasicBlock(spnn.SparseModule):
         out = out.replace_feature(self.relu(self.bn1(out.features)))
         out = self.conv2(out)
         return out.replace_feature(self.relu(self.bn2(out.features) + identity))
+
+
+@dataclass
+class SparseLevel:
+    """One resolution of 3D voxel features to project.
+
+    Attributes:
+        coords: (M, 4) int (batch, z, y, x) at this level.
+        features: (M, C).
+        scale: this level's voxels are ``scale`` BEV cells wide (1 for the BEV resolution itself).
+    """
+
+    coords: torch.Tensor
+    features: torch.Tensor
+    scale: int
+
+
+def project_to_bev(
+    levels: Sequence[SparseLevel], bev_shape: tuple[int, int], batch_size: int, bev_stride: int,
+    grid: VoxelGrid, encoding: Callable[[torch.Tensor, int, VoxelGrid], torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sparse height compression of several levels into one BEV grid, with the spatial encoding.
+
+    A level's (y, x) indices are multiplied by its ``scale`` to land on the BEV grid (clamped to it:
+    an odd extent rounds up when halved), z is dropped, and the features of every voxel that lands on
+    a cell are summed. With ``encoding``, ``encoding(coords)`` is added to each voxel's features first.
+
+    Args:
+        levels: the levels (same channel count C).
+        bev_shape: (H, W) of the BEV grid.
+        batch_size: frames.
+        bev_stride: BEV cell size in input voxels of ``grid`` (a level's voxel is ``bev_stride * scale``).
+        grid: the input voxel grid.
+        encoding: ``encoding(coords, stride, grid)`` -> (M, C) added to each level's features before
+            the sum (VoxelKP's spatial encoding), or None for plain height compression (VoxelNeXt's).
+
+    Returns:
+        (U, 3) int32 (batch, y, x) cells sorted lexicographically and their (U, C) features.
+    """
+    h, w = bev_shape
+    coords, feats = [], []
+    for level in levels:
+        f = level.features
+        if encoding is not None:
+            f = f + encoding(level.coords, bev_stride * level.scale, grid).to(f.dtype)
+        c = level.coords[:, [0, 2, 3]].clone()
+        c[:, 1:] *= level.scale
+        coords.append(c)
+        feats.append(f)
+    bev_coords = torch.cat(coords)
+    bev_coords[:, 1].clamp_(max=h - 1)
+    bev_coords[:, 2].clamp_(max=w - 1)
+    return merge_duplicates(bev_coords, torch.cat(feats), (batch_size, h, w))
 
 
 class VoxelNeXtBackbone(nn.Module):
@@ -107,6 +161,8 @@ class VoxelNeXtBackbone(nn.Module):
             prev = c
         self.bev_conv = sparse_conv_block(prev, out_channels, 3, indice_key="bev_out", subm=False, dims=2)
         self.bev_subm = sparse_conv_block(out_channels, out_channels, 3, indice_key="bev_subm", dims=2)
+        # Added to the voxel features before height compression (VoxelKP's spatial encoding); none here.
+        self.bev_encoding: nn.Module | None = None
 
     @property
     def stride(self) -> int:
@@ -116,30 +172,29 @@ class VoxelNeXtBackbone(nn.Module):
         if len(voxels) == 0:  # spconv cannot convolve an empty tensor; there is nothing to compute
             return self._empty_output(voxels)
         x = SparseConvTensor(voxels.features, voxels.coords.int(), list(voxels.grid.spatial_shape), voxels.batch_size)
-        x = self.stem(x)
+        outputs = self._run_stages(self.stem(x), voxels)
+        base = outputs[self.bev_stage]
+        # The extra stages are added back onto the BEV stage's grid (sparse addition).
+        levels = [SparseLevel(base.indices, base.features, 1)]
+        levels += [
+            SparseLevel(extra.indices, extra.features, 2**level)
+            for level, extra in enumerate(outputs[self.bev_stage + 1 :], start=1)
+        ]
+        _, h, w = base.spatial_shape
+        bev_coords, bev_feats = project_to_bev(
+            levels, (h, w), voxels.batch_size, self.stride, voxels.grid, self.bev_encoding
+        )
+        bev = SparseConvTensor(bev_feats, bev_coords, [h, w], voxels.batch_size)
+        bev = self.bev_subm(self.bev_conv(bev))
+        return SparseBEV(bev.indices, bev.features, (h, w), self.stride, voxels.grid, voxels.batch_size)
+
+    def _run_stages(self, x: SparseConvTensor, voxels: SparseVoxels) -> list[SparseConvTensor]:
+        """Every stage's output, in order (subclasses add per-stage blocks here)."""
         outputs = []
         for stage in self.stages:
             x = stage(x)
             outputs.append(x)
-        base = outputs[self.bev_stage]
-        # Sparse addition of the extra stages: scale their (y, x) to the BEV stage's grid and merge.
-        coords = [base.indices]
-        feats = [base.features]
-        for level, extra in enumerate(outputs[self.bev_stage + 1 :], start=1):
-            scaled = extra.indices.clone()
-            scaled[:, 1:] *= 2**level
-            coords.append(scaled)
-            feats.append(extra.features)
-        _, h, w = base.spatial_shape
-        bev_coords = torch.cat(coords)[:, [0, 2, 3]]
-        # An odd-sized grid rounds up when halved, so scaled-back indices can overshoot by one.
-        bev_coords[:, 1].clamp_(max=h - 1)
-        bev_coords[:, 2].clamp_(max=w - 1)
-        # Height compression: drop z, sum features over it (and over the merged extra stages).
-        bev_coords, bev_feats = merge_duplicates(bev_coords, torch.cat(feats), (voxels.batch_size, h, w))
-        bev = SparseConvTensor(bev_feats, bev_coords, [h, w], voxels.batch_size)
-        bev = self.bev_subm(self.bev_conv(bev))
-        return SparseBEV(bev.indices, bev.features, (h, w), self.stride, voxels.grid, voxels.batch_size)
+        return outputs
 
     def _empty_output(self, voxels: SparseVoxels) -> SparseBEV:
         _, h, w = voxels.grid.spatial_shape

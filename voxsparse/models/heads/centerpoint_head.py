@@ -9,8 +9,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from voxsparse.models.layers import batch_norm_2d
 from voxsparse.models.heads.center_head import CenterHeadBase, CenterPredictions, init_heatmap_bias
+from voxsparse.models.layers import batch_norm_2d
 from voxsparse.structures import SparseBEV
 
 

@@ -27,9 +27,9 @@ from voxsparse.models.backbones.voxelnext import VoxelNeXtBackbone
 from voxsparse.models.voxelkp.box_attention import BoxAttentionBlock, window_groups
 from voxsparse.models.voxelkp.hybrid import HybridBlock
 from voxsparse.models.voxelkp.selective_kernel import SelectiveKernelBlock
-from voxsparse.models.voxelkp.spatial_encoding import SparseLevel, SpatialEncoding, project_to_bev
+from voxsparse.models.voxelkp.spatial_encoding import SpatialEncoding
 from voxsparse.ops.sparse_backend import SparseConvTensor, spnn
-from voxsparse.structures import SparseBEV, SparseVoxels
+from voxsparse.structures import SparseVoxels
 
 
 def _check_stages(name: str, stages: Sequence[int], num_stages: int) -> tuple[int, ...]:
@@ -101,7 +101,8 @@ class VoxelKPBackbone(VoxelNeXtBackbone):
             if i in attention else nn.ModuleList()
             for i in range(n)
         )
-        self.spatial_encoding = SpatialEncoding(channels[bev_stage]) if spatial_encoding else None
+        if spatial_encoding:
+            self.bev_encoding = SpatialEncoding(channels[bev_stage])
 
     def _make_stage(
         self, i: int, channels: int, sk: bool, hybrid: bool, kernel_sizes: Sequence[int], reduction: int,
@@ -122,11 +123,8 @@ class VoxelKPBackbone(VoxelNeXtBackbone):
         size = [v * 2**stage for v in voxels.grid.voxel_size]
         return tuple(max(1, round(b / s)) for b, s in zip(self.box_size, size))  # type: ignore[return-value]
 
-    def forward(self, voxels: SparseVoxels) -> SparseBEV:
-        if len(voxels) == 0:  # spconv cannot convolve an empty tensor; there is nothing to compute
-            return self._empty_output(voxels)
-        shape = list(voxels.grid.spatial_shape)
-        x = self.stem(SparseConvTensor(voxels.features, voxels.coords.int(), shape, voxels.batch_size))
+    def _run_stages(self, x: SparseConvTensor, voxels: SparseVoxels) -> list[SparseConvTensor]:
+        """VoxelNeXt's stages, each followed by its box-attention blocks."""
         outputs = []
         for i, stage in enumerate(self.stages):
             x = stage(x)
@@ -135,14 +133,4 @@ class VoxelKPBackbone(VoxelNeXtBackbone):
                                        shifted=j % 2 == 1)
                 x = x.replace_feature(block(x.features, groups))
             outputs.append(x)
-        base = outputs[self.bev_stage]
-        levels = [SparseLevel(base.indices, base.features, 1)]
-        levels += [SparseLevel(extra.indices, extra.features, 2**level)
-                   for level, extra in enumerate(outputs[self.bev_stage + 1 :], start=1)]
-        _, h, w = base.spatial_shape
-        bev_coords, bev_feats = project_to_bev(
-            levels, (h, w), voxels.batch_size, self.stride, voxels.grid, self.spatial_encoding
-        )
-        bev = SparseConvTensor(bev_feats, bev_coords, [h, w], voxels.batch_size)
-        bev = self.bev_subm(self.bev_conv(bev))
-        return SparseBEV(bev.indices, bev.features, (h, w), self.stride, voxels.grid, voxels.batch_size)
+        return outputs

@@ -17,13 +17,9 @@ Both steps are per voxel followed by a scatter-sum, so the result does not depen
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
-
 import torch
 from torch import nn
 
-from voxsparse.ops.sparse_utils import merge_duplicates
 from voxsparse.structures import VoxelGrid
 
 
@@ -60,55 +56,3 @@ def normalized_centers(
     high = torch.tensor(grid.point_cloud_range[3:], dtype=dtype, device=coords.device)
     xyz = (coords[:, [3, 2, 1]].to(dtype) + 0.5) * size + low
     return (xyz - low) / (high - low) * 2 - 1
-
-
-@dataclass
-class SparseLevel:
-    """One resolution of 3D voxel features to project.
-
-    Attributes:
-        coords: (M, 4) int (batch, z, y, x) at this level.
-        features: (M, C).
-        scale: this level's voxels are ``scale`` BEV cells wide (1 for the BEV resolution itself).
-    """
-
-    coords: torch.Tensor
-    features: torch.Tensor
-    scale: int
-
-
-def project_to_bev(
-    levels: Sequence[SparseLevel], bev_shape: tuple[int, int], batch_size: int, bev_stride: int,
-    grid: VoxelGrid, encoding: SpatialEncoding | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sparse height compression of several levels into one BEV grid, with the spatial encoding.
-
-    A level's (y, x) indices are multiplied by its ``scale`` to land on the BEV grid (clamped to it:
-    an odd extent rounds up when halved), z is dropped, and the features of every voxel that lands on
-    a cell are summed. With ``encoding``, ``encoding(coords)`` is added to each voxel's features first.
-
-    Args:
-        levels: the levels (same channel count C).
-        bev_shape: (H, W) of the BEV grid.
-        batch_size: frames.
-        bev_stride: BEV cell size in input voxels of ``grid`` (a level's voxel is ``bev_stride * scale``).
-        grid: the input voxel grid.
-        encoding: the spatial encoding, or None for plain height compression (VoxelNeXt's).
-
-    Returns:
-        (U, 3) int32 (batch, y, x) cells sorted lexicographically and their (U, C) features.
-    """
-    h, w = bev_shape
-    coords, feats = [], []
-    for level in levels:
-        f = level.features
-        if encoding is not None:
-            f = f + encoding(level.coords, bev_stride * level.scale, grid).to(f.dtype)
-        c = level.coords[:, [0, 2, 3]].clone()
-        c[:, 1:] *= level.scale
-        coords.append(c)
-        feats.append(f)
-    bev_coords = torch.cat(coords)
-    bev_coords[:, 1].clamp_(max=h - 1)
-    bev_coords[:, 2].clamp_(max=w - 1)
-    return merge_duplicates(bev_coords, torch.cat(feats), (batch_size, h, w))
