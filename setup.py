@@ -7,6 +7,10 @@ from setuptools import find_packages, setup
 # The official nuScenes metrics; the test extra carries it so CI runs the devkit-backed tests. Its
 # `from nuscenes import NuScenes` imports cv2 (opencv-python-headless, ~50 MB) and scikit-learn.
 NUSCENES_DEVKIT = "nuscenes-devkit==1.2.0"
+# The devkit's tracking evaluation (AMOTA, MOTA, IDS) counts with py-motmetrics and pandas, which the
+# devkit does not require. motmetrics 1.4.0 is the devkit's own pin (requirements_tracking.txt);
+# motmetrics<=1.1.3 (its old pin) imports collections.Iterable and fails on Python >= 3.10.
+NUSCENES_TRACKING = ["motmetrics==1.4.0", "pandas>=1.5,<3"]
 
 # The sparse backend is an extra so a CUDA user can pick the wheel matching their toolkit.
 # `cpu` also pins the CPU torch build: an unpinned torch on a fresh Linux machine pulls a
@@ -17,12 +21,12 @@ EXTRAS = {
     "cu126": ["spconv-cu126==2.3.8"],
     "triton": ["spconv-triton>=1.0"],
     "viz": ["open3d>=0.20", "matplotlib>=3.7", "imageio>=2.30", "imageio-ffmpeg>=0.5"],
-    "nuscenes": [NUSCENES_DEVKIT],
+    "nuscenes": [NUSCENES_DEVKIT, *NUSCENES_TRACKING],
     # Waymo TFRecords: CRC32C (google-crc32c, a 37 KB wheel) and protobuf for the official protos, which
     # come from `pip install --no-deps waymo-open-dataset-tf-2-12-0==1.6.7`: with its dependencies that
     # wheel pins numpy==1.23.5 and TensorFlow 2.13, which pip cannot install beside numpy>=1.24.
     "waymo": ["google-crc32c>=1.5", "protobuf>=4.21"],
-    "test": ["pytest>=8", "shapely>=2.0", NUSCENES_DEVKIT, "google-crc32c>=1.5"],
+    "test": ["pytest>=8", "shapely>=2.0", NUSCENES_DEVKIT, *NUSCENES_TRACKING, "google-crc32c>=1.5"],
 }
 
 setup(

@@ -111,7 +111,11 @@ class TinyObject:
         yaw: global heading, radians counter-clockwise about +z from +x.
         velocity: global (vx, vy), m/s.
         attribute: a nuScenes attribute or None (:data:`NUSCENES_ATTRIBUTES`).
-        samples: keyframe indices the object is annotated in (and has points in); all when None.
+        samples: keyframe indices the object is annotated in (and has points in), increasing (gaps
+            allowed: an occluded object); all when None.
+        poses: per keyframe of ``samples``, the global (x, y, z, yaw), replacing the constant-velocity
+            motion of ``translation``, ``velocity`` and ``yaw`` (e.g. the exact poses of a recorded
+            sequence); needs ``samples`` and a spec without sweeps.
     """
 
     category: str
@@ -120,7 +124,8 @@ class TinyObject:
     yaw: float = 0.0
     velocity: tuple[float, float] = (0.0, 0.0)
     attribute: str | None = None
-    samples: range | None = None
+    samples: range | tuple[int, ...] | None = None
+    poses: tuple[tuple[float, float, float, float], ...] | None = None
 
     def __post_init__(self) -> None:
         if self.category not in NUSCENES_CATEGORIES:
@@ -135,10 +140,17 @@ class TinyObject:
             raise ValueError(f"TinyObject.size: (width, length, height) must be positive, got {self.size}")
         if not math.isfinite(self.yaw):
             raise ValueError(f"TinyObject.yaw: expected a finite float, got {self.yaw}")
-        if self.samples is not None and (self.samples.step != 1 or len(self.samples) == 0):
+        if self.samples is not None and (len(self.samples) == 0 or any(np.diff(list(self.samples)) <= 0)):
             raise ValueError(
-                f"TinyObject.samples: expected a non-empty range with step 1, got {self.samples}"
+                f"TinyObject.samples: expected non-empty increasing keyframe indices, got {self.samples}"
             )
+        if self.poses is not None:
+            poses = np.asarray(self.poses, dtype=np.float64)
+            if self.samples is None or poses.shape != (len(self.samples), 4) or not np.isfinite(poses).all():
+                raise ValueError(
+                    "TinyObject.poses: expected one finite (x, y, z, yaw) per keyframe of samples, got shape "
+                    f"{poses.shape} for samples {self.samples}"
+                )
 
 
 @dataclass(frozen=True)
@@ -171,7 +183,7 @@ class TinyScene:
         if self.num_samples < 1:
             raise ValueError(f"TinyScene {self.name}: num_samples must be >= 1, got {self.num_samples}")
         for i, obj in enumerate(self.objects):
-            if obj.samples is not None and (obj.samples.start < 0 or obj.samples.stop > self.num_samples):
+            if obj.samples is not None and (min(obj.samples) < 0 or max(obj.samples) >= self.num_samples):
                 raise ValueError(
                     f"TinyScene {self.name}: objects[{i}].samples {obj.samples} outside the scene's "
                     f"{self.num_samples} keyframes"
@@ -226,6 +238,8 @@ class TinyNuScenesSpec:
             raise ValueError(f"TinyNuScenesSpec.scenes: scene names must be unique, got {names}")
         if not self.version or os.sep in self.version:
             raise ValueError(f"TinyNuScenesSpec.version: expected a folder name, got {self.version!r}")
+        if self.sweeps_per_interval and any(o.poses is not None for s in self.scenes for o in s.objects):
+            raise ValueError("TinyNuScenesSpec: objects with poses are known at keyframes only; use sweeps_per_interval=0")
         for split, scenes in self.split_scenes().items():
             if split in _PREDEFINED_SPLITS:
                 raise ValueError(
@@ -297,14 +311,19 @@ def _png_stub(size: int = 8) -> bytes:
     )
 
 
-def _boxes_at(scene: TinyScene, objects: list[int], seconds: float) -> np.ndarray:
-    """(K, 7) global boxes ``(x, y, z, length, width, height, yaw)`` of ``objects`` at ``seconds``."""
+def _boxes_at(scene: TinyScene, objects: list[int], seconds: float, keyframe: int) -> np.ndarray:
+    """(K, 7) global boxes ``(x, y, z, length, width, height, yaw)`` of ``objects`` at ``seconds``
+    (keyframe ``keyframe`` or a sweep before it)."""
     rows = []
     for i in objects:
         obj = scene.objects[i]
+        width, length, height = obj.size
+        if obj.poses is not None:
+            x, y, z, yaw = obj.poses[list(obj.samples).index(keyframe)]
+            rows.append([x, y, z, length, width, height, yaw])
+            continue
         x, y, z = obj.translation
         vx, vy = obj.velocity
-        width, length, height = obj.size
         rows.append([x + vx * seconds, y + vy * seconds, z, length, width, height, obj.yaw])
     return np.asarray(rows, dtype=np.float64).reshape(-1, 7)
 
@@ -400,7 +419,7 @@ def _write_scene(
         ego = scene.ego_pose(seconds)
         lidar_to_global = ego @ lidar_to_ego
         points = lidar_to_global.inverse().apply(
-            _sweep_points(spec, _boxes_at(scene, present[k], seconds), ego, rng)
+            _sweep_points(spec, _boxes_at(scene, present[k], seconds, k), ego, rng)
         )
         cloud = np.zeros((len(points), 5), dtype=np.float32)
         cloud[:, 0:3] = points
@@ -452,7 +471,7 @@ def _write_scene(
         frames = [k for k in range(scene.num_samples) if i in present[k]]
         ann_tokens = [_token("sample_annotation", scene.name, i, k) for k in frames]
         for n, k in enumerate(frames):
-            box = _boxes_at(scene, [i], k * interval_us * 1e-6)
+            box = _boxes_at(scene, [i], k * interval_us * 1e-6, k)
             inside = points_in_boxes(torch.from_numpy(keyframe_points[k]), torch.from_numpy(box))
             tables["sample_annotation"].append(
                 {
@@ -463,7 +482,7 @@ def _write_scene(
                     "attribute_tokens": [] if obj.attribute is None else [_token("attribute", obj.attribute)],
                     "translation": box[0, 0:3].tolist(),
                     "size": list(obj.size),
-                    "rotation": list(RigidTransform.from_yaw(obj.yaw).rotation),
+                    "rotation": list(RigidTransform.from_yaw(box[0, 6]).rotation),
                     "prev": ann_tokens[n - 1] if n > 0 else "",
                     "next": ann_tokens[n + 1] if n + 1 < len(frames) else "",
                     "num_lidar_pts": int(inside.sum()),

@@ -218,7 +218,7 @@ def _sample_boxes(
     lidar_to_global: RigidTransform,
     max_boxes: int,
 ) -> list[dict]:
-    """The submission boxes of one sample, highest scores first."""
+    """The submission boxes of one sample, highest scores first; with ``tracking_id`` when ``det`` has track ids."""
     boxes = det.boxes.tensor.detach().cpu().double().numpy()
     scores = det.scores.detach().cpu().double().numpy()
     labels = det.labels.detach().cpu().numpy()
@@ -237,6 +237,7 @@ def _sample_boxes(
         )
     order = np.argsort(-scores, kind="stable")[:max_boxes]
     boxes, scores, labels = boxes[order], scores[order], labels[order]
+    track_ids = None if det.track_ids is None else det.track_ids.cpu().numpy()[order]
 
     centers = lidar_to_global.apply(boxes[:, 0:3])
     sizes = boxes[:, [4, 3, 5]]  # (width, length, height) = (dy, dx, dz)
@@ -248,18 +249,19 @@ def _sample_boxes(
     out = []
     for i in range(len(boxes)):
         name = class_names[int(labels[i])]
-        out.append(
-            {
-                "sample_token": token,
-                "translation": centers[i].tolist(),
-                "size": sizes[i].tolist(),
-                "rotation": quats[i].tolist(),
-                "velocity": velocity[i].tolist(),
-                "detection_name": name,
-                "detection_score": float(scores[i]),
-                "attribute_name": default_attribute(name, float(speed[i])),
-            }
-        )
+        box = {
+            "sample_token": token,
+            "translation": centers[i].tolist(),
+            "size": sizes[i].tolist(),
+            "rotation": quats[i].tolist(),
+            "velocity": velocity[i].tolist(),
+            "detection_name": name,
+            "detection_score": float(scores[i]),
+            "attribute_name": default_attribute(name, float(speed[i])),
+        }
+        if track_ids is not None:
+            box["tracking_id"] = str(int(track_ids[i]))
+        out.append(box)
     return out
 
 

@@ -8,6 +8,8 @@ Layout (a dict, loadable with ``torch.load(..., weights_only=True)``):
     labels:      (T,) int64
     frame_index: (T,) int64 row of ``frame_ids`` each box belongs to
     point_cloud_range: 6 floats, the range ground truth is cropped to when these are scored
+    query_xy:    (T, 2) float32, optional: each box's query voxel (``Detections3D.query_xy``); written
+                 when every frame has it, absent from older files
 """
 
 from __future__ import annotations
@@ -54,6 +56,8 @@ def save_predictions(path: str | os.PathLike, content: PredictionsFile) -> Path:
         if detections
         else torch.zeros(0, dtype=torch.long),
     }
+    if detections and all(d.query_xy is not None for d in detections):
+        data["query_xy"] = torch.cat([d.query_xy.float().cpu() for d in detections])
     return atomic_write(path, lambda f: torch.save(data, f))
 
 
@@ -81,10 +85,13 @@ def load_predictions(path: str | os.PathLike) -> PredictionsFile:
         order = torch.argsort(index, stable=True)
         counts = torch.bincount(index, minlength=n).tolist()
         boxes, scores, labels = (data[k][order] for k in ("boxes", "scores", "labels"))
+        query = data["query_xy"][order].split(counts) if "query_xy" in data else [None] * n
         detections = []
-        for b, s, l in zip(boxes.split(counts), scores.split(counts), labels.split(counts)):
+        for b, s, l, q in zip(boxes.split(counts), scores.split(counts), labels.split(counts), query):
             keep = torch.argsort(s, descending=True)
-            detections.append(Detections3D(Boxes3D(b[keep]), s[keep], l[keep]))
+            detections.append(
+                Detections3D(Boxes3D(b[keep]), s[keep], l[keep], query_xy=None if q is None else q[keep])
+            )
     except (ValueError, TypeError, RuntimeError) as exc:
         raise ValueError(f"predictions file {path}: {exc}") from exc
     return PredictionsFile(

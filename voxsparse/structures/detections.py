@@ -65,17 +65,26 @@ class Detections3D:
         scores: (K,) float confidence in [0, 1].
         labels: (K,) int64 class indices.
         track_ids: (K,) int64 set by a tracker, else None.
+        query_xy: (K, 2) float, metres, LiDAR frame: the centre of the BEV cell (VoxelNeXt's query
+            voxel) that predicted each box; None where unknown (ground truth, older files).
     """
 
     boxes: Boxes3D
     scores: torch.Tensor
     labels: torch.Tensor
     track_ids: torch.Tensor | None = None
+    query_xy: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         k = len(self.boxes)
         check_tensor("Detections3D.scores", self.scores, ndim=1, floating=True, length=k, finite=True)
         check_tensor("Detections3D.labels", self.labels, ndim=1, floating=False, length=k)
+        if self.track_ids is not None:
+            check_tensor("Detections3D.track_ids", self.track_ids, ndim=1, floating=False, length=k)
+        if self.query_xy is not None:
+            check_tensor(
+                "Detections3D.query_xy", self.query_xy, ndim=2, last_dim=2, floating=True, length=k, finite=True
+            )
 
     def __len__(self) -> int:
         return len(self.boxes)

@@ -349,8 +349,14 @@ class CenterHeadBase(nn.Module):
             keep = top_scores > self.score_threshold
             top_scores, top = top_scores[keep], top[keep]
             rows = idx[torch.div(top, self.num_classes, rounding_mode="floor")]
+            # pred.cell_xy[rows] is the query voxel of each box: trackers associate by it too.
             results.append(
-                Detections3D(Boxes3D(boxes[rows]), top_scores, (top % self.num_classes).long())
+                Detections3D(
+                    Boxes3D(boxes[rows]),
+                    top_scores,
+                    (top % self.num_classes).long(),
+                    query_xy=pred.cell_xy[rows].float(),
+                )
             )
         return results
 
