@@ -82,6 +82,8 @@ def test_decoding_perfect_predictions_returns_the_ground_truth(dense):
     order = torch.argsort(det.labels)
     torch.testing.assert_close(det.boxes.tensor[order], boxes, atol=1e-5, rtol=0)
     torch.testing.assert_close(det.scores, torch.full((2,), torch.sigmoid(torch.tensor(5.0)).item()))
+    # Each box's query voxel is the cell that predicted it (trackers associate by it).
+    torch.testing.assert_close(det.query_xy[order], pred.cell_xy[targets.positive])
 
 
 def test_extra_regression_positives_lie_inside_their_box():

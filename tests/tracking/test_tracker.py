@@ -137,3 +137,25 @@ def test_bad_input_is_named():
         tracker.step(dets([[0.0, 0.0]], labels=[7]), 2.0)
     with pytest.raises(ValueError, match="Detections3D.query_xy"):
         dets([[0.0, 0.0]], query=[[math.nan, 0.0]])
+
+
+def test_predictions_files_keep_query_voxels_and_read_older_files(tmp_path):
+    from voxsparse.evaluation.predictions_io import PredictionsFile, load_predictions, save_predictions
+
+    d = dets([[1.0, 2.0], [3.0, 4.0]], scores=[0.9, 0.8])
+    query = torch.tensor([[1.5, 2.5], [3.5, 4.5]])
+    with_query = [Detections3D(Boxes3D(d.boxes.tensor.float()), d.scores, d.labels, query_xy=query)]
+    save_predictions(tmp_path / "q.pt", PredictionsFile(["f"], with_query, NAMES, (0.0,) * 6))
+    loaded = load_predictions(tmp_path / "q.pt").detections[0]
+    torch.testing.assert_close(loaded.query_xy, with_query[0].query_xy)
+    without = [Detections3D(with_query[0].boxes, with_query[0].scores, with_query[0].labels)]
+    save_predictions(tmp_path / "old.pt", PredictionsFile(["f"], without, NAMES, (0.0,) * 6))
+    assert load_predictions(tmp_path / "old.pt").detections[0].query_xy is None
+
+
+def test_query_voxels_can_be_switched_off():
+    gate = {"Vehicle": 1.0, "Pedestrian": 1, "Cyclist": 1}
+    tracker = VoxelNeXtTracker(NAMES, TrackerConfig(max_distance=gate, use_query_voxels=False))
+    a = tracker.step(dets([[0.0, 0.0]], query=[[1.5, 0.0]]), 0.0)
+    b = tracker.step(dets([[3.0, 0.0]], query=[[1.5, 0.0]]), 0.1)
+    assert int(b.track_ids[0]) != int(a.track_ids[0])

@@ -50,6 +50,8 @@ class TrackerConfig:
         velocity_smoothing: weight of the newest displacement-based velocity in the track's
             estimate (7-column boxes only), in (0, 1]; 1 = the last displacement alone.
         report_tentative: report the detections of tracks not yet confirmed.
+        use_query_voxels: associate by query voxels as well as centres (False: centres only, for
+            ablation).
     """
 
     max_distance: Mapping[str, float] = field(
@@ -60,6 +62,7 @@ class TrackerConfig:
     max_age: int = 3
     velocity_smoothing: float = 0.5
     report_tentative: bool = True
+    use_query_voxels: bool = True
 
     def __post_init__(self) -> None:
         for name, value in self.max_distance.items():
@@ -166,7 +169,9 @@ class VoxelNeXtTracker:
         if len(labels) and (labels.min() < 0 or labels.max() >= len(self.class_names)):
             raise ValueError(f"Detections3D.labels: expected values in [0, {len(self.class_names)}), got {labels}")
         boxes = detections.boxes.tensor.detach().cpu().double().numpy()
-        query = None if detections.query_xy is None else detections.query_xy.detach().cpu().double().numpy()
+        query = None
+        if detections.query_xy is not None and self.config.use_query_voxels:
+            query = detections.query_xy.detach().cpu().double().numpy()
         valid = np.flatnonzero(detections.scores.detach().cpu().numpy() >= self.config.min_score)
 
         self._propagate(dt)
