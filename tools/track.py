@@ -14,7 +14,6 @@ dataset (``nuscenes_gt/``), so both kinds of data take one scoring path.
 from __future__ import annotations
 
 import logging
-from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,6 +35,7 @@ from voxsparse.evaluation.nuscenes_tracking import (
     detections_to_global,
     evaluate_nuscenes_tracking,
     export_tracking_submission,
+    sequences_from_nusc,
     write_tracking_dataset,
 )
 from voxsparse.models.trackers import TrackerConfig, VoxelNeXtTracker
@@ -116,13 +116,10 @@ def _nuscenes(cfg: DictConfig, model, info) -> tuple[DatasetPredictions, Sequenc
     predictions = predict_dataset(model, val_set, info, cfg.batch_size)
     nusc = NuScenes(version=cfg.dataset.version, dataroot=str(cfg.dataset.raw_root), verbose=False)
     tokens = list(predictions.frame_ids)  # prepared nuScenes frames are named by their sample token
-    samples = [nusc.get("sample", t) for t in tokens]
-    by_scene: dict[str, list[int]] = defaultdict(list)
-    for i, sample in enumerate(samples):
-        by_scene[sample["scene_token"]].append(i)
+    indices, timestamps = sequences_from_nusc(nusc, tokens)
     sequences = Sequences(
-        indices=[sorted(v, key=lambda i: samples[i]["timestamp"]) for v in by_scene.values()],
-        timestamps=[s["timestamp"] * 1e-6 for s in samples],
+        indices=indices,
+        timestamps=timestamps,
         sample_tokens=tokens,
         lidar_to_global=lidar_to_global_from_nusc(nusc, tokens),
         export_names=list(model.class_names),

@@ -14,6 +14,7 @@ from voxsparse.evaluation.nuscenes import RigidTransform
 from voxsparse.evaluation.nuscenes_tracking import (
     evaluate_nuscenes_tracking,
     export_tracking_submission,
+    sequences_from_nusc,
     write_tracking_dataset,
 )
 from voxsparse.structures import Boxes3D, Detections3D
@@ -101,3 +102,19 @@ def test_ego_must_move_at_constant_velocity(tmp_path, sequences):
     frames[2] = type(frames[2])(frames[2].annotations, pose, frames[2].timestamp)
     with pytest.raises(ValueError, match="constant velocity"):
         write_tracking_dataset(tmp_path, [frames], CLASS_NAMES)
+
+
+def test_nuscenes_samples_are_grouped_by_scene_in_time_order(tmp_path):
+    from nuscenes import NuScenes
+
+    from voxsparse.data.nuscenes_tiny import TinyNuScenesSpec, TinyScene, write_tiny_nuscenes
+
+    tiny = write_tiny_nuscenes(
+        tmp_path, TinyNuScenesSpec((TinyScene("a", 3), TinyScene("b", 2)), points_per_object=1, ground_points=0)
+    )
+    nusc = NuScenes(version=tiny.version, dataroot=str(tiny.dataroot), verbose=False)
+    (a0, a1, a2), (b0, b1) = tiny.sample_tokens
+    tokens = [b1, a2, a0, b0, a1]  # shuffled, as a sharded prediction run may list them
+    indices, times = sequences_from_nusc(nusc, tokens)
+    assert [[tokens[i] for i in seq] for seq in indices] == [[b0, b1], [a0, a1, a2]]
+    assert times[2] + 1.0 == pytest.approx(times[1])  # a0 and a2 are two 0.5 s keyframes apart

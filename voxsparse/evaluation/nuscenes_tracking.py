@@ -49,6 +49,7 @@ __all__ = [
     "detections_to_global",
     "evaluate_nuscenes_tracking",
     "export_tracking_submission",
+    "sequences_from_nusc",
     "write_tracking_dataset",
 ]
 
@@ -139,6 +140,25 @@ def export_tracking_submission(
     if path is not None:
         atomic_write(path, lambda f: f.write(json.dumps(submission).encode("utf-8")))
     return submission
+
+
+def sequences_from_nusc(nusc: Any, sample_tokens: Sequence[str]) -> tuple[list[list[int]], list[float]]:
+    """Group samples into their scenes, in time order.
+
+    Args:
+        nusc: a loaded ``nuscenes.NuScenes``.
+        sample_tokens: samples in any order.
+
+    Returns:
+        Per scene (in order of first appearance), indices into ``sample_tokens`` sorted by time; and
+        per sample, its timestamp in seconds.
+    """
+    samples = [nusc.get("sample", t) for t in sample_tokens]
+    scenes: dict[str, list[int]] = {}
+    for i, sample in enumerate(samples):
+        scenes.setdefault(sample["scene_token"], []).append(i)
+    order = [sorted(v, key=lambda i: samples[i]["timestamp"]) for v in scenes.values()]
+    return order, [s["timestamp"] * 1e-6 for s in samples]
 
 
 @dataclass(frozen=True)
