@@ -7,6 +7,8 @@
     python tools/visualize.py points=scan.bin camera=orbit      # a point file (.bin .npy .pcd .ply)
     python tools/visualize.py num_frames=20 +dataset.val.sequence_length=20 camera=orbit output=seq.mp4
                                                                 # a sequence with track trails (or .gif)
+    python tools/visualize.py checkpoint=... track=true num_frames=20 +dataset.val.sequence_length=20 \
+        output=tracks.gif                                       # trails of the tracker's tracks
 
 Headless (no DISPLAY) it renders with Open3D's offscreen renderer on the CPU (Vulkan lavapipe;
 Debian packages libusb-1.0-0 libvulkan1 mesa-vulkan-drivers), or, where that cannot run, draws a
@@ -135,6 +137,39 @@ def _predictor(
     return None, None, None
 
 
+def _tracked(
+    predict: Callable[[int], Any], frames: _Frames, class_names: list[str], min_score: float
+) -> Callable[[int], Any]:
+    """``predict`` with ``track_ids`` from a :class:`VoxelNeXtTracker` run over frames 0, 1, ... in order,
+    on the detections scoring at least ``min_score`` (those drawn).
+
+    Tracking runs in the world frame of the frames' ``ego_pose`` (world-from-LiDAR, level) at their
+    ``timestamp``; the tracks come back in each frame's LiDAR frame, where they are drawn.
+    """
+    from voxsparse.evaluation.nuscenes import RigidTransform
+    from voxsparse.evaluation.nuscenes_tracking import detections_to_global
+    from voxsparse.models.trackers import TrackerConfig, VoxelNeXtTracker
+
+    tracker, tracks, times = VoxelNeXtTracker(class_names, TrackerConfig(min_score=min_score)), [], []
+
+    def tracked(i: int) -> Any:
+        while len(tracks) <= i:
+            k = len(tracks)
+            pose, timestamp = _field(frames[k], "ego_pose"), _field(frames[k], "timestamp")
+            if pose is None or timestamp is None:
+                raise ValueError("track=true needs dataset frames with ego_pose and timestamp (a sequence)")
+            if times and timestamp <= times[-1]:
+                tracker.reset()  # time went back: the frames crossed into the next sequence
+            times.append(timestamp)
+            pose = np.asarray(pose, dtype=np.float64)
+            to_world = RigidTransform.from_yaw(float(np.arctan2(pose[1, 0], pose[0, 0])), pose[:3, 3])
+            world = tracker.step(detections_to_global(predict(k), to_world), float(timestamp))
+            tracks.append(detections_to_global(world, to_world.inverse()))
+        return tracks[i]
+
+    return tracked
+
+
 #: Ground area shown for dataset frames when no model range is known (the small models' grid).
 DEFAULT_EXTENT = (-51.2, -51.2, 51.2, 51.2)
 
@@ -158,13 +193,20 @@ def run(cfg: DictConfig, output_dir: Path) -> list[Path]:
     frames, class_names = _frames(cfg)
     predict, pcr, predicted_names = _predictor(cfg, frames)
     class_names = predicted_names or class_names
+    if cfg.track:
+        if predict is None or cfg.points is not None:
+            raise ValueError("track=true needs checkpoint=PATH or predictions=PATH on dataset frames")
+        predict = _tracked(predict, frames, class_names, float(cfg.score_threshold))
     extent = _extent(cfg, pcr, frames)
 
     def scene(i: int, color_by: str | None = None) -> Scene:
         frame = frames[i]
         trails = None
         if cfg.num_frames > 1 and cfg.trail_length > 1 and cfg.points is None:
-            trails = trail_history(frames, i, int(cfg.trail_length))
+            if cfg.track:
+                trails = trail_history(frames, i, int(cfg.trail_length), "predictions", [predict(j) for j in range(i + 1)])
+            else:
+                trails = trail_history(frames, i, int(cfg.trail_length))
         return build_scene(
             _field(frame, "points"),
             frame if cfg.ground_truth and cfg.points is None else None,
