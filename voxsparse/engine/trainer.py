@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +61,10 @@ class TrainerConfig:
     log_every: int = 20
     tensorboard: bool = True
     seed: int = 0
+
+
+#: Loss terms shown on the progress bar, by their short names.
+_SHORT = {"total": "loss", "heatmap": "hm", "keypoint": "kp"}
 
 
 class Trainer:
@@ -183,12 +187,15 @@ class Trainer:
             with torch.autocast("cuda", dtype=torch.float16, enabled=self.use_amp):
                 preds = self.ddp(batch.points)
             losses = self.model.head.loss(preds, batch.annotations, self.reduce_counts)
-            terms = torch.stack([losses.total.detach(), losses.heatmap, losses.regression])
+            # Every scalar term the head reports (detection's, plus e.g. keypoint and visibility).
+            names = [f.name for f in fields(losses) if isinstance(getattr(losses, f.name), torch.Tensor)]
+            terms = torch.stack([getattr(losses, n).detach() for n in names])
             if self.info.enabled:
                 # With positives counted over all ranks, the mean of the ranks' losses is the global
                 # batch's loss; and every rank stops on a non-finite one (none is left in backward).
                 terms = mean_over_ranks(terms)
-            loss, hm_loss, reg_loss = terms.tolist()
+            values = dict(zip(names, terms.tolist()))
+            loss = values["total"]
             if not math.isfinite(loss):
                 frames = f"frames of rank {self.info.rank}: {batch.frame_ids}"
                 raise FloatingPointError(f"non-finite loss at step {self.step} ({frames})")
@@ -201,14 +208,14 @@ class Trainer:
             self.scaler.update()
             self.scheduler.step()
             self.step += 1
-            bar.set_postfix(loss=f"{loss:.3f}", hm=f"{hm_loss:.3f}")
+            bar.set_postfix({short: f"{values[n]:.3f}" for n, short in _SHORT.items() if n in values})
             if self.writer is not None and self.step % self.cfg.log_every == 0:
-                self.writer.add_scalar("loss/total", loss, self.step)
-                self.writer.add_scalar("loss/heatmap", hm_loss, self.step)
-                self.writer.add_scalar("loss/regression", reg_loss, self.step)
+                for name, value in values.items():
+                    self.writer.add_scalar(f"loss/{name}", value, self.step)
                 self.writer.add_scalar("lr", self.scheduler.get_last_lr()[0], self.step)
         if self.info.is_main:
+            parts = ", ".join(f"{n} {v:.3f}" for n, v in values.items() if n != "total")
             log.info(
-                "epoch %d/%d: loss %.3f (heatmap %.3f, regression %.3f), lr %.2e",
-                self.epoch + 1, self.cfg.epochs, loss, hm_loss, reg_loss, self.scheduler.get_last_lr()[0],
+                "epoch %d/%d: loss %.3f (%s), lr %.2e",
+                self.epoch + 1, self.cfg.epochs, loss, parts, self.scheduler.get_last_lr()[0],
             )
