@@ -5,6 +5,9 @@
     python tools/benchmark.py --model dsvt_pillar_waymo --device cuda --voxels 100000   # Waymo scale
     python tools/benchmark.py ... --json bench.json     # also write the numbers as JSON
     python tools/benchmark.py ... --input cloud.pt      # reuse one input across runs (written if absent)
+    python tools/benchmark.py --model voxelnext_nuscenes --device cuda --voxels 153782 \
+        --compare /path/to/OpenPCDet --train           # ours and OpenPCDet's backbone, same input
+    python tools/benchmark.py ... --profile trace_dir   # torch.profiler table of the backbone
 
 The input is one frame of the synthetic world scanned by a dense spinning LiDAR whose beam count
 is chosen to give about ``--points`` returns, cut to exactly that many (or, with ``--voxels``, to
@@ -12,27 +15,39 @@ the fewest points that fill that many voxels of the model's grid); a time-lag ch
 is appended when the model's config expects nuScenes' 5 point features. Each stage is timed
 separately on that input (median of ``--repeats`` after ``--warmup``, CUDA synchronised), then the
 whole detector end to end.
+
+``--compare`` (VoxelNeXt configs) loads OpenPCDet's ``VoxelResBackBone8xVoxelNeXt`` from a checkout,
+feeds it the very voxels ours gets and times both in alternation in this process: forward in fp32,
+under fp16 autocast, ours also BatchNorm-fused (:mod:`voxsparse.models.fusion`) in fp32 and in pure
+fp16, and with ``--train`` forward+backward; voxelization is put next to spconv's ``PointToVoxel``.
+The fused outputs are checked against the unfused ones and the largest difference is printed.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import importlib.util
 import json
 import math
 import platform
-from dataclasses import asdict
+import sys
+import types
 from pathlib import Path
 
+import numpy as np
 import torch
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
+from torch import nn
 
 from voxsparse.data.synthetic import LidarConfig, generate_frame
 from voxsparse.models.detectors.sparse_detector import SparseDetector
+from voxsparse.models.fusion import fuse_for_inference
 from voxsparse.ops.voxelize import dynamic_voxelize
 from voxsparse.structures import PointBatch, VoxelGrid
 from voxsparse.utils.io import atomic_write
-from voxsparse.utils.timing import Timing, measure
+from voxsparse.utils.timing import Timing, measure, measure_interleaved
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 
@@ -141,6 +156,10 @@ def run(args: argparse.Namespace) -> dict:
 
         results["backbone fwd+bwd"] = measure(lambda: _backbone_step(model, voxels, amp), device, args.repeats, args.warmup)
         results["train step (loss + backward)"] = measure(step, device, args.repeats, args.warmup)
+        model.eval()
+    comparison = compare(model, voxels, points, args) if args.compare else None
+    if args.profile:
+        profile_backbone(model, voxels, amp, args.profile)
     info = {
         "model": args.model,
         "parameters_M": round(sum(p.numel() for p in model.parameters()) / 1e6, 3),
@@ -151,9 +170,144 @@ def run(args: argparse.Namespace) -> dict:
         "points": len(points.points),
         "voxels": len(voxels),
         "bev_cells": len(bev),
-        "timings": {k: asdict(v) for k, v in results.items()},
+        "timings": {k: dataclasses.asdict(v) for k, v in results.items()},
     }
+    if comparison is not None:
+        info["comparison"] = comparison
     return info
+
+
+def load_openpcdet_voxelnext(root: Path) -> type[nn.Module]:
+    """OpenPCDet's ``VoxelResBackBone8xVoxelNeXt`` class from a checkout at ``root``.
+
+    The two source files are loaded by path under stub packages: pcdet's package ``__init__`` files
+    import its compiled CUDA ops, which the backbone does not use. Our backend has imported
+    spconv already, so pcdet's ``SPCONV_USE_DIRECT_TABLE = False`` does not take effect and both
+    backbones run spconv with the same settings (its default, direct tables on).
+    """
+    files = {
+        "pcdet.utils.spconv_utils": root / "pcdet/utils/spconv_utils.py",
+        "pcdet.models.backbones_3d.spconv_backbone_voxelnext": root / "pcdet/models/backbones_3d/spconv_backbone_voxelnext.py",
+    }
+    missing = [str(f) for f in files.values() if not f.is_file()]
+    if missing:
+        raise FileNotFoundError(f"--compare {root}: not an OpenPCDet checkout, missing {missing}")
+    for package in ("pcdet", "pcdet.utils", "pcdet.models", "pcdet.models.backbones_3d"):
+        stub = types.ModuleType(package)
+        stub.__path__ = [str(root / package.replace(".", "/"))]
+        sys.modules.setdefault(package, stub)
+    module = None
+    for name, path in files.items():
+        spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return module.VoxelResBackBone8xVoxelNeXt
+
+
+def compare(model: SparseDetector, voxels, points: PointBatch, args: argparse.Namespace) -> dict:
+    """Ours against OpenPCDet's VoxelNeXt backbone on the same voxels, timed in alternation."""
+    device = voxels.features.device
+    if device.type != "cuda":
+        # OpenPCDet's residual convs have biases, which spconv's CPU kernels refuse in eval mode.
+        raise SystemExit("--compare needs --device cuda: OpenPCDet's VoxelNeXt backbone cannot run inference on the CPU")
+    grid = model.grid
+    theirs_cls = load_openpcdet_voxelnext(args.compare)
+    # OpenPCDet's grid_size is (x, y, z); it pads z by one (sparse_shape = grid_size[::-1] + [1, 0, 0]).
+    theirs = theirs_cls({}, voxels.features.shape[1], np.array(grid.grid_size)).to(device).eval()
+    ours = model.backbone.eval()
+    fused = fuse_for_inference(model).backbone
+    fused_half = fuse_for_inference(model).half().backbone
+    half_voxels = dataclasses.replace(voxels, features=voxels.features.half())
+    autocast = torch.autocast("cuda", dtype=torch.float16)
+
+    def run_theirs():
+        out = theirs({"voxel_features": voxels.features, "voxel_coords": voxels.coords, "batch_size": voxels.batch_size})
+        return out["encoded_spconv_tensor"]
+
+    def amp(fn):
+        def wrapped():
+            with autocast:
+                return fn()
+        return wrapped
+
+    with torch.no_grad():
+        ref = ours(voxels)
+        diff_fused = (fused(voxels).features - ref.features).abs().max().item()
+        diff_half = (fused_half(half_voxels).features.float() - ref.features).abs().max().item()
+        theirs_out = run_theirs()
+        forward = {
+            "ours fp32": lambda: ours(voxels),
+            "ours fp32 fused": lambda: fused(voxels),
+            "OpenPCDet fp32": run_theirs,
+            "ours fp16 autocast": amp(lambda: ours(voxels)),
+            "ours fp16 fused (half weights)": lambda: fused_half(half_voxels),
+            "OpenPCDet fp16 autocast": amp(run_theirs),
+        }
+        timings = measure_interleaved(forward, device, rounds=args.rounds, per_round=args.repeats // args.rounds or 1,
+                                      warmup=args.warmup)
+    if args.train:
+        ours.train()
+        theirs.train()
+
+        def step(fn, use_amp):
+            def call():
+                with torch.autocast("cuda", dtype=torch.float16, enabled=use_amp):
+                    out = fn()
+                out.features.float().sum().backward()
+            return call
+
+        train = {
+            "ours fwd+bwd fp32": step(lambda: ours(voxels), False),
+            "OpenPCDet fwd+bwd fp32": step(run_theirs, False),
+            "ours fwd+bwd fp16 autocast": step(lambda: ours(voxels), True),
+            "OpenPCDet fwd+bwd fp16 autocast": step(run_theirs, True),
+        }
+        timings |= measure_interleaved(train, device, rounds=args.rounds, per_round=args.repeats // args.rounds or 1,
+                                       warmup=args.warmup)
+        ours.zero_grad(set_to_none=True)
+        theirs.zero_grad(set_to_none=True)
+        ours.eval()
+    voxelize = {"ours: dynamic voxelize + mean": lambda: model.voxel_encoder(points)}
+    try:
+        from spconv.pytorch.utils import PointToVoxel
+    except ImportError:
+        PointToVoxel = None
+    if PointToVoxel is not None:
+        gen = PointToVoxel(vsize_xyz=list(grid.voxel_size), coors_range_xyz=list(grid.point_cloud_range),
+                           num_point_features=points.points.shape[1], max_num_voxels=len(voxels) + 1000,
+                           max_num_points_per_voxel=10, device=device)
+        voxelize["spconv PointToVoxel (no mean)"] = lambda: gen(points.points)
+    with torch.no_grad():
+        timings |= measure_interleaved(voxelize, device, rounds=args.rounds, per_round=args.repeats // args.rounds or 1,
+                                       warmup=args.warmup)
+    return {
+        "openpcdet": str(args.compare),
+        "ours_backbone_parameters_M": round(sum(p.numel() for p in ours.parameters()) / 1e6, 4),
+        "openpcdet_backbone_parameters_M": round(sum(p.numel() for p in theirs.parameters()) / 1e6, 4),
+        "ours_bev_cells": len(ref.coords),
+        "openpcdet_bev_cells": len(theirs_out.indices),
+        "max_abs_diff_fused_fp32": diff_fused,
+        "max_abs_diff_fused_half": diff_half,
+        "max_abs_output": ref.features.abs().max().item(),
+        "timings": {k: dataclasses.asdict(v) for k, v in timings.items()},
+    }
+
+
+def profile_backbone(model: SparseDetector, voxels, amp, out_dir: Path) -> None:
+    """torch.profiler over five backbone forwards: a kernel table and a Chrome trace in ``out_dir``."""
+    from torch.profiler import ProfilerActivity, profile
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if voxels.features.is_cuda else [])
+    with torch.no_grad(), amp, profile(activities=activities, record_shapes=False) as prof:
+        for _ in range(5):
+            model.backbone(voxels)
+        if voxels.features.is_cuda:
+            torch.cuda.synchronize()
+    sort = "cuda_time_total" if voxels.features.is_cuda else "cpu_time_total"
+    (out_dir / "backbone_profile.txt").write_text(prof.key_averages().table(sort_by=sort, row_limit=60))
+    prof.export_chrome_trace(str(out_dir / "backbone_trace.json"))
 
 
 def _backbone_step(model: SparseDetector, voxels, amp) -> None:
@@ -182,7 +336,17 @@ def table(info: dict) -> str:
         "| stage | median ms | p10 ms | p90 ms | peak MB |",
         "|---|---|---|---|---|",
     ]
-    for name, t in info["timings"].items():
+    timings = dict(info["timings"])
+    if "comparison" in info:
+        c = info["comparison"]
+        lines[:0] = [(
+            f"OpenPCDet ({c['openpcdet']}): backbone {c['openpcdet_backbone_parameters_M']} M params, "
+            f"ours {c['ours_backbone_parameters_M']} M; BEV cells ours {c['ours_bev_cells']:,}, theirs "
+            f"{c['openpcdet_bev_cells']:,}; fused vs unfused max |diff| {c['max_abs_diff_fused_fp32']:.2e} (fp32), "
+            f"{c['max_abs_diff_fused_half']} (half) of max |output| {c['max_abs_output']:.2f}"
+        )]
+        timings |= {f"[compare] {k}": v for k, v in c["timings"].items()}
+    for name, t in timings.items():
         peak = "n/a" if t["peak_memory_mb"] is None else f"{t['peak_memory_mb']:.0f}"
         lines.append(f"| {name} | {t['median_ms']:.2f} | {t['p10_ms']:.2f} | {t['p90_ms']:.2f} | {peak} |")
     return "\n".join(lines)
@@ -200,6 +364,9 @@ def main() -> None:
     parser.add_argument("--amp", action="store_true", help="float16 autocast (CUDA only)")
     parser.add_argument("--train", action="store_true", help="also time forward+backward")
     parser.add_argument("--json", type=Path, help="write the numbers here")
+    parser.add_argument("--compare", type=Path, help="an OpenPCDet checkout: time its VoxelNeXt backbone beside ours")
+    parser.add_argument("--rounds", type=int, default=5, help="alternation rounds of --compare")
+    parser.add_argument("--profile", type=Path, help="write a torch.profiler table and trace of the backbone here")
     args = parser.parse_args()
     info = run(args)
     print(table(info))

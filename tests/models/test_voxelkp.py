@@ -354,6 +354,8 @@ def test_decode_reads_keypoints_at_the_cell_nearest_to_each_detection(offset, re
     row = cell_row(bev, *read_at)
     torch.testing.assert_close(frame.keypoints[0], keypoints[row] + torch.tensor([*read_at, 0.0]))
     torch.testing.assert_close(frame.keypoint_scores[0], logits[row].sigmoid())
+    # The tracker associates by the query cell; keypoint detections keep it.
+    torch.testing.assert_close(frame.query_xy[0], torch.tensor([2.5, 3.5]))
 
 
 def test_keypoint_detections_name_a_bad_field():

@@ -42,12 +42,46 @@ def measure(fn: Callable[[], object], device: torch.device, repeats: int = 15, w
         if cuda:
             torch.cuda.synchronize(device)
         samples.append((time.perf_counter() - start) * 1e3)
-    samples.sort()
-    peak = torch.cuda.max_memory_allocated(device) / 2**20 if cuda else None
+    return _timing(samples, torch.cuda.max_memory_allocated(device) / 2**20 if cuda else None)
+
+
+def _timing(samples: list[float], peak_mb: float | None) -> Timing:
+    samples = sorted(samples)
     return Timing(
         median_ms=statistics.median(samples),
         p10_ms=samples[int(0.1 * (len(samples) - 1))],
         p90_ms=samples[int(0.9 * (len(samples) - 1))],
-        repeats=repeats,
-        peak_memory_mb=peak,
+        repeats=len(samples),
+        peak_memory_mb=peak_mb,
     )
+
+
+def measure_interleaved(
+    fns: dict[str, Callable[[], object]], device: torch.device, rounds: int = 5, per_round: int = 4, warmup: int = 3
+) -> dict[str, Timing]:
+    """Time several callables in alternation, ``per_round`` calls of each per round.
+
+    Comparisons on the lent GPUs only hold within one process and one stretch of time (machines
+    drift by tens of percent), so A and B take turns: A A A A, B B B B, A A A A, ... Each one's peak
+    memory is taken over its own calls only.
+    """
+    cuda = device.type == "cuda"
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    peaks: dict[str, float] = dict.fromkeys(fns, 0.0)
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            if cuda:
+                torch.cuda.synchronize(device)
+                torch.cuda.reset_peak_memory_stats(device)
+            for _ in range(per_round):
+                start = time.perf_counter()
+                fn()
+                if cuda:
+                    torch.cuda.synchronize(device)
+                samples[name].append((time.perf_counter() - start) * 1e3)
+            if cuda:
+                peaks[name] = max(peaks[name], torch.cuda.max_memory_allocated(device) / 2**20)
+    return {name: _timing(s, peaks[name] if cuda else None) for name, s in samples.items()}

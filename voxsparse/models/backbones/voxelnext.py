@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from voxsparse.models.fusion import fuse_conv_bn
 from voxsparse.models.layers import batch_norm_1d
 from voxsparse.ops.sparse_backend import SparseConvTensor, spnn
 from voxsparse.ops.sparse_utils import merge_duplicates
@@ -52,14 +53,21 @@ class SparseBasicBlock(spnn.SparseModule):
         self.bn1 = batch_norm_1d(channels)
         self.conv2 = conv_cls(channels, channels, 3, padding=1, bias=False, indice_key=indice_key)
         self.bn2 = batch_norm_1d(channels)
+        self.act1 = nn.ReLU(inplace=True)
         self.relu = nn.ReLU(inplace=True)
 
     def forward(self, x: SparseConvTensor) -> SparseConvTensor:
         identity = x.features
         out = self.conv1(x)
-        out = out.replace_feature(self.relu(self.bn1(out.features)))
+        out = out.replace_feature(self.act1(self.bn1(out.features)))
         out = self.conv2(out)
         return out.replace_feature(self.relu(self.bn2(out.features) + identity))
+
+    def fuse_(self) -> None:
+        """Fold both BatchNorms into their convolutions, and on CUDA the first ReLU into conv1's
+        kernel (inference only; see :func:`voxsparse.models.fusion.fuse_for_inference`)."""
+        self.bn1, self.act1 = fuse_conv_bn(self.conv1, self.bn1, self.act1)
+        self.bn2, _ = fuse_conv_bn(self.conv2, self.bn2, None)
 
 
 @dataclass

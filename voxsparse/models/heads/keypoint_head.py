@@ -232,7 +232,7 @@ class KeypointHead(nn.Module):
             keypoints[..., :2] += cell_xy[rows][:, None, :]
             results.append(
                 KeypointDetections3D(
-                    boxes=frame.boxes, scores=frame.scores, labels=frame.labels, track_ids=frame.track_ids,
+                    boxes=frame.boxes, scores=frame.scores, labels=frame.labels, track_ids=frame.track_ids, query_xy=frame.query_xy,
                     keypoints=keypoints, keypoint_scores=pred.visibility[rows].float().sigmoid(),
                 )
             )

@@ -1,0 +1,83 @@
+"""Fused inference (BatchNorm folded into sparse convs, ReLU in spconv's epilogue) equals the
+unfused eval-mode model."""
+
+import functools
+
+import pytest
+import torch
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from voxsparse.data.synthetic import LidarConfig, generate_frame
+from voxsparse.models.backbones.voxelnext import VoxelNeXtBackbone
+from voxsparse.models.detectors.sparse_detector import SparseDetector
+from voxsparse.models.fusion import fuse_for_inference
+from voxsparse.models.heads.voxelnext_head import VoxelNeXtHead
+from voxsparse.models.voxel_encoders import MeanVFE
+from voxsparse.structures import PointBatch, VoxelGrid
+
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+RANGE = (-24.0, -24.0, -3.0, 24.0, 24.0, 2.0)
+
+
+def _model() -> SparseDetector:
+    torch.manual_seed(0)
+    model = SparseDetector(
+        MeanVFE(VoxelGrid((0.2, 0.2, 0.25), RANGE), in_channels=4),
+        functools.partial(VoxelNeXtBackbone, channels=(16, 32, 32, 32), blocks=(1, 2, 1, 1), bev_stage=2,
+                          out_channels=32),
+        functools.partial(VoxelNeXtHead, head_channels=32, num_convs=1),
+        ("Vehicle", "Pedestrian", "Cyclist"),
+    )
+    # Non-trivial BatchNorm statistics and affine parameters, as after training.
+    for m in model.modules():
+        if isinstance(m, _BatchNorm):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+            torch.nn.init.uniform_(m.weight, 0.5, 1.5)
+            torch.nn.init.uniform_(m.bias, -0.2, 0.2)
+    return model.eval()
+
+
+def _points() -> PointBatch:
+    cloud = torch.from_numpy(generate_frame(3, lidar=LidarConfig(beams=32)).points)
+    return PointBatch.from_frames([cloud, cloud[::2].clone()])
+
+
+def test_fused_model_has_no_batch_norm_left_and_original_is_untouched():
+    model = _model()
+    fused = fuse_for_inference(model)
+    assert not any(isinstance(m, _BatchNorm) for m in fused.backbone.modules())
+    assert not any(isinstance(m, _BatchNorm) for m in fused.head.modules())
+    assert any(isinstance(m, _BatchNorm) for m in model.backbone.modules())
+    assert not fused.training
+
+
+def test_fused_predictions_equal_unfused():
+    model = _model()
+    fused = fuse_for_inference(model)
+    points = _points()
+    with torch.no_grad():
+        ref, out = model(points), fused(points)
+        bev_ref = model.backbone(model.voxel_encoder(points))
+        bev_out = fused.backbone(fused.voxel_encoder(points))
+    assert torch.equal(bev_ref.coords, bev_out.coords)
+    scale = bev_ref.features.abs().max()
+    torch.testing.assert_close(bev_out.features, bev_ref.features, atol=1e-4 * scale, rtol=1e-4)
+    for name in ref.__dataclass_fields__:
+        a, b = getattr(ref, name), getattr(out, name)
+        if isinstance(a, torch.Tensor) and a.is_floating_point():
+            torch.testing.assert_close(b, a, atol=1e-3, rtol=1e-3, msg=name)
+
+
+@requires_cuda
+def test_fused_epilogue_equals_unfused_on_cuda():
+    model = _model().cuda()
+    fused = fuse_for_inference(model)
+    points = _points().to("cuda")
+    assert any(m.bias is not None for m in fused.backbone.modules() if hasattr(m, "act_type"))
+    with torch.no_grad():
+        bev_ref = model.backbone(model.voxel_encoder(points))
+        bev_out = fused.backbone(fused.voxel_encoder(points))
+    assert torch.equal(bev_ref.coords, bev_out.coords)
+    scale = bev_ref.features.abs().max()
+    torch.testing.assert_close(bev_out.features, bev_ref.features, atol=1e-4 * scale, rtol=1e-4)
