@@ -7,7 +7,14 @@ import pytest
 import torch
 
 from voxsparse.ops.scatter import scatter_max, scatter_mean, scatter_sum
-from voxsparse.ops.voxelize import DynamicVoxels, HardVoxels, Voxelizer, dynamic_voxelize, hard_voxelize
+from voxsparse.ops.voxelize import (
+    DynamicVoxels,
+    HardVoxels,
+    Voxelizer,
+    dynamic_voxelize,
+    hard_voxelize,
+    voxel_keys,
+)
 from voxsparse.structures import PointBatch, VoxelGrid
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -228,6 +235,33 @@ def test_dynamic_invariant_to_point_order():
     full_b = torch.full((len(perm),), -1, dtype=torch.long)
     full_b[b.kept] = b.point_to_voxel
     assert torch.equal(full_a[perm], full_b)
+
+
+def test_voxel_of_point_sends_out_of_range_points_past_the_last_voxel():
+    points = PointBatch.from_frames([torch.tensor([[0.1, 0.1, 0.1], [9.0, 0.0, 0.0], [0.1, 0.1, 0.1]]),
+                                     torch.tensor([[-3.9, 4.9, 0.5]])])
+    out = dynamic_voxelize(points, EXACT_GRID)
+    assert len(out) == 2 and out.voxel_of_point.tolist() == [0, 2, 0, 1]
+    assert out.num_points.tolist() == [2, 1] and out.point_to_voxel.tolist() == [0, 0, 1]
+
+
+def test_keys_use_32_bits_when_the_grid_allows():
+    small = voxel_keys(_cloud(NUSCENES_GRID, [50, 60], 6), NUSCENES_GRID)
+    assert small.dtype == torch.int32 and small[-1] == 2 * math.prod(NUSCENES_GRID.spatial_shape)
+    big = VoxelGrid((0.01, 0.01, 0.01), (-100.0, -100.0, -4.0, 100.0, 100.0, 4.0))
+    assert voxel_keys(_cloud(big, [20], 7), big).dtype == torch.int64
+
+
+@requires_cuda
+@pytest.mark.parametrize("grid", [EXACT_GRID, NUSCENES_GRID])
+def test_cuda_keys_equal_cpu_keys_bit_for_bit(grid):
+    # On CUDA one Triton kernel computes the keys; the CPU path is torch's. Borders included.
+    points = _cloud(grid, [500, 0, 700], 8)
+    lo = torch.tensor(grid.point_cloud_range[:3])
+    on_borders = lo + torch.randint(0, 20, (300, 3)) * torch.tensor(grid.voxel_size)
+    frames = [points.points, on_borders.float(), torch.tensor([[1e4, 0.0, 0.0]] * 3)]
+    batch = PointBatch.from_frames([f[:, :3].contiguous() for f in frames])
+    assert torch.equal(voxel_keys(batch.to("cuda"), grid).cpu(), voxel_keys(batch, grid))
 
 
 def test_large_grid_keys_do_not_overflow():

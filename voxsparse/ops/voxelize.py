@@ -32,19 +32,28 @@ class DynamicVoxels:
 
     Attributes:
         coords: (M, 4) int32 (batch, z, y, x), unique, sorted lexicographically.
-        point_to_voxel: (N_kept,) int64 row of ``coords`` of each kept point, in input order
-            (``coords[point_to_voxel]`` is each kept point's voxel).
-        kept: (N,) bool, True for the points inside the range (``kept_rows`` selects them).
+        voxel_of_point: (N,) int64 row of ``coords`` of every input point, or M (one past the last
+            voxel) for a point out of range. Reductions over all N points into M + 1 groups, the
+            last one dropped, need no host round trip (``MeanVFE`` does this).
         num_points: (M,) int64 kept points per voxel (>= 1).
     """
 
     coords: torch.Tensor
-    point_to_voxel: torch.Tensor
-    kept: torch.Tensor
+    voxel_of_point: torch.Tensor
     num_points: torch.Tensor
 
     def __len__(self) -> int:
         return self.coords.shape[0]
+
+    @property
+    def kept(self) -> torch.Tensor:
+        """(N,) bool, True for the points inside the range (``kept_rows`` selects them)."""
+        return self.voxel_of_point < len(self)
+
+    @property
+    def point_to_voxel(self) -> torch.Tensor:
+        """(N_kept,) int64 row of ``coords`` of each kept point, in input order."""
+        return self.kept_rows(self.voxel_of_point)
 
     def kept_rows(self, values: torch.Tensor) -> torch.Tensor:
         """(N_kept, *) the rows of ``values`` (N, *) (e.g. the points) that belong to kept points."""
@@ -69,21 +78,43 @@ class HardVoxels:
         return self.coords.shape[0]
 
 
-def _quantize(points: PointBatch, grid: VoxelGrid) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Voxel index of the in-range points.
+def _key_shape(batch_size: int, grid: VoxelGrid) -> tuple[int, int, int, int]:
+    shape = (batch_size, *grid.spatial_shape)
+    if batch_size * shape[1] * shape[2] * shape[3] >= 2**63 - 1:
+        raise ValueError(f"voxelize: batch {batch_size} x grid {grid.spatial_shape} overflows int64 keys")
+    return shape
+
+
+def _key_dtype(num_keys: int) -> torch.dtype:
+    # 32-bit keys halve the radix-sort passes of the unique step whenever the grid allows them.
+    return torch.int32 if num_keys < 2**31 - 1 else torch.int64
+
+
+def voxel_keys(points: PointBatch, grid: VoxelGrid) -> torch.Tensor:
+    """Row-major key over (batch, z, y, x) of each point's voxel, for sorting and unique.
 
     Returns:
-        index: (3, N_kept) int64 voxel index, rows x, y, z.
-        rows: (N_kept,) int64 row of each kept point in ``points``, ascending.
-        kept: (N,) bool mask of the kept points.
+        (N + 1,) int32 (int64 for grids too large for it) keys; key order = lexicographic voxel order.
+        An out-of-range point, and the extra last slot, hold the sentinel ``B * Z * Y * X`` (one past
+        the last voxel), so sorted unique keys always end with exactly one sentinel. On CUDA with
+        Triton installed one kernel computes them (:mod:`voxsparse.ops.triton_voxelize`); elsewhere
+        torch does, with the same float64 arithmetic.
     """
+    shape = _key_shape(points.batch_size, grid)
+    sentinel = shape[0] * shape[1] * shape[2] * shape[3]
+    dtype = _key_dtype(sentinel + 1)
+    if points.points.is_cuda:
+        from voxsparse.ops import triton_voxelize
+
+        if triton_voxelize.available():
+            return triton_voxelize.voxel_keys(points.points, points.batch_index, grid, sentinel, dtype)
     device = points.points.device
     # Channels-first float64 copy: element-wise ops over (3, N) run as long contiguous loops,
     # 2-4x faster on the CPU than over (N, 3).
     xyz = torch.empty(3, len(points.points), dtype=torch.float64, device=device).copy_(points.points[:, :3].T)
     low, high, size, extent = (
-        torch.tensor(v, dtype=dtype, device=device)[:, None]
-        for v, dtype in (
+        torch.tensor(v, dtype=dtype_, device=device)[:, None]
+        for v, dtype_ in (
             (grid.point_cloud_range[:3], torch.float64),
             (grid.point_cloud_range[3:], torch.float64),
             (grid.voxel_size, torch.float64),
@@ -92,20 +123,16 @@ def _quantize(points: PointBatch, grid: VoxelGrid) -> tuple[torch.Tensor, torch.
     )
     inside = (xyz >= low) & (xyz < high)
     kept = inside[0] & inside[1] & inside[2]
-    rows = kept.nonzero().squeeze(1)  # index_select is faster than boolean indexing on the CPU
-    index = xyz.index_select(1, rows).sub_(low).div_(size).floor_().long()
-    return index.clamp_(max=extent - 1), rows, kept
-
-
-def _key_shape(batch_size: int, grid: VoxelGrid) -> tuple[int, int, int, int]:
-    shape = (batch_size, *grid.spatial_shape)
-    if batch_size * shape[1] * shape[2] * shape[3] >= 2**63:
-        raise ValueError(f"voxelize: batch {batch_size} x grid {grid.spatial_shape} overflows int64 keys")
-    return shape
+    index = xyz.sub_(low).div_(size).floor_().clamp_(min=0).long().clamp_(max=extent - 1)
+    keys = torch.full((len(kept) + 1,), sentinel, dtype=torch.int64, device=device)
+    body = keys[:-1]
+    body.copy_(points.batch_index).mul_(shape[1]).add_(index[2]).mul_(shape[2]).add_(index[1]).mul_(shape[3]).add_(index[0])
+    body.masked_fill_(~kept, sentinel)
+    return keys.to(dtype)
 
 
 def _decode_keys(keys: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
-    """(M, 4) int32 coordinates of row-major int64 ``keys`` over ``shape`` (b, z, y, x)."""
+    """(M, 4) int32 coordinates of row-major ``keys`` over ``shape`` (b, z, y, x)."""
     columns = []
     for extent in reversed(shape[1:]):
         columns.append(keys % extent)
@@ -118,15 +145,12 @@ def dynamic_voxelize(points: PointBatch, grid: VoxelGrid) -> DynamicVoxels:
     """Group the in-range points of ``points`` (N, 3 + C) by voxel of ``grid``; no point is dropped
     except out-of-range ones. See the module docstring for the rules."""
     shape = _key_shape(points.batch_size, grid)
-    index, rows, kept = _quantize(points, grid)
-    # Row-major key over (b, z, y, x), built in place: key order = lexicographic order.
-    keys = points.batch_index.index_select(0, rows).long()
-    keys.mul_(shape[1]).add_(index[2]).mul_(shape[2]).add_(index[1]).mul_(shape[3]).add_(index[0])
-    # Sorted unique keys = voxels sorted by (b, z, y, x), whatever the point order.
-    unique_keys, point_to_voxel, num_points = torch.unique(
-        keys, sorted=True, return_inverse=True, return_counts=True
-    )
-    return DynamicVoxels(_decode_keys(unique_keys, shape), point_to_voxel, kept, num_points)
+    keys = voxel_keys(points, grid)
+    # Sorted unique keys = voxels sorted by (b, z, y, x), whatever the point order; the last one is
+    # the sentinel, which also makes the out-of-range points' group index M.
+    unique_keys, inverse, counts = torch.unique(keys, sorted=True, return_inverse=True, return_counts=True)
+    m = unique_keys.shape[0] - 1
+    return DynamicVoxels(_decode_keys(unique_keys[:m], shape), inverse[:-1], counts[:m])
 
 
 def hard_voxelize(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from voxsparse.ops.scatter import scatter_mean
+from voxsparse.ops.scatter import scatter_sum
 from voxsparse.ops.voxelize import dynamic_voxelize
 from voxsparse.structures import PointBatch, SparseVoxels, VoxelGrid
 
@@ -31,8 +31,10 @@ class MeanVFE(nn.Module):
     def forward(self, points: PointBatch) -> SparseVoxels:
         _check_columns(self, points)
         voxels = dynamic_voxelize(points, self.grid)
-        kept = voxels.kept_rows(points.points)
-        features = scatter_mean(kept, voxels.point_to_voxel, len(voxels), voxels.num_points)
+        # Out-of-range points go to an extra last group that is dropped: no host round trip.
+        m = len(voxels)
+        features = scatter_sum(points.points, voxels.voxel_of_point, m + 1)[:m]
+        features = features / voxels.num_points.to(features.dtype)[:, None]
         return SparseVoxels(voxels.coords, features, self.grid, points.batch_size)
 
     def extra_repr(self) -> str:
