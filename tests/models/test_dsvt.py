@@ -190,10 +190,10 @@ def _voxels(count, grid, batch_size, channels, seed, dtype=torch.float32):
     return SparseVoxels(coords, feats, grid, batch_size)
 
 
-SMALL_VOXEL = dict(channels=(16, 16, 24), blocks=(2, 1, 1), num_heads=(2, 2, 4), ffn_channels=32,
-                   set_size=(12, 10, 8),
-                   window_shape=((6, 6, 8), (6, 6, 2), (5, 5, 1)), pool_stride=((1, 1, 4), (2, 2, 2)))
-SMALL_PILLAR = dict(channels=16, blocks=3, num_heads=2, ffn_channels=32, set_size=9, window_shape=(6, 6, 1))
+SMALL_VOXEL = {"channels": (16, 16, 24), "blocks": (2, 1, 1), "num_heads": (2, 2, 4), "ffn_channels": 32,
+               "set_size": (12, 10, 8), "window_shape": ((6, 6, 8), (6, 6, 2), (5, 5, 1)),
+               "pool_stride": ((1, 1, 4), (2, 2, 2))}
+SMALL_PILLAR = {"channels": 16, "blocks": 3, "num_heads": 2, "ffn_channels": 32, "set_size": 9, "window_shape": (6, 6, 1)}
 
 
 @pytest.mark.parametrize("variant", ["voxel", "pillar"])

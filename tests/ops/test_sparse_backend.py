@@ -77,7 +77,7 @@ def _import_with_backend(value: str) -> subprocess.CompletedProcess:
     env = dict(os.environ, VOXSPARSE_SPARSE_BACKEND=value)
     return subprocess.run(
         [sys.executable, "-c", "import voxsparse.ops.sparse_backend as b; print(b.BACKEND_NAME)"],
-        env=env, capture_output=True, text=True, timeout=120,
+        env=env, capture_output=True, text=True, timeout=120, check=False,
     )
 
 

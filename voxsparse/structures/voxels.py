@@ -34,7 +34,7 @@ class VoxelGrid:
     def grid_size(self) -> tuple[int, int, int]:
         """Voxels along (x, y, z)."""
         r, v = self.point_cloud_range, self.voxel_size
-        return tuple(int(round((r[i + 3] - r[i]) / v[i])) for i in range(3))  # type: ignore[return-value]
+        return tuple(round((r[i + 3] - r[i]) / v[i]) for i in range(3))  # type: ignore[return-value]
 
     @property
     def spatial_shape(self) -> tuple[int, int, int]:
