@@ -122,14 +122,20 @@ def run(args: argparse.Namespace) -> dict:
     model = build_model(args.model).to(device).eval()
     num_features = model.voxel_encoder.in_channels
     if args.input is not None and args.input.exists():
-        cloud = torch.load(args.input)
-    elif args.voxels:
-        cloud = make_points_for_voxels(args.voxels, model.grid, num_features)
+        clouds = torch.load(args.input)
+        clouds = [clouds] if isinstance(clouds, torch.Tensor) else clouds
     else:
-        cloud = make_points(args.points, num_features)
-    if args.input is not None and not args.input.exists():
-        atomic_write(args.input, lambda f: torch.save(cloud, f))
-    points = PointBatch.from_frames([cloud.to(device)])
+        # Frame i of a batch is the scan of seed 1000 * i: different frames of the same size.
+        clouds = [
+            make_points_for_voxels(args.voxels, model.grid, num_features, seed=1000 * i)
+            if args.voxels else make_points(args.points, num_features, seed=1000 * i)
+            for i in range(args.batch)
+        ]
+        if args.input is not None:
+            atomic_write(args.input, lambda f: torch.save(clouds, f))
+    if len(clouds) != args.batch:
+        raise SystemExit(f"--input {args.input} holds {len(clouds)} frames, --batch asks for {args.batch}")
+    points = PointBatch.from_frames([c.to(device) for c in clouds])
     amp = torch.autocast("cuda", dtype=torch.float16, enabled=args.amp and device.type == "cuda")
 
     results: dict[str, Timing] = {}
@@ -144,7 +150,7 @@ def run(args: argparse.Namespace) -> dict:
         results["end to end"] = measure(lambda: model.predict(points), device, args.repeats, args.warmup)
     if args.train:
         model.train()
-        annotations = [_dummy_annotations(device)]
+        annotations = [_dummy_annotations(device)] * args.batch
         scaler = torch.amp.GradScaler("cuda", enabled=args.amp and device.type == "cuda")
 
         def step():
@@ -167,6 +173,7 @@ def run(args: argparse.Namespace) -> dict:
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
         "threads": torch.get_num_threads(),
         "amp": bool(args.amp and device.type == "cuda"),
+        "batch": args.batch,
         "points": len(points.points),
         "voxels": len(voxels),
         "bev_cells": len(bev),
@@ -331,7 +338,8 @@ def table(info: dict) -> str:
             f"model {info['model']} ({info['parameters_M']} M params, backbone {info['backbone_parameters_M']} M) "
             f"on {info['device']}, {info['threads']} threads, amp={info['amp']}"
         ),
-        f"input: {info['points']:,} points -> {info['voxels']:,} voxels -> {info['bev_cells']:,} BEV cells",
+        (f"input: {info['batch']} frame(s), {info['points']:,} points -> {info['voxels']:,} voxels -> "
+        f"{info['bev_cells']:,} BEV cells"),
         "",
         "| stage | median ms | p10 ms | p90 ms | peak MB |",
         "|---|---|---|---|---|",
@@ -349,6 +357,9 @@ def table(info: dict) -> str:
     for name, t in timings.items():
         peak = "n/a" if t["peak_memory_mb"] is None else f"{t['peak_memory_mb']:.0f}"
         lines.append(f"| {name} | {t['median_ms']:.2f} | {t['p10_ms']:.2f} | {t['p90_ms']:.2f} | {peak} |")
+    step = info["timings"].get("train step (loss + backward)")
+    if step is not None:
+        lines.append(f"training throughput: {1e3 * info['batch'] / step['median_ms']:.1f} frames/s")
     return "\n".join(lines)
 
 
@@ -357,6 +368,7 @@ def main() -> None:
     parser.add_argument("--model", default="voxelnext_small", help="a config name in configs/model/")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--points", type=int, default=120_000)
+    parser.add_argument("--batch", type=int, default=1, help="frames per batch (different scans of the same size)")
     parser.add_argument("--voxels", type=int, help="size the input by its voxel count instead of --points")
     parser.add_argument("--input", type=Path, help="points file: reused when it exists, else written (same input across runs)")
     parser.add_argument("--repeats", type=int, default=15)
@@ -368,6 +380,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5, help="alternation rounds of --compare")
     parser.add_argument("--profile", type=Path, help="write a torch.profiler table and trace of the backbone here")
     args = parser.parse_args()
+    if args.compare and args.batch != 1:
+        parser.error("--compare times one frame: use --batch 1")
     info = run(args)
     print(table(info))
     if args.json:
