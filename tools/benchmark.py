@@ -44,6 +44,7 @@ from torch import nn
 from voxsparse.data.synthetic import LidarConfig, generate_frame
 from voxsparse.models.detectors.sparse_detector import SparseDetector
 from voxsparse.models.fusion import fuse_for_inference
+from voxsparse.ops.sparse_utils import linear_keys
 from voxsparse.ops.voxelize import dynamic_voxelize
 from voxsparse.structures import PointBatch, VoxelGrid
 from voxsparse.utils.io import atomic_write
@@ -240,8 +241,8 @@ def compare(model: SparseDetector, voxels, points: PointBatch, args: argparse.Na
 
     with torch.no_grad():
         ref = ours(voxels)
-        diff_fused = (fused(voxels).features - ref.features).abs().max().item()
-        diff_half = (fused_half(half_voxels).features.float() - ref.features).abs().max().item()
+        diff_fused = _max_abs_diff(fused(voxels), ref)
+        diff_half = _max_abs_diff(fused_half(half_voxels), ref)
         theirs_out = run_theirs()
         forward = {
             "ours fp32": lambda: ours(voxels),
@@ -299,6 +300,17 @@ def compare(model: SparseDetector, voxels, points: PointBatch, args: argparse.Na
         "max_abs_output": ref.features.abs().max().item(),
         "timings": {k: dataclasses.asdict(v) for k, v in timings.items()},
     }
+
+
+def _max_abs_diff(a, b) -> float:
+    """Largest feature difference of two BEV outputs over the same cells, matched by coordinate
+    (spconv's CUDA index generation lists output cells in a run-dependent order)."""
+    shape = (a.batch_size, *a.spatial_shape)
+    order_a = torch.argsort(linear_keys(a.coords, shape))
+    order_b = torch.argsort(linear_keys(b.coords, shape))
+    if not torch.equal(a.coords[order_a], b.coords[order_b]):
+        return math.inf
+    return (a.features[order_a].float() - b.features[order_b].float()).abs().max().item()
 
 
 def profile_backbone(model: SparseDetector, voxels, amp, out_dir: Path) -> None:
