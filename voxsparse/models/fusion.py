@@ -21,6 +21,9 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from voxsparse.ops.sparse_backend import spnn
+from voxsparse.ops.sparse_plan import is_sparse_conv
+
 
 class ChannelBias(nn.Module):
     """``x + bias`` over (N, C) features: a folded BatchNorm's shift where the conv cannot add it."""
@@ -31,11 +34,6 @@ class ChannelBias(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x + self.bias
-
-
-def is_sparse_conv(module: nn.Module) -> bool:
-    """A spconv-style sparse convolution (duck-typed: spconv and spconv-triton name theirs differently)."""
-    return hasattr(module, "indice_key") and hasattr(module, "subm") and isinstance(getattr(module, "weight", None), torch.Tensor)
 
 
 def _relu_epilogue() -> object | None:
@@ -97,8 +95,6 @@ def fuse_for_inference(model: nn.Module) -> nn.Module:
     Covers ``SparseSequential(conv, BN, ReLU)`` stacks and every module with a ``fuse_()`` method
     (the residual blocks). For inference only: spconv's fused activation has no backward.
     """
-    from voxsparse.ops.sparse_backend import spnn
-
     fused = copy.deepcopy(model).eval()
     for module in list(fused.modules()):
         if callable(getattr(module, "fuse_", None)):

@@ -23,6 +23,24 @@ def linear_keys(coords: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
     return keys
 
 
+def unique_coords(coords: torch.Tensor, shape: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The distinct rows of ``coords`` and where each row went.
+
+    Args:
+        coords: (M, D) integer coordinates within ``shape``.
+        shape: (D,) extent of each coordinate column.
+
+    Returns:
+        Unique coordinates (U, D) int32 sorted lexicographically, and (M,) int64 ``inverse``:
+        row ``i`` of ``coords`` is unique row ``inverse[i]``.
+    """
+    keys = linear_keys(coords, shape)
+    unique_keys, inverse = torch.unique(keys, return_inverse=True)
+    unique = coords.new_empty(unique_keys.shape[0], coords.shape[1], dtype=torch.int32)
+    unique[inverse] = coords.to(torch.int32)
+    return unique, inverse
+
+
 def merge_duplicates(coords: torch.Tensor, features: torch.Tensor, shape: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
     """Sum the features of rows that share a coordinate.
 
@@ -34,12 +52,8 @@ def merge_duplicates(coords: torch.Tensor, features: torch.Tensor, shape: Sequen
     Returns:
         Unique coordinates (U, D) int32 sorted lexicographically, and (U, C) summed features.
     """
-    keys = linear_keys(coords, shape)
-    unique_keys, inverse = torch.unique(keys, return_inverse=True)
-    summed = features.new_zeros(unique_keys.shape[0], features.shape[1]).index_add_(0, inverse, features)
-    unique_coords = coords.new_empty(unique_keys.shape[0], coords.shape[1], dtype=torch.int32)
-    unique_coords[inverse] = coords.to(torch.int32)
-    return unique_coords, summed
+    unique, inverse = unique_coords(coords, shape)
+    return unique, features.new_zeros(unique.shape[0], features.shape[1]).index_add_(0, inverse, features)
 
 
 def neighbor_indices(coords: torch.Tensor, shape: Sequence[int], offsets: torch.Tensor) -> torch.Tensor:

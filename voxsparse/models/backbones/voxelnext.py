@@ -19,7 +19,8 @@ from torch import nn
 from voxsparse.models.fusion import fuse_conv_bn
 from voxsparse.models.layers import batch_norm_1d
 from voxsparse.ops.sparse_backend import SparseConvTensor, spnn
-from voxsparse.ops.sparse_utils import merge_duplicates
+from voxsparse.ops.sparse_plan import ConvPairs, plan_indices, run_conv, run_features
+from voxsparse.ops.sparse_utils import unique_coords
 from voxsparse.structures import SparseBEV, SparseVoxels, VoxelGrid
 
 
@@ -57,11 +58,18 @@ class SparseBasicBlock(spnn.SparseModule):
         self.relu = nn.ReLU(inplace=True)
 
     def forward(self, x: SparseConvTensor) -> SparseConvTensor:
-        identity = x.features
-        out = self.conv1(x)
-        out = out.replace_feature(self.act1(self.bn1(out.features)))
-        out = self.conv2(out)
-        return out.replace_feature(self.relu(self.bn2(out.features) + identity))
+        mid = self.conv1(x)
+        mid = mid.replace_feature(self.act1(self.bn1(mid.features)))
+        out = self.conv2(mid)
+        return out.replace_feature(self._add_identity(out.features, x.features))
+
+    def forward_features(self, features: torch.Tensor, pairs: dict[str, ConvPairs]) -> torch.Tensor:
+        """The block on (M, C) features with precomputed pairs (index-first inference)."""
+        mid = self.act1(self.bn1(run_conv(self.conv1, features, pairs[self.conv1.indice_key])))
+        return self._add_identity(run_conv(self.conv2, mid, pairs[self.conv2.indice_key]), features)
+
+    def _add_identity(self, out: torch.Tensor, identity: torch.Tensor) -> torch.Tensor:
+        return self.relu(self.bn2(out) + identity)
 
     def fuse_(self) -> None:
         """Fold both BatchNorms into their convolutions, and on CUDA the first ReLU into conv1's
@@ -85,15 +93,44 @@ class SparseLevel:
     scale: int
 
 
+def bev_projection(
+    level_coords: Sequence[tuple[torch.Tensor, int]], bev_shape: tuple[int, int], batch_size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The BEV cells that the voxels of several levels land on (the index half of :func:`project_to_bev`).
+
+    A level's (y, x) indices are multiplied by its scale to land on the BEV grid (clamped to it: an
+    odd extent rounds up when halved) and z is dropped.
+
+    Args:
+        level_coords: per level, (M_l, 4) int (batch, z, y, x) coordinates and the level's scale.
+        bev_shape: (H, W) of the BEV grid.
+        batch_size: frames.
+
+    Returns:
+        (U, 3) int32 (batch, y, x) cells sorted lexicographically, and (sum M_l,) int64: the cell
+        of each voxel, levels concatenated in order.
+    """
+    h, w = bev_shape
+    coords = []
+    for level, scale in level_coords:
+        c = level[:, [0, 2, 3]].clone()
+        c[:, 1:] *= scale
+        coords.append(c)
+    bev_coords = torch.cat(coords)
+    bev_coords[:, 1].clamp_(max=h - 1)
+    bev_coords[:, 2].clamp_(max=w - 1)
+    return unique_coords(bev_coords, (batch_size, h, w))
+
+
 def project_to_bev(
     levels: Sequence[SparseLevel], bev_shape: tuple[int, int], batch_size: int, bev_stride: int,
     grid: VoxelGrid, encoding: Callable[[torch.Tensor, int, VoxelGrid], torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Sparse height compression of several levels into one BEV grid, with the spatial encoding.
 
-    A level's (y, x) indices are multiplied by its ``scale`` to land on the BEV grid (clamped to it:
-    an odd extent rounds up when halved), z is dropped, and the features of every voxel that lands on
-    a cell are summed. With ``encoding``, ``encoding(coords)`` is added to each voxel's features first.
+    Every voxel lands on a cell as in :func:`bev_projection`, and the features of every voxel that
+    lands on a cell are summed. With ``encoding``, ``encoding(coords)`` is added to each voxel's
+    features first.
 
     Args:
         levels: the levels (same channel count C).
@@ -107,20 +144,19 @@ def project_to_bev(
     Returns:
         (U, 3) int32 (batch, y, x) cells sorted lexicographically and their (U, C) features.
     """
-    h, w = bev_shape
-    coords, feats = [], []
+    bev_coords, inverse = bev_projection([(level.coords, level.scale) for level in levels], bev_shape, batch_size)
+    feats = []
     for level in levels:
         f = level.features
         if encoding is not None:
             f = f + encoding(level.coords, bev_stride * level.scale, grid).to(f.dtype)
-        c = level.coords[:, [0, 2, 3]].clone()
-        c[:, 1:] *= level.scale
-        coords.append(c)
         feats.append(f)
-    bev_coords = torch.cat(coords)
-    bev_coords[:, 1].clamp_(max=h - 1)
-    bev_coords[:, 2].clamp_(max=w - 1)
-    return merge_duplicates(bev_coords, torch.cat(feats), (batch_size, h, w))
+    return bev_coords, _sum_into(torch.cat(feats), inverse, len(bev_coords))
+
+
+def _sum_into(features: torch.Tensor, inverse: torch.Tensor, rows: int) -> torch.Tensor:
+    """(rows, C): row ``inverse[i]`` sums ``features[i]``."""
+    return features.new_zeros(rows, features.shape[1]).index_add_(0, inverse, features)
 
 
 class VoxelNeXtBackbone(nn.Module):
@@ -138,7 +174,14 @@ class VoxelNeXtBackbone(nn.Module):
         out_channels: channels of the sparse BEV output.
 
     Input: ``SparseVoxels`` (M voxels). Output: ``SparseBEV`` with ``out_channels`` features.
+
+    Without autograd (``torch.no_grad()``) the forward is index-first
+    (:mod:`voxsparse.ops.sparse_plan`): every convolution's index pairs and the BEV projection
+    first, then the features without host-GPU synchronisation; set ``index_first = False`` for the
+    layer-by-layer path. Both give the same output.
     """
+
+    index_first: bool = True
 
     def __init__(
         self,
@@ -179,6 +222,8 @@ class VoxelNeXtBackbone(nn.Module):
     def forward(self, voxels: SparseVoxels) -> SparseBEV:
         if len(voxels) == 0:  # spconv cannot convolve an empty tensor; there is nothing to compute
             return self._empty_output(voxels)
+        if self.index_first and not torch.is_grad_enabled() and self._plain():
+            return self._forward_index_first(voxels)
         x = SparseConvTensor(voxels.features, voxels.coords.int(), list(voxels.grid.spatial_shape), voxels.batch_size)
         outputs = self._run_stages(self.stem(x), voxels)
         base = outputs[self.bev_stage]
@@ -195,6 +240,37 @@ class VoxelNeXtBackbone(nn.Module):
         bev = SparseConvTensor(bev_feats, bev_coords, [h, w], voxels.batch_size)
         bev = self.bev_subm(self.bev_conv(bev))
         return SparseBEV(bev.indices, bev.features, (h, w), self.stride, voxels.grid, voxels.batch_size)
+
+    def _plain(self) -> bool:
+        """True when nothing beyond VoxelNeXt's layers runs (subclasses such as VoxelKP's add per-stage
+        blocks and a BEV encoding, which the index-first path does not know)."""
+        return type(self)._run_stages is VoxelNeXtBackbone._run_stages and self.bev_encoding is None
+
+    def _forward_index_first(self, voxels: SparseVoxels) -> SparseBEV:
+        """Inference: all index pairs and the BEV cells first, then every feature kernel."""
+        batch_size = voxels.batch_size
+        pairs: dict[str, ConvPairs] = {}
+        indices, shape = plan_indices(self.stem, voxels.coords.int(), list(voxels.grid.spatial_shape), batch_size, pairs)
+        stage_indices = []
+        for stage in self.stages:
+            indices, shape = plan_indices(stage, indices, shape, batch_size, pairs)
+            stage_indices.append((indices, shape))
+        levels = stage_indices[self.bev_stage :]
+        _, h, w = levels[0][1]
+        bev_coords, inverse = bev_projection(
+            [(coords, 2**level) for level, (coords, _) in enumerate(levels)], (h, w), batch_size
+        )
+        bev_indices, _ = plan_indices(self.bev_conv, bev_coords, [h, w], batch_size, pairs)
+        plan_indices(self.bev_subm, bev_indices, [h, w], batch_size, pairs)
+
+        features = run_features(self.stem, voxels.features, pairs)
+        stage_features = []
+        for stage in self.stages:
+            features = run_features(stage, features, pairs)
+            stage_features.append(features)
+        bev = _sum_into(torch.cat(stage_features[self.bev_stage :]), inverse, len(bev_coords))
+        bev = run_features(self.bev_subm, run_features(self.bev_conv, bev, pairs), pairs)
+        return SparseBEV(bev_indices, bev, (h, w), self.stride, voxels.grid, batch_size)
 
     def _run_stages(self, x: SparseConvTensor, voxels: SparseVoxels) -> list[SparseConvTensor]:
         """Every stage's output, in order (subclasses add per-stage blocks here)."""

@@ -1,0 +1,167 @@
+"""Index-first inference through sparse convolutions: all index pairs first, then all features.
+
+spconv builds a convolution's index pairs inside that convolution's forward. A strided
+convolution must learn how many output voxels it has before it can allocate them, so it
+synchronises the host with the GPU, and that sync waits for every feature kernel queued so far:
+the GPU then idles while the host prepares the next layers. Separating the two phases removes
+those waits from the feature path:
+
+1. index phase (:func:`plan_indices`): every convolution's pairs, in layer order, for the whole
+   network. Only index kernels are queued, so each sync returns almost at once.
+2. feature phase (:func:`run_features`): the convolutions' GEMMs and the per-voxel layers
+   between them, with nothing that synchronises; the host queues kernels ahead of the GPU.
+
+Pairs are shared by ``indice_key`` exactly as spconv shares them (submanifold convolutions with
+one key on one active set); strided convolutions always build their own. The same spconv index
+and GEMM functions run as in spconv's modules (implicit GEMM on CUDA, gather-GEMM-scatter on the
+CPU), so the outputs are the same. No autograd: for inference (``torch.no_grad()``) only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from voxsparse.ops.sparse_backend import spnn
+
+
+def is_sparse_conv(module: nn.Module) -> bool:
+    """A spconv-style sparse convolution (duck-typed: spconv and spconv-triton name theirs differently)."""
+    return hasattr(module, "indice_key") and hasattr(module, "subm") and isinstance(getattr(module, "weight", None), torch.Tensor)
+
+
+@dataclass
+class ConvPairs:
+    """Index data of one sparse convolution applied to one active set.
+
+    Attributes:
+        out_indices: (M_out, 1 + D) int32 (batch, spatial...) of the output voxels.
+        out_shape: the output's spatial shape (D,).
+        native: True for spconv's gather-GEMM-scatter pairs, False for implicit-GEMM pairs.
+        tensors: the backend's pair tensors, passed back to it unchanged.
+    """
+
+    out_indices: torch.Tensor
+    out_shape: list[int]
+    native: bool
+    tensors: tuple[Any, ...]
+
+    def __len__(self) -> int:
+        return self.out_indices.shape[0]
+
+
+def _spconv_ops() -> tuple[Any, Any]:
+    from spconv.core import ConvAlgo
+    from spconv.pytorch import ops
+
+    return ops, ConvAlgo
+
+
+def _check_supported(conv: nn.Module) -> None:
+    if getattr(conv, "transposed", False) or getattr(conv, "inverse", False):
+        raise NotImplementedError(f"index-first inference: {type(conv).__name__} (transposed / inverse) is not supported")
+
+
+def build_pairs(conv: nn.Module, indices: torch.Tensor, spatial_shape: list[int], batch_size: int) -> ConvPairs:
+    """Index pairs of spconv convolution ``conv`` on the active set ``indices``.
+
+    Args:
+        conv: a spconv ``SubMConv*d`` / ``SparseConv*d`` module (its geometry and ``algo`` are used).
+        indices: (M, 1 + D) int32 (batch, spatial...) active voxels.
+        spatial_shape: (D,) extent of the input grid.
+        batch_size: frames in the batch.
+    """
+    _check_supported(conv)
+    ops, ConvAlgo = _spconv_ops()
+    if conv.subm:
+        out_shape = list(spatial_shape)
+    else:
+        out_shape = ops.get_conv_output_size(spatial_shape, conv.kernel_size, conv.stride, conv.padding, conv.dilation)
+    geometry = (conv.kernel_size, conv.stride, conv.padding, conv.dilation, conv.output_padding)
+    if conv.algo == ConvAlgo.Native or not indices.is_cuda:
+        # spconv's CPU kernels only implement the native algorithm (its modules pick it there too).
+        out, pairs, pair_num = ops.get_indice_pairs(indices, batch_size, spatial_shape, ConvAlgo.Native, *geometry,
+                                                    conv.subm, False)
+        return ConvPairs(out, out_shape, True, (pairs, pair_num))
+    res = ops.get_indice_pairs_implicit_gemm(indices, batch_size, spatial_shape, conv.algo, *geometry,
+                                             subm=conv.subm, transpose=False, is_train=False)
+    # res: (out_inds, num_per_loc, pair_fwd, pair_bwd, mask_fwd_splits, mask_bwd_splits,
+    #       argsort_fwd_splits, argsort_bwd_splits, masks); inference needs the forward ones only.
+    return ConvPairs(res[0], out_shape, False, (res[2], res[4], res[6], res[8]))
+
+
+def run_conv(conv: nn.Module, features: torch.Tensor, pairs: ConvPairs) -> torch.Tensor:
+    """``conv`` on (M, C_in) ``features`` with precomputed ``pairs`` -> (M_out, C_out) features.
+
+    Takes the conv's bias and, on CUDA, its fused activation (set by
+    :func:`voxsparse.models.fusion.fuse_for_inference`), as spconv's modules do in eval mode.
+    """
+    ops, _ = _spconv_ops()
+    features = features.contiguous()
+    if pairs.native:
+        pair_tensor, pair_num = pairs.tensors
+        if pair_tensor.device != features.device:
+            pair_tensor = pair_tensor.to(features.device)
+        return ops.indice_conv(features, conv.weight, pair_tensor, pair_num, len(pairs), False, conv.subm,
+                               bias=conv.bias, act_alpha=conv.act_alpha, act_beta=conv.act_beta, act_type=conv.act_type)
+    pair_fwd, mask_splits, argsort_splits, masks = pairs.tensors
+    out, _, _ = ops.implicit_gemm(
+        features, conv.weight, pair_fwd, mask_splits, argsort_splits, len(pairs), masks, False, conv.subm,
+        fp32_accum=conv.fp32_accum, bias=conv.bias, act_alpha=conv.act_alpha, act_beta=conv.act_beta,
+        act_type=conv.act_type, output_dtype=conv.weight.dtype,
+    )
+    return out
+
+
+def sparse_convs(module: nn.Module) -> Iterator[nn.Module]:
+    """The sparse convolutions of ``module`` in registration order (= execution order of the
+    sequential stacks and residual blocks the backbones are built from)."""
+    return (m for m in module.modules() if is_sparse_conv(m))
+
+
+def plan_indices(
+    module: nn.Module, indices: torch.Tensor, spatial_shape: list[int], batch_size: int, pairs: dict[str, ConvPairs]
+) -> tuple[torch.Tensor, list[int]]:
+    """Index phase of ``module``: add every conv's pairs to ``pairs`` (keyed by ``indice_key``).
+
+    A submanifold conv whose key is already in ``pairs`` reuses it; a strided conv moves the
+    active set to its output.
+
+    Returns:
+        The active set after ``module``: (M_out, 1 + D) int32 indices and its spatial shape.
+    """
+    for conv in sparse_convs(module):
+        if conv.indice_key is None:
+            raise ValueError(f"index-first inference needs an indice_key on every sparse conv; {conv} has none")
+        if conv.subm:
+            if conv.indice_key not in pairs:
+                pairs[conv.indice_key] = build_pairs(conv, indices, spatial_shape, batch_size)
+            continue
+        if conv.indice_key in pairs:
+            raise ValueError(f"strided conv key {conv.indice_key!r} is used twice; strided convs cannot share pairs")
+        plan = build_pairs(conv, indices, spatial_shape, batch_size)
+        pairs[conv.indice_key] = plan
+        indices, spatial_shape = plan.out_indices, plan.out_shape
+    return indices, spatial_shape
+
+
+def run_features(module: nn.Module, features: torch.Tensor, pairs: dict[str, ConvPairs]) -> torch.Tensor:
+    """Feature phase of ``module``: (M, C_in) -> (M_out, C_out) with the pairs of :func:`plan_indices`.
+
+    ``module`` is a sparse conv, a sequential stack, a module with ``forward_features(features,
+    pairs)`` (the residual blocks), or a per-voxel layer applied to the feature rows (BatchNorm,
+    ReLU, the fused :class:`~voxsparse.models.fusion.ChannelBias`, identities).
+    """
+    if is_sparse_conv(module):
+        return run_conv(module, features, pairs[module.indice_key])
+    if callable(getattr(module, "forward_features", None)):
+        return module.forward_features(features, pairs)
+    if isinstance(module, (nn.Sequential, spnn.SparseSequential)):
+        for child in module.children():
+            features = run_features(child, features, pairs)
+        return features
+    return module(features)
