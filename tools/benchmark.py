@@ -7,7 +7,9 @@
     python tools/benchmark.py ... --input cloud.pt      # reuse one input across runs (written if absent)
     python tools/benchmark.py --model voxelnext_nuscenes --device cuda --voxels 153782 \
         --compare /path/to/OpenPCDet --train           # ours and OpenPCDet's backbone, same input
+    python tools/benchmark.py --model dsvt_voxel_waymo --device cuda --voxels 100000 --compare /path/to/OpenPCDet
     python tools/benchmark.py ... --profile trace_dir   # torch.profiler table of the backbone
+    python tools/benchmark.py ... --tf32                # fp32 products on TF32 tensor cores
 
 The input is one frame of the synthetic world scanned by a dense spinning LiDAR whose beam count
 is chosen to give about ``--points`` returns, cut to exactly that many (or, with ``--voxels``, to
@@ -16,34 +18,36 @@ is appended when the model's config expects nuScenes' 5 point features. Each sta
 separately on that input (median of ``--repeats`` after ``--warmup``, CUDA synchronised), then the
 whole detector end to end.
 
-``--compare`` (VoxelNeXt configs) loads OpenPCDet's ``VoxelResBackBone8xVoxelNeXt`` from a checkout,
-feeds it the very voxels ours gets and times both in alternation in this process: forward in fp32,
-under fp16 autocast, ours also BatchNorm-fused (:mod:`voxsparse.models.fusion`) in fp32 and in pure
-fp16, and with ``--train`` forward+backward; voxelization is put next to spconv's ``PointToVoxel``.
-The fused outputs are checked against the unfused ones and the largest difference is printed.
+``--compare`` loads OpenPCDet's backbone from a checkout (``tools/openpcdet_ref.py``) and times it
+beside ours on the very voxels ours gets, in alternation in this process. VoxelNeXt configs: forward
+in fp32 and under fp16 autocast; ours also layer by layer (the unoptimised path) and index-first
+(:mod:`voxsparse.ops.sparse_plan`), unfused and BatchNorm-fused (:mod:`voxsparse.models.fusion`) in
+fp32 and in pure fp16; with ``--train`` forward+backward; voxelization beside spconv's
+``PointToVoxel``. The optimised outputs are checked against the layer-by-layer one and the largest
+difference is printed. DSVT configs: forward (and with ``--train`` forward+backward) in fp32 and
+under fp16 autocast, with the output pillars of both checked to be the same cells.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib.util
 import json
 import math
 import platform
-import sys
-import types
 from pathlib import Path
 
 import numpy as np
 import torch
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
-from torch import nn
+from openpcdet_ref import compare_dsvt, load_openpcdet_voxelnext  # tools/ is sys.path[0]
 
 from voxsparse.data.synthetic import LidarConfig, generate_frame
+from voxsparse.models.backbones.dsvt import DSVTBackbone
 from voxsparse.models.detectors.sparse_detector import SparseDetector
 from voxsparse.models.fusion import fuse_for_inference
+from voxsparse.ops.sparse_backend import set_tf32
 from voxsparse.ops.sparse_utils import linear_keys
 from voxsparse.ops.voxelize import dynamic_voxelize
 from voxsparse.structures import PointBatch, VoxelGrid
@@ -174,6 +178,7 @@ def run(args: argparse.Namespace) -> dict:
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
         "threads": torch.get_num_threads(),
         "amp": bool(args.amp and device.type == "cuda"),
+        "tf32": args.tf32,
         "batch": args.batch,
         "points": len(points.points),
         "voxels": len(voxels),
@@ -185,37 +190,12 @@ def run(args: argparse.Namespace) -> dict:
     return info
 
 
-def load_openpcdet_voxelnext(root: Path) -> type[nn.Module]:
-    """OpenPCDet's ``VoxelResBackBone8xVoxelNeXt`` class from a checkout at ``root``.
-
-    The two source files are loaded by path under stub packages: pcdet's package ``__init__`` files
-    import its compiled CUDA ops, which the backbone does not use. Our backend has imported
-    spconv already, so pcdet's ``SPCONV_USE_DIRECT_TABLE = False`` does not take effect and both
-    backbones run spconv with the same settings (its default, direct tables on).
-    """
-    files = {
-        "pcdet.utils.spconv_utils": root / "pcdet/utils/spconv_utils.py",
-        "pcdet.models.backbones_3d.spconv_backbone_voxelnext": root / "pcdet/models/backbones_3d/spconv_backbone_voxelnext.py",
-    }
-    missing = [str(f) for f in files.values() if not f.is_file()]
-    if missing:
-        raise FileNotFoundError(f"--compare {root}: not an OpenPCDet checkout, missing {missing}")
-    for package in ("pcdet", "pcdet.utils", "pcdet.models", "pcdet.models.backbones_3d"):
-        stub = types.ModuleType(package)
-        stub.__path__ = [str(root / package.replace(".", "/"))]
-        sys.modules.setdefault(package, stub)
-    module = None
-    for name, path in files.items():
-        spec = importlib.util.spec_from_file_location(name, path)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return module.VoxelResBackBone8xVoxelNeXt
-
-
 def compare(model: SparseDetector, voxels, points: PointBatch, args: argparse.Namespace) -> dict:
-    """Ours against OpenPCDet's VoxelNeXt backbone on the same voxels, timed in alternation."""
+    """Ours against OpenPCDet's backbone (VoxelNeXt or DSVT) on the same voxels, timed in alternation."""
     device = voxels.features.device
+    if isinstance(model.backbone, DSVTBackbone):
+        return compare_dsvt(model.backbone, voxels, args.compare, device, rounds=args.rounds,
+                            per_round=args.repeats // args.rounds or 1, warmup=args.warmup, train=args.train)
     if device.type != "cuda":
         # OpenPCDet's residual convs have biases, which spconv's CPU kernels refuse in eval mode.
         raise SystemExit("--compare needs --device cuda: OpenPCDet's VoxelNeXt backbone cannot run inference on the CPU")
@@ -239,17 +219,30 @@ def compare(model: SparseDetector, voxels, points: PointBatch, args: argparse.Na
                 return fn()
         return wrapped
 
+    def layer_by_layer(backbone, inputs):
+        def call():
+            backbone.index_first = False
+            try:
+                return backbone(inputs)
+            finally:
+                backbone.index_first = True
+        return call
+
     with torch.no_grad():
-        ref = ours(voxels)
+        ref = layer_by_layer(ours, voxels)()  # the unoptimised path
+        diff_index_first = _max_abs_diff(ours(voxels), ref)
         diff_fused = _max_abs_diff(fused(voxels), ref)
         diff_half = _max_abs_diff(fused_half(half_voxels), ref)
         theirs_out = run_theirs()
         forward = {
-            "ours fp32": lambda: ours(voxels),
-            "ours fp32 fused": lambda: fused(voxels),
+            "ours fp32 layer by layer": layer_by_layer(ours, voxels),
+            "ours fp32 index-first": lambda: ours(voxels),
+            "ours fp32 fused, layer by layer": layer_by_layer(fused, voxels),
+            "ours fp32 fused, index-first": lambda: fused(voxels),
             "OpenPCDet fp32": run_theirs,
             "ours fp16 autocast": amp(lambda: ours(voxels)),
-            "ours fp16 fused (half weights)": lambda: fused_half(half_voxels),
+            "ours fp16 fused (half weights), layer by layer": layer_by_layer(fused_half, half_voxels),
+            "ours fp16 fused (half weights), index-first": lambda: fused_half(half_voxels),
             "OpenPCDet fp16 autocast": amp(run_theirs),
         }
         timings = measure_interleaved(forward, device, rounds=args.rounds, per_round=args.repeats // args.rounds or 1,
@@ -266,9 +259,11 @@ def compare(model: SparseDetector, voxels, points: PointBatch, args: argparse.Na
             return call
 
         train = {
-            "ours fwd+bwd fp32": step(lambda: ours(voxels), False),
+            "ours fwd+bwd fp32 layer by layer": step(layer_by_layer(ours, voxels), False),
+            "ours fwd+bwd fp32 index-first": step(lambda: ours(voxels), False),
             "OpenPCDet fwd+bwd fp32": step(run_theirs, False),
-            "ours fwd+bwd fp16 autocast": step(lambda: ours(voxels), True),
+            "ours fwd+bwd fp16 autocast layer by layer": step(layer_by_layer(ours, voxels), True),
+            "ours fwd+bwd fp16 autocast index-first": step(lambda: ours(voxels), True),
             "OpenPCDet fwd+bwd fp16 autocast": step(run_theirs, True),
         }
         timings |= measure_interleaved(train, device, rounds=args.rounds, per_round=args.repeats // args.rounds or 1,
@@ -295,6 +290,7 @@ def compare(model: SparseDetector, voxels, points: PointBatch, args: argparse.Na
         "openpcdet_backbone_parameters_M": round(sum(p.numel() for p in theirs.parameters()) / 1e6, 4),
         "ours_bev_cells": len(ref.coords),
         "openpcdet_bev_cells": len(theirs_out.indices),
+        "max_abs_diff_index_first_fp32": diff_index_first,
         "max_abs_diff_fused_fp32": diff_fused,
         "max_abs_diff_fused_half": diff_half,
         "max_abs_output": ref.features.abs().max().item(),
@@ -348,7 +344,7 @@ def table(info: dict) -> str:
     lines = [
         (
             f"model {info['model']} ({info['parameters_M']} M params, backbone {info['backbone_parameters_M']} M) "
-            f"on {info['device']}, {info['threads']} threads, amp={info['amp']}"
+            f"on {info['device']}, {info['threads']} threads, amp={info['amp']}, tf32={info['tf32']}"
         ),
         (f"input: {info['batch']} frame(s), {info['points']:,} points -> {info['voxels']:,} voxels -> "
         f"{info['bev_cells']:,} BEV cells"),
@@ -359,12 +355,7 @@ def table(info: dict) -> str:
     timings = dict(info["timings"])
     if "comparison" in info:
         c = info["comparison"]
-        lines[:0] = [(
-            f"OpenPCDet ({c['openpcdet']}): backbone {c['openpcdet_backbone_parameters_M']} M params, "
-            f"ours {c['ours_backbone_parameters_M']} M; BEV cells ours {c['ours_bev_cells']:,}, theirs "
-            f"{c['openpcdet_bev_cells']:,}; fused vs unfused max |diff| {c['max_abs_diff_fused_fp32']:.2e} (fp32), "
-            f"{c['max_abs_diff_fused_half']} (half) of max |output| {c['max_abs_output']:.2f}"
-        )]
+        lines[:0] = [f"compare: {k} = {v}" for k, v in c.items() if k != "timings"] + [""]
         timings |= {f"[compare] {k}": v for k, v in c["timings"].items()}
     for name, t in timings.items():
         peak = "n/a" if t["peak_memory_mb"] is None else f"{t['peak_memory_mb']:.0f}"
@@ -386,6 +377,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--amp", action="store_true", help="float16 autocast (CUDA only)")
+    parser.add_argument("--tf32", action="store_true", help="fp32 products on TF32 tensor cores (torch and spconv)")
     parser.add_argument("--train", action="store_true", help="also time forward+backward")
     parser.add_argument("--json", type=Path, help="write the numbers here")
     parser.add_argument("--compare", type=Path, help="an OpenPCDet checkout: time its VoxelNeXt backbone beside ours")
@@ -394,6 +386,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.compare and args.batch != 1:
         parser.error("--compare times one frame: use --batch 1")
+    set_tf32(args.tf32)
     info = run(args)
     print(table(info))
     if args.json:

@@ -125,10 +125,27 @@ def test_index_first_equals_layer_by_layer_on_cuda():
     _check_index_first("cuda")
 
 
-def test_index_first_only_without_autograd():
-    model = _model()
-    voxels = model.voxel_encoder(_points())
-    out = model.backbone(voxels)  # grad enabled: spconv's modules, differentiable
-    assert out.features.requires_grad
-    out.features.sum().backward()
-    assert model.backbone.stem[0].weight.grad is not None
+def _check_index_first_training(device: str) -> None:
+    """Same gradients (BatchNorm in training mode, batch statistics)."""
+    model = _model().to(device).train()
+    voxels = model.voxel_encoder(_points().to(device))
+    grads = []
+    for index_first in (False, True):
+        model.backbone.index_first = index_first
+        model.zero_grad()
+        bev = model.backbone(voxels)
+        (bev.features * torch.linspace(-1, 1, bev.features.shape[1], device=device)).sum().backward()
+        grads.append({n: p.grad.clone() for n, p in model.backbone.named_parameters()})
+    assert grads[0].keys() == grads[1].keys()
+    for name, g in grads[0].items():
+        torch.testing.assert_close(grads[1][name], g, atol=1e-5 * g.abs().max(), rtol=1e-5, msg=name)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="spconv's CUDA wheel runs these convs on CUDA only")
+def test_index_first_training_equals_layer_by_layer_on_cpu():
+    _check_index_first_training("cpu")
+
+
+@requires_cuda
+def test_index_first_training_equals_layer_by_layer_on_cuda():
+    _check_index_first_training("cuda")

@@ -127,3 +127,16 @@ BACKEND_NAME, spnn = _select()
 """Name of the loaded backend and its ``spconv.pytorch``-compatible module."""
 
 SparseConvTensor = spnn.SparseConvTensor
+
+
+def set_tf32(enabled: bool) -> None:
+    """Let fp32 matrix products run on TF32 tensor cores (inputs rounded to a 10-bit mantissa,
+    fp32 accumulation), in torch and in spconv's implicit-GEMM kernels; off by default in both.
+
+    Call it before the first convolution: spconv remembers the kernel it picked for each problem
+    shape. Outputs then differ from exact fp32 at about 1e-3 relative.
+    """
+    torch.backends.cuda.matmul.allow_tf32 = enabled
+    torch.backends.cudnn.allow_tf32 = enabled
+    if BACKEND_NAME == "spconv":
+        importlib.import_module("spconv.constants").SPCONV_ALLOW_TF32 = enabled

@@ -1,4 +1,4 @@
-"""Index-first inference through sparse convolutions: all index pairs first, then all features.
+"""Index-first sparse convolution: every layer's index pairs first, then all features.
 
 spconv builds a convolution's index pairs inside that convolution's forward. A strided
 convolution must learn how many output voxels it has before it can allocate them, so it
@@ -14,7 +14,9 @@ those waits from the feature path:
 Pairs are shared by ``indice_key`` exactly as spconv shares them (submanifold convolutions with
 one key on one active set); strided convolutions always build their own. The same spconv index
 and GEMM functions run as in spconv's modules (implicit GEMM on CUDA, gather-GEMM-scatter on the
-CPU), so the outputs are the same. No autograd: for inference (``torch.no_grad()``) only.
+CPU), so the outputs are the same. With autograd on, the pairs include the backward ones and the
+convolutions run through spconv's autograd functions (training); without it, through its plain
+ops (inference).
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from voxsparse.ops.sparse_backend import spnn
+from voxsparse.ops.sparse_backend import BACKEND_NAME, spnn
 
 
 def is_sparse_conv(module: nn.Module) -> bool:
@@ -43,22 +45,30 @@ class ConvPairs:
         out_shape: the output's spatial shape (D,).
         native: True for spconv's gather-GEMM-scatter pairs, False for implicit-GEMM pairs.
         tensors: the backend's pair tensors, passed back to it unchanged.
+        backward: the implicit-GEMM pairs include the backward ones (built with autograd on).
     """
 
     out_indices: torch.Tensor
     out_shape: list[int]
     native: bool
     tensors: tuple[Any, ...]
+    backward: bool = False
 
     def __len__(self) -> int:
         return self.out_indices.shape[0]
 
 
 def _spconv_ops() -> tuple[Any, Any]:
+    # Imported on use: spconv-triton has neither (see ``supported``).
     from spconv.core import ConvAlgo
     from spconv.pytorch import ops
 
     return ops, ConvAlgo
+
+
+def supported() -> bool:
+    """Index-first execution needs spconv's own index and GEMM functions (not spconv-triton's)."""
+    return BACKEND_NAME == "spconv"
 
 
 def _check_supported(conv: nn.Module) -> None:
@@ -67,7 +77,8 @@ def _check_supported(conv: nn.Module) -> None:
 
 
 def build_pairs(conv: nn.Module, indices: torch.Tensor, spatial_shape: list[int], batch_size: int) -> ConvPairs:
-    """Index pairs of spconv convolution ``conv`` on the active set ``indices``.
+    """Index pairs of spconv convolution ``conv`` on the active set ``indices`` (with the backward
+    pairs when autograd is on).
 
     Args:
         conv: a spconv ``SubMConv*d`` / ``SparseConv*d`` module (its geometry and ``algo`` are used).
@@ -87,30 +98,47 @@ def build_pairs(conv: nn.Module, indices: torch.Tensor, spatial_shape: list[int]
         out, pairs, pair_num = ops.get_indice_pairs(indices, batch_size, spatial_shape, ConvAlgo.Native, *geometry,
                                                     conv.subm, False)
         return ConvPairs(out, out_shape, True, (pairs, pair_num))
+    backward = torch.is_grad_enabled()
     res = ops.get_indice_pairs_implicit_gemm(indices, batch_size, spatial_shape, conv.algo, *geometry,
-                                             subm=conv.subm, transpose=False, is_train=False)
+                                             subm=conv.subm, transpose=False, is_train=backward)
     # res: (out_inds, num_per_loc, pair_fwd, pair_bwd, mask_fwd_splits, mask_bwd_splits,
-    #       argsort_fwd_splits, argsort_bwd_splits, masks); inference needs the forward ones only.
-    return ConvPairs(res[0], out_shape, False, (res[2], res[4], res[6], res[8]))
+    #       argsort_fwd_splits, argsort_bwd_splits, masks)
+    return ConvPairs(res[0], out_shape, False, res[2:], backward)
 
 
 def run_conv(conv: nn.Module, features: torch.Tensor, pairs: ConvPairs) -> torch.Tensor:
     """``conv`` on (M, C_in) ``features`` with precomputed ``pairs`` -> (M_out, C_out) features.
 
-    Takes the conv's bias and, on CUDA, its fused activation (set by
-    :func:`voxsparse.models.fusion.fuse_for_inference`), as spconv's modules do in eval mode.
+    Differentiable when autograd is on. Takes the conv's bias and, on CUDA, its fused activation
+    (set by :func:`voxsparse.models.fusion.fuse_for_inference`), as spconv's modules do.
     """
-    ops, _ = _spconv_ops()
+    from spconv.pytorch import functional as Fsp
+    from spconv.tools import CUDAKernelTimer
+
+    ops, ConvAlgo = _spconv_ops()
     features = features.contiguous()
+    grad = torch.is_grad_enabled()
     if pairs.native:
         pair_tensor, pair_num = pairs.tensors
         if pair_tensor.device != features.device:
             pair_tensor = pair_tensor.to(features.device)
+        if grad:
+            fn = Fsp.indice_subm_conv if conv.subm else Fsp.indice_conv
+            out = fn(features, conv.weight, pair_tensor, pair_num, len(pairs), ConvAlgo.Native)
+            return out if conv.bias is None else out + conv.bias
         return ops.indice_conv(features, conv.weight, pair_tensor, pair_num, len(pairs), False, conv.subm,
                                bias=conv.bias, act_alpha=conv.act_alpha, act_beta=conv.act_beta, act_type=conv.act_type)
-    pair_fwd, mask_splits, argsort_splits, masks = pairs.tensors
+    pair_fwd, pair_bwd, mask_fwd, mask_bwd, argsort_fwd, argsort_bwd, masks = pairs.tensors
+    if grad:
+        if not pairs.backward:
+            raise RuntimeError("these pairs were built without autograd; build them with autograd on to train")
+        # spconv's fused epilogue has no backward: the bias is a separate add, as in its modules.
+        out = Fsp.implicit_gemm(features, conv.weight, pair_fwd, pair_bwd, mask_fwd, mask_bwd, argsort_fwd,
+                                argsort_bwd, len(pairs), masks, True, conv.subm, CUDAKernelTimer(False),
+                                conv.fp32_accum)
+        return out if conv.bias is None else out + conv.bias
     out, _, _ = ops.implicit_gemm(
-        features, conv.weight, pair_fwd, mask_splits, argsort_splits, len(pairs), masks, False, conv.subm,
+        features, conv.weight, pair_fwd, mask_fwd, argsort_fwd, len(pairs), masks, False, conv.subm,
         fp32_accum=conv.fp32_accum, bias=conv.bias, act_alpha=conv.act_alpha, act_beta=conv.act_beta,
         act_type=conv.act_type, output_dtype=conv.weight.dtype,
     )

@@ -19,7 +19,7 @@ from torch import nn
 from voxsparse.models.fusion import fuse_conv_bn
 from voxsparse.models.layers import batch_norm_1d
 from voxsparse.ops.sparse_backend import SparseConvTensor, spnn
-from voxsparse.ops.sparse_plan import ConvPairs, plan_indices, run_conv, run_features
+from voxsparse.ops.sparse_plan import ConvPairs, plan_indices, run_conv, run_features, supported
 from voxsparse.ops.sparse_utils import unique_coords
 from voxsparse.structures import SparseBEV, SparseVoxels, VoxelGrid
 
@@ -64,7 +64,7 @@ class SparseBasicBlock(spnn.SparseModule):
         return out.replace_feature(self._add_identity(out.features, x.features))
 
     def forward_features(self, features: torch.Tensor, pairs: dict[str, ConvPairs]) -> torch.Tensor:
-        """The block on (M, C) features with precomputed pairs (index-first inference)."""
+        """The block on (M, C) features with precomputed pairs (index-first execution)."""
         mid = self.act1(self.bn1(run_conv(self.conv1, features, pairs[self.conv1.indice_key])))
         return self._add_identity(run_conv(self.conv2, mid, pairs[self.conv2.indice_key]), features)
 
@@ -175,10 +175,10 @@ class VoxelNeXtBackbone(nn.Module):
 
     Input: ``SparseVoxels`` (M voxels). Output: ``SparseBEV`` with ``out_channels`` features.
 
-    Without autograd (``torch.no_grad()``) the forward is index-first
-    (:mod:`voxsparse.ops.sparse_plan`): every convolution's index pairs and the BEV projection
-    first, then the features without host-GPU synchronisation; set ``index_first = False`` for the
-    layer-by-layer path. Both give the same output.
+    The forward is index-first (:mod:`voxsparse.ops.sparse_plan`): every convolution's index
+    pairs and the BEV projection first, then the features without host-GPU synchronisation, in
+    training and in inference; ``index_first = False`` runs spconv's modules layer by layer. Both
+    give the same output and gradients.
     """
 
     index_first: bool = True
@@ -222,7 +222,7 @@ class VoxelNeXtBackbone(nn.Module):
     def forward(self, voxels: SparseVoxels) -> SparseBEV:
         if len(voxels) == 0:  # spconv cannot convolve an empty tensor; there is nothing to compute
             return self._empty_output(voxels)
-        if self.index_first and not torch.is_grad_enabled() and self._plain():
+        if self.index_first and self._plain() and supported():
             return self._forward_index_first(voxels)
         x = SparseConvTensor(voxels.features, voxels.coords.int(), list(voxels.grid.spatial_shape), voxels.batch_size)
         outputs = self._run_stages(self.stem(x), voxels)
@@ -247,7 +247,7 @@ class VoxelNeXtBackbone(nn.Module):
         return type(self)._run_stages is VoxelNeXtBackbone._run_stages and self.bev_encoding is None
 
     def _forward_index_first(self, voxels: SparseVoxels) -> SparseBEV:
-        """Inference: all index pairs and the BEV cells first, then every feature kernel."""
+        """All index pairs and the BEV cells first, then every feature kernel."""
         batch_size = voxels.batch_size
         pairs: dict[str, ConvPairs] = {}
         indices, shape = plan_indices(self.stem, voxels.coords.int(), list(voxels.grid.spatial_shape), batch_size, pairs)
