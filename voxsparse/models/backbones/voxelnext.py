@@ -19,7 +19,8 @@ from torch import nn
 from voxsparse.models.fusion import fuse_conv_bn
 from voxsparse.models.layers import batch_norm_1d
 from voxsparse.ops.sparse_backend import SparseConvTensor, spnn
-from voxsparse.ops.sparse_plan import ConvPairs, plan_indices, run_conv, run_features, supported
+from voxsparse.ops.sparse_plan import ConvPairs, plan_indices, run_conv, run_features
+from voxsparse.ops.sparse_plan import supported as index_first_supported
 from voxsparse.ops.sparse_utils import unique_coords
 from voxsparse.structures import SparseBEV, SparseVoxels, VoxelGrid
 
@@ -222,7 +223,7 @@ class VoxelNeXtBackbone(nn.Module):
     def forward(self, voxels: SparseVoxels) -> SparseBEV:
         if len(voxels) == 0:  # spconv cannot convolve an empty tensor; there is nothing to compute
             return self._empty_output(voxels)
-        if self.index_first and self._plain() and supported():
+        if self.index_first and self._plain() and index_first_supported():
             return self._forward_index_first(voxels)
         x = SparseConvTensor(voxels.features, voxels.coords.int(), list(voxels.grid.spatial_shape), voxels.batch_size)
         outputs = self._run_stages(self.stem(x), voxels)
