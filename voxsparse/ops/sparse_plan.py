@@ -73,7 +73,7 @@ def supported() -> bool:
 
 def _check_supported(conv: nn.Module) -> None:
     if getattr(conv, "transposed", False) or getattr(conv, "inverse", False):
-        raise NotImplementedError(f"index-first inference: {type(conv).__name__} (transposed / inverse) is not supported")
+        raise NotImplementedError(f"index-first execution: {type(conv).__name__} (transposed / inverse) is not supported")
 
 
 def build_pairs(conv: nn.Module, indices: torch.Tensor, spatial_shape: list[int], batch_size: int) -> ConvPairs:
@@ -164,7 +164,7 @@ def plan_indices(
     """
     for conv in sparse_convs(module):
         if conv.indice_key is None:
-            raise ValueError(f"index-first inference needs an indice_key on every sparse conv; {conv} has none")
+            raise ValueError(f"index-first execution needs an indice_key on every sparse conv; {conv} has none")
         if conv.subm:
             if conv.indice_key not in pairs:
                 pairs[conv.indice_key] = build_pairs(conv, indices, spatial_shape, batch_size)

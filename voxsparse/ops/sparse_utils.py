@@ -53,7 +53,12 @@ def merge_duplicates(coords: torch.Tensor, features: torch.Tensor, shape: Sequen
         Unique coordinates (U, D) int32 sorted lexicographically, and (U, C) summed features.
     """
     unique, inverse = unique_coords(coords, shape)
-    return unique, features.new_zeros(unique.shape[0], features.shape[1]).index_add_(0, inverse, features)
+    return unique, sum_rows(features, inverse, unique.shape[0])
+
+
+def sum_rows(features: torch.Tensor, inverse: torch.Tensor, rows: int) -> torch.Tensor:
+    """(rows, C) sums: output row ``inverse[i]`` adds ``features[i]`` ((M, C) features, (M,) int64)."""
+    return features.new_zeros(rows, features.shape[1]).index_add_(0, inverse, features)
 
 
 def neighbor_indices(coords: torch.Tensor, shape: Sequence[int], offsets: torch.Tensor) -> torch.Tensor:

@@ -21,7 +21,7 @@ from voxsparse.models.layers import batch_norm_1d
 from voxsparse.ops.sparse_backend import SparseConvTensor, spnn
 from voxsparse.ops.sparse_plan import ConvPairs, plan_indices, run_conv, run_features
 from voxsparse.ops.sparse_plan import supported as index_first_supported
-from voxsparse.ops.sparse_utils import unique_coords
+from voxsparse.ops.sparse_utils import sum_rows, unique_coords
 from voxsparse.structures import SparseBEV, SparseVoxels, VoxelGrid
 
 
@@ -152,12 +152,7 @@ def project_to_bev(
         if encoding is not None:
             f = f + encoding(level.coords, bev_stride * level.scale, grid).to(f.dtype)
         feats.append(f)
-    return bev_coords, _sum_into(torch.cat(feats), inverse, len(bev_coords))
-
-
-def _sum_into(features: torch.Tensor, inverse: torch.Tensor, rows: int) -> torch.Tensor:
-    """(rows, C): row ``inverse[i]`` sums ``features[i]``."""
-    return features.new_zeros(rows, features.shape[1]).index_add_(0, inverse, features)
+    return bev_coords, sum_rows(torch.cat(feats), inverse, len(bev_coords))
 
 
 class VoxelNeXtBackbone(nn.Module):
@@ -269,7 +264,7 @@ class VoxelNeXtBackbone(nn.Module):
         for stage in self.stages:
             features = run_features(stage, features, pairs)
             stage_features.append(features)
-        bev = _sum_into(torch.cat(stage_features[self.bev_stage :]), inverse, len(bev_coords))
+        bev = sum_rows(torch.cat(stage_features[self.bev_stage :]), inverse, len(bev_coords))
         bev = run_features(self.bev_subm, run_features(self.bev_conv, bev, pairs), pairs)
         return SparseBEV(bev_indices, bev, (h, w), self.stride, voxels.grid, batch_size)
 
