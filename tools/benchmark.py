@@ -23,9 +23,12 @@ beside ours on the very voxels ours gets, in alternation in this process. VoxelN
 in fp32 and under fp16 autocast; ours also layer by layer (the unoptimised path) and index-first
 (:mod:`voxsparse.ops.sparse_plan`), unfused and BatchNorm-fused (:mod:`voxsparse.models.fusion`) in
 fp32 and in pure fp16; with ``--train`` forward+backward; voxelization beside spconv's
-``PointToVoxel``. The optimised outputs are checked against the layer-by-layer one and the largest
-difference is printed. DSVT configs: forward (and with ``--train`` forward+backward) in fp32 and
-under fp16 autocast, with the output pillars of both checked to be the same cells.
+``PointToVoxel``; and the whole detectors, points to boxes: ours (``predict``) against OpenPCDet's
+VoxelNeXt with its nuScenes config and head, whose compiled NMS kernel is not run (so their time is
+a lower bound; ``tools/openpcdet_ref.py``). The optimised outputs are checked against the
+layer-by-layer one and the largest difference is printed. DSVT configs: forward (and with
+``--train`` forward+backward) in fp32 and under fp16 autocast, with the output pillars of both
+checked to be the same cells.
 """
 
 from __future__ import annotations
@@ -41,7 +44,7 @@ import numpy as np
 import torch
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
-from openpcdet_ref import compare_dsvt, load_openpcdet_voxelnext  # tools/ is sys.path[0]
+from openpcdet_ref import OpenPCDetVoxelNeXt, compare_dsvt, load_openpcdet_voxelnext  # tools/ is sys.path[0]
 
 from voxsparse.data.synthetic import LidarConfig, generate_frame
 from voxsparse.models.backbones.dsvt import DSVTBackbone
@@ -284,6 +287,8 @@ def compare(model: SparseDetector, voxels, points: PointBatch, args: argparse.Na
     with torch.no_grad():
         timings |= measure_interleaved(voxelize, device, rounds=args.rounds, per_round=args.repeats // args.rounds or 1,
                                        warmup=args.warmup)
+    detector = compare_detectors(model, points, args)
+    timings |= detector.pop("timings")
     return {
         "openpcdet": str(args.compare),
         "ours_backbone_parameters_M": round(sum(p.numel() for p in ours.parameters()) / 1e6, 4),
@@ -294,7 +299,44 @@ def compare(model: SparseDetector, voxels, points: PointBatch, args: argparse.Na
         "max_abs_diff_fused_fp32": diff_fused,
         "max_abs_diff_fused_half": diff_half,
         "max_abs_output": ref.features.abs().max().item(),
+        **detector,
         "timings": {k: dataclasses.asdict(v) for k, v in timings.items()},
+    }
+
+
+def compare_detectors(model: SparseDetector, points: PointBatch, args: argparse.Namespace) -> dict:
+    """Whole detectors, points to boxes, on one frame: ours (``predict``) against OpenPCDet's VoxelNeXt
+    with its nuScenes config (:class:`openpcdet_ref.OpenPCDetVoxelNeXt`, whose NMS kernel is not run)."""
+    grid = model.grid
+    theirs = OpenPCDetVoxelNeXt(args.compare, grid.voxel_size, grid.point_cloud_range, grid.grid_size,
+                                points.points.shape[1]).to(points.points.device).eval()
+    fused = fuse_for_inference(model)
+    frame = points.points
+
+    def amp(fn):
+        def wrapped():
+            with torch.autocast("cuda", dtype=torch.float16):
+                return fn()
+        return wrapped
+
+    runners = {
+        "detector: ours fp32": lambda: model.predict(points),
+        "detector: ours fp32 fused": lambda: fused.predict(points),
+        "detector: OpenPCDet fp32 (NMS kernel not run)": lambda: theirs(frame),
+        "detector: ours fp16 autocast fused": amp(lambda: fused.predict(points)),
+        "detector: OpenPCDet fp16 autocast (NMS kernel not run)": amp(lambda: theirs(frame)),
+    }
+    with torch.no_grad():
+        ours_boxes = sum(len(d.scores) for d in model.predict(points))
+        their_boxes = len(theirs(frame)[0]["pred_boxes"])
+        timings = measure_interleaved(runners, points.points.device, rounds=args.rounds,
+                                      per_round=args.repeats // args.rounds or 1, warmup=args.warmup)
+    return {
+        "ours_detector_parameters_M": round(sum(p.numel() for p in model.parameters()) / 1e6, 4),
+        "openpcdet_detector_parameters_M": round(sum(p.numel() for p in theirs.parameters()) / 1e6, 4),
+        "ours_detections": ours_boxes,
+        "openpcdet_detections_without_nms": their_boxes,
+        "timings": timings,
     }
 
 

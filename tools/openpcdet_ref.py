@@ -23,6 +23,7 @@ import sys
 import types
 from pathlib import Path
 
+import numpy as np
 import torch
 import yaml
 from torch import nn
@@ -40,7 +41,16 @@ VOXELNEXT_SOURCES = {
     "pcdet.utils.spconv_utils": "pcdet/utils/spconv_utils.py",
     "pcdet.models.backbones_3d.spconv_backbone_voxelnext": "pcdet/models/backbones_3d/spconv_backbone_voxelnext.py",
 }
+# Executed after VOXELNEXT_SOURCES, in this order (each imports the ones before it).
+VOXELNEXT_DETECTOR_SOURCES = {
+    "pcdet.models.backbones_3d.vfe.vfe_template": "pcdet/models/backbones_3d/vfe/vfe_template.py",
+    "pcdet.models.backbones_3d.vfe.mean_vfe": "pcdet/models/backbones_3d/vfe/mean_vfe.py",
+    "pcdet.models.model_utils.centernet_utils": "pcdet/models/model_utils/centernet_utils.py",
+    "pcdet.models.model_utils.model_nms_utils": "pcdet/models/model_utils/model_nms_utils.py",
+    "pcdet.models.dense_heads.voxelnext_head": "pcdet/models/dense_heads/voxelnext_head.py",
+}
 CONFIG = "tools/cfgs/waymo_models/dsvt_voxel.yaml"
+VOXELNEXT_CONFIG = "tools/cfgs/nuscenes_models/cbgs_voxel0075_voxelnext.yaml"
 
 
 def ingroup_indices(group_ids: torch.Tensor) -> torch.Tensor:
@@ -138,6 +148,99 @@ def load_openpcdet_dsvt(root: Path) -> type[nn.Module]:
     # DSVT.__init__ looks the pooling class up in its module's globals.
     module.Stage_ReductionAtt_Block = BoolMaskReduction
     return module.DSVT
+
+
+def _keep_all_nms(boxes: torch.Tensor, scores: torch.Tensor, thresh: float, pre_maxsize=None, **kwargs):
+    """Stand-in for OpenPCDet's compiled ``iou3d_nms_utils.nms_gpu``: its score sort and cap, no suppression.
+
+    Returns what ``nms_gpu`` returns, ``(kept indices in descending score, None)``, keeping every box.
+    """
+    order = scores.sort(0, descending=True)[1]
+    return (order if pre_maxsize is None else order[:pre_maxsize]), None
+
+
+def _stub_module(name: str, **attributes) -> None:
+    module = types.ModuleType(name)
+    module.__dict__.update(attributes)
+    sys.modules[name] = module
+
+
+class _InferenceOnly(nn.Module):
+    def forward(self, *args, **kwargs):
+        raise RuntimeError("OpenPCDet's losses are not loaded: tools/openpcdet_ref.py times inference only")
+
+
+class OpenPCDetVoxelNeXt(nn.Module):
+    """OpenPCDet's VoxelNeXt detector with the checkout's nuScenes config, one frame of points to boxes.
+
+    Its stages as OpenPCDet runs them at test time: ``transform_points_to_voxels`` (spconv's
+    ``PointToVoxel``, at most 10 points per voxel and 160,000 voxels, run here on the model's device,
+    not in the data loader), ``MeanVFE``, ``VoxelResBackBone8xVoxelNeXt``, ``VoxelNeXtHead`` with its
+    decoding (top 500 per task head, score > 0.1, centre range). One part cannot run without
+    compiling OpenPCDet: the rotated-box NMS kernel, replaced by :func:`_keep_all_nms` (sort and cap
+    at 1,000 then 83 boxes per task head, nothing suppressed). The times are therefore a lower bound
+    on OpenPCDet's. Other stubs, not used at test time: numba's ``jit`` (only their circle NMS, when
+    numba is absent), the loss classes, and ``easydict`` (when absent). CUDA only: the head places its
+    constants with ``.cuda()``.
+
+    Args:
+        root: an OpenPCDet checkout.
+        voxel_size, point_cloud_range: the grid, metres (x, y, z) and (x0, y0, z0, x1, y1, z1);
+            ``grid_size`` (x, y, z) cells.
+        num_point_features: columns per point (5 on nuScenes: x, y, z, intensity, time lag).
+
+    ``forward``: points (N, num_point_features) float32 on CUDA → OpenPCDet's ``final_box_dicts``
+    (one dict per frame: ``pred_boxes`` (K, 9), ``pred_scores`` (K,), ``pred_labels`` (K,) from 1).
+    """
+
+    def __init__(self, root: Path, voxel_size, point_cloud_range, grid_size, num_point_features: int) -> None:
+        super().__init__()
+        from spconv.pytorch.utils import PointToVoxel
+
+        root = Path(root)
+        _missing(root, [*VOXELNEXT_SOURCES.values(), *VOXELNEXT_DETECTOR_SOURCES.values(), VOXELNEXT_CONFIG])
+        cfg = yaml.safe_load((root / VOXELNEXT_CONFIG).read_text())
+        processor = {p["NAME"]: p for p in cfg["DATA_CONFIG"]["DATA_PROCESSOR"]}["transform_points_to_voxels"]
+        if list(processor["VOXEL_SIZE"]) != list(voxel_size):
+            raise ValueError(f"{VOXELNEXT_CONFIG}: VOXEL_SIZE {processor['VOXEL_SIZE']}, our grid {list(voxel_size)}")
+        backbone_cls = load_openpcdet_voxelnext(root)
+        for name, attributes in (("numba", {"jit": lambda *a, **k: (lambda f: f)}), ("easydict", {"EasyDict": _AttrDict})):
+            try:
+                importlib.import_module(name)
+            except ImportError:
+                _stub_module(name, **attributes)
+        _stub_module("pcdet.ops.iou3d_nms.iou3d_nms_utils", nms_gpu=_keep_all_nms)
+        _stub_module("pcdet.utils.loss_utils", **{n: _InferenceOnly for n in (
+            "FocalLossSparse", "RegLossSparse", "IouLossSparse", "IouRegLossSparse")})
+        _stub_parents(root, "pcdet.ops.iou3d_nms.iou3d_nms_utils")
+        _exec_sources(root, VOXELNEXT_DETECTOR_SOURCES)
+        vfe_module = sys.modules["pcdet.models.backbones_3d.vfe.mean_vfe"]
+        head_module = sys.modules["pcdet.models.dense_heads.voxelnext_head"]
+
+        device = torch.device("cuda")
+        self.voxelizer = PointToVoxel(
+            vsize_xyz=list(voxel_size), coors_range_xyz=list(point_cloud_range), num_point_features=num_point_features,
+            max_num_voxels=processor["MAX_NUMBER_OF_VOXELS"]["test"],
+            max_num_points_per_voxel=processor["MAX_POINTS_PER_VOXEL"], device=device,
+        )
+        self.vfe = vfe_module.MeanVFE(model_cfg={}, num_point_features=num_point_features)
+        self.backbone = backbone_cls({}, num_point_features, np.array(grid_size))
+        head_cfg = _attr_dict(cfg["MODEL"]["DENSE_HEAD"])
+        self.head = head_module.VoxelNeXtHead(
+            model_cfg=head_cfg, input_channels=self.backbone.num_point_features, num_class=len(cfg["CLASS_NAMES"]),
+            class_names=cfg["CLASS_NAMES"], grid_size=np.array(grid_size), point_cloud_range=list(point_cloud_range),
+            voxel_size=list(voxel_size),
+        )
+
+    def forward(self, points: torch.Tensor) -> list[dict]:
+        voxels, coords, num_points = self.voxelizer(points)
+        batch = {
+            "voxels": voxels,
+            "voxel_num_points": num_points,
+            "voxel_coords": torch.nn.functional.pad(coords, (1, 0)),  # batch index 0, as their collate adds
+            "batch_size": 1,
+        }
+        return self.head(self.backbone(self.vfe(batch)))["final_box_dicts"]
 
 
 class _AttrDict(dict):
