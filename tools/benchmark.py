@@ -52,7 +52,7 @@ from voxsparse.models.detectors.sparse_detector import SparseDetector
 from voxsparse.models.fusion import fuse_for_inference
 from voxsparse.ops.sparse_backend import set_tf32
 from voxsparse.ops.sparse_utils import linear_keys
-from voxsparse.ops.voxelize import dynamic_voxelize
+from voxsparse.ops.voxelize import dynamic_voxelize, voxelize_mean_torch
 from voxsparse.structures import PointBatch, VoxelGrid
 from voxsparse.utils.io import atomic_write
 from voxsparse.utils.timing import Timing, measure, measure_interleaved
@@ -274,7 +274,10 @@ def compare(model: SparseDetector, voxels, points: PointBatch, args: argparse.Na
         ours.zero_grad(set_to_none=True)
         theirs.zero_grad(set_to_none=True)
         ours.eval()
-    voxelize = {"ours: dynamic voxelize + mean": lambda: model.voxel_encoder(points)}
+    voxelize = {
+        "ours: dynamic voxelize + mean": lambda: model.voxel_encoder(points),
+        "ours: torch unique + scatter mean (before)": lambda: voxelize_mean_torch(points, grid),
+    }
     try:
         from spconv.pytorch.utils import PointToVoxel
     except ImportError:

@@ -14,6 +14,8 @@ from voxsparse.ops.voxelize import (
     dynamic_voxelize,
     hard_voxelize,
     voxel_keys,
+    voxelize_mean,
+    voxelize_mean_torch,
 )
 from voxsparse.structures import PointBatch, VoxelGrid
 
@@ -262,6 +264,21 @@ def test_cuda_keys_equal_cpu_keys_bit_for_bit(grid):
     frames = [points.points, on_borders.float(), torch.tensor([[1e4, 0.0, 0.0]] * 3)]
     batch = PointBatch.from_frames([f[:, :3].contiguous() for f in frames])
     assert torch.equal(voxel_keys(batch.to("cuda"), grid).cpu(), voxel_keys(batch, grid))
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cuda_voxelize_mean_equals_torch_path(dtype):
+    # On CUDA with Triton, voxelize_mean sums each voxel's run of sorted points; the torch path
+    # scatter-adds. Same voxels in the same order; means equal up to float rounding.
+    grid = VoxelGrid(voxel_size=(0.2, 0.2, 0.25), point_cloud_range=(-10.0, -10.0, -2.0, 10.0, 10.0, 2.0))
+    gen = torch.Generator().manual_seed(3)
+    frames = [(torch.rand(n, 5, generator=gen, dtype=dtype) - 0.5) * 24 for n in (20000, 0, 7000)]
+    batch = PointBatch.from_frames(frames).to("cuda")
+    coords, features = voxelize_mean(batch, grid)
+    ref_coords, ref_features = voxelize_mean_torch(batch, grid)
+    assert features.dtype == dtype and torch.equal(coords, ref_coords)
+    torch.testing.assert_close(features, ref_features)
 
 
 def test_large_grid_keys_do_not_overflow():

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from voxsparse.ops.scatter import scatter_sum
 from voxsparse.structures import PointBatch, VoxelGrid
 
 
@@ -151,6 +152,33 @@ def dynamic_voxelize(points: PointBatch, grid: VoxelGrid) -> DynamicVoxels:
     unique_keys, inverse, counts = torch.unique(keys, sorted=True, return_inverse=True, return_counts=True)
     m = unique_keys.shape[0] - 1
     return DynamicVoxels(_decode_keys(unique_keys[:m], shape), inverse[:-1], counts[:m])
+
+
+def voxelize_mean(points: PointBatch, grid: VoxelGrid) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dynamic voxelization and the mean of every point column per voxel (MeanVFE's work).
+
+    Returns:
+        coords (M, 4) int32 (b, z, y, x), unique, sorted lexicographically (as
+        :func:`dynamic_voxelize`), and features (M, 3 + C) in ``points``' dtype: mean x, y, z in
+        metres, then the mean features. On CUDA with Triton, :func:`triton_voxelize.segment_mean`
+        (one sort, deterministic sums in point order); elsewhere unique + scatter-sum. Both are
+        float sums of the same points, equal up to rounding.
+    """
+    if points.points.is_cuda:
+        from voxsparse.ops import triton_voxelize
+
+        if triton_voxelize.available():
+            return triton_voxelize.segment_mean(voxel_keys(points, grid), points.points, _key_shape(points.batch_size, grid))
+    return voxelize_mean_torch(points, grid)
+
+
+def voxelize_mean_torch(points: PointBatch, grid: VoxelGrid) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`voxelize_mean` in torch on any device (its path off CUDA): unique, then scatter-sum."""
+    voxels = dynamic_voxelize(points, grid)
+    # Out-of-range points go to an extra last group that is dropped: no host round trip.
+    m = len(voxels)
+    sums = scatter_sum(points.points, voxels.voxel_of_point, m + 1)[:m]
+    return voxels.coords, sums / voxels.num_points.to(sums.dtype)[:, None]
 
 
 def hard_voxelize(

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from voxsparse.ops.scatter import scatter_sum
-from voxsparse.ops.voxelize import dynamic_voxelize
+from voxsparse.ops.voxelize import voxelize_mean
 from voxsparse.structures import PointBatch, SparseVoxels, VoxelGrid
 
 
@@ -30,12 +29,8 @@ class MeanVFE(nn.Module):
 
     def forward(self, points: PointBatch) -> SparseVoxels:
         _check_columns(self, points)
-        voxels = dynamic_voxelize(points, self.grid)
-        # Out-of-range points go to an extra last group that is dropped: no host round trip.
-        m = len(voxels)
-        features = scatter_sum(points.points, voxels.voxel_of_point, m + 1)[:m]
-        features = features / voxels.num_points.to(features.dtype)[:, None]
-        return SparseVoxels(voxels.coords, features, self.grid, points.batch_size)
+        coords, features = voxelize_mean(points, self.grid)
+        return SparseVoxels(coords, features, self.grid, points.batch_size)
 
     def extra_repr(self) -> str:
         return f"in_channels={self.in_channels}, grid={self.grid}"
