@@ -288,6 +288,10 @@ def compare(model: SparseDetector, voxels, points: PointBatch, args: argparse.Na
                            max_num_points_per_voxel=10, device=device)
         voxelize["spconv PointToVoxel (no mean)"] = lambda: gen(points.points)
     with torch.no_grad():
+        fast = model.voxel_encoder(points)
+        before_coords, before_features = voxelize_mean_torch(points, grid)
+        same_voxels = torch.equal(fast.coords, before_coords)
+        diff_voxelize = (fast.features - before_features).abs().max().item() if same_voxels else math.inf
         timings |= measure_interleaved(voxelize, device, rounds=args.rounds, per_round=args.repeats // args.rounds or 1,
                                        warmup=args.warmup)
     detector = compare_detectors(model, points, args)
@@ -302,6 +306,8 @@ def compare(model: SparseDetector, voxels, points: PointBatch, args: argparse.Na
         "max_abs_diff_fused_fp32": diff_fused,
         "max_abs_diff_fused_half": diff_half,
         "max_abs_output": ref.features.abs().max().item(),
+        "voxelize_same_voxels_as_before": same_voxels,
+        "voxelize_max_abs_diff_vs_before": diff_voxelize,
         **detector,
         "timings": {k: dataclasses.asdict(v) for k, v in timings.items()},
     }
