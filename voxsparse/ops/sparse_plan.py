@@ -1,27 +1,31 @@
-"""Index-first sparse convolution: every layer's index pairs first, then all features.
+"""Index work ahead of feature work: sparse convolutions with their index pairs built separately.
 
 spconv builds a convolution's index pairs inside that convolution's forward. A strided
 convolution must learn how many output voxels it has before it can allocate them, so it
-synchronises the host with the GPU, and that sync waits for every feature kernel queued so far:
-the GPU then idles while the host prepares the next layers. Separating the two phases removes
-those waits from the feature path:
+synchronises the host with the GPU, and on one stream that sync waits for every feature kernel
+queued so far: the GPU then idles while the host prepares the next layers. Separating the two
+removes those waits from the feature path:
 
-1. index phase (:func:`plan_indices`): every convolution's pairs, in layer order, for the whole
-   network. Only index kernels are queued, so each sync returns almost at once.
-2. feature phase (:func:`run_features`): the convolutions' GEMMs and the per-voxel layers
-   between them, with nothing that synchronises; the host queues kernels ahead of the GPU.
+1. index work (:func:`plan_indices`): a part of the network's pairs, in layer order. On CUDA it
+   runs on a high-priority side stream (:class:`IndexStream`), so each of its syncs waits only for
+   index kernels, never for the feature kernels queued on the main stream.
+2. feature work (:func:`run_features`): the convolutions' GEMMs and the per-voxel layers between
+   them, with nothing that synchronises; the host queues kernels ahead of the GPU.
 
-Pairs are shared by ``indice_key`` exactly as spconv shares them (submanifold convolutions with
-one key on one active set); strided convolutions always build their own. The same spconv index
-and GEMM functions run as in spconv's modules (implicit GEMM on CUDA, gather-GEMM-scatter on the
-CPU), so the outputs are the same. With autograd on, the pairs include the backward ones and the
-convolutions run through spconv's autograd functions (training); without it, through its plain
-ops (inference).
+A backbone alternates the two stage by stage: while the GPU runs stage k's features, the host
+already builds stage k + 1's pairs. Pairs are shared by ``indice_key`` exactly as spconv shares
+them (submanifold convolutions with one key on one active set); strided convolutions always build
+their own. The same spconv index and GEMM functions run as in spconv's modules (implicit GEMM on
+CUDA, gather-GEMM-scatter on the CPU), so the outputs are the same. With autograd on, the pairs
+include the backward ones and the convolutions run through spconv's autograd functions
+(training); without it, through its plain ops (inference).
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -193,3 +197,43 @@ def run_features(module: nn.Module, features: torch.Tensor, pairs: dict[str, Con
             features = run_features(child, features, pairs)
         return features
     return module(features)
+
+
+@functools.cache
+def _side_stream(device: torch.device) -> torch.cuda.Stream:
+    # High priority: the host waits on these short index kernels; they must not queue behind GEMMs.
+    return torch.cuda.Stream(device, priority=-1)
+
+
+class IndexStream:
+    """Where index work runs: a side CUDA stream, so its host syncs skip the queued feature kernels.
+
+    Use one per forward, created on the stream the forward's features run on::
+
+        stream = IndexStream(features.device)
+        with stream.indices():
+            indices, shape = plan_indices(stage, indices, shape, batch_size, pairs)
+        features = run_features(stage, features, pairs)
+
+    Ordering: the side stream first waits for the main stream's work so far (the input indices
+    were made there, and blocks freed by an earlier forward's index tensors may still be read by
+    its queued features: the caching allocator hands them back only to side-stream allocations).
+    Each ``indices()`` block then makes the main stream wait for it. Off CUDA everything runs in
+    order on the host, so ``indices()`` does nothing.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.main = self.side = None
+        if device.type == "cuda":
+            self.main = torch.cuda.current_stream(device)
+            self.side = _side_stream(device)
+            self.side.wait_stream(self.main)
+
+    @contextmanager
+    def indices(self):
+        if self.side is None:
+            yield
+            return
+        with torch.cuda.stream(self.side):
+            yield
+        self.main.wait_stream(self.side)

@@ -19,7 +19,7 @@ from torch import nn
 from voxsparse.models.fusion import fuse_conv_bn
 from voxsparse.models.layers import batch_norm_1d
 from voxsparse.ops.sparse_backend import SparseConvTensor, spnn
-from voxsparse.ops.sparse_plan import ConvPairs, plan_indices, run_conv, run_features
+from voxsparse.ops.sparse_plan import ConvPairs, IndexStream, plan_indices, run_conv, run_features
 from voxsparse.ops.sparse_plan import supported as index_first_supported
 from voxsparse.ops.sparse_utils import sum_rows, unique_coords
 from voxsparse.structures import SparseBEV, SparseVoxels, VoxelGrid
@@ -171,10 +171,11 @@ class VoxelNeXtBackbone(nn.Module):
 
     Input: ``SparseVoxels`` (M voxels). Output: ``SparseBEV`` with ``out_channels`` features.
 
-    The forward is index-first (:mod:`voxsparse.ops.sparse_plan`): every convolution's index
-    pairs and the BEV projection first, then the features without host-GPU synchronisation, in
-    training and in inference; ``index_first = False`` runs spconv's modules layer by layer. Both
-    give the same output and gradients.
+    The forward is index-first (:mod:`voxsparse.ops.sparse_plan`), in training and in inference:
+    stage by stage, the stage's index pairs (on CUDA on a side stream, whose syncs do not wait for
+    queued feature kernels), then its features, which never synchronise; the BEV projection's cells
+    likewise. ``index_first = False`` runs spconv's modules layer by layer. Both give the same
+    output and gradients.
     """
 
     index_first: bool = True
@@ -243,28 +244,29 @@ class VoxelNeXtBackbone(nn.Module):
         return type(self)._run_stages is VoxelNeXtBackbone._run_stages and self.bev_encoding is None
 
     def _forward_index_first(self, voxels: SparseVoxels) -> SparseBEV:
-        """All index pairs and the BEV cells first, then every feature kernel."""
+        """Stage by stage: the stage's index pairs (on the side stream), then its feature kernels."""
         batch_size = voxels.batch_size
         pairs: dict[str, ConvPairs] = {}
-        indices, shape = plan_indices(self.stem, voxels.coords.int(), list(voxels.grid.spatial_shape), batch_size, pairs)
-        stage_indices = []
-        for stage in self.stages:
-            indices, shape = plan_indices(stage, indices, shape, batch_size, pairs)
-            stage_indices.append((indices, shape))
-        levels = stage_indices[self.bev_stage :]
-        _, h, w = levels[0][1]
-        bev_coords, inverse = bev_projection(
-            [(coords, 2**level) for level, (coords, _) in enumerate(levels)], (h, w), batch_size
-        )
-        bev_indices, _ = plan_indices(self.bev_conv, bev_coords, [h, w], batch_size, pairs)
-        plan_indices(self.bev_subm, bev_indices, [h, w], batch_size, pairs)
-
-        features = run_features(self.stem, voxels.features, pairs)
-        stage_features = []
-        for stage in self.stages:
-            features = run_features(stage, features, pairs)
-            stage_features.append(features)
-        bev = sum_rows(torch.cat(stage_features[self.bev_stage :]), inverse, len(bev_coords))
+        stream = IndexStream(voxels.features.device)
+        indices, shape = voxels.coords.int(), list(voxels.grid.spatial_shape)
+        features = voxels.features
+        levels, level_features = [], []
+        for number, part in enumerate([self.stem, *self.stages]):
+            with stream.indices():
+                indices, shape = plan_indices(part, indices, shape, batch_size, pairs)
+            features = run_features(part, features, pairs)
+            if number > self.bev_stage:  # stages from the BEV stage on (the stem is part 0)
+                if not levels:
+                    _, h, w = shape
+                levels.append(indices)
+                level_features.append(features)
+        with stream.indices():
+            bev_coords, inverse = bev_projection(
+                [(coords, 2**level) for level, coords in enumerate(levels)], (h, w), batch_size
+            )
+            bev_indices, _ = plan_indices(self.bev_conv, bev_coords, [h, w], batch_size, pairs)
+            plan_indices(self.bev_subm, bev_indices, [h, w], batch_size, pairs)
+        bev = sum_rows(torch.cat(level_features), inverse, len(bev_coords))
         bev = run_features(self.bev_subm, run_features(self.bev_conv, bev, pairs), pairs)
         return SparseBEV(bev_indices, bev, (h, w), self.stride, voxels.grid, batch_size)
 
