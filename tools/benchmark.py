@@ -224,11 +224,8 @@ def compare(model: SparseDetector, voxels, points: PointBatch, args: argparse.Na
 
     def layer_by_layer(backbone, inputs):
         def call():
-            backbone.index_first = False
-            try:
+            with backbone.layer_by_layer():
                 return backbone(inputs)
-            finally:
-                backbone.index_first = True
         return call
 
     with torch.no_grad():

@@ -92,11 +92,8 @@ def test_fused_epilogue_equals_unfused_on_cuda():
 
 
 def _layer_by_layer(backbone, voxels):
-    backbone.index_first = False
-    try:
+    with backbone.layer_by_layer():
         return backbone(voxels)
-    finally:
-        backbone.index_first = True
 
 
 def _check_index_first(device: str) -> None:

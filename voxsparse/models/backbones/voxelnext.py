@@ -10,7 +10,8 @@ by a sparse 2D convolution.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -237,6 +238,15 @@ class VoxelNeXtBackbone(nn.Module):
         bev = SparseConvTensor(bev_feats, bev_coords, [h, w], voxels.batch_size)
         bev = self.bev_subm(self.bev_conv(bev))
         return SparseBEV(bev.indices, bev.features, (h, w), self.stride, voxels.grid, voxels.batch_size)
+
+    @contextmanager
+    def layer_by_layer(self) -> Iterator[VoxelNeXtBackbone]:
+        """Within the block, ``forward`` runs spconv's modules layer by layer (the reference path)."""
+        previous, self.index_first = self.index_first, False
+        try:
+            yield self
+        finally:
+            self.index_first = previous
 
     def _plain(self) -> bool:
         """True when nothing beyond VoxelNeXt's layers runs (subclasses such as VoxelKP's add per-stage
