@@ -210,17 +210,10 @@ def compare(model: SparseDetector, voxels, points: PointBatch, args: argparse.Na
     fused = fuse_for_inference(model).backbone
     fused_half = fuse_for_inference(model).half().backbone
     half_voxels = dataclasses.replace(voxels, features=voxels.features.half())
-    autocast = torch.autocast("cuda", dtype=torch.float16)
 
     def run_theirs():
         out = theirs({"voxel_features": voxels.features, "voxel_coords": voxels.coords, "batch_size": voxels.batch_size})
         return out["encoded_spconv_tensor"]
-
-    def amp(fn):
-        def wrapped():
-            with autocast:
-                return fn()
-        return wrapped
 
     def layer_by_layer(backbone, inputs):
         def call():
@@ -240,10 +233,10 @@ def compare(model: SparseDetector, voxels, points: PointBatch, args: argparse.Na
             "ours fp32 fused, layer by layer": layer_by_layer(fused, voxels),
             "ours fp32 fused, index-first": lambda: fused(voxels),
             "OpenPCDet fp32": run_theirs,
-            "ours fp16 autocast": amp(lambda: ours(voxels)),
+            "ours fp16 autocast": _amp(lambda: ours(voxels)),
             "ours fp16 fused (half weights), layer by layer": layer_by_layer(fused_half, half_voxels),
             "ours fp16 fused (half weights), index-first": lambda: fused_half(half_voxels),
-            "OpenPCDet fp16 autocast": amp(run_theirs),
+            "OpenPCDet fp16 autocast": _amp(run_theirs),
         }
         timings = measure_interleaved(forward, device, rounds=args.rounds, per_round=args.repeats // args.rounds or 1,
                                       warmup=args.warmup)
@@ -310,6 +303,14 @@ def compare(model: SparseDetector, voxels, points: PointBatch, args: argparse.Na
     }
 
 
+def _amp(fn):
+    """``fn`` called under CUDA fp16 autocast."""
+    def wrapped():
+        with torch.autocast("cuda", dtype=torch.float16):
+            return fn()
+    return wrapped
+
+
 def compare_detectors(model: SparseDetector, points: PointBatch, args: argparse.Namespace) -> dict:
     """Whole detectors, points to boxes, on one frame: ours (``predict``) against OpenPCDet's VoxelNeXt
     with its nuScenes config (:class:`openpcdet_ref.OpenPCDetVoxelNeXt`, whose NMS kernel is not run)."""
@@ -319,18 +320,12 @@ def compare_detectors(model: SparseDetector, points: PointBatch, args: argparse.
     fused = fuse_for_inference(model)
     frame = points.points
 
-    def amp(fn):
-        def wrapped():
-            with torch.autocast("cuda", dtype=torch.float16):
-                return fn()
-        return wrapped
-
     runners = {
         "detector: ours fp32": lambda: model.predict(points),
         "detector: ours fp32 fused": lambda: fused.predict(points),
         "detector: OpenPCDet fp32 (NMS kernel not run)": lambda: theirs(frame),
-        "detector: ours fp16 autocast fused": amp(lambda: fused.predict(points)),
-        "detector: OpenPCDet fp16 autocast (NMS kernel not run)": amp(lambda: theirs(frame)),
+        "detector: ours fp16 autocast fused": _amp(lambda: fused.predict(points)),
+        "detector: OpenPCDet fp16 autocast (NMS kernel not run)": _amp(lambda: theirs(frame)),
     }
     with torch.no_grad():
         ours_boxes = sum(len(d.scores) for d in model.predict(points))
