@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from types import ModuleType
 
 import torch
 from torch import nn
@@ -91,6 +92,15 @@ def _key_dtype(num_keys: int) -> torch.dtype:
     return torch.int32 if num_keys < 2**31 - 1 else torch.int64
 
 
+def _triton_kernels(points: PointBatch) -> ModuleType | None:
+    """:mod:`voxsparse.ops.triton_voxelize` for CUDA points when Triton is installed, else None."""
+    if not points.points.is_cuda:
+        return None
+    from voxsparse.ops import triton_voxelize
+
+    return triton_voxelize if triton_voxelize.available() else None
+
+
 def voxel_keys(points: PointBatch, grid: VoxelGrid) -> torch.Tensor:
     """Row-major key over (batch, z, y, x) of each point's voxel, for sorting and unique.
 
@@ -104,11 +114,9 @@ def voxel_keys(points: PointBatch, grid: VoxelGrid) -> torch.Tensor:
     shape = _key_shape(points.batch_size, grid)
     sentinel = shape[0] * shape[1] * shape[2] * shape[3]
     dtype = _key_dtype(sentinel + 1)
-    if points.points.is_cuda:
-        from voxsparse.ops import triton_voxelize
-
-        if triton_voxelize.available():
-            return triton_voxelize.voxel_keys(points.points, points.batch_index, grid, sentinel, dtype)
+    triton_voxelize = _triton_kernels(points)
+    if triton_voxelize is not None:
+        return triton_voxelize.voxel_keys(points.points, points.batch_index, grid, sentinel, dtype)
     device = points.points.device
     # Channels-first float64 copy: element-wise ops over (3, N) run as long contiguous loops,
     # 2-4x faster on the CPU than over (N, 3).
@@ -164,11 +172,9 @@ def voxelize_mean(points: PointBatch, grid: VoxelGrid) -> tuple[torch.Tensor, to
         (one sort, deterministic sums in point order); elsewhere unique + scatter-sum. Both are
         float sums of the same points, equal up to rounding.
     """
-    if points.points.is_cuda:
-        from voxsparse.ops import triton_voxelize
-
-        if triton_voxelize.available():
-            return triton_voxelize.segment_mean(voxel_keys(points, grid), points.points, _key_shape(points.batch_size, grid))
+    triton_voxelize = _triton_kernels(points)
+    if triton_voxelize is not None:
+        return triton_voxelize.segment_mean(voxel_keys(points, grid), points.points, _key_shape(points.batch_size, grid))
     return voxelize_mean_torch(points, grid)
 
 
