@@ -44,7 +44,12 @@ import numpy as np
 import torch
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
-from openpcdet_ref import OpenPCDetVoxelNeXt, compare_dsvt, load_openpcdet_voxelnext  # tools/ is sys.path[0]
+from openpcdet_ref import (  # tools/ is sys.path[0]
+    OpenPCDetVoxelNeXt,
+    compare_dsvt,
+    count_parameters,
+    load_openpcdet_voxelnext,
+)
 
 from voxsparse.data.synthetic import LidarConfig, generate_frame
 from voxsparse.models.backbones.dsvt import DSVTBackbone
@@ -176,8 +181,8 @@ def run(args: argparse.Namespace) -> dict:
         profile_backbone(model, voxels, amp, args.profile)
     info = {
         "model": args.model,
-        "parameters_M": round(sum(p.numel() for p in model.parameters()) / 1e6, 3),
-        "backbone_parameters_M": round(sum(p.numel() for p in model.backbone.parameters()) / 1e6, 3),
+        "parameters_M": round(count_parameters(model) / 1e6, 3),
+        "backbone_parameters_M": round(count_parameters(model.backbone) / 1e6, 3),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
         "threads": torch.get_num_threads(),
         "amp": bool(args.amp and device.type == "cuda"),
@@ -288,8 +293,8 @@ def compare(model: SparseDetector, voxels, points: PointBatch, args: argparse.Na
     timings |= detector.pop("timings")
     return {
         "openpcdet": str(args.compare),
-        "ours_backbone_parameters_M": round(sum(p.numel() for p in ours.parameters()) / 1e6, 4),
-        "openpcdet_backbone_parameters_M": round(sum(p.numel() for p in theirs.parameters()) / 1e6, 4),
+        "ours_backbone_parameters_M": round(count_parameters(ours) / 1e6, 4),
+        "openpcdet_backbone_parameters_M": round(count_parameters(theirs) / 1e6, 4),
         "ours_bev_cells": len(ref.coords),
         "openpcdet_bev_cells": len(theirs_out.indices),
         "max_abs_diff_index_first_fp32": diff_index_first,
@@ -333,8 +338,8 @@ def compare_detectors(model: SparseDetector, points: PointBatch, args: argparse.
         timings = measure_interleaved(runners, points.points.device, rounds=args.rounds,
                                       per_round=args.repeats // args.rounds or 1, warmup=args.warmup)
     return {
-        "ours_detector_parameters_M": round(sum(p.numel() for p in model.parameters()) / 1e6, 4),
-        "openpcdet_detector_parameters_M": round(sum(p.numel() for p in theirs.parameters()) / 1e6, 4),
+        "ours_detector_parameters_M": round(count_parameters(model) / 1e6, 4),
+        "openpcdet_detector_parameters_M": round(count_parameters(theirs) / 1e6, 4),
         "ours_detections": ours_boxes,
         "openpcdet_detections_without_nms": their_boxes,
         "timings": timings,

@@ -270,7 +270,8 @@ def build_openpcdet_dsvt(root: Path) -> nn.Module:
     return load_openpcdet_dsvt(root)(model_cfg=_attr_dict(cfg))
 
 
-def _count(module: nn.Module) -> int:
+def count_parameters(module: nn.Module) -> int:
+    """Number of parameter elements of ``module``."""
     return sum(p.numel() for p in module.parameters())
 
 
@@ -352,9 +353,9 @@ def compare_dsvt(
     return {
         "openpcdet": str(root),
         "voxels": len(voxels),
-        "ours_backbone_parameters": _count(ours),
-        "ours_input_projection_parameters": _count(ours.input_proj),
-        "openpcdet_backbone_parameters": _count(theirs),
+        "ours_backbone_parameters": count_parameters(ours),
+        "ours_input_projection_parameters": count_parameters(ours.input_proj),
+        "openpcdet_backbone_parameters": count_parameters(theirs),
         "parameters_note": (
             "ours: the whole DSVTBackbone, its input projection (Linear + LayerNorm from the voxel "
             "encoder's channels to 192) included; OpenPCDet: DSVT's position-embedding MLPs, blocks, "
