@@ -1,5 +1,5 @@
 """The optimised inference paths equal the plain eval-mode model: fused (BatchNorm folded into sparse
-convs, ReLU in spconv's epilogue) and index-first (all index pairs before any feature kernel)."""
+convs, ReLU in spconv's epilogue) and index-first (each stage's index pairs, then its feature kernels)."""
 
 import functools
 
