@@ -17,8 +17,14 @@ already builds stage k + 1's pairs. Pairs are shared by ``indice_key`` exactly a
 them (submanifold convolutions with one key on one active set); strided convolutions always build
 their own. The same spconv index and GEMM functions run as in spconv's modules (implicit GEMM on
 CUDA, gather-GEMM-scatter on the CPU), so the outputs are the same. With autograd on, the pairs
-include the backward ones and the convolutions run through spconv's autograd functions
-(training); without it, through its plain ops (inference).
+include the backward ones (training); without it, the convolutions run through spconv's plain
+ops (inference).
+
+Training on CUDA with Triton installed, the pairs also carry a list of their valid pairs
+(:mod:`voxsparse.ops.triton_sparse_conv`), and a convolution's backward takes its input gradient
+from spconv's implicit GEMM and its weight gradient from a Triton kernel over those pairs, which
+skips the offsets a voxel does not use (:class:`SparseConvFunction`). Elsewhere spconv's autograd
+functions run.
 """
 
 from __future__ import annotations
@@ -31,8 +37,11 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.autograd.function import once_differentiable
 
+from voxsparse.ops import triton_voxelize
 from voxsparse.ops.sparse_backend import BACKEND_NAME, spnn
+from voxsparse.ops.triton_sparse_conv import WeightGradPlan, weight_grad, weight_grad_plan
 
 
 def is_sparse_conv(module: nn.Module) -> bool:
@@ -50,6 +59,7 @@ class ConvPairs:
         native: True for spconv's gather-GEMM-scatter pairs, False for implicit-GEMM pairs.
         tensors: the backend's pair tensors, passed back to it unchanged.
         backward: the implicit-GEMM pairs include the backward ones (built with autograd on).
+        weight_grad: the valid pairs for the Triton weight gradient (training on CUDA), or None.
     """
 
     out_indices: torch.Tensor
@@ -57,6 +67,7 @@ class ConvPairs:
     native: bool
     tensors: tuple[Any, ...]
     backward: bool = False
+    weight_grad: WeightGradPlan | None = None
 
     def __len__(self) -> int:
         return self.out_indices.shape[0]
@@ -107,7 +118,13 @@ def build_pairs(conv: nn.Module, indices: torch.Tensor, spatial_shape: list[int]
                                              subm=conv.subm, transpose=False, is_train=backward)
     # res: (out_inds, num_per_loc, pair_fwd, pair_bwd, mask_fwd_splits, mask_bwd_splits,
     #       argsort_fwd_splits, argsort_bwd_splits, masks)
-    return ConvPairs(res[0], out_shape, False, res[2:], backward)
+    plan = None
+    if backward and triton_voxelize.available():
+        if res[2].shape[1] != len(res[0]):
+            raise RuntimeError(f"spconv's pair_fwd {tuple(res[2].shape)} is not (K, M_out={len(res[0])}): "
+                               "this spconv version is not supported by the Triton weight gradient")
+        plan = weight_grad_plan(res[2])
+    return ConvPairs(res[0], out_shape, False, res[2:], backward, plan)
 
 
 def run_conv(conv: nn.Module, features: torch.Tensor, pairs: ConvPairs) -> torch.Tensor:
@@ -136,6 +153,9 @@ def run_conv(conv: nn.Module, features: torch.Tensor, pairs: ConvPairs) -> torch
     if grad:
         if not pairs.backward:
             raise RuntimeError("these pairs were built without autograd; build them with autograd on to train")
+        if pairs.weight_grad is not None:
+            out = SparseConvFunction.apply(features, conv.weight, pairs, conv.subm, conv.fp32_accum)
+            return out if conv.bias is None else out + conv.bias
         # spconv's fused epilogue has no backward: the bias is a separate add, as in its modules.
         out = Fsp.implicit_gemm(features, conv.weight, pair_fwd, pair_bwd, mask_fwd, mask_bwd, argsort_fwd,
                                 argsort_bwd, len(pairs), masks, True, conv.subm, CUDAKernelTimer(False),
@@ -147,6 +167,53 @@ def run_conv(conv: nn.Module, features: torch.Tensor, pairs: ConvPairs) -> torch
         act_type=conv.act_type, output_dtype=conv.weight.dtype,
     )
     return out
+
+
+class SparseConvFunction(torch.autograd.Function):
+    """An implicit-GEMM sparse convolution (no bias) whose weight gradient comes from Triton.
+
+    Forward and input gradient are spconv's implicit GEMM: the input gradient is itself a sparse
+    convolution of the output gradient, with the weight transposed to (C_in, *kernel, C_out) and,
+    for a submanifold convolution, its kernel flipped (output o reads input i at offset k exactly
+    when i reads o at the mirrored offset, so the forward pairs serve); a strided convolution's
+    input gradient gathers through spconv's backward pairs. The weight gradient is
+    :func:`voxsparse.ops.triton_sparse_conv.weight_grad`. Under autocast the inputs are cast to
+    float16, as spconv's own function does.
+    """
+
+    @staticmethod
+    @torch.amp.custom_fwd(device_type="cuda", cast_inputs=torch.float16)
+    def forward(ctx, features, weight, pairs: ConvPairs, subm: bool, fp32_accum: bool | None):
+        ops, _ = _spconv_ops()
+        pair_fwd, _, mask_fwd, _, argsort_fwd, _, masks = pairs.tensors
+        out, _, _ = ops.implicit_gemm(features, weight, pair_fwd, mask_fwd, argsort_fwd, len(pairs), masks, False,
+                                      subm, fp32_accum=fp32_accum)
+        ctx.save_for_backward(features, weight)
+        ctx.pairs, ctx.subm, ctx.fp32_accum = pairs, subm, fp32_accum
+        return out
+
+    @staticmethod
+    @once_differentiable
+    @torch.amp.custom_bwd(device_type="cuda")
+    def backward(ctx, grad_out):
+        features, weight = ctx.saved_tensors
+        pairs: ConvPairs = ctx.pairs
+        grad_out = grad_out.contiguous()
+        grad_in = grad_weight = None
+        if ctx.needs_input_grad[0]:
+            ops, _ = _spconv_ops()
+            pair_fwd, pair_bwd, mask_fwd, mask_bwd, argsort_fwd, argsort_bwd, masks = pairs.tensors
+            kernel_dims = tuple(range(1, weight.dim() - 1))
+            if ctx.subm:
+                transposed, pair, mask, argsort = weight.flip(kernel_dims), pair_fwd, mask_fwd, argsort_fwd
+            else:
+                transposed, pair, mask, argsort = weight, pair_bwd, mask_bwd, argsort_bwd
+            transposed = transposed.permute(weight.dim() - 1, *kernel_dims, 0).contiguous()
+            grad_in, _, _ = ops.implicit_gemm(grad_out, transposed, pair, mask, argsort, features.shape[0], masks,
+                                              False, ctx.subm, fp32_accum=ctx.fp32_accum)
+        if ctx.needs_input_grad[1]:
+            grad_weight = weight_grad(features, grad_out, pairs.weight_grad, weight.shape)
+        return grad_in, grad_weight, None, None, None
 
 
 def sparse_convs(module: nn.Module) -> Iterator[nn.Module]:
