@@ -20,11 +20,11 @@ CUDA, gather-GEMM-scatter on the CPU), so the outputs are the same. With autogra
 include the backward ones (training); without it, the convolutions run through spconv's plain
 ops (inference).
 
-Training on CUDA with Triton installed, the pairs also carry a list of their valid pairs
+Training in fp32 on CUDA with Triton installed, the pairs also carry a list of their valid pairs
 (:mod:`voxsparse.ops.triton_sparse_conv`), and a convolution's backward takes its input gradient
 from spconv's implicit GEMM and its weight gradient from a Triton kernel over those pairs, which
-skips the offsets a voxel does not use (:class:`SparseConvFunction`). Elsewhere spconv's autograd
-functions run.
+skips the offsets a voxel does not use (:class:`SparseConvFunction`). Elsewhere (mixed precision
+included) spconv's autograd functions run.
 """
 
 from __future__ import annotations
@@ -119,12 +119,24 @@ def build_pairs(conv: nn.Module, indices: torch.Tensor, spatial_shape: list[int]
     # res: (out_inds, num_per_loc, pair_fwd, pair_bwd, mask_fwd_splits, mask_bwd_splits,
     #       argsort_fwd_splits, argsort_bwd_splits, masks)
     plan = None
-    if backward and triton_voxelize.available():
+    if backward and _triton_weight_grad(conv):
         if res[2].shape[1] != len(res[0]):
             raise RuntimeError(f"spconv's pair_fwd {tuple(res[2].shape)} is not (K, M_out={len(res[0])}): "
                                "this spconv version is not supported by the Triton weight gradient")
         plan = weight_grad_plan(res[2])
     return ConvPairs(res[0], out_shape, False, res[2:], backward, plan)
+
+
+def _triton_weight_grad(conv: nn.Module) -> bool:
+    """Whether training ``conv`` takes its weight gradient from Triton: in fp32 only.
+
+    fp32 training is bound by spconv's SIMT GEMMs on the GPU, and the Triton weight gradient
+    removes most of the largest of them. Under autocast (or with fp16 weights) the tensor-core GEMMs
+    are cheap and training is bound by host work instead, which a second GEMM call per backward
+    would only add to (docs/benchmarks.md).
+    """
+    return (triton_voxelize.available() and conv.weight.dtype == torch.float32
+            and not torch.is_autocast_enabled("cuda"))
 
 
 def run_conv(conv: nn.Module, features: torch.Tensor, pairs: ConvPairs) -> torch.Tensor:
@@ -204,11 +216,12 @@ class SparseConvFunction(torch.autograd.Function):
             ops, _ = _spconv_ops()
             pair_fwd, pair_bwd, mask_fwd, mask_bwd, argsort_fwd, argsort_bwd, masks = pairs.tensors
             kernel_dims = tuple(range(1, weight.dim() - 1))
+            transposed = weight.permute(weight.dim() - 1, *kernel_dims, 0)  # (C_in, *kernel, C_out)
             if ctx.subm:
-                transposed, pair, mask, argsort = weight.flip(kernel_dims), pair_fwd, mask_fwd, argsort_fwd
+                transposed, pair, mask, argsort = transposed.flip(kernel_dims), pair_fwd, mask_fwd, argsort_fwd
             else:
-                transposed, pair, mask, argsort = weight, pair_bwd, mask_bwd, argsort_bwd
-            transposed = transposed.permute(weight.dim() - 1, *kernel_dims, 0).contiguous()
+                pair, mask, argsort = pair_bwd, mask_bwd, argsort_bwd
+            transposed = transposed.contiguous()
             grad_in, _, _ = ops.implicit_gemm(grad_out, transposed, pair, mask, argsort, features.shape[0], masks,
                                               False, ctx.subm, fp32_accum=ctx.fp32_accum)
         if ctx.needs_input_grad[1]:
