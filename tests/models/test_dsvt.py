@@ -11,7 +11,13 @@ from hydra.utils import instantiate
 from torch import nn
 
 import voxsparse.models.backbones.dsvt as dsvt_module
-from voxsparse.models.backbones.dsvt import AttentionPooling, DSVTBackbone, SetAttentionLayer, set_attention
+from voxsparse.models.backbones.dsvt import (
+    AttentionPooling,
+    DSVTBackbone,
+    SetAttentionLayer,
+    _matmul_attention,
+    set_attention,
+)
 from voxsparse.models.backbones.dsvt_partition import (
     AXES,
     pooling_partition,
@@ -133,6 +139,20 @@ def test_set_attention_matches_a_per_set_loop():
     q, k, v = (torch.randn(len(coords), 12, generator=gen, dtype=torch.float64) for _ in range(3))
     got = set_attention(q, k, v, sets, num_heads=3)
     torch.testing.assert_close(got, _loop_attention(q, k, v, sets.members(), 3))
+
+
+def test_matmul_attention_equals_sdpa_with_padded_keys():
+    """The fp32 CUDA path (matmuls) against SDPA, values and gradients, on sets with padding."""
+    gen = torch.Generator().manual_seed(4)
+    q, k, v = (torch.randn(7, 3, 10, 8, generator=gen, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    valid = torch.rand(7, 1, 1, 10, generator=gen) < 0.6
+    valid[:, ..., 0] = True  # every set has a voxel
+    got = _matmul_attention(q, k, v, valid, 0.0)
+    want = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=valid)
+    torch.testing.assert_close(got, want)
+    grads = [torch.autograd.grad((out * torch.arange(8.0, dtype=torch.float64)).sum(), (q, k, v)) for out in (got, want)]
+    for g, w in zip(*grads):
+        torch.testing.assert_close(g, w)
 
 
 def test_set_attention_layer_matches_a_per_set_loop():

@@ -35,12 +35,10 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from contextlib import nullcontext
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.checkpoint import checkpoint
 
 from voxsparse.models.backbones.dsvt_partition import (
@@ -84,15 +82,33 @@ def set_attention(
     def gather(t: torch.Tensor) -> torch.Tensor:  # (M, C) -> (n, h, s, d), a view of one gather
         return t.index_select(0, flat).view(n, s, num_heads, d).transpose(1, 2)
 
-    # DSVT's sets are short (<= 48 keys, 24-dim heads): in fp32 on CUDA the matmul ("math") kernel
-    # beats the fused memory-efficient one that SDPA picks, 43 vs 65 ms forward and 111 vs 178 ms
-    # forward + backward at Waymo size on an H100 (docs/benchmarks.md).
-    backend = sdpa_kernel(SDPBackend.MATH) if q.is_cuda and q.dtype == torch.float32 else nullcontext()
-    with backend:
-        out = F.scaled_dot_product_attention(
-            gather(q), gather(k), gather(v), attn_mask=sets.valid[:, None, None, :], dropout_p=dropout_p
-        )  # (n, h, s, d)
+    # DSVT's sets are short (<= 48 keys, 24-dim heads): in fp32 on CUDA plain matmuls beat the fused
+    # memory-efficient kernel that SDPA picks, 108 vs 180 ms forward + backward at Waymo size on an
+    # H100 (docs/benchmarks.md). Written out rather than chosen with ``sdpa_kernel``, which did not
+    # reach SDPA's backend choice inside the model on the lent GPU.
+    attention = _matmul_attention if q.is_cuda and q.dtype == torch.float32 else _sdpa
+    out = attention(gather(q), gather(k), gather(v), sets.valid[:, None, None, :], dropout_p)  # (n, h, s, d)
     return out.transpose(1, 2).reshape(n * s, c).index_select(0, sets.position)
+
+
+def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor, dropout_p: float) -> torch.Tensor:
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=valid, dropout_p=dropout_p)
+
+
+def _matmul_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor, dropout_p: float
+) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d), keys where ``valid``) v, as SDPA's math path computes it.
+
+    Args:
+        q, k, v: (n, h, s, d).
+        valid: (n, 1, 1, s) bool, the keys each query may attend to (every set has one at least).
+    """
+    scores = torch.matmul(q, k.transpose(-2, -1)) * (q.shape[-1] ** -0.5)
+    weights = scores.masked_fill(~valid, float("-inf")).softmax(dim=-1)
+    if dropout_p > 0.0:
+        weights = F.dropout(weights, dropout_p)
+    return torch.matmul(weights, v)
 
 
 class PositionEmbedding(nn.Module):
