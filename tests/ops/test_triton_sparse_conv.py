@@ -35,8 +35,8 @@ def test_plan_lists_each_valid_pair_once_in_chunks_of_one_offset():
     plan = weight_grad_plan(torch.from_numpy(table), chunk=7)
     offsets, outputs = np.nonzero(table >= 0)
     np.testing.assert_array_equal(plan.pair_out.numpy(), outputs)
-    np.testing.assert_array_equal(plan.pair_in.numpy(), table[offsets, outputs])
     lo, hi, first = plan.chunk_lo.numpy(), plan.chunk_hi.numpy(), plan.first_chunk.numpy()
+    np.testing.assert_array_equal(plan.chunk_offset.numpy(), np.repeat(np.arange(27), np.diff(first)))
     assert plan.num_chunks == len(lo) == first[-1] and plan.num_offsets == 27
     assert first[2] == first[1]  # offset 1 has no pairs, so no chunks
     for k in range(27):

@@ -35,15 +35,17 @@ class WeightGradPlan:
     """The valid pairs of a sparse convolution grouped by kernel offset and cut into chunks.
 
     Attributes:
-        pair_in: (P,) int32 input row of each pair; pairs grouped by offset, then by output row.
-        pair_out: (P,) int32 output row of each pair.
-        chunk_lo / chunk_hi: (NC,) int32 range of each chunk in the pair lists (one offset each).
+        pair_fwd: (K, M_out) int32, the pair table the plan lists (held by the conv's pairs anyway):
+            the input row of a pair is ``pair_fwd[k, pair_out]``, so it is not stored twice.
+        pair_out: (P,) int32 output row of each valid pair, grouped by offset, ascending within one.
+        chunk_offset / chunk_lo / chunk_hi: (NC,) int32 offset of each chunk and its range in ``pair_out``.
         first_chunk: (K + 1,) int32; offset k's chunks are ``first_chunk[k] : first_chunk[k + 1]``.
         num_chunks: NC (a host int: the launch grid).
     """
 
-    pair_in: torch.Tensor
+    pair_fwd: torch.Tensor
     pair_out: torch.Tensor
+    chunk_offset: torch.Tensor
     chunk_lo: torch.Tensor
     chunk_hi: torch.Tensor
     first_chunk: torch.Tensor
@@ -68,7 +70,6 @@ def weight_grad_plan(pair_fwd: torch.Tensor, chunk: int = CHUNK) -> WeightGradPl
     valid = pair_fwd >= 0
     flat = valid.flatten().nonzero().squeeze(1)  # row-major: offset by offset, outputs ascending
     counts = valid.sum(1).cpu().numpy().astype(np.int64)
-    pair_in = pair_fwd.flatten()[flat].to(torch.int32)
     pair_out = (flat % m).to(torch.int32)
     starts = np.concatenate([[0], np.cumsum(counts)])
     per_offset = -(-counts // chunk)
@@ -76,10 +77,10 @@ def weight_grad_plan(pair_fwd: torch.Tensor, chunk: int = CHUNK) -> WeightGradPl
     offset = np.repeat(np.arange(k), per_offset)
     lo = starts[offset] + (np.arange(len(offset)) - first_chunk[offset]) * chunk
     hi = np.minimum(lo + chunk, starts[offset + 1])
-    # One host-to-device copy for the three tables.
-    tables = torch.from_numpy(np.concatenate([lo, hi, first_chunk]).astype(np.int32)).to(pair_fwd.device)
+    # One host-to-device copy for the four tables.
+    tables = torch.from_numpy(np.concatenate([offset, lo, hi, first_chunk]).astype(np.int32)).to(pair_fwd.device)
     nc = len(offset)
-    return WeightGradPlan(pair_in, pair_out, tables[:nc], tables[nc : 2 * nc], tables[2 * nc :], nc)
+    return WeightGradPlan(pair_fwd.contiguous(), pair_out, *tables[: 3 * nc].view(3, nc), tables[3 * nc :], nc)
 
 
 def _tile(channels: int) -> int:
@@ -93,19 +94,21 @@ def _kernels():
     import triton.language as tl
 
     @triton.jit
-    def partial_kernel(x_ptr, dy_ptr, pin_ptr, pout_ptr, lo_ptr, hi_ptr, part_ptr, cin, cout,
+    def partial_kernel(x_ptr, dy_ptr, table_ptr, pout_ptr, offset_ptr, lo_ptr, hi_ptr, part_ptr, cin, cout, m_out,
                        BP: tl.constexpr, BCI: tl.constexpr, BCO: tl.constexpr):
         c = tl.program_id(0)
         ci = tl.program_id(1) * BCI + tl.arange(0, BCI)
         co = tl.program_id(2) * BCO + tl.arange(0, BCO)
+        row = table_ptr + tl.load(offset_ptr + c).to(tl.int64) * m_out  # this chunk's offset in pair_fwd
         lo = tl.load(lo_ptr + c)
         hi = tl.load(hi_ptr + c)
         acc = tl.zeros((BCI, BCO), dtype=tl.float32)
         for start in range(lo, hi, BP):
             r = start + tl.arange(0, BP)
             mr = r < hi
-            rows_in = tl.load(pin_ptr + r, mask=mr, other=0).to(tl.int64)
-            rows_out = tl.load(pout_ptr + r, mask=mr, other=0).to(tl.int64)
+            rows_out = tl.load(pout_ptr + r, mask=mr, other=0)
+            rows_in = tl.load(row + rows_out, mask=mr, other=0).to(tl.int64)
+            rows_out = rows_out.to(tl.int64)
             x = tl.load(x_ptr + rows_in[:, None] * cin + ci[None, :], mask=mr[:, None] & (ci < cin)[None, :], other=0.0)
             g = tl.load(dy_ptr + rows_out[:, None] * cout + co[None, :], mask=mr[:, None] & (co < cout)[None, :],
                         other=0.0)
@@ -157,8 +160,8 @@ def weight_grad(x: torch.Tensor, dy: torch.Tensor, plan: WeightGradPlan, weight_
     bci, bco = _tile(cin), _tile(cout)
     if plan.num_chunks:
         grid = (plan.num_chunks, triton.cdiv(cin, bci), triton.cdiv(cout, bco))
-        partial_kernel[grid](x, dy, plan.pair_in, plan.pair_out, plan.chunk_lo, plan.chunk_hi, part, cin, cout,
-                             BP=32, BCI=bci, BCO=bco)
+        partial_kernel[grid](x, dy, plan.pair_fwd, plan.pair_out, plan.chunk_offset, plan.chunk_lo, plan.chunk_hi,
+                             part, cin, cout, plan.pair_fwd.shape[1], BP=32, BCI=bci, BCO=bco)
     block = 1024
     reduce_kernel[(plan.num_offsets, triton.cdiv(cin * cout, block))](part, plan.first_chunk, dw, cin, cout,
                                                                      plan.num_offsets, BLOCK=block)
