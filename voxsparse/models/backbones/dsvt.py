@@ -83,9 +83,8 @@ def set_attention(
         return t.index_select(0, flat).view(n, s, num_heads, d).transpose(1, 2)
 
     # DSVT's sets are short (<= 48 keys, 24-dim heads): in fp32 on CUDA plain matmuls beat the fused
-    # memory-efficient kernel that SDPA picks, 108 vs 180 ms forward + backward at Waymo size on an
-    # H100 (docs/benchmarks.md). Written out rather than chosen with ``sdpa_kernel``, which did not
-    # reach SDPA's backend choice inside the model on the lent GPU.
+    # memory-efficient kernel that SDPA picks (docs/benchmarks.md); written out, so that no global
+    # backend flag is needed. In fp16 SDPA's own choice is the faster.
     attention = _matmul_attention if q.is_cuda and q.dtype == torch.float32 else _sdpa
     out = attention(gather(q), gather(k), gather(v), sets.valid[:, None, None, :], dropout_p)  # (n, h, s, d)
     return out.transpose(1, 2).reshape(n * s, c).index_select(0, sets.position)
@@ -238,7 +237,9 @@ class AttentionPooling(nn.Module):
         v = self.v(dense)
         k = k.view(p, vol, h, d).transpose(1, 2)
         v = v.view(p, vol, h, d).transpose(1, 2)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=valid[:, None, None, :])  # (P, h, 1, d)
+        # One query over <= 4 keys: SDPA's fused kernels waste their 64-row tiles on it (in fp32 they
+        # were most of DSVT's training time on an H100, docs/benchmarks.md); plain matmuls do not.
+        out = _matmul_attention(q, k, v, valid[:, None, None, :], 0.0)  # (P, h, 1, d)
         return self.out(self.norm(query + self.proj(out.reshape(p, c))))
 
 
