@@ -59,7 +59,7 @@ class ConvPairs:
         native: True for spconv's gather-GEMM-scatter pairs, False for implicit-GEMM pairs.
         tensors: the backend's pair tensors, passed back to it unchanged.
         backward: the implicit-GEMM pairs include the backward ones (built with autograd on).
-        weight_grad: the valid pairs for the Triton weight gradient (training on CUDA), or None.
+        weight_grad: the valid pairs for the Triton weight gradient (fp32 training on CUDA), or None.
     """
 
     out_indices: torch.Tensor
