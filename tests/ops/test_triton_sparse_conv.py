@@ -19,13 +19,13 @@ INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 KERNEL_DEVICE = "cuda" if torch.cuda.is_available() else "cpu" if INTERPRETED else None
 
 
-def _pair_table(k: int, m_in: int, m_out: int, seed: int, empty_offset: int | None = 1) -> np.ndarray:
-    """(K, M_out) int32: a random input row per (offset, output) with probability 0.3, else -1."""
+def _pair_table(k: int, m_in: int, m_out: int, seed: int) -> np.ndarray:
+    """(K, M_out) int32: a random input row per (offset, output) with probability 0.3, else -1;
+    offset 1 has no pairs at all."""
     rng = np.random.default_rng(seed)
     table = np.full((k, m_out), -1, np.int32)
     valid = rng.random((k, m_out)) < 0.3
-    if empty_offset is not None:
-        valid[empty_offset] = False
+    valid[1] = False
     table[valid] = rng.integers(0, m_in, valid.sum())
     return table
 

@@ -167,11 +167,11 @@ def run_conv(conv: nn.Module, features: torch.Tensor, pairs: ConvPairs) -> torch
             raise RuntimeError("these pairs were built without autograd; build them with autograd on to train")
         if pairs.weight_grad is not None:
             out = SparseConvFunction.apply(features, conv.weight, pairs, conv.subm, conv.fp32_accum)
-            return out if conv.bias is None else out + conv.bias
+        else:
+            out = Fsp.implicit_gemm(features, conv.weight, pair_fwd, pair_bwd, mask_fwd, mask_bwd, argsort_fwd,
+                                    argsort_bwd, len(pairs), masks, True, conv.subm, CUDAKernelTimer(False),
+                                    conv.fp32_accum)
         # spconv's fused epilogue has no backward: the bias is a separate add, as in its modules.
-        out = Fsp.implicit_gemm(features, conv.weight, pair_fwd, pair_bwd, mask_fwd, mask_bwd, argsort_fwd,
-                                argsort_bwd, len(pairs), masks, True, conv.subm, CUDAKernelTimer(False),
-                                conv.fp32_accum)
         return out if conv.bias is None else out + conv.bias
     out, _, _ = ops.implicit_gemm(
         features, conv.weight, pair_fwd, mask_fwd, argsort_fwd, len(pairs), masks, False, conv.subm,
