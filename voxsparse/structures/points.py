@@ -9,6 +9,35 @@ import torch
 
 from voxsparse.structures._validation import check_tensor
 
+#: Intensity scales a point column can carry: ``unit`` reflectance in [0, 1] (KITTI, the synthetic
+#: world), ``uint8`` values in [0, 255] (nuScenes, Velodyne drivers), ``waymo`` the Waymo Open
+#: Dataset's raw return intensity (>= 0, unbounded; OpenPCDet feeds its tanh).
+INTENSITY_SCALES: tuple[str, ...] = ("unit", "uint8", "waymo")
+
+
+@dataclass(frozen=True)
+class PointConvention:
+    """What a model expects in each point column; recorded in its config so raw files can be
+    converted to it.
+
+    Attributes:
+        features: column names, ``x, y, z`` (metres, LiDAR frame) first, e.g. ``("x", "y", "z",
+            "intensity")`` or ``(..., "intensity", "time_lag")`` (seconds before the keyframe).
+        intensity: the scale of the ``intensity`` column, one of :data:`INTENSITY_SCALES`.
+    """
+
+    features: tuple[str, ...] = ("x", "y", "z", "intensity")
+    intensity: str = "unit"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "features", tuple(str(f) for f in self.features))
+        if self.features[:3] != ("x", "y", "z"):
+            raise ValueError(f"PointConvention.features: must start with x, y, z, got {list(self.features)}")
+        if len(set(self.features)) != len(self.features):
+            raise ValueError(f"PointConvention.features: repeated names in {list(self.features)}")
+        if self.intensity not in INTENSITY_SCALES:
+            raise ValueError(f"PointConvention.intensity: expected one of {INTENSITY_SCALES}, got {self.intensity!r}")
+
 
 @dataclass
 class PointBatch:
