@@ -13,63 +13,82 @@ class names and frames are in ``voxsparse.engine.evaluate``.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
-import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
+import voxsparse
 from voxsparse.data.dataset import DetectionDataset
-from voxsparse.engine.checkpoint import load_checkpoint
+from voxsparse.engine.cli import tool
+from voxsparse.engine.config import check_types, parse_options
 from voxsparse.engine.distributed import cleanup, init_distributed
-from voxsparse.engine.evaluate import frames_from_file, metric_suite, report, score_model_predictions
+from voxsparse.engine.evaluate import (
+    MISSING_FRAME_RULES,
+    check_frames,
+    frames_from_file,
+    metric_suite,
+    report,
+    score_model_predictions,
+)
 from voxsparse.engine.inference import DatasetPredictions, predict_dataset
 from voxsparse.evaluation.predictions_io import load_predictions, save_predictions
 
 log = logging.getLogger("voxsparse.eval")
 
 
-def _from_predictions_file(cfg: DictConfig) -> DatasetPredictions:
-    content = load_predictions(cfg.predictions)
+@dataclass
+class EvalOptions:
+    """The tool's own options (configs/eval.yaml)."""
+
+    checkpoint: str | None = None
+    predictions: str | None = None
+    missing_frames: str = "error"
+    device: str = "auto"
+    batch_size: int = 4
+
+
+def _from_predictions_file(opts: EvalOptions, cfg: DictConfig) -> DatasetPredictions:
+    content = load_predictions(opts.predictions)
+    source = instantiate(cfg.dataset.val)
+    where = f"predictions file {opts.predictions}"
+    if hasattr(source, "frame_ids"):  # check the frames before any is generated or read
+        check_frames(content, source.frame_ids, opts.missing_frames, where)
     # Crop the ground truth exactly as it was when the model's predictions were made.
-    val_set = DetectionDataset(instantiate(cfg.dataset.val), content.point_cloud_range)
+    val_set = DetectionDataset(source, content.point_cloud_range)
     samples = [val_set[i] for i in range(len(val_set))]
     frame_ids = [s.frame_id for s in samples]
-    detections = frames_from_file(
-        content,
-        frame_ids,
-        list(cfg.dataset.class_names),
-        cfg.missing_frames,
-        f"predictions file {cfg.predictions}",
-    )
+    detections = frames_from_file(content, frame_ids, list(cfg.dataset.class_names), opts.missing_frames, where)
     return DatasetPredictions(frame_ids, detections, [s.annotations for s in samples])
 
 
-@hydra.main(config_path="../configs", config_name="eval", version_base="1.3")
+@tool("eval")
 def main(cfg: DictConfig) -> None:
-    if (cfg.checkpoint is None) == (cfg.predictions is None):
+    opts = parse_options(cfg, EvalOptions)
+    check_types(cfg.dataset, "dataset")
+    if (opts.checkpoint is None) == (opts.predictions is None):
         raise ValueError("give exactly one of checkpoint=PATH or predictions=PATH")
+    if opts.missing_frames not in MISSING_FRAME_RULES:
+        raise ValueError(f"missing_frames: expected one of {MISSING_FRAME_RULES}, got {opts.missing_frames!r}")
     suite = metric_suite(cfg.dataset)  # an unknown suite fails before any inference
-    info = init_distributed(cfg.device)
+    info = init_distributed(opts.device)
     output_dir = Path(HydraConfig.get().runtime.output_dir)
-    if cfg.checkpoint is not None:
-        ckpt = load_checkpoint(cfg.checkpoint)
-        model = instantiate(OmegaConf.create(ckpt.config["model"]))
-        model.load_state_dict(ckpt.model)
-        model.to(info.device)
+    if opts.checkpoint is not None:
+        model = voxsparse.load_model(opts.checkpoint, info.device)
         val_set = DetectionDataset(instantiate(cfg.dataset.val), model.grid.point_cloud_range)
-        predictions = predict_dataset(model, val_set, info, batch_size=cfg.batch_size)
+        predictions = predict_dataset(model, val_set, info, batch_size=opts.batch_size)
         if info.is_main:
             save_predictions(
                 output_dir / "predictions.pt", predictions.to_file(model.class_names, model.grid)
             )
             keypoint_labels = getattr(model, "keypoint_labels", None)
             result = score_model_predictions(
-                predictions, model.class_names, cfg.dataset, f"checkpoint {cfg.checkpoint}", keypoint_labels
+                predictions, model.class_names, cfg.dataset, f"checkpoint {opts.checkpoint}", keypoint_labels
             )
     elif info.is_main:  # a predictions file holds boxes only: detection metrics
-        result = suite(_from_predictions_file(cfg), cfg.dataset)
+        result = suite(_from_predictions_file(opts, cfg), cfg.dataset)
     if info.is_main:
         report(result, output_dir)
         log.info("results in %s", output_dir)

@@ -1,6 +1,5 @@
 """Training, resuming and the command-line tools, end to end on tiny synthetic data."""
 
-import functools
 import json
 import subprocess
 import sys
@@ -9,14 +8,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from voxsparse.data.dataset import DetectionDataset
-from voxsparse.data.synthetic import SyntheticDataset
-from voxsparse.data.transforms import GlobalAugment
-from voxsparse.engine.distributed import DistInfo
-from voxsparse.engine.trainer import Trainer, TrainerConfig
-from voxsparse.models.backbones.voxelnext import VoxelNeXtBackbone
-from voxsparse.models.detectors.sparse_detector import SparseDetector
-from voxsparse.models.heads.voxelnext_head import VoxelNeXtHead
 from voxsparse.models.voxel_encoders import MeanVFE
 from voxsparse.structures import VoxelGrid
 
@@ -28,33 +19,6 @@ TINY_MODEL = [
     "model.backbone.out_channels=8",
     "model.head.head_channels=8",
 ]
-
-
-def _trainer(output_dir: Path, cache: Path) -> Trainer:
-    torch.manual_seed(0)
-    model = SparseDetector(
-        MeanVFE(VoxelGrid((0.25, 0.25, 0.25), RANGE)),
-        functools.partial(VoxelNeXtBackbone, channels=(8, 8, 8), blocks=(0, 1, 1), bev_stage=2, out_channels=8),
-        functools.partial(VoxelNeXtHead, head_channels=8, with_iou=True, regression_positives=4),
-        ("Vehicle", "Pedestrian", "Cyclist"),
-    )
-    data = DetectionDataset(SyntheticDataset("train", 4, seed=3, cache_dir=cache), RANGE, [GlobalAugment()], seed=0)
-    cfg = TrainerConfig(epochs=2, batch_size=2, num_workers=0, tensorboard=False)
-    return Trainer(model, data, cfg, output_dir, DistInfo(), config_dict={"test": True})
-
-
-def test_resumed_run_ends_with_the_same_weights(tmp_path):
-    straight = _trainer(tmp_path / "straight", tmp_path / "cache")
-    straight.fit()
-    interrupted = _trainer(tmp_path / "interrupted", tmp_path / "cache")
-    interrupted.fit(stop_after=1)
-    assert interrupted.epoch == 1 and interrupted.checkpoint_path.is_file()
-    resumed = _trainer(tmp_path / "resumed", tmp_path / "cache")
-    resumed.resume(interrupted.checkpoint_path)
-    assert (resumed.epoch, resumed.step) == (1, 2)
-    resumed.fit()
-    for (name, a), b in zip(straight.model.state_dict().items(), resumed.model.state_dict().values()):
-        torch.testing.assert_close(a, b, msg=lambda m, name=name: f"{name}: {m}")
 
 
 def _run(*args: str) -> subprocess.CompletedProcess:

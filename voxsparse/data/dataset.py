@@ -6,10 +6,10 @@ from collections.abc import Callable, Sequence
 
 import torch
 from torch.utils.data import DataLoader, Dataset
-from tqdm import tqdm
 
 from voxsparse.data.sample import Sample
 from voxsparse.data.transforms import RangeFilter
+from voxsparse.utils.progress import progress
 
 Transform = Callable[[Sample, torch.Generator], Sample]
 
@@ -78,5 +78,5 @@ def fill_cache(source: Dataset, num_workers: int, desc: str = "generate") -> Non
     every parallel region wait for a descheduled thread.
     """
     loader = DataLoader(_Generate(source), batch_size=None, num_workers=num_workers)
-    for _ in tqdm(loader, total=len(source), desc=desc, dynamic_ncols=True):
+    for _ in progress(loader, desc, total=len(source)):
         pass

@@ -39,10 +39,10 @@ from typing import Any
 import numpy as np
 import torch
 from torch.utils.data import Dataset
-from tqdm import tqdm
 
 from voxsparse.data.gt_database import cut_objects, merge_parts, read_part, write_part
 from voxsparse.utils.io import atomic_write
+from voxsparse.utils.progress import progress as progress_bar
 
 __all__ = [
     "FORMAT_VERSION",
@@ -479,9 +479,7 @@ def prepare(
     ]
     records: dict[str, dict] = {}
     skipped = 0
-    bar = tqdm(
-        total=len(jobs), desc=f"prepare {split}", unit="task", disable=not progress, dynamic_ncols=True
-    )
+    bar = progress_bar(total=len(jobs), desc=f"prepare {split}", unit="task", enabled=progress)
     threads = torch.get_num_threads()
     if workers == 1 or len(jobs) <= 1:
         _init_worker()

@@ -192,6 +192,41 @@ def in_dataset_order(
     return DatasetPredictions(predictions.frame_ids, detections, predictions.annotations)
 
 
+def check_frames(
+    content: PredictionsFile, frame_ids: Sequence[str], missing_frames: str = "error", source: str = "predictions file"
+) -> None:
+    """Check that a predictions file lists each frame of ``frame_ids`` once (rules in the module docstring).
+
+    Raises:
+        ValueError: naming ``source`` and what the file holds, for repeated frame ids, or for missing
+            frames when ``missing_frames="error"``.
+    """
+    listed = set(content.frame_ids)
+    if len(listed) != len(content.frame_ids):
+        repeated = sorted({f for f in content.frame_ids if content.frame_ids.count(f) > 1})
+        raise ValueError(f"{source}: frame ids listed more than once: {repeated[:5]}")
+    extra = len(listed - set(frame_ids))
+    if extra:
+        log.info("%s: %d frames are not in the evaluated split and are ignored", source, extra)
+    missing = [f for f in frame_ids if f not in listed]
+    if not missing:
+        return
+    shared = len(listed) - extra
+    holds = (
+        f"the file holds {len(content.frame_ids)} frames ({shared} of them in this split; first: "
+        f"{content.frame_ids[:2]})"
+    )
+    if missing_frames == "error":
+        raise ValueError(
+            f"{source}: {len(missing)} of {len(frame_ids)} frames of the evaluated split have no entry "
+            f"(first: {missing[:3]}); {holds}. Evaluate the split the predictions were made on (same "
+            f"frames and frame count); a frame with no detections must still be listed; or pass "
+            f"missing_frames=miss to count the ground truth of unlisted frames as missed"
+        )
+    log.warning("%s: %d of %d frames have no entry; %s; their ground truth counts as missed", source,
+                len(missing), len(frame_ids), holds)
+
+
 def frames_from_file(
     content: PredictionsFile,
     frame_ids: Sequence[str],
@@ -210,27 +245,8 @@ def frames_from_file(
     if missing_frames not in MISSING_FRAME_RULES:
         raise ValueError(f"missing_frames must be one of {MISSING_FRAME_RULES}, got {missing_frames!r}")
     detections = relabel(content.detections, content.class_names, class_names, source)
+    check_frames(content, frame_ids, missing_frames, source)
     by_id = dict(zip(content.frame_ids, detections))
-    if len(by_id) != len(content.frame_ids):
-        repeated = sorted({f for f in content.frame_ids if content.frame_ids.count(f) > 1})
-        raise ValueError(f"{source}: frame ids listed more than once: {repeated[:5]}")
-    missing = [f for f in frame_ids if f not in by_id]
-    if missing and missing_frames == "error":
-        raise ValueError(
-            f"{source}: {len(missing)} of {len(frame_ids)} frames of the evaluated split have no entry "
-            f"(first: {missing[:3]}); a frame with no detections must still be listed, or pass "
-            f"missing_frames=miss to count their ground truth as missed"
-        )
-    if missing:
-        log.warning(
-            "%s: %d of %d frames have no entry; their ground truth counts as missed",
-            source,
-            len(missing),
-            len(frame_ids),
-        )
-    extra = len(set(by_id) - set(frame_ids))
-    if extra:
-        log.info("%s: %d frames are not in the evaluated split and are ignored", source, extra)
     width = max((d.boxes.tensor.shape[1] for d in detections), default=7)
     nothing = Detections3D(
         Boxes3D.empty(with_velocity=width == 9), torch.zeros(0), torch.zeros(0, dtype=torch.int64)

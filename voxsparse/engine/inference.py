@@ -7,7 +7,6 @@ from dataclasses import dataclass
 
 import torch
 from torch.utils.data import DataLoader, Subset
-from tqdm import tqdm
 
 from voxsparse.data.dataset import DetectionDataset
 from voxsparse.data.sample import collate
@@ -16,6 +15,7 @@ from voxsparse.evaluation.predictions_io import PredictionsFile
 from voxsparse.models.detectors.sparse_detector import SparseDetector
 from voxsparse.models.fusion import fuse_for_inference
 from voxsparse.structures import Annotations3D, Detections3D, VoxelGrid
+from voxsparse.utils.progress import progress
 
 
 @dataclass
@@ -48,7 +48,7 @@ def predict_dataset(
     device = info.device
     local: list[tuple[int, str, Detections3D, Annotations3D]] = []
     position = 0
-    for batch in tqdm(loader, desc="predict", disable=not info.is_main, dynamic_ncols=True, leave=False):
+    for batch in progress(loader, "predict", enabled=info.is_main, leave=False):
         with torch.autocast("cuda", dtype=torch.float16, enabled=use_amp and device.type == "cuda"):
             detections = model.predict(batch.points.to(device))
         for det, ann, frame_id in zip(detections, batch.annotations, batch.frame_ids):

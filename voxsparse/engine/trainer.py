@@ -1,5 +1,6 @@
 """Training loop: AdamW + one-cycle, AMP on GPU, gradient clipping, atomic checkpoints with resume,
-TensorBoard scalars, progress bars, and DDP when started by ``torchrun``."""
+TensorBoard scalars, a log line every ``log_every`` steps (a progress bar too on a terminal), and DDP
+when started by ``torchrun``."""
 
 from __future__ import annotations
 
@@ -13,13 +14,15 @@ from typing import Any
 import torch
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
-from tqdm import tqdm
 
 from voxsparse.data.dataset import DetectionDataset
 from voxsparse.data.sample import collate
-from voxsparse.engine.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from voxsparse.engine.build import load_weights
+from voxsparse.engine.checkpoint import Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
 from voxsparse.engine.distributed import DistInfo, convert_sync_batchnorm, mean_over_ranks
 from voxsparse.models.detectors.sparse_detector import SparseDetector
+from voxsparse.utils.io import remove_stale_temporaries
+from voxsparse.utils.progress import progress
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +45,7 @@ class TrainerConfig:
             GPU, :class:`~voxsparse.engine.distributed.CpuSyncBatchNorm` on the CPU); without it
             each rank normalises by its own frames' statistics.
         checkpoint_every: write ``last.pth`` every this many epochs (and always at the end).
-        log_every: steps between TensorBoard scalars.
+        log_every: steps between log lines (losses, lr, steps/s, ETA) and TensorBoard scalars.
         tensorboard: write TensorBoard scalars to ``<output_dir>/tensorboard``.
         seed: seeds model initialisation, sampling order and augmentation.
     """
@@ -146,18 +149,55 @@ class Trainer:
             scaler=self.scaler.state_dict(),
         )
 
-    def resume(self, path: str | Path) -> None:
-        """Continue from a checkpoint: weights, optimizer, schedule, loss scale and epoch count."""
+    def resume(self, path: str | Path, allow_model_change: bool = False) -> None:
+        """Continue from a checkpoint: weights, optimizer, schedule, loss scale and epoch count.
+
+        With more epochs (or steps per epoch) than the checkpoint's run, the one-cycle schedule is
+        rebuilt for the new total and continues from the checkpoint's step on it.
+
+        Raises:
+            CheckpointError: the file cannot be read or has no optimizer state.
+            ValueError: the checkpoint's model config (layers, grid, classes) differs from this run's,
+                unless ``allow_model_change``; or its weights do not fit the model.
+        """
         ckpt = load_checkpoint(path, map_location=self.device)
-        self.model.load_state_dict(ckpt.model)
         if ckpt.optimizer is None or ckpt.scheduler is None:
-            raise ValueError(f"checkpoint {path}: has no optimizer/scheduler state, cannot resume training")
+            raise CheckpointError(f"checkpoint {path}: has no optimizer/scheduler state, cannot resume training")
+        theirs, ours = ckpt.config.get("model"), self.config_dict.get("model")
+        if theirs is not None and ours is not None and theirs != ours:
+            changed = _changed_keys(theirs, ours, "model")
+            if not allow_model_change:
+                raise ValueError(
+                    f"checkpoint {path}: its model config differs from this run's in {len(changed)} key(s) "
+                    f"({'; '.join(changed[:5])}); resume with the same model, or pass resume_allow_model_change=true"
+                )
+            log.warning("resuming %s with a changed model config: %s", path, "; ".join(changed))
+        load_weights(self.model, ckpt.model, f"checkpoint {path}")
         self.optimizer.load_state_dict(ckpt.optimizer)
-        self.scheduler.load_state_dict(ckpt.scheduler)
+        old_total = ckpt.scheduler.get("total_steps")
+        if old_total == self.total_steps:
+            self.scheduler.load_state_dict(ckpt.scheduler)
+        else:
+            # The new schedule (built in __init__ for this run's total) taken from the saved step on:
+            # its step count, then the lr and momentum it gives at that step.
+            self.scheduler.last_epoch = ckpt.step - 1
+            self.scheduler.step()
+            log.info(
+                "schedule rebuilt for %d steps (the checkpoint's run had %s); continuing from step %d",
+                self.total_steps, old_total, ckpt.step,
+            )
         if ckpt.scaler:
             self.scaler.load_state_dict(ckpt.scaler)
         self.epoch, self.step = ckpt.epoch, ckpt.step
+        if self.info.is_main:
+            for tmp in remove_stale_temporaries(self.checkpoint_path):
+                log.info("removed %s, left by an interrupted checkpoint write", tmp)
         log.info("resumed from %s at epoch %d (step %d)", path, self.epoch, self.step)
+        if self.epoch >= self.cfg.epochs:
+            log.warning(
+                "the checkpoint has finished %d of %d epochs: nothing to train (trainer.epochs=N extends the run)",
+                self.epoch, self.cfg.epochs,
+            )
 
     def fit(self, stop_after: int | None = None) -> None:
         """Train from ``self.epoch`` to ``cfg.epochs``, or only up to epoch ``stop_after`` (the
@@ -178,11 +218,12 @@ class Trainer:
         self.ddp.train()
         self.sampler.set_epoch(self.epoch)
         self.train_set.set_epoch(self.epoch)
-        bar = tqdm(
-            self.loader, desc=f"epoch {self.epoch + 1}/{self.cfg.epochs}", disable=not self.info.is_main,
-            dynamic_ncols=True, leave=False,
+        bar = progress(
+            self.loader, f"epoch {self.epoch + 1}/{self.cfg.epochs}", enabled=self.info.is_main, leave=False
         )
-        for batch in bar:
+        steps_per_epoch = len(self.loader)
+        window_start, window_step = time.perf_counter(), self.step
+        for i, batch in enumerate(bar):
             batch = batch.to(self.device)
             with torch.autocast("cuda", dtype=torch.float16, enabled=self.use_amp):
                 preds = self.ddp(batch.points)
@@ -208,14 +249,33 @@ class Trainer:
             self.scaler.update()
             self.scheduler.step()
             self.step += 1
-            bar.set_postfix({short: f"{values[n]:.3f}" for n, short in _SHORT.items() if n in values})
-            if self.writer is not None and self.step % self.cfg.log_every == 0:
-                for name, value in values.items():
-                    self.writer.add_scalar(f"loss/{name}", value, self.step)
-                self.writer.add_scalar("lr", self.scheduler.get_last_lr()[0], self.step)
-        if self.info.is_main:
-            parts = ", ".join(f"{n} {v:.3f}" for n, v in values.items() if n != "total")
-            log.info(
-                "epoch %d/%d: loss %.3f (%s), lr %.2e",
-                self.epoch + 1, self.cfg.epochs, loss, parts, self.scheduler.get_last_lr()[0],
-            )
+            bar.set_postfix({short: f"{values[n]:.3f}" for n, short in _SHORT.items() if n in values}, refresh=False)
+            if self.step % self.cfg.log_every == 0 or i + 1 == steps_per_epoch:
+                now = time.perf_counter()
+                rate = (self.step - window_step) / max(now - window_start, 1e-9)
+                window_start, window_step = now, self.step
+                lr = self.scheduler.get_last_lr()[0]
+                if self.info.is_main:
+                    self._log_step(i + 1, steps_per_epoch, values, lr, rate)
+                if self.writer is not None:
+                    for name, value in values.items():
+                        self.writer.add_scalar(f"loss/{name}", value, self.step)
+                    self.writer.add_scalar("lr", lr, self.step)
+
+    def _log_step(self, index: int, steps_per_epoch: int, values: dict[str, float], lr: float, rate: float) -> None:
+        """One line: where the run is, its losses, learning rate, speed and time to the end."""
+        parts = ", ".join(f"{n} {v:.3f}" for n, v in values.items() if n != "total")
+        remaining = (self.total_steps - self.step) / rate if rate > 0 else float("nan")
+        eta = time.strftime("%H:%M:%S", time.gmtime(remaining)) if math.isfinite(remaining) else "?"
+        log.info(
+            "epoch %d/%d step %d/%d (%d/%d): loss %.4f (%s) | lr %.3e | %.2f steps/s | ETA %s",
+            self.epoch + 1, self.cfg.epochs, self.step, self.total_steps, index, steps_per_epoch,
+            values["total"], parts, lr, rate, eta,
+        )
+
+
+def _changed_keys(a: Any, b: Any, where: str) -> list[str]:
+    """Dotted keys at which two plain configs differ, with both values."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        return [d for k in sorted(set(a) | set(b), key=str) for d in _changed_keys(a.get(k), b.get(k), f"{where}.{k}")]
+    return [] if a == b else [f"{where}: {a!r} in the checkpoint, {b!r} now"]

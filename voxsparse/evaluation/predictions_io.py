@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from voxsparse.structures import Boxes3D, Detections3D
-from voxsparse.utils.io import atomic_write
+from voxsparse.utils.io import atomic_write, read_torch_file
 
 _KEYS = ("frame_ids", "class_names", "boxes", "scores", "labels", "frame_index", "point_cloud_range")
 
@@ -68,12 +68,7 @@ def load_predictions(path: str | os.PathLike) -> PredictionsFile:
         ValueError: naming the file and field when the file is not a valid predictions file.
     """
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"predictions file {path}: no such file")
-    try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise ValueError(f"predictions file {path}: cannot be read ({type(exc).__name__}: {exc})") from exc
+    data = read_torch_file(path, "predictions file")
     missing = [k for k in _KEYS if not isinstance(data, dict) or k not in data]
     if missing:
         raise ValueError(f"predictions file {path}: missing fields {missing}")

@@ -29,6 +29,12 @@ class VoxelGrid:
             raise ValueError(f"VoxelGrid.point_cloud_range: expected (min xyz, max xyz) with max > min, got {r}")
         object.__setattr__(self, "voxel_size", tuple(float(v) for v in self.voxel_size))
         object.__setattr__(self, "point_cloud_range", tuple(float(v) for v in r))
+        if min(self.grid_size) < 1:
+            extent = tuple(r[i + 3] - r[i] for i in range(3))
+            raise ValueError(
+                f"VoxelGrid.voxel_size: {self.voxel_size} leaves no whole voxel along some axis of the "
+                f"range's extent {extent} m (grid size x, y, z {self.grid_size})"
+            )
 
     @property
     def grid_size(self) -> tuple[int, int, int]:

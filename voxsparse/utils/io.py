@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import os
+import pickle
+import re
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
+
+import torch
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], object]) -> Path:
@@ -27,3 +31,52 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], object]) -
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def remove_stale_temporaries(path: str | os.PathLike) -> list[Path]:
+    """Delete the temporaries that interrupted :func:`atomic_write` calls for ``path`` left beside it
+    (a process killed mid-write cannot clean up); call it where no write to ``path`` is in progress.
+
+    Returns:
+        the files removed.
+    """
+    path = Path(path)
+    stale = sorted(path.parent.glob(f".{path.name}.*.tmp")) if path.parent.is_dir() else []
+    for tmp in stale:
+        tmp.unlink(missing_ok=True)
+    return stale
+
+
+class FileFormatError(ValueError):
+    """A file is missing, a directory, unreadable, or not of the kind expected; the message names it."""
+
+
+def read_torch_file(path: Path, what: str, map_location: str | torch.device = "cpu") -> Any:
+    """``torch.load(path, weights_only=True)`` with errors that name the file (as ``what`` it should be)
+    and say what is wrong.
+
+    Raises:
+        FileFormatError: for a missing path, a directory, an unreadable or truncated file, or a file
+            holding Python objects (which are never unpickled: they could run code).
+    """
+    if path.is_dir():
+        raise FileFormatError(f"{what} {path}: is a directory, expected a file")
+    if not path.is_file():
+        raise FileFormatError(f"{what} {path}: no such file")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(exc))
+        if found is None:  # not a pickle torch writes: garbage, or another format
+            detail = re.search(r"WeightsUnpickler error: \s*(.+)", str(exc))
+            reason = detail.group(1).strip() if detail else str(exc).splitlines()[0]
+            raise FileFormatError(f"{what} {path}: cannot be read ({reason}); not a PyTorch file, or corrupt") from None
+        raise FileFormatError(
+            f"{what} {path}: not a voxsparse {what}: it holds Python objects ({found.group(1)}), and objects "
+            f"from a file are never unpickled (they could run code)"
+        ) from None
+    except Exception as exc:  # torch raises several types for truncated or foreign files
+        reason = str(exc).splitlines()[0] if str(exc) else ""
+        raise FileFormatError(
+            f"{what} {path}: cannot be read ({type(exc).__name__}: {reason}); not a PyTorch file, or truncated"
+        ) from None

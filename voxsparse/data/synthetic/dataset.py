@@ -104,6 +104,11 @@ class SyntheticDataset(Dataset):
         sequence, frame = divmod(index, self.sequence_length)
         return f"synthetic-{self.split}-{self.seed}-{sequence:06d}-{frame:03d}"
 
+    @property
+    def frame_ids(self) -> list[str]:
+        """Every frame's id, in order, without generating a frame."""
+        return [self.frame_id(i) for i in range(len(self))]
+
     def __getitem__(self, index: int) -> LidarFrame:
         if index < 0:
             index += len(self)

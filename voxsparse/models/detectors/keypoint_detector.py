@@ -13,7 +13,7 @@ from voxsparse.evaluation.keypoints import FrameKeypointGroundTruth, FrameKeypoi
 from voxsparse.models.detectors.sparse_detector import SparseDetector
 from voxsparse.models.heads.keypoint_head import NUM_KEYPOINTS, KeypointHead
 from voxsparse.models.voxelkp.structures import KeypointDetections3D
-from voxsparse.structures import Annotations3D
+from voxsparse.structures import Annotations3D, PointConvention
 
 
 class KeypointDetector(SparseDetector):
@@ -27,7 +27,7 @@ class KeypointDetector(SparseDetector):
     :class:`KeypointDetections3D` (a ``Detections3D``) per frame.
 
     Args:
-        voxel_encoder, backbone, class_names: as :class:`SparseDetector`.
+        voxel_encoder, backbone, class_names, point_convention: as :class:`SparseDetector`.
         head: factory ``(in_channels, num_classes, keypoint_labels) -> KeypointHead``.
         keypoint_classes: names (among ``class_names``) of the classes that carry keypoints, e.g.
             ``["Pedestrian"]`` (Waymo also labels cyclists).
@@ -40,6 +40,7 @@ class KeypointDetector(SparseDetector):
         head: Callable[..., KeypointHead],
         class_names: Sequence[str],
         keypoint_classes: Sequence[str],
+        point_convention: PointConvention | None = None,
     ) -> None:
         unknown = [name for name in keypoint_classes if name not in class_names]
         if unknown or not keypoint_classes:
@@ -48,7 +49,7 @@ class KeypointDetector(SparseDetector):
             )
         labels = tuple(list(class_names).index(name) for name in keypoint_classes)
         head = functools.partial(head, keypoint_labels=labels)
-        super().__init__(voxel_encoder, backbone, head, class_names)
+        super().__init__(voxel_encoder, backbone, head, class_names, point_convention)
         self.keypoint_classes = tuple(keypoint_classes)
 
     @property

@@ -7,7 +7,7 @@ from collections.abc import Callable, Sequence
 from torch import nn
 
 from voxsparse.models.heads.center_head import CenterHeadBase, CenterPredictions, HeadLosses
-from voxsparse.structures import Annotations3D, Detections3D, PointBatch
+from voxsparse.structures import Annotations3D, Detections3D, PointBatch, PointConvention
 
 
 class SparseDetector(nn.Module):
@@ -21,6 +21,9 @@ class SparseDetector(nn.Module):
         backbone: ``(in_channels) -> module SparseVoxels -> SparseBEV`` with ``out_channels``.
         head: ``(in_channels) -> CenterHeadBase``.
         class_names: names of the head's classes, in label order.
+        point_convention: the point columns (and intensity scale) the model takes; raw point files
+            are converted to it (:func:`voxsparse.data.pointfile.conform`). Default: x, y, z and
+            intensity in [0, 1].
     """
 
     def __init__(
@@ -29,9 +32,17 @@ class SparseDetector(nn.Module):
         backbone: Callable[..., nn.Module],
         head: Callable[..., CenterHeadBase],
         class_names: Sequence[str],
+        point_convention: PointConvention | None = None,
     ) -> None:
         super().__init__()
         self.class_names = tuple(class_names)
+        self.point_convention = point_convention or PointConvention()
+        width = getattr(voxel_encoder, "in_channels", None)
+        if width is not None and width != len(self.point_convention.features):
+            raise ValueError(
+                f"point_convention.features: {list(self.point_convention.features)} name "
+                f"{len(self.point_convention.features)} columns but the voxel encoder takes {width}"
+            )
         self.voxel_encoder = voxel_encoder
         self.backbone = backbone(in_channels=voxel_encoder.out_channels)
         self.head = head(in_channels=self.backbone.out_channels, num_classes=len(self.class_names))
