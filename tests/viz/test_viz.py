@@ -315,40 +315,6 @@ def test_viewer_keys():
     assert "gt_keypoints" not in state.visible(scene).layers
 
 
-def test_load_points_bin_npy(tmp_path):
-    from voxsparse.viz.pointio import load_points
-
-    pts = np.random.default_rng(0).normal(size=(101, 4)).astype(np.float32)  # 101 * 5 is no multiple of 4
-    pts.tofile(tmp_path / "a.bin")
-    np.testing.assert_array_equal(load_points(tmp_path / "a.bin"), pts)
-    np.save(tmp_path / "b.npy", pts[:, :3])
-    got = load_points(tmp_path / "b.npy")
-    np.testing.assert_array_equal(got[:, :3], pts[:, :3])
-    assert (got[:, 3] == 0).all()
-    np.concatenate([pts, pts[:, :1]], 1).tofile(tmp_path / "c.bin")  # 5 columns (nuScenes)
-    with pytest.raises(ValueError, match="columns"):
-        load_points(tmp_path / "c.bin", columns=4)
-    np.testing.assert_array_equal(load_points(tmp_path / "c.bin", columns=5), pts)
-    pts.tofile(tmp_path / "d.xyz")
-    with pytest.raises(ValueError, match="suffix"):
-        load_points(tmp_path / "d.xyz")
-    with pytest.raises(FileNotFoundError):
-        load_points(tmp_path / "missing.bin")
-
-
-def test_load_points_pcd_ply(tmp_path):
-    o3d = pytest.importorskip("open3d", reason="reading .pcd / .ply needs open3d")
-    from voxsparse.viz.pointio import load_points
-
-    pts = np.random.default_rng(1).normal(size=(50, 4)).astype(np.float32)
-    cloud = o3d.t.geometry.PointCloud(o3d.core.Tensor(pts[:, :3]))
-    cloud.point.intensity = o3d.core.Tensor(pts[:, 3:4])
-    for suffix in (".pcd", ".ply"):
-        path = str(tmp_path / f"a{suffix}")
-        assert o3d.t.io.write_point_cloud(path, cloud)
-        np.testing.assert_allclose(load_points(path), pts, atol=1e-6)
-
-
 def test_write_gif_and_mp4(tmp_path):
     pytest.importorskip("PIL")
     from PIL import Image

@@ -7,13 +7,12 @@
 - back-ends: :mod:`~voxsparse.viz.render_open3d` (headless Open3D / Filament on CPU Vulkan),
   :mod:`~voxsparse.viz.render_bev` (matplotlib bird's-eye view fallback),
   :mod:`~voxsparse.viz.viewer` (interactive window); :func:`render_scene` picks one.
-- :mod:`~voxsparse.viz.video` (GIF / MP4), :mod:`~voxsparse.viz.pointio` (``.bin/.npy/.pcd/.ply``).
+- :mod:`~voxsparse.viz.video` (GIF / MP4); point files are read by :mod:`voxsparse.data.pointfile`.
 
 Importing this package does not import Open3D or matplotlib; each back-end imports its own.
 """
 
 from voxsparse.viz.camera import PRESETS, Camera, bev_camera, camera_preset, chase_camera, orbit_camera
-from voxsparse.viz.pointio import load_points
 from voxsparse.viz.render import (
     render_scene,
     render_sequence,
@@ -52,7 +51,6 @@ __all__ = [
     "chase_camera",
     "coordinate_frame",
     "ego_marker",
-    "load_points",
     "orbit_camera",
     "point_colors",
     "render_scene",
