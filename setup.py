@@ -20,7 +20,9 @@ EXTRAS = {
     "cu120": ["spconv-cu120==2.3.8"],
     "cu126": ["spconv-cu126==2.3.8"],
     "triton": ["spconv-triton>=1.0"],
-    "viz": ["open3d>=0.20", "matplotlib>=3.7", "imageio>=2.30", "imageio-ffmpeg>=0.5"],
+    # libusb-package: the libusb-1.0.so.0 the open3d wheel links but does not ship (viz/open3d_loader.py).
+    "viz": ["open3d>=0.20", "libusb-package>=1.0.30", "matplotlib>=3.7", "imageio>=2.30",
+            "imageio-ffmpeg>=0.5"],
     "nuscenes": [NUSCENES_DEVKIT, *NUSCENES_TRACKING],
     # Waymo TFRecords: CRC32C (google-crc32c, a 37 KB wheel) and protobuf for the official protos, which
     # come from `pip install --no-deps waymo-open-dataset-tf-2-12-0==1.6.7`: with its dependencies that

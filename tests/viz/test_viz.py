@@ -1,6 +1,7 @@
 """Visualization: scene geometry (no renderer), the matplotlib fallback (wherever matplotlib is), and
 headless Open3D rendering checked pixel by pixel against the camera projection (skipped, with the
-reason, where Open3D or its system libraries are missing)."""
+reason, where Open3D or its system libraries are missing: the ``o3d`` and ``open3d_renderer``
+fixtures)."""
 
 from __future__ import annotations
 
@@ -513,8 +514,19 @@ def test_tool_renders_dataset_sequence_to_gif(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def open3d_renderer():
-    pytest.importorskip("open3d", reason="open3d not installed (pip install open3d)")
+def o3d():
+    """The ``open3d`` module, imported through voxsparse's loader; skips with the loader's reason."""
+    from voxsparse.viz.open3d_loader import import_open3d, open3d_import_status
+
+    ok, reason = open3d_import_status()
+    if not ok:
+        pytest.skip(reason)
+    return import_open3d()
+
+
+@pytest.fixture(scope="module")
+def open3d_renderer(o3d):
+    """:mod:`voxsparse.viz.render_open3d` where Open3D renders; skips with the probe's reason."""
     from voxsparse.viz import render_open3d
 
     ok, reason = render_open3d.open3d_status()
@@ -524,8 +536,7 @@ def open3d_renderer():
     render_open3d.close_renderer()
 
 
-def test_probe_survives_missing_vulkan():
-    pytest.importorskip("open3d", reason="open3d not installed")
+def test_probe_survives_missing_vulkan(o3d):
     from voxsparse.viz.render_open3d import probe_open3d_rendering
 
     ok, reason = probe_open3d_rendering(env=dict(os.environ, VK_ICD_FILENAMES="/nonexistent/icd.json"))
@@ -667,8 +678,7 @@ def test_open3d_300k_points_under_2s(open3d_renderer):
     not (os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")),
     reason="needs a display (run under xvfb-run to test the window)",
 )
-def test_viewer_window_steps_frames_and_toggles_layers(monkeypatch):
-    o3d = pytest.importorskip("open3d")
+def test_viewer_window_steps_frames_and_toggles_layers(o3d, monkeypatch):
     from voxsparse.viz import viewer
 
     frames = [_toy_frame(3000, seed) for seed in range(3)]

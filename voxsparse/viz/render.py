@@ -2,7 +2,8 @@
 
 ``backend="auto"`` uses Open3D's offscreen renderer when :func:`open3d_status` says it works and
 the matplotlib bird's-eye view otherwise (any camera then becomes a top-down view of the same
-area, and a warning says so).
+area, and a warning, logged once, says why). ``backend="open3d"`` where Open3D cannot render
+raises :class:`RenderBackendError` with the reason.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from voxsparse.viz.camera import Camera, camera_preset
 from voxsparse.viz.scene import Scene, as_numpy, build_scene
 
 __all__ = [
+    "RenderBackendError",
     "orbit_path",
     "render_scene",
     "render_sequence",
@@ -33,18 +35,36 @@ log = logging.getLogger("voxsparse.viz")
 BACKENDS = ("auto", "open3d", "matplotlib")
 
 
+class RenderBackendError(RuntimeError):
+    """The back-end asked for cannot render on this machine (the message says why)."""
+
+
+_warned: set[str] = set()
+
+
 def resolve_backend(backend: str = "auto") -> str:
-    """``open3d`` or ``matplotlib``: the back-end ``backend`` stands for on this machine."""
+    """``open3d`` or ``matplotlib``: the back-end ``backend`` stands for on this machine.
+
+    Raises:
+        RenderBackendError: ``backend="open3d"`` where Open3D cannot import or render.
+    """
     if backend not in BACKENDS:
         raise ValueError(f"render backend {backend!r}: expected one of {BACKENDS}")
-    if backend != "auto":
+    if backend == "matplotlib":
         return backend
     from voxsparse.viz.render_open3d import open3d_status
 
     ok, reason = open3d_status()
-    if not ok:
+    if ok:
+        return "open3d"
+    if backend == "open3d":
+        raise RenderBackendError(
+            f"backend=open3d cannot render here: {reason}; use backend=auto or matplotlib"
+        )
+    if reason not in _warned:
+        _warned.add(reason)
         log.warning("Open3D rendering unavailable (%s); using the matplotlib bird's-eye view", reason)
-    return "open3d" if ok else "matplotlib"
+    return "matplotlib"
 
 
 def _bev_extent(camera: Camera, scene: Scene) -> tuple[float, float, float, float]:

@@ -2,14 +2,19 @@
 
 Open3D (0.20) renders through Filament. With no display and no GPU it runs Filament's Vulkan
 back-end on Mesa's CPU Vulkan driver (lavapipe / llvmpipe), which needs the Debian packages
-``libvulkan1`` and ``mesa-vulkan-drivers`` (and ``libusb-1.0-0`` for ``import open3d``). No X server,
-EGL device or OSMesa is needed. The warning ``GLFWWindowSystem: X11 GLFW init failed ... Falling
-back to headless mode`` is expected there. On a machine that also has a GPU driver, pin the CPU
+``libvulkan1`` and ``mesa-vulkan-drivers``. No PyPI wheel ships a Vulkan loader with a CPU driver,
+and the Open3D wheel's offscreen renderer asks for Vulkan even where Mesa's EGL is installed and
+``EGL_PLATFORM=surfaceless`` is set. ``import open3d`` itself goes through
+:func:`voxsparse.viz.open3d_loader.import_open3d`, which supplies ``libusb`` from the
+``libusb-package`` wheel where Debian's ``libusb-1.0-0`` is missing. No X server, EGL device or
+OSMesa is needed. The warning ``GLFWWindowSystem: X11 GLFW init failed ... Falling back to
+headless mode`` is expected there. On a machine that also has a GPU driver, pin the CPU
 driver with ``VK_ICD_FILENAMES=/usr/share/vulkan/icd.d/lvp_icd.x86_64.json``.
 
-Without a Vulkan driver Filament aborts the whole process (``Unable to create Vulkan instance``),
-not a Python exception, so :func:`open3d_status` probes rendering once in a subprocess and callers
-fall back to the matplotlib bird's-eye view (``voxsparse.viz.render_bev``) when it fails.
+Without a Vulkan driver Filament raises (``Failed to load vulkan library!``) or, with a Vulkan
+loader but no driver, aborts the whole process (``Unable to create Vulkan instance``), so
+:func:`open3d_status` probes rendering once in a subprocess and callers fall back to the matplotlib
+bird's-eye view (``voxsparse.viz.render_bev``) when it fails.
 
 Filament allows one live renderer per process here (two at once abort at exit), so renders share
 one :class:`Open3DRenderer`, rebuilt only when the image size changes.
@@ -19,22 +24,31 @@ from __future__ import annotations
 
 import atexit
 import functools
-import importlib.util
 import math
 import os
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 
 from voxsparse.viz.camera import Camera
+from voxsparse.viz.open3d_loader import import_open3d, open3d_import_status
 from voxsparse.viz.overlay import draw_legend
 from voxsparse.viz.scene import LineLayer, PointLayer, Scene
 
 __all__ = ["Open3DRenderer", "close_renderer", "open3d_status", "probe_open3d_rendering", "render_open3d"]
 
+# Imports Open3D through the same loader as this process (the package found where this one is).
 _PROBE = """
+import sys
+sys.path.insert(0, {root!r})
+from voxsparse.viz.open3d_loader import open3d_import_status
+ok, reason = open3d_import_status()
+if not ok:
+    print("VOXSPARSE_IMPORT_FAILED", reason)
+    sys.exit(3)
 import numpy as np
 import open3d.visualization.rendering as r
 renderer = r.OffscreenRenderer(16, 16)
@@ -42,19 +56,23 @@ image = np.asarray(renderer.render_to_image())
 assert image.shape == (16, 16, 3), image.shape
 print("VOXSPARSE_RENDER_OK")
 """
+_PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])
 
 
 @functools.cache
 def open3d_status(timeout: float = 120.0) -> tuple[bool, str]:
     """Whether Open3D offscreen rendering works here, and if not, why (probed once per process).
 
-    Set ``VOXSPARSE_OPEN3D_RENDER=0`` to force the fallback (or ``=1`` to skip the probe).
+    Open3D must import (:func:`~voxsparse.viz.open3d_loader.open3d_import_status`, in this process)
+    and render a small image (:func:`probe_open3d_rendering`, in a subprocess). Set
+    ``VOXSPARSE_OPEN3D_RENDER=0`` to force the fallback (or ``=1`` to skip the rendering probe).
     """
     forced = os.environ.get("VOXSPARSE_OPEN3D_RENDER")
     if forced == "0":
         return False, "disabled by VOXSPARSE_OPEN3D_RENDER=0"
-    if importlib.util.find_spec("open3d") is None:
-        return False, "open3d is not installed (pip install open3d)"
+    imported, reason = open3d_import_status()
+    if not imported:
+        return False, reason
     if forced == "1":
         return True, "forced by VOXSPARSE_OPEN3D_RENDER=1"
     return probe_open3d_rendering(timeout)
@@ -65,7 +83,7 @@ def probe_open3d_rendering(timeout: float = 120.0, env: dict[str, str] | None = 
     process's): (True, ...) when it works, else (False, the reason and the packages to install)."""
     try:
         done = subprocess.run(
-            [sys.executable, "-c", _PROBE],
+            [sys.executable, "-c", _PROBE.format(root=_PACKAGE_ROOT)],
             check=False,
             capture_output=True,
             text=True,
@@ -76,11 +94,14 @@ def probe_open3d_rendering(timeout: float = 120.0, env: dict[str, str] | None = 
         return False, f"open3d offscreen rendering probe timed out after {timeout:.0f} s"
     if done.returncode == 0 and "VOXSPARSE_RENDER_OK" in done.stdout:
         return True, "open3d offscreen rendering works"
+    failed_import = re.search(r"^VOXSPARSE_IMPORT_FAILED (.*)$", done.stdout, re.MULTILINE)
+    if failed_import:
+        return False, failed_import.group(1).strip()
     text = re.sub(r"\x1b\[[0-9;]*m", "", done.stderr + done.stdout).strip().splitlines()
     joined = "\n".join(text)
     hint = ""
     if "libusb" in joined:
-        hint = " (install Debian's libusb-1.0-0)"
+        hint = " (pip install libusb-package, or apt-get install libusb-1.0-0)"
     elif "vulkan" in joined.lower():
         hint = " (install Debian's libvulkan1 and mesa-vulkan-drivers for CPU rendering)"
     telling = [t for t in text if "reason:" in t or "Error" in t or "error" in t] or [
@@ -98,6 +119,7 @@ class Open3DRenderer:
     """
 
     def __init__(self, width: int, height: int):
+        import_open3d()
         from open3d.visualization import rendering
 
         self.width, self.height = int(width), int(height)
@@ -124,7 +146,7 @@ class Open3DRenderer:
 
     @staticmethod
     def _geometry(layer: PointLayer | LineLayer):
-        import open3d as o3d
+        o3d = import_open3d()
 
         if isinstance(layer, PointLayer):
             pc = o3d.t.geometry.PointCloud(o3d.core.Tensor(layer.xyz))
@@ -241,7 +263,7 @@ atexit.register(close_renderer)
 
 def line_set(layer: LineLayer):
     """An Open3D ``LineSet`` of a line layer (both the offscreen renderer and the window use it)."""
-    import open3d as o3d
+    o3d = import_open3d()
 
     ls = o3d.geometry.LineSet(
         o3d.utility.Vector3dVector(layer.vertices.astype(np.float64)),

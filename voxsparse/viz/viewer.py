@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from voxsparse.viz.camera import Camera, camera_preset
+from voxsparse.viz.open3d_loader import import_open3d, open3d_import_status
 from voxsparse.viz.render_open3d import line_set
 from voxsparse.viz.scene import LAYERS, LineLayer, PointLayer, Scene
 
@@ -101,7 +102,7 @@ class ViewerState:
 
 
 def _legacy_geometry(layer: PointLayer | LineLayer):
-    import open3d as o3d
+    o3d = import_open3d()
 
     if isinstance(layer, PointLayer):
         pc = o3d.geometry.PointCloud(o3d.utility.Vector3dVector(layer.xyz.astype(np.float64)))
@@ -134,11 +135,19 @@ def show(
     ``camera`` is the preset (``bev``, ``chase``, ``orbit``) the view starts from.
 
     Raises:
-        RuntimeError: with no display, or when Open3D cannot open a window.
+        RuntimeError: with no display, when Open3D cannot be imported (the message says why) or
+            cannot open a window.
     """
     if not has_display():
-        raise RuntimeError("no display (DISPLAY / WAYLAND_DISPLAY unset): render to PNG instead (mode=png)")
-    import open3d as o3d
+        raise RuntimeError(
+            "no display (DISPLAY / WAYLAND_DISPLAY unset): render to PNG instead (mode=render)"
+        )
+    ok, reason = open3d_import_status()
+    if not ok:
+        raise RuntimeError(
+            f"the interactive viewer needs Open3D: {reason}; render to PNG instead (mode=render)"
+        )
+    o3d = import_open3d()
 
     state = ViewerState(num_frames)
     vis = o3d.visualization.VisualizerWithKeyCallback()
