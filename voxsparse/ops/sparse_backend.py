@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import importlib
+import logging
 import os
 from collections.abc import Callable, Iterator
 from types import ModuleType
@@ -38,6 +39,27 @@ import torch
 ENV_VAR = "VOXSPARSE_SPARSE_BACKEND"
 _CHOICES = ("auto", "spconv", "spconv-triton")
 
+
+
+class _DropFxTracingNotice(logging.Filter):
+    """Drops torch's notice ``is_fx_tracing will return true for both fx.symbolic_trace and
+    torch.export...``, and only that record of its logger.
+
+    spconv's ``SparseConvTensor`` has torch.fx's ``ProxyableClassMeta`` as metaclass, whose
+    ``__call__`` asks ``torch.fx._symbolic_trace.is_fx_tracing()`` on every construction; torch
+    logs the notice, meant for code that calls ``is_fx_tracing`` itself, on the first call (in the
+    first progress bar of every tool). Nothing here traces with fx, so the notice says nothing.
+    """
+
+    NOTICE = "is_fx_tracing will return true for both fx.symbolic_trace and torch.export"
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.NOTICE)
+
+
+_fx_log = logging.getLogger("torch.fx._symbolic_trace")
+if not any(type(f).__name__ == _DropFxTracingNotice.__name__ for f in _fx_log.filters):
+    _fx_log.addFilter(_DropFxTracingNotice())
 
 
 class SparseBackendError(ImportError):
