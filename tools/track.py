@@ -17,14 +17,16 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-import hydra
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
+
+import voxsparse
 
 from voxsparse.data.dataset import DetectionDataset
-from voxsparse.engine.checkpoint import load_checkpoint
+from voxsparse.engine.cli import tool
+from voxsparse.engine.config import check_types, parse_options
 from voxsparse.engine.distributed import init_distributed
 from voxsparse.engine.evaluate import report
 from voxsparse.engine.inference import DatasetPredictions, predict_dataset
@@ -142,28 +144,23 @@ def _inscribed_radius(model) -> float:
 
 
 def _tracked_classes_only(det: Detections3D, tracked: list[bool]) -> Detections3D:
-    keep = torch.tensor([i for i, label in enumerate(det.labels.tolist()) if tracked[label]], dtype=torch.long)
-    return Detections3D(
-        det.boxes[keep], det.scores[keep], det.labels[keep], query_xy=None if det.query_xy is None else det.query_xy[keep]
-    )
+    return det[torch.tensor(tracked, dtype=torch.bool)[det.labels]]
 
 
-@hydra.main(config_path="../configs", config_name="track", version_base="1.3")
+@tool("track")
 def main(cfg: DictConfig) -> None:
     if cfg.checkpoint is None:
         raise ValueError("give checkpoint=PATH (the detector to track with)")
+    check_types(cfg.dataset, "dataset")
     info = init_distributed(cfg.device)
     if info.world_size > 1:
         raise ValueError("tools/track.py runs in one process: tracking is sequential per sequence")
     output_dir = Path(HydraConfig.get().runtime.output_dir)
-    ckpt = load_checkpoint(cfg.checkpoint)
-    model = instantiate(OmegaConf.create(ckpt.config["model"]))
-    model.load_state_dict(ckpt.model)
-    model.to(info.device)
+    model = voxsparse.load_model(cfg.checkpoint, info.device)
     is_synthetic = cfg.dataset.val._target_.endswith("SyntheticDataset")
     predictions, seq = _synthetic(cfg, model, info, output_dir) if is_synthetic else _nuscenes(cfg, model, info)
 
-    tracker = VoxelNeXtTracker(model.class_names, TrackerConfig(**OmegaConf.to_container(cfg.tracker)))
+    tracker = VoxelNeXtTracker(model.class_names, parse_options(cfg.tracker, TrackerConfig, "tracker.", strict=True))
     tracks: list[Detections3D | None] = [None] * len(predictions.detections)
     for indices in seq.indices:
         world = [

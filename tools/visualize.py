@@ -5,6 +5,7 @@
         png_colors=128 output=docs/images/synthetic_predictions.png    # the README image
     python tools/visualize.py predictions=outputs/eval/<run>/predictions.pt frame=3 camera=bev
     python tools/visualize.py points=scan.bin camera=orbit      # a point file (.bin .npy .pcd .ply)
+    python tools/visualize.py points=n015...LIDAR_TOP....pcd.bin checkpoint=... format=nuscenes
     python tools/visualize.py num_frames=20 +dataset.val.sequence_length=20 camera=orbit output=seq.mp4
                                                                 # a sequence with track trails (or .gif)
     python tools/visualize.py checkpoint=... track=true num_frames=20 +dataset.val.sequence_length=20 \
@@ -23,16 +24,19 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import hydra
 import numpy as np
-import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
+
+import voxsparse
 
 from voxsparse.constants import CLASS_NAMES
-from voxsparse.structures import Detections3D, PointBatch
-from voxsparse.viz import camera_preset, load_points, render_scene, resolve_backend, write_image, write_video
+from voxsparse.data.pointfile import conform, read_points
+from voxsparse.engine.cli import tool
+from voxsparse.engine.predict import ScanPredictor, frame_id_of
+from voxsparse.structures import Detections3D, PointConvention
+from voxsparse.viz import camera_preset, render_scene, resolve_backend, write_image, write_video
 from voxsparse.viz.colors import KEY_COLORS
 from voxsparse.viz.render import trail_history
 from voxsparse.viz.scene import Scene, build_scene
@@ -62,12 +66,19 @@ def _field(obj: Any, name: str) -> Any:
     return obj.get(name) if isinstance(obj, dict) else getattr(obj, name, None)
 
 
+def _drawn(cloud) -> np.ndarray:
+    """(N, 4) x, y, z and intensity in [0, 1] where its scale is known (as drawn), zeros without one."""
+    if "intensity" in cloud.features:
+        return conform(cloud, PointConvention(("x", "y", "z", "intensity"), "unit"))
+    return np.concatenate([cloud.points[:, :3], np.zeros((len(cloud), 1), np.float32)], 1)
+
+
 def _frames(cfg: DictConfig) -> tuple[_Frames, list[str]]:
     """The frames (dataset frames, or one point file as a dict) and the class names."""
     if cfg.points is not None:
-        points = load_points(cfg.points, columns=cfg.bin_columns)
-        log.info("%s: %d points", cfg.points, len(points))
-        frame = {"frame_id": Path(cfg.points).stem, "points": points}
+        cloud = read_points(cfg.points, cfg.format, cfg.columns, cfg.nonfinite)
+        log.info("%s: %d points, columns %s, intensity scale %s", cfg.points, len(cloud), cloud.features, cloud.intensity)
+        frame = {"frame_id": frame_id_of(Path(cfg.points)), "points": _drawn(cloud), "cloud": cloud}
         return _Frames(lambda i: frame, 1), list(CLASS_NAMES)
     if "dataset" not in cfg or cfg.dataset is None:
         raise ValueError("no dataset config: give points=FILE or a dataset=... config")
@@ -87,37 +98,21 @@ def _predictor(
     if cfg.checkpoint is not None and cfg.predictions is not None:
         raise ValueError("give at most one of checkpoint=PATH and predictions=PATH")
     if cfg.checkpoint is not None:
-        from voxsparse.engine.checkpoint import load_checkpoint
-
-        ckpt = load_checkpoint(cfg.checkpoint)
-        model = instantiate(OmegaConf.create(ckpt.config["model"]))
-        model.load_state_dict(ckpt.model)
-        model.to(cfg.device).eval()
-        r = tuple(float(v) for v in model.grid.point_cloud_range)
-
-        @torch.no_grad()
-        def predict(i: int) -> Detections3D:
-            p = torch.as_tensor(np.asarray(_field(frames[i], "points")), dtype=torch.float32)
-            inside = (p[:, 0] >= r[0]) & (p[:, 0] < r[3]) & (p[:, 1] >= r[1]) & (p[:, 1] < r[4])
-            inside &= (p[:, 2] >= r[2]) & (p[:, 2] < r[5])
-            start = time.perf_counter()
-            det = model.predict(PointBatch.from_frames([p[inside].to(cfg.device)]))[0].to("cpu")
-            log.info(
-                "frame %s: %d detections (%.0f ms)",
-                _field(frames[i], "frame_id"),
-                len(det),
-                1e3 * (time.perf_counter() - start),
-            )
-            return det
-
+        model = voxsparse.load_model(cfg.checkpoint, cfg.device)
+        predictor = ScanPredictor(model, cfg.device)
         cache: dict[int, Detections3D] = {}
 
-        def cached(i: int) -> Detections3D:
+        def predict(i: int) -> Detections3D:
             if i not in cache:
-                cache[i] = predict(i)
+                frame = frames[i]
+                start = time.perf_counter()
+                cloud = _field(frame, "cloud")  # a point file: converted to the model's point convention
+                cache[i] = predictor(cloud) if cloud is not None else predictor.predict_points(_field(frame, "points"))
+                log.info("frame %s: %d detections (%.0f ms)", _field(frame, "frame_id"), len(cache[i]),
+                         1e3 * (time.perf_counter() - start))
             return cache[i]
 
-        return cached, r, list(model.class_names)
+        return predict, tuple(float(v) for v in model.grid.point_cloud_range), list(model.class_names)
     if cfg.predictions is not None:
         from voxsparse.evaluation.predictions_io import load_predictions
 
@@ -185,6 +180,8 @@ def _extent(cfg: DictConfig, pcr: tuple | None, frames: _Frames) -> tuple[float,
         r = cfg.dataset.get("point_cloud_range")
         return (r[0], r[1], r[3], r[4]) if r is not None else DEFAULT_EXTENT
     xy = np.asarray(_field(frames[0], "points"))[:, :2]
+    if not len(xy):
+        return DEFAULT_EXTENT
     lo, hi = np.percentile(xy, 0.5, axis=0), np.percentile(xy, 99.5, axis=0)
     return float(lo[0]), float(lo[1]), float(hi[0]), float(hi[1])
 
@@ -276,7 +273,7 @@ def run(cfg: DictConfig, output_dir: Path) -> list[Path]:
     return written
 
 
-@hydra.main(config_path="../configs", config_name="visualize", version_base="1.3")
+@tool("visualize")
 def main(cfg: DictConfig) -> None:
     run(cfg, Path(HydraConfig.get().runtime.output_dir))
 

@@ -145,8 +145,8 @@ def test_torchrun_smoke_two_processes_train_and_evaluate(tmp_path):
     result = subprocess.run(command, check=False, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert (run_dir / "last.pth").is_file() and "LEVEL_2" in json.loads((run_dir / "metrics.json").read_text())
-    assert (run_dir / "train.log").read_text().count("epoch 1/1: loss") == 1
-    predictions = torch.load(run_dir / "predictions.pt", weights_only=False)
+    assert (run_dir / "train.log").read_text().count("epoch 1/1 step 1/1 (1/1): loss") == 1
+    predictions = torch.load(run_dir / "predictions.pt", weights_only=True)
     assert len(predictions["frame_ids"]) == len(set(predictions["frame_ids"])) == 3
 
 

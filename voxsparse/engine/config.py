@@ -126,19 +126,24 @@ def check_types(node: Any, key: str) -> None:
             check_types(value, f"{key}[{i}]")
 
 
-def parse_options(cfg: Any, schema: type[T], key: str = "") -> T:
+def parse_options(cfg: Any, schema: type[T], key: str = "", strict: bool = False) -> T:
     """``schema`` (a dataclass) filled from the same-named keys of ``cfg``, each checked against its
-    declared type; other keys of ``cfg`` are ignored.
+    declared type; other keys of ``cfg`` are ignored, or refused when ``strict`` (a section that is
+    the schema's alone).
 
     Raises:
-        ConfigError: naming the key of a value of the wrong type.
+        ConfigError: naming the key of a value of the wrong type, or an unknown key when ``strict``.
     """
     values = {}
     hints = typing.get_type_hints(schema)
-    for field in dataclasses.fields(schema):
-        if field.name not in cfg:
+    names = [field.name for field in dataclasses.fields(schema)]
+    unknown = [k for k in cfg if k not in names] if strict else []
+    if unknown:
+        raise ConfigError(f"{key}{unknown[0]}: unknown key; expected one of {names}")
+    for name in names:
+        if name not in cfg:
             continue
-        value = _plain(cfg[field.name])
-        check_value(value, hints[field.name], f"{key}{field.name}")
-        values[field.name] = value
+        value = _plain(cfg[name])
+        check_value(value, hints[name], f"{key}{name}")
+        values[name] = value
     return schema(**values)

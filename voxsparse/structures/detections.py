@@ -91,3 +91,13 @@ class Detections3D:
 
     def to(self, device: torch.device | str) -> Detections3D:
         return _move(self, device)
+
+    def __getitem__(self, index: torch.Tensor | slice) -> Detections3D:
+        """The detections at ``index`` (a (K,) bool mask, int64 indices or a slice), every per-detection
+        field (subclasses' too) indexed alike."""
+        changes = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, (torch.Tensor, Boxes3D)):
+                changes[f.name] = value[index]
+        return replace(self, **changes)

@@ -1,0 +1,98 @@
+"""Run a checkpoint on your own scans: a point file, a folder of them, or a glob pattern.
+
+    python tools/predict.py checkpoint=outputs/voxelnext_small/<run>/last.pth input=scan.bin
+    python tools/predict.py checkpoint=... input=scans/ format=kitti render=true
+    python tools/predict.py checkpoint=... input='sweeps/LIDAR_TOP/*.pcd.bin'
+
+Each scan is read (voxsparse.data.pointfile: .bin .npy .pcd .ply), converted to the model's point
+convention, and detected. Writes to the run directory (outputs/predict/<date_time>/, or
+hydra.run.dir=...): ``detections.jsonl`` (a line per scan: its detections with class names, scores
+and boxes), ``predictions.pt`` (what ``tools/eval.py predictions=`` and ``tools/visualize.py
+predictions=`` read) and, with ``render=true``, ``renders/<frame_id>.png``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+
+import voxsparse
+from voxsparse.data.pointfile import read_points
+from voxsparse.engine.cli import tool
+from voxsparse.engine.config import parse_options
+from voxsparse.engine.predict import ScanPredictor, ScanResult, find_scans, frame_id_of, write_jsonl
+from voxsparse.evaluation.predictions_io import PredictionsFile, save_predictions
+from voxsparse.utils.progress import progress
+
+log = logging.getLogger("voxsparse.predict")
+
+
+@dataclass
+class PredictOptions:
+    """The tool's options (configs/predict.yaml)."""
+
+    checkpoint: str | None = None
+    input: str | None = None
+    format: str | None = None
+    columns: int | None = None
+    nonfinite: str = "error"
+    min_score: float = 0.0
+    render: bool = False
+    render_score: float = 0.3
+    backend: str = "auto"
+    device: str = "cpu"
+
+
+def _render(result: ScanResult, points, class_names, opts: PredictOptions, backend: str, out: Path) -> None:
+    from voxsparse.viz import build_scene, camera_preset, render_scene, write_image
+
+    scene = build_scene(points, None, result.detections, class_names=class_names,
+                        score_threshold=opts.render_score, title=result.frame_id)
+    extent = (-60.0, -60.0, 60.0, 60.0)
+    write_image(out / f"{result.frame_id}.png", render_scene(scene, camera_preset("bev", extent=extent), backend))
+
+
+@tool("predict")
+def main(cfg: DictConfig) -> None:
+    opts = parse_options(cfg, PredictOptions)
+    if opts.checkpoint is None or opts.input is None:
+        raise ValueError("give checkpoint=PATH and input=FILE|FOLDER|'GLOB'")
+    output_dir = Path(HydraConfig.get().runtime.output_dir)
+    scans = find_scans(opts.input)
+    model = voxsparse.load_model(opts.checkpoint, opts.device)
+    predictor = ScanPredictor(model, opts.device)
+    backend = None
+    if opts.render:
+        from voxsparse.viz import resolve_backend
+
+        backend = resolve_backend(opts.backend)
+    log.info("%d scan(s); model %s; writing to %s", len(scans), opts.checkpoint, output_dir)
+    results = []
+    start = time.perf_counter()
+    for path in progress(scans, "predict", unit="scan"):
+        cloud = read_points(path, opts.format, opts.columns, opts.nonfinite)
+        detections = predictor(cloud)
+        detections = detections[detections.scores >= opts.min_score]
+        result = ScanResult(frame_id_of(path), path, len(cloud), detections)
+        results.append(result)
+        log.info("%s: %d points, %d detections", path, len(cloud), len(detections))
+        if backend is not None:
+            _render(result, cloud.points, model.class_names, opts, backend, output_dir / "renders")
+    frame_ids = [r.frame_id for r in results]
+    if len(set(frame_ids)) != len(frame_ids):
+        raise ValueError(f"input {opts.input}: two scans share a file name, so their frame ids clash: {frame_ids}")
+    write_jsonl(output_dir / "detections.jsonl", results, model.class_names)
+    save_predictions(
+        output_dir / "predictions.pt",
+        PredictionsFile(frame_ids, [r.detections for r in results], list(model.class_names), model.grid.point_cloud_range),
+    )
+    log.info("%d scans in %.1f s: %s", len(results), time.perf_counter() - start, output_dir / "detections.jsonl")
+
+
+if __name__ == "__main__":
+    main()
