@@ -103,10 +103,10 @@ def test_failed_import_gives_one_reason_everywhere(broken_open3d, caplog, monkey
     assert SIMULATED in message and "backend=open3d" in message and "\n" not in message
     assert resolve_backend("matplotlib") == "matplotlib"
 
-    # the interactive viewer: a clear RuntimeError, not an ImportError.
+    # the interactive viewer: the same one-line error (tools print it as "error: ..."), no ImportError.
     from voxsparse.viz import viewer
 
     monkeypatch.setenv("DISPLAY", ":0")
-    with pytest.raises(RuntimeError, match="needs Open3D") as error:
+    with pytest.raises(RenderBackendError, match="needs Open3D") as error:
         viewer.show(lambda i, colors: None, 1)
     assert not isinstance(error.value, ImportError) and SIMULATED in str(error.value)

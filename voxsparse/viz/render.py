@@ -35,8 +35,9 @@ log = logging.getLogger("voxsparse.viz")
 BACKENDS = ("auto", "open3d", "matplotlib")
 
 
-class RenderBackendError(RuntimeError):
-    """The back-end asked for cannot render on this machine (the message says why)."""
+class RenderBackendError(ValueError):
+    """What was asked for (``backend=open3d``, the interactive viewer) cannot work on this machine;
+    the message, one line, says why. A ``ValueError``: the tools report it as a bad option."""
 
 
 _warned: set[str] = set()

@@ -32,6 +32,7 @@ import numpy as np
 
 from voxsparse.viz.camera import Camera, camera_preset
 from voxsparse.viz.open3d_loader import import_open3d, open3d_import_status
+from voxsparse.viz.render import RenderBackendError
 from voxsparse.viz.render_open3d import line_set
 from voxsparse.viz.scene import LAYERS, LineLayer, PointLayer, Scene
 
@@ -135,16 +136,16 @@ def show(
     ``camera`` is the preset (``bev``, ``chase``, ``orbit``) the view starts from.
 
     Raises:
-        RuntimeError: with no display, when Open3D cannot be imported (the message says why) or
-            cannot open a window.
+        RenderBackendError: with no display, or when Open3D cannot be imported (the message says why).
+        RuntimeError: when Open3D cannot open a window.
     """
     if not has_display():
-        raise RuntimeError(
+        raise RenderBackendError(
             "no display (DISPLAY / WAYLAND_DISPLAY unset): render to PNG instead (mode=render)"
         )
     ok, reason = open3d_import_status()
     if not ok:
-        raise RuntimeError(
+        raise RenderBackendError(
             f"the interactive viewer needs Open3D: {reason}; render to PNG instead (mode=render)"
         )
     o3d = import_open3d()
