@@ -97,6 +97,21 @@ def test_bin_layout_inferred_when_one_width_fits(tmp_path, caplog):
         read_points(tmp_path / "000042.bin", format="waymo")
 
 
+def test_kitti_velodyne_folder_reads_four_columns(tmp_path, caplog):
+    pts = _cloud(15, 4)  # 240 bytes: a whole number of 12-, 16-, 20- and 24-byte records
+    folder = tmp_path / "training" / "velodyne"
+    folder.mkdir(parents=True)
+    pts.tofile(folder / "000008.bin")
+    with caplog.at_level(logging.INFO, logger="voxsparse.data.pointfile"):
+        cloud = read_points(folder / "000008.bin")
+    assert "format=kitti" in caplog.text and "velodyne" in caplog.text
+    assert cloud.intensity == "unit"
+    np.testing.assert_array_equal(cloud.points, pts)
+    pts.tofile(tmp_path / "000008.bin")  # outside KITTI's layout: ambiguous
+    with pytest.raises(PointFileError, match="format=xyz .* and format=waymo"):
+        read_points(tmp_path / "000008.bin")
+
+
 def test_bin_trailing_bytes_are_refused(tmp_path):
     pts = _cloud(5, 4)
     (tmp_path / "a.bin").write_bytes(pts.tobytes() + b"\0\0")  # half a float32 more

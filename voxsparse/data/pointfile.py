@@ -26,7 +26,8 @@ Named layouts (``format=``, see :data:`POINT_FORMATS`):
 Rules:
 
 - ``.bin``: give ``format=`` or ``columns=`` (not both); either is checked against the file size.
-  Without them a name ending in ``.pcd.bin`` is read as ``nuscenes``; otherwise the record width
+  Without them a name ending in ``.pcd.bin`` is read as ``nuscenes`` and a file in a folder named
+  ``velodyne*`` (KITTI's ``training/velodyne/000008.bin``) as ``kitti``; otherwise the record width
   is inferred from the size among 12 / 16 / 20 / 24 bytes (``xyz`` / ``xyzi`` / ``nuscenes`` /
   ``waymo``, logged at INFO). A size that fits several widths is refused with each choice and its
   point count; a size that fits none is refused with the remainders. Every 24-byte size is also a
@@ -396,6 +397,8 @@ def _read_bin(path: str, data: bytes, fmt: PointFormat | None, columns: int | No
         ncols, chosen, how = columns, None, None
     elif path.lower().endswith(".pcd.bin"):
         ncols, chosen, how = 5, POINT_FORMATS["nuscenes"], "the name ends in .pcd.bin (nuScenes LIDAR_TOP)"
+    elif Path(path).parent.name.lower().startswith("velodyne"):
+        ncols, chosen, how = 4, POINT_FORMATS["kitti"], "it lies in a velodyne* folder (KITTI's layout)"
     elif size == 0:
         log.info("point file %s: empty, read as 0 points of format=xyz", path)
         return np.zeros((0, 3), np.float32), POINT_FORMATS["xyz"].features, None
