@@ -36,16 +36,13 @@ def _cloud(n: int, columns: int = 4, seed: int = 0) -> np.ndarray:
 
 @pytest.fixture
 def o3d():
-    """Open3D, or a skip saying why it cannot be imported here."""
-    try:  # Open3D's wheel links libusb-1.0, absent from some machines; libusb-package ships one
-        import ctypes
+    """Open3D (through voxsparse's loader), or a skip saying why it cannot be imported here."""
+    from voxsparse.viz.open3d_loader import import_open3d, open3d_import_status
 
-        import libusb_package
-
-        ctypes.CDLL(str(libusb_package.get_library_path()), mode=ctypes.RTLD_GLOBAL)
-    except (ImportError, OSError, TypeError):
-        pass  # no such help here: importorskip below says whether Open3D imports anyway
-    return pytest.importorskip("open3d", reason="Open3D cannot be imported on this machine")
+    ok, reason = open3d_import_status()
+    if not ok:
+        pytest.skip(reason)
+    return import_open3d()
 
 
 # --------------------------------------------------------------------------------------------

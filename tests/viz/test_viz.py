@@ -465,6 +465,7 @@ def test_tool_renders_point_file_and_predictions_with_matplotlib(tmp_path):
     out = tmp_path / "scan.png"
     _run_visualize(
         f"points={tmp_path / 'scan.bin'}",
+        "format=kitti",  # 20,000 x 16 bytes also fit 20-byte records: the layout is named
         f"output={out}",
         f"predictions={tmp_path / 'pred.pt'}",
         "predictions_frame=scan",

@@ -42,6 +42,7 @@ from typing import Any
 import numpy as np
 from torch.utils.data import Dataset
 
+from voxsparse.data.pointfile import read_points
 from voxsparse.data.prepared import PreparedFrame
 from voxsparse.evaluation.nuscenes import NUSCENES_DETECTION_NAMES, RigidTransform, lidar_to_global_from_nusc
 
@@ -55,7 +56,6 @@ __all__ = [
     "load_nuscenes",
     "load_sample",
     "plan_samples",
-    "read_lidar_file",
     "sample_frames",
 ]
 
@@ -68,7 +68,6 @@ VERSION_SPLITS: dict[str, tuple[str, ...]] = {
     "v1.0-mini": ("mini_train", "mini_val"),
 }
 
-_COLUMNS_ON_DISK = 5  # x, y, z, intensity, ring index
 
 
 def load_nuscenes(root: str | os.PathLike, version: str) -> Any:
@@ -213,33 +212,11 @@ def _plan_sample(nusc: Any, sample: dict, max_sweeps: int) -> NuScenesSample:
     return NuScenesSample(sample["token"], tuple(scans), boxes, labels, num_points, track_ids)
 
 
-def read_lidar_file(path: str | os.PathLike) -> np.ndarray:
-    """(N, 5) float32 ``(x, y, z, intensity, ring)`` of a nuScenes ``.pcd.bin`` file.
-
-    Raises:
-        FileNotFoundError: naming the missing file.
-        ValueError: naming a file whose size is not a whole number of 5-float32 points, or with NaN/inf.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"nuScenes LiDAR file {path}: not found")
-    raw = np.fromfile(path, dtype="<f4")
-    if raw.size % _COLUMNS_ON_DISK:
-        raise ValueError(
-            f"nuScenes LiDAR file {path}: {raw.size * 4} bytes is not a whole number of {_COLUMNS_ON_DISK}-float32 "
-            f"points (truncated?)"
-        )
-    points = raw.reshape(-1, _COLUMNS_ON_DISK)
-    if not np.isfinite(points).all():
-        raise ValueError(f"nuScenes LiDAR file {path}: holds NaN or inf")
-    return points
-
-
 def load_sample(sample: NuScenesSample) -> PreparedFrame:
     """Read ``sample``'s scans and build its frame (module docstring)."""
     clouds = []
     for scan in sample.scans:
-        raw = read_lidar_file(scan.path)
+        raw = read_points(scan.path, format="nuscenes").points
         cloud = np.empty((len(raw), len(NUSCENES_POINT_FEATURES)), dtype=np.float32)
         cloud[:, 0:3] = scan.to_keyframe.apply(raw[:, 0:3])
         cloud[:, 3] = raw[:, 3]
