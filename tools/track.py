@@ -49,6 +49,26 @@ _IDENTITY = RigidTransform((1.0, 0.0, 0.0, 0.0), (0.0, 0.0, 0.0))
 
 
 @dataclass
+class TrackOptions:
+    """The tool's own options (configs/track.yaml)."""
+
+    checkpoint: str | None = None
+    device: str = "auto"
+    batch_size: int = 4
+    class_range: dict[str, float] | None = None
+
+
+@dataclass
+class SyntheticSequences:
+    """The ``synthetic_sequences`` section: held-out sequences of the synthetic world."""
+
+    split: str = "test"
+    seed: int = 0
+    num_sequences: int = 10
+    sequence_length: int = 20
+
+
+@dataclass
 class Sequences:
     """Dataset frames grouped into sequences, and the nuScenes dataset that scores them.
 
@@ -75,16 +95,17 @@ class Sequences:
     class_range: dict[str, float] | None
 
 
-def _synthetic(cfg: DictConfig, model, info, output_dir: Path) -> tuple[DatasetPredictions, Sequences]:
-    s = cfg.synthetic_sequences
+def _synthetic(
+    dataset: DictConfig, opts: TrackOptions, s: SyntheticSequences, model, info, output_dir: Path
+) -> tuple[DatasetPredictions, Sequences]:
     raw = instantiate(
-        cfg.dataset.val,
+        dataset.val,
         split=s.split,
         seed=s.seed,
         num_frames=s.num_sequences * s.sequence_length,
         sequence_length=s.sequence_length,
     )
-    predictions = predict_dataset(model, DetectionDataset(raw, model.grid.point_cloud_range), info, cfg.batch_size)
+    predictions = predict_dataset(model, DetectionDataset(raw, model.grid.point_cloud_range), info, opts.batch_size)
     names = [SYNTHETIC_TO_NUSCENES[n][1] for n in model.class_names]
     frames = [raw[i] for i in range(len(raw))]  # ego poses and times (the frame cache makes this cheap)
     indices = [list(range(q * s.sequence_length, (q + 1) * s.sequence_length)) for q in range(s.num_sequences)]
@@ -105,18 +126,18 @@ def _synthetic(cfg: DictConfig, model, info, output_dir: Path) -> tuple[DatasetP
         eval_set=data.split,
         # The detector sees the square point_cloud_range: ground truth beyond its inscribed circle
         # could never be found (the devkit's radii are 50 m for cars, 40 m for the others).
-        class_range=_class_range(cfg) or dict.fromkeys(names, _inscribed_radius(model)),
+        class_range=_class_range(opts) or dict.fromkeys(names, _inscribed_radius(model)),
     )
     return predictions, sequences
 
 
-def _nuscenes(cfg: DictConfig, model, info) -> tuple[DatasetPredictions, Sequences]:
+def _nuscenes(dataset: DictConfig, opts: TrackOptions, model, info) -> tuple[DatasetPredictions, Sequences]:
     from nuscenes import NuScenes
     from nuscenes.eval.tracking.constants import TRACKING_NAMES
 
-    val_set = DetectionDataset(instantiate(cfg.dataset.val), model.grid.point_cloud_range)
-    predictions = predict_dataset(model, val_set, info, cfg.batch_size)
-    nusc = NuScenes(version=cfg.dataset.version, dataroot=str(cfg.dataset.raw_root), verbose=False)
+    val_set = DetectionDataset(instantiate(dataset.val), model.grid.point_cloud_range)
+    predictions = predict_dataset(model, val_set, info, opts.batch_size)
+    nusc = NuScenes(version=dataset.version, dataroot=str(dataset.raw_root), verbose=False)
     tokens = list(predictions.frame_ids)  # prepared nuScenes frames are named by their sample token
     indices, timestamps = sequences_from_nusc(nusc, tokens)
     sequences = Sequences(
@@ -126,16 +147,16 @@ def _nuscenes(cfg: DictConfig, model, info) -> tuple[DatasetPredictions, Sequenc
         lidar_to_global=lidar_to_global_from_nusc(nusc, tokens),
         export_names=list(model.class_names),
         tracked=[n in TRACKING_NAMES for n in model.class_names],
-        dataroot=Path(cfg.dataset.raw_root),
-        version=cfg.dataset.version,
-        eval_set=cfg.dataset.val_split,
-        class_range=_class_range(cfg),
+        dataroot=Path(dataset.raw_root),
+        version=dataset.version,
+        eval_set=dataset.val_split,
+        class_range=_class_range(opts),
     )
     return predictions, sequences
 
 
-def _class_range(cfg: DictConfig) -> dict[str, float] | None:
-    return None if cfg.class_range is None else {k: float(v) for k, v in cfg.class_range.items()}
+def _class_range(opts: TrackOptions) -> dict[str, float] | None:
+    return None if opts.class_range is None else {k: float(v) for k, v in opts.class_range.items()}
 
 
 def _inscribed_radius(model) -> float:
@@ -149,16 +170,22 @@ def _tracked_classes_only(det: Detections3D, tracked: list[bool]) -> Detections3
 
 @tool("track")
 def main(cfg: DictConfig) -> None:
-    if cfg.checkpoint is None:
+    opts = parse_options(cfg, TrackOptions)
+    synthetic = parse_options(
+        cfg.synthetic_sequences, SyntheticSequences, "synthetic_sequences.", strict=True
+    )
+    if opts.checkpoint is None:
         raise ValueError("give checkpoint=PATH (the detector to track with)")
     check_types(cfg.dataset, "dataset")
-    info = init_distributed(cfg.device)
+    info = init_distributed(opts.device)
     if info.world_size > 1:
         raise ValueError("tools/track.py runs in one process: tracking is sequential per sequence")
     output_dir = Path(HydraConfig.get().runtime.output_dir)
-    model = voxsparse.load_model(cfg.checkpoint, info.device)
-    is_synthetic = cfg.dataset.val._target_.endswith("SyntheticDataset")
-    predictions, seq = _synthetic(cfg, model, info, output_dir) if is_synthetic else _nuscenes(cfg, model, info)
+    model = voxsparse.load_model(opts.checkpoint, info.device)
+    if cfg.dataset.val._target_.endswith("SyntheticDataset"):
+        predictions, seq = _synthetic(cfg.dataset, opts, synthetic, model, info, output_dir)
+    else:
+        predictions, seq = _nuscenes(cfg.dataset, opts, model, info)
 
     tracker = VoxelNeXtTracker(model.class_names, parse_options(cfg.tracker, TrackerConfig, "tracker.", strict=True))
     tracks: list[Detections3D | None] = [None] * len(predictions.detections)

@@ -16,11 +16,13 @@ Debian packages libusb-1.0-0 libvulkan1 mesa-vulkan-drivers), or, where that can
 matplotlib bird's-eye view. See configs/visualize.yaml for every option.
 """
 
-from __future__ import annotations
+# No ``from __future__ import annotations``: the options' types are objects, not strings, so the
+# dataclass also builds when this file is loaded as a module that is not in ``sys.modules``.
 
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +36,7 @@ import voxsparse
 from voxsparse.constants import CLASS_NAMES
 from voxsparse.data.pointfile import conform, read_points
 from voxsparse.engine.cli import tool
+from voxsparse.engine.config import check_types, parse_options
 from voxsparse.engine.predict import ScanPredictor, frame_id_of
 from voxsparse.structures import Detections3D, PointConvention
 from voxsparse.viz import camera_preset, render_scene, resolve_backend, write_image, write_video
@@ -43,6 +46,48 @@ from voxsparse.viz.scene import Scene, build_scene
 from voxsparse.viz.viewer import has_display, show
 
 log = logging.getLogger("voxsparse.visualize")
+
+
+@dataclass
+class VisualizeOptions:
+    """The tool's options (configs/visualize.yaml, where each is described)."""
+
+    # What to draw
+    split: str = "val"
+    frame: int = 0
+    num_frames: int = 1
+    points: str | None = None
+    format: str | None = None
+    columns: int | None = None
+    nonfinite: str = "error"
+    checkpoint: str | None = None
+    predictions: str | None = None
+    predictions_frame: str | None = None
+    score_threshold: float = 0.3
+    ground_truth: bool = True
+    trail_length: int = 10
+    track: bool = False
+    # How it looks
+    color_by: str = "intensity"
+    camera: str = "bev"
+    orbit_degrees: float = 360.0
+    extent: list[float] | None = None
+    axes: bool = True
+    ego: bool = True
+    legend: bool = True
+    lines_on_top: bool = True
+    point_size: float = 2.0
+    line_width: float = 2.0
+    max_points: int | None = None
+    width: int = 1280
+    height: int = 960
+    # Where it goes
+    mode: str = "auto"
+    backend: str = "auto"
+    output: str | None = None
+    png_colors: int | None = None
+    fps: float = 5.0
+    device: str = "cpu"
 
 
 class _Frames:
@@ -73,33 +118,34 @@ def _drawn(cloud) -> np.ndarray:
     return np.concatenate([cloud.points[:, :3], np.zeros((len(cloud), 1), np.float32)], 1)
 
 
-def _frames(cfg: DictConfig) -> tuple[_Frames, list[str]]:
+def _frames(opts: VisualizeOptions, dataset: DictConfig | None) -> tuple[_Frames, list[str]]:
     """The frames (dataset frames, or one point file as a dict) and the class names."""
-    if cfg.points is not None:
-        cloud = read_points(cfg.points, cfg.format, cfg.columns, cfg.nonfinite)
-        log.info("%s: %d points, columns %s, intensity scale %s", cfg.points, len(cloud), cloud.features, cloud.intensity)
-        frame = {"frame_id": frame_id_of(Path(cfg.points)), "points": _drawn(cloud), "cloud": cloud}
+    if opts.points is not None:
+        cloud = read_points(opts.points, opts.format, opts.columns, opts.nonfinite)
+        log.info("%s: %d points, columns %s, intensity scale %s",
+                 opts.points, len(cloud), cloud.features, cloud.intensity)
+        frame = {"frame_id": frame_id_of(Path(opts.points)), "points": _drawn(cloud), "cloud": cloud}
         return _Frames(lambda i: frame, 1), list(CLASS_NAMES)
-    if "dataset" not in cfg or cfg.dataset is None:
+    if dataset is None:
         raise ValueError("no dataset config: give points=FILE or a dataset=... config")
-    source = instantiate(cfg.dataset[cfg.split])
-    first, count = int(cfg.frame), int(cfg.num_frames)
+    source = instantiate(dataset[opts.split])
+    first = opts.frame
     if not 0 <= first < len(source):
-        raise ValueError(f"frame={first}: the {cfg.split} split has {len(source)} frames")
-    count = min(count, len(source) - first)
-    names = list(cfg.dataset.get("class_names", CLASS_NAMES))
+        raise ValueError(f"frame={first}: the {opts.split} split has {len(source)} frames")
+    count = min(opts.num_frames, len(source) - first)
+    names = list(dataset.get("class_names", CLASS_NAMES))
     return _Frames(lambda i: source[first + i], count), names
 
 
 def _predictor(
-    cfg: DictConfig, frames: _Frames
+    opts: VisualizeOptions, frames: _Frames
 ) -> tuple[Callable[[int], Any] | None, tuple | None, list[str] | None]:
     """A function frame index -> detections, the point-cloud range they were made in, class names."""
-    if cfg.checkpoint is not None and cfg.predictions is not None:
+    if opts.checkpoint is not None and opts.predictions is not None:
         raise ValueError("give at most one of checkpoint=PATH and predictions=PATH")
-    if cfg.checkpoint is not None:
-        model = voxsparse.load_model(cfg.checkpoint, cfg.device)
-        predictor = ScanPredictor(model, cfg.device)
+    if opts.checkpoint is not None:
+        model = voxsparse.load_model(opts.checkpoint, opts.device)
+        predictor = ScanPredictor(model, opts.device)
         cache: dict[int, Detections3D] = {}
 
         def predict(i: int) -> Detections3D:
@@ -113,19 +159,19 @@ def _predictor(
             return cache[i]
 
         return predict, tuple(float(v) for v in model.grid.point_cloud_range), list(model.class_names)
-    if cfg.predictions is not None:
+    if opts.predictions is not None:
         from voxsparse.evaluation.predictions_io import load_predictions
 
-        content = load_predictions(cfg.predictions)
+        content = load_predictions(opts.predictions)
         by_id = dict(zip(content.frame_ids, content.detections))
 
         def lookup(i: int) -> Detections3D | None:
-            if cfg.points is not None:
-                key = cfg.predictions_frame if cfg.predictions_frame is not None else content.frame_ids[0]
+            if opts.points is not None:
+                key = opts.predictions_frame if opts.predictions_frame is not None else content.frame_ids[0]
             else:
                 key = str(_field(frames[i], "frame_id"))
             if key not in by_id:
-                log.warning("predictions file %s has no frame %r", cfg.predictions, key)
+                log.warning("predictions file %s has no frame %r", opts.predictions, key)
             return by_id.get(key)
 
         return lookup, tuple(content.point_cloud_range), list(content.class_names)
@@ -169,15 +215,17 @@ def _tracked(
 DEFAULT_EXTENT = (-51.2, -51.2, 51.2, 51.2)
 
 
-def _extent(cfg: DictConfig, pcr: tuple | None, frames: _Frames) -> tuple[float, ...]:
+def _extent(
+    opts: VisualizeOptions, dataset: DictConfig | None, pcr: tuple | None, frames: _Frames
+) -> tuple[float, ...]:
     """(x_min, y_min, x_max, y_max) to frame: the option, the model's / predictions' range, the
     dataset's ``point_cloud_range``, :data:`DEFAULT_EXTENT`, or for a point file its points."""
-    if cfg.extent is not None:
-        return tuple(float(v) for v in cfg.extent)
+    if opts.extent is not None:
+        return tuple(float(v) for v in opts.extent)
     if pcr is not None:
         return pcr[0], pcr[1], pcr[3], pcr[4]
-    if cfg.points is None:
-        r = cfg.dataset.get("point_cloud_range")
+    if opts.points is None:
+        r = dataset.get("point_cloud_range")
         return (r[0], r[1], r[3], r[4]) if r is not None else DEFAULT_EXTENT
     xy = np.asarray(_field(frames[0], "points"))[:, :2]
     if not len(xy):
@@ -186,41 +234,42 @@ def _extent(cfg: DictConfig, pcr: tuple | None, frames: _Frames) -> tuple[float,
     return float(lo[0]), float(lo[1]), float(hi[0]), float(hi[1])
 
 
-def run(cfg: DictConfig, output_dir: Path) -> list[Path]:
-    frames, class_names = _frames(cfg)
-    predict, pcr, predicted_names = _predictor(cfg, frames)
+def run(opts: VisualizeOptions, dataset: DictConfig | None, output_dir: Path) -> list[Path]:
+    """Show or render the frames ``opts`` names (of ``dataset``, the dataset config, unless a point file)."""
+    frames, class_names = _frames(opts, dataset)
+    predict, pcr, predicted_names = _predictor(opts, frames)
     class_names = predicted_names or class_names
-    if cfg.track:
-        if predict is None or cfg.points is not None:
+    if opts.track:
+        if predict is None or opts.points is not None:
             raise ValueError("track=true needs checkpoint=PATH or predictions=PATH on dataset frames")
-        predict = _tracked(predict, frames, class_names, float(cfg.score_threshold))
-    extent = _extent(cfg, pcr, frames)
+        predict = _tracked(predict, frames, class_names, float(opts.score_threshold))
+    extent = _extent(opts, dataset, pcr, frames)
 
     def scene(i: int, color_by: str | None = None) -> Scene:
         frame = frames[i]
         trails = None
-        if cfg.num_frames > 1 and cfg.trail_length > 1 and cfg.points is None:
-            if cfg.track:
-                trails = trail_history(frames, i, int(cfg.trail_length), "predictions", [predict(j) for j in range(i + 1)])
+        if opts.num_frames > 1 and opts.trail_length > 1 and opts.points is None:
+            if opts.track:
+                trails = trail_history(frames, i, opts.trail_length, "predictions", [predict(j) for j in range(i + 1)])
             else:
-                trails = trail_history(frames, i, int(cfg.trail_length))
+                trails = trail_history(frames, i, opts.trail_length)
         return build_scene(
             _field(frame, "points"),
-            frame if cfg.ground_truth and cfg.points is None else None,
+            frame if opts.ground_truth and opts.points is None else None,
             predict(i) if predict is not None else None,
-            color_by=color_by or cfg.color_by,
+            color_by=color_by or opts.color_by,
             class_names=class_names,
-            score_threshold=float(cfg.score_threshold),
+            score_threshold=float(opts.score_threshold),
             trails=trails,
-            axes=cfg.axes,
-            ego=cfg.ego,
-            point_size=float(cfg.point_size),
-            line_width=float(cfg.line_width),
-            max_points=cfg.max_points,
+            axes=opts.axes,
+            ego=opts.ego,
+            point_size=float(opts.point_size),
+            line_width=float(opts.line_width),
+            max_points=opts.max_points,
             title=str(_field(frame, "frame_id") or f"frame {i}"),
         )
 
-    mode = cfg.mode
+    mode = opts.mode
     if mode == "auto":
         mode = "show" if has_display() else "render"
     if mode == "show":
@@ -228,44 +277,44 @@ def run(cfg: DictConfig, output_dir: Path) -> list[Path]:
             lambda i, colors: scene(i, colors),
             len(frames),
             window_name="voxsparse",
-            width=cfg.width,
-            height=cfg.height,
-            point_size=float(cfg.point_size),
-            camera=cfg.camera,
+            width=opts.width,
+            height=opts.height,
+            point_size=float(opts.point_size),
+            camera=opts.camera,
         )
         return []
     if mode != "render":
         raise ValueError(f"mode={mode!r}: expected auto, show or render")
 
-    backend = resolve_backend(cfg.backend)
+    backend = resolve_backend(opts.backend)
     n = len(frames)
 
     def camera(i: int):
         angle = None
-        if cfg.camera == "orbit" and n > 1:
-            angle = 225.0 + float(cfg.orbit_degrees) * i / n
-        return camera_preset(cfg.camera, int(cfg.width), int(cfg.height), extent, angle)
+        if opts.camera == "orbit" and n > 1:
+            angle = 225.0 + float(opts.orbit_degrees) * i / n
+        return camera_preset(opts.camera, opts.width, opts.height, extent, angle)
 
     images = []
     for i in range(n):
         s = scene(i)
         start = time.perf_counter()
-        images.append(render_scene(s, camera(i), backend, cfg.legend, cfg.lines_on_top))
+        images.append(render_scene(s, camera(i), backend, opts.legend, opts.lines_on_top))
         log.info("rendered %s with %s in %.2f s", s.title, backend, time.perf_counter() - start)
-    if cfg.output is not None:
-        output = Path(cfg.output)
+    if opts.output is not None:
+        output = Path(opts.output)
     else:
         output = output_dir / (
             f"{_field(frames[0], 'frame_id') or 'frame'}.png" if n == 1 else "sequence.gif"
         )
     if output.suffix.lower() in (".gif", ".mp4"):
-        written = [write_video(output, images, float(cfg.fps))]
+        written = [write_video(output, images, float(opts.fps))]
     elif n == 1:
-        written = [write_image(output, images[0], cfg.png_colors, KEY_COLORS)]
+        written = [write_image(output, images[0], opts.png_colors, KEY_COLORS)]
     else:  # a sequence to images: one PNG per frame, numbered after the output's stem
         pattern = f"{output.stem}_{{:04d}}{output.suffix or '.png'}"
         written = [
-            write_image(output.with_name(pattern.format(i)), im, cfg.png_colors, KEY_COLORS)
+            write_image(output.with_name(pattern.format(i)), im, opts.png_colors, KEY_COLORS)
             for i, im in enumerate(images)
         ]
     for path in written:
@@ -275,7 +324,11 @@ def run(cfg: DictConfig, output_dir: Path) -> list[Path]:
 
 @tool("visualize")
 def main(cfg: DictConfig) -> None:
-    run(cfg, Path(HydraConfig.get().runtime.output_dir))
+    opts = parse_options(cfg, VisualizeOptions)
+    dataset = cfg.get("dataset")  # optional: points=FILE needs none
+    if dataset is not None:
+        check_types(dataset, "dataset")
+    run(opts, dataset, Path(HydraConfig.get().runtime.output_dir))
 
 
 if __name__ == "__main__":
