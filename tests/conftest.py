@@ -1,7 +1,9 @@
-"""Test-wide settings: run torch with CI's two threads, so thread races in kernels show up here."""
+"""Test-wide settings: run torch with CI's two threads, so thread races in kernels show up here; a tiny
+untrained checkpoint for the tool tests."""
 
 import pytest
 import torch
+from tool_runs import save_tiny_checkpoint
 
 
 @pytest.fixture(autouse=True)
@@ -13,3 +15,9 @@ def _two_threads():
 
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory):
+    """An untrained tiny voxelnext_small that keeps even its weakest detections (score threshold 0)."""
+    return save_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "model.pth", "model.head.score_threshold=0.0")

@@ -12,15 +12,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from tool_runs import ROOT, TINY_MODEL
 
 from voxsparse.engine.checkpoint import load_checkpoint
 
-ROOT = Path(__file__).resolve().parents[2]
 TINY = [
-    "model.voxel_encoder.grid.point_cloud_range=[-16,-16,-3,16,16,2]",
-    "model.backbone.channels=[8,8,8,8,8]",
-    "model.backbone.out_channels=8",
-    "model.head.head_channels=8",
+    *TINY_MODEL,
     "trainer.batch_size=1",
     "trainer.log_every=1",
     "trainer.tensorboard=false",

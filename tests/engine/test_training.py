@@ -1,28 +1,15 @@
-"""Training, resuming and the command-line tools, end to end on tiny synthetic data."""
+"""Training and the command-line tools, end to end on tiny synthetic data."""
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
+from tool_runs import TINY_MODEL, run_tool
 
 from voxsparse.models.voxel_encoders import MeanVFE
 from voxsparse.structures import VoxelGrid
 
-ROOT = Path(__file__).resolve().parents[2]
 RANGE = (-16.0, -16.0, -3.0, 16.0, 16.0, 2.0)
-TINY_MODEL = [
-    "model.voxel_encoder.grid.point_cloud_range=[-16,-16,-3,16,16,2]",
-    "model.backbone.channels=[8,8,8,8,8]",
-    "model.backbone.out_channels=8",
-    "model.head.head_channels=8",
-]
-
-
-def _run(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=600, check=False)
 
 
 def test_train_and_eval_tools(tmp_path):
@@ -31,8 +18,7 @@ def test_train_and_eval_tools(tmp_path):
         "dataset.cache_workers=1",
     ]
     run_dir = tmp_path / "run"
-    train = _run(
-        "tools/train.py", *TINY_MODEL, *data, "trainer.epochs=1", "trainer.batch_size=1",
+    train = run_tool("train", *TINY_MODEL, *data, "trainer.epochs=1", "trainer.batch_size=1",
         "trainer.tensorboard=false", f"hydra.run.dir={run_dir}",
     )
     assert train.returncode == 0, train.stderr[-3000:]
@@ -40,17 +26,16 @@ def test_train_and_eval_tools(tmp_path):
     assert set(metrics) == {"LEVEL_1", "LEVEL_2"} and "AP_L2/Vehicle" in metrics["LEVEL_2"]
     assert "Vehicle" in train.stderr + train.stdout, "the AP table is printed"
 
-    by_checkpoint = _run("tools/eval.py", f"checkpoint={run_dir / 'last.pth'}", *data, f"hydra.run.dir={tmp_path / 'e1'}")
+    by_checkpoint = run_tool("eval", f"checkpoint={run_dir / 'last.pth'}", *data, f"hydra.run.dir={tmp_path / 'e1'}")
     assert by_checkpoint.returncode == 0, by_checkpoint.stderr[-3000:]
-    by_file = _run("tools/eval.py", f"predictions={run_dir / 'predictions.pt'}", *data, f"hydra.run.dir={tmp_path / 'e2'}")
+    by_file = run_tool("eval", f"predictions={run_dir / 'predictions.pt'}", *data, f"hydra.run.dir={tmp_path / 'e2'}")
     assert by_file.returncode == 0, by_file.stderr[-3000:]
     assert json.loads((tmp_path / "e2" / "metrics.json").read_text()) == metrics
 
     (tmp_path / "broken.pth").write_bytes(b"not a checkpoint")
-    broken = _run("tools/eval.py", f"checkpoint={tmp_path / 'broken.pth'}", *data, f"hydra.run.dir={tmp_path / 'e3'}")
+    broken = run_tool("eval", f"checkpoint={tmp_path / 'broken.pth'}", *data, f"hydra.run.dir={tmp_path / 'e3'}")
     assert broken.returncode != 0 and "broken.pth: cannot be read" in broken.stderr
-    missing = _run(
-        "tools/eval.py", f"predictions={run_dir / 'predictions.pt'}", "dataset.val.num_frames=3",
+    missing = run_tool("eval", f"predictions={run_dir / 'predictions.pt'}", "dataset.val.num_frames=3",
         f"dataset.cache_dir={tmp_path / 'cache'}", f"hydra.run.dir={tmp_path / 'e4'}",
     )
     assert missing.returncode != 0 and "1 of 3 frames of the evaluated split have no entry" in missing.stderr

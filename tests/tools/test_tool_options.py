@@ -5,25 +5,12 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-import torch
-from hydra import compose, initialize_config_dir
-from hydra.utils import instantiate
 from omegaconf import OmegaConf
-
-from voxsparse.engine.checkpoint import Checkpoint, save_checkpoint
-
-ROOT = Path(__file__).resolve().parents[2]
-TINY = [
-    "model.voxel_encoder.grid.point_cloud_range=[-16,-16,-3,16,16,2]",
-    "model.backbone.channels=[8,8,8,8,8]",
-    "model.backbone.out_channels=8",
-    "model.head.head_channels=8",
-]
+from tool_runs import ROOT, compose_config, error_line, run_tool
 
 
 def _load_tool(name: str):
@@ -37,33 +24,8 @@ def _load_tool(name: str):
     return module
 
 
-def _compose(name: str, overrides: list[str] | None = None):
-    with initialize_config_dir(str(ROOT / "configs"), version_base="1.3"):
-        return compose(name, overrides or [])
-
-
 def _error_line(tool: str, tmp_path: Path, *args: str) -> str:
-    """The single stderr line of ``tools/<tool>.py args``, which must exit 2 without a traceback."""
-    result = subprocess.run(
-        [sys.executable, f"tools/{tool}.py", *args, f"hydra.run.dir={tmp_path / 'run'}"],
-        cwd=ROOT, capture_output=True, text=True, timeout=300, check=False,
-    )
-    assert result.returncode == 2, (result.returncode, result.stderr[-3000:])
-    assert "Traceback" not in result.stderr, result.stderr[-3000:]
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr[-3000:]
-    return lines[0]
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory) -> Path:
-    """An untrained tiny voxelnext_small, saved as tools/train.py saves it."""
-    model_cfg = OmegaConf.to_container(_compose("train", TINY).model, resolve=True)
-    torch.manual_seed(0)
-    model = instantiate(OmegaConf.create(model_cfg))
-    path = tmp_path_factory.mktemp("ckpt") / "model.pth"
-    save_checkpoint(Checkpoint(model.state_dict(), 0, 0, {"model": model_cfg}), path)
-    return path
+    return error_line(run_tool(tool, *args, f"hydra.run.dir={tmp_path / 'run'}", timeout=300))
 
 
 # --- the schemas cover the configs ------------------------------------------------------------------
@@ -71,7 +33,7 @@ def checkpoint(tmp_path_factory) -> Path:
 
 def test_visualize_options_cover_every_key_of_its_config():
     tool = _load_tool("visualize")
-    cfg = _compose("visualize")
+    cfg = compose_config("visualize")
     keys = set(cfg) - {"dataset"}
     assert keys == {f.name for f in dataclasses.fields(tool.VisualizeOptions)}
     # The dataclass defaults are the config's: a run without overrides sees the same values.
@@ -80,7 +42,7 @@ def test_visualize_options_cover_every_key_of_its_config():
 
 def test_track_options_cover_its_config():
     tool = _load_tool("track")
-    cfg = _compose("track")
+    cfg = compose_config("track")
     opts = tool.TrackOptions()
     assert {k: getattr(opts, k) for k in ("checkpoint", "device", "batch_size", "class_range")} == {
         k: cfg[k] for k in ("checkpoint", "device", "batch_size", "class_range")
@@ -115,7 +77,7 @@ def test_visualize_names_the_key_of_a_wrong_type(tmp_path, override, expected):
          "error: batch_size: expected an integer, got 'abc'"),
     ],
 )
-def test_track_names_the_key_of_a_wrong_type(tmp_path, checkpoint, overrides, expected):
-    args = [f"checkpoint={checkpoint}", *overrides, "synthetic_sequences.sequence_length=2", "device=cpu",
+def test_track_names_the_key_of_a_wrong_type(tmp_path, tiny_checkpoint, overrides, expected):
+    args = [f"checkpoint={tiny_checkpoint}", *overrides, "synthetic_sequences.sequence_length=2", "device=cpu",
             f"dataset.cache_dir={tmp_path / 'cache'}"]
     assert _error_line("track", tmp_path, *args) == expected

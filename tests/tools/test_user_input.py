@@ -4,57 +4,15 @@ and bad input reported in one line that names the file or key."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
-from hydra.utils import instantiate
-from omegaconf import OmegaConf
+from tool_runs import error_line, run_tool
 
 from voxsparse.engine.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from voxsparse.evaluation.predictions_io import load_predictions
-
-ROOT = Path(__file__).resolve().parents[2]
-TINY = [
-    "model.voxel_encoder.grid.point_cloud_range=[-16,-16,-3,16,16,2]",
-    "model.backbone.channels=[8,8,8,8,8]",
-    "model.backbone.out_channels=8",
-    "model.head.head_channels=8",
-    "model.head.score_threshold=0.0",  # an untrained model: keep its weak detections
-]
-
-
-def _tool(name: str, *args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, str(ROOT / "tools" / f"{name}.py"), *args],
-        cwd=cwd, capture_output=True, text=True, timeout=600, check=False,
-    )
-
-
-def _error_line(result: subprocess.CompletedProcess) -> str:
-    """The one line a tool prints for bad input (exit status 2, no traceback)."""
-    assert result.returncode == 2, (result.returncode, result.stderr[-3000:])
-    assert "Traceback" not in result.stderr, result.stderr[-3000:]
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr[-3000:]
-    return lines[0]
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory) -> Path:
-    """An untrained tiny voxelnext_small, saved as tools/train.py saves it."""
-    with initialize_config_dir(str(ROOT / "configs"), version_base="1.3"):
-        cfg = compose("train", TINY)
-    model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
-    torch.manual_seed(0)
-    model = instantiate(OmegaConf.create(model_cfg))
-    path = tmp_path_factory.mktemp("ckpt") / "model.pth"
-    save_checkpoint(Checkpoint(model.state_dict(), 0, 0, {"model": model_cfg}), path)
-    return path
 
 
 def _scan(n: int, seed: int = 0, columns: int = 5) -> np.ndarray:
@@ -98,7 +56,7 @@ def test_every_tool_refuses_a_checkpoint_that_would_run_code(malicious, tmp_path
     args = [f"checkpoint={path}", f"hydra.run.dir={tmp_path / 'run'}", f"dataset.cache_dir={tmp_path / 'cache'}", *extra]
     if tool == "predict":
         args = [f"checkpoint={path}", f"input={scan}", f"hydra.run.dir={tmp_path / 'run'}"]
-    line = _error_line(_tool(tool, *args))
+    line = error_line(run_tool(tool, *args))
     assert f"checkpoint {path}: config.model._target_: 'os.makedirs' is not allowed" in line
     assert not marker.exists(), "code named in the checkpoint ran"
 
@@ -111,7 +69,7 @@ def test_visualize_reads_a_nuscenes_scan_with_its_five_columns(tmp_path):
     points = _scan(34_688)
     scan = tmp_path / "n008-2018-08-01-15-16-36-0400__LIDAR_TOP__1533151603547590.pcd.bin"
     points.tofile(scan)
-    done = _tool("visualize", f"points={scan}", "backend=matplotlib", f"output={tmp_path / 'scan.png'}",
+    done = run_tool("visualize", f"points={scan}", "backend=matplotlib", f"output={tmp_path / 'scan.png'}",
                  f"hydra.run.dir={tmp_path / 'run'}")
     assert done.returncode == 0, done.stderr[-3000:]
     log = (tmp_path / "run" / "visualize.log").read_text()
@@ -120,27 +78,27 @@ def test_visualize_reads_a_nuscenes_scan_with_its_five_columns(tmp_path):
 
     renamed = tmp_path / "scan.bin"  # the same bytes without the nuScenes name: ambiguous, refused
     points.tofile(renamed)
-    line = _error_line(_tool("visualize", f"points={renamed}", "backend=matplotlib", f"hydra.run.dir={tmp_path / 'r2'}"))
+    line = error_line(run_tool("visualize", f"points={renamed}", "backend=matplotlib", f"hydra.run.dir={tmp_path / 'r2'}"))
     assert f"point file {renamed}" in line and "format=nuscenes" in line and "format=" in line
 
 
 def test_visualize_draws_an_empty_scan(tmp_path):
     scan = tmp_path / "empty.bin"
     scan.write_bytes(b"")
-    done = _tool("visualize", f"points={scan}", "backend=matplotlib", f"output={tmp_path / 'empty.png'}",
+    done = run_tool("visualize", f"points={scan}", "backend=matplotlib", f"output={tmp_path / 'empty.png'}",
                  f"hydra.run.dir={tmp_path / 'run'}")
     assert done.returncode == 0, done.stderr[-3000:]
     assert (tmp_path / "empty.png").is_file()
 
 
-def test_nan_rows_are_an_error_naming_the_row_unless_dropped(tmp_path, checkpoint):
+def test_nan_rows_are_an_error_naming_the_row_unless_dropped(tmp_path, tiny_checkpoint):
     points = _scan(100, columns=4)
     points[[7, 30], 1] = np.nan
     scan = tmp_path / "nan.npy"
     np.save(scan, points)
-    line = _error_line(_tool("predict", f"checkpoint={checkpoint}", f"input={scan}", f"hydra.run.dir={tmp_path / 'a'}"))
+    line = error_line(run_tool("predict", f"checkpoint={tiny_checkpoint}", f"input={scan}", f"hydra.run.dir={tmp_path / 'a'}"))
     assert f"point file {scan}" in line and "2 " in line and "row 7" in line
-    done = _tool("predict", f"checkpoint={checkpoint}", f"input={scan}", "nonfinite=drop", f"hydra.run.dir={tmp_path / 'b'}")
+    done = run_tool("predict", f"checkpoint={tiny_checkpoint}", f"input={scan}", "nonfinite=drop", f"hydra.run.dir={tmp_path / 'b'}")
     assert done.returncode == 0, done.stderr[-3000:]
     record = json.loads((tmp_path / "b" / "detections.jsonl").read_text())
     assert record["num_points"] == 98
@@ -149,7 +107,7 @@ def test_nan_rows_are_an_error_naming_the_row_unless_dropped(tmp_path, checkpoin
 # --- the predict tool ----------------------------------------------------------------------------------
 
 
-def test_predict_on_a_folder_writes_json_lines_and_a_predictions_file(tmp_path, checkpoint):
+def test_predict_on_a_folder_writes_json_lines_and_a_predictions_file(tmp_path, tiny_checkpoint):
     scans = tmp_path / "scans"
     scans.mkdir()
     for i in range(3):  # KITTI layout: x, y, z, reflectance in [0, 1]
@@ -158,7 +116,7 @@ def test_predict_on_a_folder_writes_json_lines_and_a_predictions_file(tmp_path, 
         points.tofile(scans / f"{i:06d}.bin")
     (scans / "notes.txt").write_text("not a scan")
     run = tmp_path / "run"
-    done = _tool("predict", f"checkpoint={checkpoint}", f"input={scans}", "format=kitti", "render=true",
+    done = run_tool("predict", f"checkpoint={tiny_checkpoint}", f"input={scans}", "format=kitti", "render=true",
                  "backend=matplotlib", f"hydra.run.dir={run}")
     assert done.returncode == 0, done.stderr[-3000:]
     records = [json.loads(line) for line in (run / "detections.jsonl").read_text().splitlines()]
@@ -175,12 +133,12 @@ def test_predict_on_a_folder_writes_json_lines_and_a_predictions_file(tmp_path, 
     assert "\r" not in done.stdout + done.stderr, "no progress-bar frames when piped"
 
 
-def test_predict_warns_once_when_intensity_does_not_fit_the_model(tmp_path, checkpoint):
+def test_predict_warns_once_when_intensity_does_not_fit_the_model(tmp_path, tiny_checkpoint):
     scans = tmp_path / "scans"
     scans.mkdir()
     for i in range(2):
         np.save(scans / f"{i}.npy", _scan(300, seed=i, columns=4))  # intensity 0-255, model expects [0, 1]
-    done = _tool("predict", f"checkpoint={checkpoint}", f"input={scans}", f"hydra.run.dir={tmp_path / 'run'}")
+    done = run_tool("predict", f"checkpoint={tiny_checkpoint}", f"input={scans}", f"hydra.run.dir={tmp_path / 'run'}")
     assert done.returncode == 0, done.stderr[-3000:]
     log = (tmp_path / "run" / "predict.log").read_text()
     warnings = [line for line in log.splitlines() if "WARNING" in line and "intensity" in line]
@@ -190,51 +148,51 @@ def test_predict_warns_once_when_intensity_does_not_fit_the_model(tmp_path, chec
 # --- messages that name the file or key -------------------------------------------------------------
 
 
-def test_bad_checkpoints_are_named_without_torch_hints(tmp_path, checkpoint):
+def test_bad_checkpoints_are_named_without_torch_hints(tmp_path, tiny_checkpoint):
     folder = tmp_path / "folder.pth"
     folder.mkdir()
-    line = _error_line(_tool("eval", f"checkpoint={folder}", f"hydra.run.dir={tmp_path / 'a'}"))
+    line = error_line(run_tool("eval", f"checkpoint={folder}", f"hydra.run.dir={tmp_path / 'a'}"))
     assert line == f"error: checkpoint {folder}: is a directory, expected a file"
 
     pickled = tmp_path / "pickled.pth"
     torch.save({"model": torch.nn.Linear(2, 2)}, pickled)  # a whole module: Python objects
-    line = _error_line(_tool("eval", f"checkpoint={pickled}", f"hydra.run.dir={tmp_path / 'b'}"))
+    line = error_line(run_tool("eval", f"checkpoint={pickled}", f"hydra.run.dir={tmp_path / 'b'}"))
     assert f"checkpoint {pickled}: not a voxsparse checkpoint: it holds Python objects" in line
     assert "weights_only" not in line
 
-    ckpt = load_checkpoint(checkpoint)
+    ckpt = load_checkpoint(tiny_checkpoint)
     newer = tmp_path / "newer.pth"
     save_checkpoint(Checkpoint(ckpt.model, 0, 0, ckpt.config, format_version=99), newer)
-    line = _error_line(_tool("eval", f"checkpoint={newer}", f"hydra.run.dir={tmp_path / 'c'}"))
+    line = error_line(run_tool("eval", f"checkpoint={newer}", f"hydra.run.dir={tmp_path / 'c'}"))
     assert f"checkpoint {newer}: format 99 was written by voxsparse" in line and "upgrade voxsparse" in line
 
     other = tmp_path / "other.pth"  # weights of another model under this config
     state = {k: torch.zeros(*v.shape[:-1], v.shape[-1] + 1) if v.ndim == 2 else v for k, v in ckpt.model.items()}
     save_checkpoint(Checkpoint(state, 0, 0, ckpt.config), other)
-    line = _error_line(_tool("eval", f"checkpoint={other}", f"hydra.run.dir={tmp_path / 'd'}"))
+    line = error_line(run_tool("eval", f"checkpoint={other}", f"hydra.run.dir={tmp_path / 'd'}"))
     assert f"checkpoint {other}: its weights do not fit the model" in line and "of another shape" in line
 
 
 def test_wrong_config_values_are_one_line_naming_the_key(tmp_path):
-    line = _error_line(_tool("train", "trainer.epochs=abc", f"hydra.run.dir={tmp_path / 'a'}"))
+    line = error_line(run_tool("train", "trainer.epochs=abc", f"hydra.run.dir={tmp_path / 'a'}"))
     assert line == "error: trainer.epochs: expected an integer, got 'abc'"
-    line = _error_line(_tool("train", "model.voxel_encoder.grid.voxel_size=[100,100,100]", f"hydra.run.dir={tmp_path / 'b'}"))
+    line = error_line(run_tool("train", "model.voxel_encoder.grid.voxel_size=[100,100,100]", f"hydra.run.dir={tmp_path / 'b'}"))
     assert line.startswith("error: model.voxel_encoder.grid: VoxelGrid.voxel_size: (100.0, 100.0, 100.0) leaves no whole voxel")
-    line = _error_line(_tool("visualize", "points=/nonexistent/scan.bin", f"hydra.run.dir={tmp_path / 'c'}"))
+    line = error_line(run_tool("visualize", "points=/nonexistent/scan.bin", f"hydra.run.dir={tmp_path / 'c'}"))
     assert line == "error: point file /nonexistent/scan.bin: no such file"
-    line = _error_line(_tool("visualize", f"points={tmp_path}", f"hydra.run.dir={tmp_path / 'd'}"))
+    line = error_line(run_tool("visualize", f"points={tmp_path}", f"hydra.run.dir={tmp_path / 'd'}"))
     assert f"point file {tmp_path}: is a directory" in line
 
 
-def test_eval_says_what_a_predictions_file_holds_before_generating_frames(tmp_path, checkpoint):
+def test_eval_says_what_a_predictions_file_holds_before_generating_frames(tmp_path, tiny_checkpoint):
     scans = tmp_path / "scans"
     scans.mkdir()
     np.save(scans / "a.npy", _scan(100, columns=4))
     run = tmp_path / "run"
-    assert _tool("predict", f"checkpoint={checkpoint}", f"input={scans}", f"hydra.run.dir={run}").returncode == 0
+    assert run_tool("predict", f"checkpoint={tiny_checkpoint}", f"input={scans}", f"hydra.run.dir={run}").returncode == 0
     cache = tmp_path / "cache"
-    line = _error_line(
-        _tool("eval", f"predictions={run / 'predictions.pt'}", "dataset.val.num_frames=50", f"dataset.cache_dir={cache}",
+    line = error_line(
+        run_tool("eval", f"predictions={run / 'predictions.pt'}", "dataset.val.num_frames=50", f"dataset.cache_dir={cache}",
               f"hydra.run.dir={tmp_path / 'e'}")
     )
     assert "50 of 50 frames of the evaluated split have no entry" in line
@@ -242,10 +200,12 @@ def test_eval_says_what_a_predictions_file_holds_before_generating_frames(tmp_pa
     assert not cache.exists() or not any(cache.rglob("*.npz")), "frames were generated before the check"
 
 
-def test_float64_points_are_converted_or_named():
+def test_float64_points_are_named_before_the_sparse_kernels(tiny_checkpoint):
+    import voxsparse
     from voxsparse.structures import PointBatch
 
+    model = voxsparse.load_model(tiny_checkpoint)
     batch = PointBatch.from_frames([torch.from_numpy(_scan(10, columns=4).astype(np.float64))])
-    assert batch.points.dtype == torch.float32
-    with pytest.raises(ValueError, match=r"PointBatch.points: expected float32, got torch.float64"):
-        PointBatch(batch.points.double(), batch.batch_index, 1)
+    with pytest.raises(ValueError, match=r"SparseDetector: points are torch.float64 but the model's weights are "
+                                         r"torch.float32; convert the points"):
+        model.predict(batch)

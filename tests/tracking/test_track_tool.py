@@ -8,18 +8,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
-from hydra.utils import instantiate
-from omegaconf import OmegaConf
 
 pytest.importorskip("nuscenes")
 pytest.importorskip("motmetrics")
 
+from tool_runs import save_tiny_checkpoint
 from tracking_sequences import perfect_detections, score_tracks
 
 from voxsparse.data.dataset import DetectionDataset
 from voxsparse.data.synthetic import SyntheticDataset
-from voxsparse.engine.checkpoint import Checkpoint, save_checkpoint
 from voxsparse.evaluation.nuscenes_tracking import TrackingFrame
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -41,21 +38,7 @@ def test_synthetic_world_ground_truth_tracks_perfectly(tmp_path):
 
 
 def test_track_tool_writes_tracks_and_metrics(tmp_path):
-    with initialize_config_dir(str(ROOT / "configs"), version_base="1.3"):
-        cfg = compose(
-            "train",
-            [
-                "model.voxel_encoder.grid.point_cloud_range=[-16,-16,-3,16,16,2]",
-                "model.backbone.channels=[8,8,8,8,8]",
-                "model.backbone.out_channels=8",
-                "model.head.head_channels=8",
-                "model.head.score_threshold=0.0",  # an untrained model: keep its weak detections
-            ],
-        )
-    model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
-    torch.manual_seed(0)
-    model = instantiate(OmegaConf.create(model_cfg))
-    save_checkpoint(Checkpoint(model.state_dict(), 0, 0, {"model": model_cfg}), tmp_path / "model.pth")
+    save_tiny_checkpoint(tmp_path / "model.pth", "model.head.score_threshold=0.0")  # keep weak detections
     run = subprocess.run(
         [
             sys.executable, "tools/track.py", f"checkpoint={tmp_path / 'model.pth'}",

@@ -44,7 +44,8 @@ class PointBatch:
     """The points of ``batch_size`` frames, concatenated.
 
     Attributes:
-        points: (N, 3 + C) float32: x, y, z in metres (LiDAR frame) then C features (e.g. intensity).
+        points: (N, 3 + C) float: x, y, z in metres (LiDAR frame) then C features (e.g. intensity);
+            float32 for the models (float64 for numerical checks of float64 modules).
         batch_index: (N,) int64, the frame each point belongs to, in [0, batch_size).
         batch_size: number of frames (a frame may have no points).
     """
@@ -55,10 +56,6 @@ class PointBatch:
 
     def __post_init__(self) -> None:
         check_tensor("PointBatch.points", self.points, ndim=2, min_last_dim=3, floating=True, finite=True)
-        if self.points.dtype != torch.float32:  # the voxelizer and sparse kernels compute in float32
-            raise ValueError(
-                f"PointBatch.points: expected float32, got {self.points.dtype} (PointBatch.from_frames converts)"
-            )
         check_tensor("PointBatch.batch_index", self.batch_index, ndim=1, floating=False, length=len(self.points))
         if self.batch_size < 1:
             raise ValueError(f"PointBatch.batch_size: expected >= 1, got {self.batch_size}")
@@ -69,8 +66,7 @@ class PointBatch:
 
     @classmethod
     def from_frames(cls, frames: Sequence[torch.Tensor]) -> PointBatch:
-        """Concatenate per-frame (Ni, 3 + C) point tensors; all frames need the same C. Frames of
-        another floating dtype (float64 from numpy, say) are converted to float32."""
+        """Concatenate per-frame (Ni, 3 + C) point tensors; all frames need the same C."""
         if not frames:
             raise ValueError("PointBatch.from_frames: expected at least one frame")
         widths = {f.shape[-1] if f.ndim == 2 else -1 for f in frames}
@@ -80,8 +76,7 @@ class PointBatch:
         index = torch.cat(
             [torch.full((len(f),), i, dtype=torch.int64, device=f.device) for i, f in enumerate(frames)]
         )
-        points = torch.cat(list(frames), dim=0)
-        return cls(points.float() if points.is_floating_point() else points, index, len(frames))
+        return cls(torch.cat(list(frames), dim=0), index, len(frames))
 
     @property
     def num_features(self) -> int:

@@ -52,6 +52,12 @@ class SparseDetector(nn.Module):
         return self.voxel_encoder.grid
 
     def forward(self, points: PointBatch) -> CenterPredictions:
+        weights = next(self.parameters(), None)
+        if weights is not None and points.points.dtype != weights.dtype:
+            raise ValueError(
+                f"{type(self).__name__}: points are {points.points.dtype} but the model's weights are "
+                f"{weights.dtype}; convert the points (e.g. torch.from_numpy(a).float())"
+            )
         return self.head(self.backbone(self.voxel_encoder(points)))
 
     def loss(self, points: PointBatch, annotations: list[Annotations3D]) -> HeadLosses:
