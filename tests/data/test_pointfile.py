@@ -277,6 +277,15 @@ def _check_rich(cloud: PointCloud, table: np.ndarray) -> None:
     np.testing.assert_array_equal(cloud.points[:, 3], table["intensity"])
 
 
+def _assert_refused(tmp_path, cases: dict[str, tuple[bytes, str]]) -> None:
+    """Each file (name: (content, message pattern)) is refused with a message naming it."""
+    for name, (content, pattern) in cases.items():
+        (tmp_path / name).write_bytes(content)
+        with pytest.raises(PointFileError, match=pattern) as err:
+            read_points(tmp_path / name)
+        assert name in str(err.value)
+
+
 def test_pcd_by_hand_binary_ascii_compressed(tmp_path):
     table = _rich_points(37)
     (tmp_path / "bin.pcd").write_bytes(_pcd(*_RICH_HEADER, 37, "binary", table.tobytes()))
@@ -387,11 +396,7 @@ def test_pcd_header_lies(tmp_path):
         "nodata.pcd": (b"VERSION 0.7\nFIELDS x y z\n", "no DATA line"),
         "text.pcd": (b"hello world\n", "unknown entry 'hello world'"),
     }
-    for name, (content, pattern) in cases.items():
-        (tmp_path / name).write_bytes(content)
-        with pytest.raises(PointFileError, match=pattern) as err:
-            read_points(tmp_path / name)
-        assert name in str(err.value)
+    _assert_refused(tmp_path, cases)
 
 
 # --------------------------------------------------------------------------------------------
@@ -541,11 +546,7 @@ def test_ply_header_lies(tmp_path):
         "magic.ply": (b"PLY\n", "PLY magic"),
         "noend.ply": (b"ply\nformat ascii 1.0\nelement vertex 1\n", "no end_header"),
     }
-    for name, (content, pattern) in cases.items():
-        (tmp_path / name).write_bytes(content)
-        with pytest.raises(PointFileError, match=pattern) as err:
-            read_points(tmp_path / name)
-        assert name in str(err.value)
+    _assert_refused(tmp_path, cases)
 
 
 def test_pcd_ply_read_without_open3d(tmp_path, monkeypatch):

@@ -662,6 +662,17 @@ def _read_pcd(path: str, data: bytes) -> list[tuple[str, np.ndarray]]:
     raise PointFileError(path, f"PCD DATA {header['DATA'][0]!r}: expected ascii, binary or binary_compressed")
 
 
+def _check_row_widths(path: str, rows: list[list[str]], width: int, row_name: str, declared: str) -> None:
+    """Refuse ascii rows that do not hold ``width`` values, naming the first and how many differ."""
+    lengths = np.fromiter((len(r) for r in rows), dtype=np.int64, count=len(rows))
+    wrong = np.flatnonzero(lengths != width)
+    if len(wrong):
+        r = int(wrong[0])
+        raise PointFileError(
+            path, f"{row_name} {r:,} has {lengths[r]} values but {declared} {width} ({len(wrong):,} rows differ)"
+        )
+
+
 def _pcd_ascii(path: str, body: bytes, names, formats, points: int) -> list[tuple[str, np.ndarray]]:
     try:
         lines = body.decode("ascii").splitlines()
@@ -675,15 +686,7 @@ def _pcd_ascii(path: str, body: bytes, names, formats, points: int) -> list[tupl
         )
     width = sum(count for _, count in formats)
     rows = [line.split() for line in lines]
-    lengths = np.fromiter((len(r) for r in rows), dtype=np.int64, count=len(rows))
-    wrong = np.flatnonzero(lengths != width)
-    if len(wrong):
-        r = int(wrong[0])
-        raise PointFileError(
-            path,
-            f"PCD ascii row {r:,} has {lengths[r]} values but FIELDS/COUNT declare {width} "
-            f"({len(wrong):,} rows differ)",
-        )
+    _check_row_widths(path, rows, width, "PCD ascii row", "FIELDS/COUNT declare")
     flat = [token for row in rows for token in row]
     try:
         values = np.array(flat, dtype=np.float64).reshape(points, width)
@@ -1047,15 +1050,7 @@ def _ply_ascii(path: str, body: bytes, elements: list[_PlyElement], vertex: _Ply
             )
         if not element.has_lists:
             width = len(element.properties)
-            lengths = np.fromiter((len(r) for r in rows), np.int64, count=len(rows))
-            wrong = np.flatnonzero(lengths != width)
-            if len(wrong):
-                r = int(wrong[0])
-                raise PointFileError(
-                    path,
-                    f"PLY element {element.name!r} row {r:,} has {lengths[r]} values but its properties declare "
-                    f"{width} ({len(wrong):,} rows differ)",
-                )
+            _check_row_widths(path, rows, width, f"PLY element {element.name!r} row", "its properties declare")
             if element is vertex:
                 values = _ascii_numbers(path, element.name, rows).reshape(len(rows), width)
                 result = [
