@@ -22,8 +22,8 @@ class SparseDetector(nn.Module):
         head: ``(in_channels) -> CenterHeadBase``.
         class_names: names of the head's classes, in label order.
         point_convention: the point columns (and intensity scale) the model takes; raw point files
-            are converted to it (:func:`voxsparse.data.pointfile.conform`). Default: x, y, z and
-            intensity in [0, 1].
+            are converted to it (:func:`voxsparse.data.pointfile.conform`). Default: x, y, z,
+            intensity in [0, 1], then ``feature_4``, ... up to the voxel encoder's ``in_channels``.
     """
 
     def __init__(
@@ -36,8 +36,11 @@ class SparseDetector(nn.Module):
     ) -> None:
         super().__init__()
         self.class_names = tuple(class_names)
-        self.point_convention = point_convention or PointConvention()
         width = getattr(voxel_encoder, "in_channels", None)
+        if point_convention is None:  # configs that do not say: x, y, z, intensity, then generic columns
+            names = ("x", "y", "z", "intensity")[: width or 4] + tuple(f"feature_{i}" for i in range(4, width or 4))
+            point_convention = PointConvention(names)
+        self.point_convention = point_convention
         if width is not None and width != len(self.point_convention.features):
             raise ValueError(
                 f"point_convention.features: {list(self.point_convention.features)} name "
