@@ -247,6 +247,7 @@ class Trainer:
                 torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
             self.scaler.step(self.optimizer)
             self.scaler.update()
+            lr = self.scheduler.get_last_lr()[0]  # the rate this step used
             self.scheduler.step()
             self.step += 1
             bar.set_postfix({short: f"{values[n]:.3f}" for n, short in _SHORT.items() if n in values}, refresh=False)
@@ -254,7 +255,6 @@ class Trainer:
                 now = time.perf_counter()
                 rate = (self.step - window_step) / max(now - window_start, 1e-9)
                 window_start, window_step = now, self.step
-                lr = self.scheduler.get_last_lr()[0]
                 if self.info.is_main:
                     self._log_step(i + 1, steps_per_epoch, values, lr, rate)
                 if self.writer is not None:
