@@ -13,8 +13,8 @@ NUSCENES_DEVKIT = "nuscenes-devkit==1.2.0"
 NUSCENES_TRACKING = ["motmetrics==1.4.0", "pandas>=1.5,<3"]
 
 # The sparse backend is an extra so a CUDA user can pick the wheel matching their toolkit.
-# `cpu` also pins the CPU torch build: an unpinned torch on a fresh Linux machine pulls a
-# multi-GB CUDA build.
+# `cpu` also pins torch 2.13.0, whose CPU build pip takes where a CPU wheel is offered (a local
+# wheel, PyTorch's CPU index); an unpinned torch would upgrade a user's own build.
 EXTRAS = {
     "cpu": ["torch==2.13.0", "spconv==2.3.8"],
     "cu120": ["spconv-cu120==2.3.8"],
