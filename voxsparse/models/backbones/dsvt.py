@@ -50,7 +50,7 @@ from voxsparse.models.backbones.dsvt_partition import (
     pooling_partition,
     stage_partition,
 )
-from voxsparse.models.backbones.voxelnext import sparse_conv_block
+from voxsparse.models.layers import sparse_conv_block
 from voxsparse.ops.sparse_backend import SparseConvTensor, spnn
 from voxsparse.ops.sparse_utils import merge_duplicates
 from voxsparse.structures import SparseBEV, SparseVoxels

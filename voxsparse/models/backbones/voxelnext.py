@@ -18,32 +18,12 @@ import torch
 from torch import nn
 
 from voxsparse.models.fusion import fuse_conv_bn
-from voxsparse.models.layers import batch_norm_1d
+from voxsparse.models.layers import batch_norm_1d, sparse_conv_block
 from voxsparse.ops.sparse_backend import SparseConvTensor, spnn
 from voxsparse.ops.sparse_plan import ConvPairs, IndexStream, plan_indices, run_conv, run_features
 from voxsparse.ops.sparse_plan import supported as index_first_supported
 from voxsparse.ops.sparse_utils import sum_rows, unique_coords
 from voxsparse.structures import SparseBEV, SparseVoxels, VoxelGrid
-
-
-def _norm_act(channels: int) -> list[nn.Module]:
-    return [batch_norm_1d(channels), nn.ReLU(inplace=True)]
-
-
-def sparse_conv_block(
-    in_channels: int, out_channels: int, kernel_size: int, stride: int = 1, indice_key: str | None = None,
-    subm: bool = True, dims: int = 3,
-) -> nn.Module:
-    """Sparse conv (submanifold when ``subm``, else regular with ``stride``) + BatchNorm + ReLU."""
-    if subm:
-        conv_cls = spnn.SubMConv3d if dims == 3 else spnn.SubMConv2d
-        conv = conv_cls(in_channels, out_channels, kernel_size, padding=kernel_size // 2, bias=False,
-                        indice_key=indice_key)
-    else:
-        conv_cls = spnn.SparseConv3d if dims == 3 else spnn.SparseConv2d
-        conv = conv_cls(in_channels, out_channels, kernel_size, stride=stride, padding=kernel_size // 2,
-                        bias=False, indice_key=indice_key)
-    return spnn.SparseSequential(conv, *_norm_act(out_channels))
 
 
 class SparseBasicBlock(spnn.SparseModule):

@@ -17,9 +17,9 @@ class SparseDetector(nn.Module):
     ``in_channels`` from the stage before, so a config never repeats a channel count.
 
     Args:
-        voxel_encoder: module ``PointBatch -> SparseVoxels`` with ``out_channels``.
-        backbone: ``(in_channels) -> module SparseVoxels -> SparseBEV`` with ``out_channels``.
-        head: ``(in_channels) -> CenterHeadBase``.
+        voxel_encoder: a :class:`~voxsparse.models.contracts.VoxelEncoder`.
+        backbone: ``(in_channels) ->`` a :class:`~voxsparse.models.contracts.Backbone`.
+        head: ``(in_channels, num_classes) ->`` a :class:`~voxsparse.models.contracts.Head`.
         class_names: names of the head's classes, in label order.
         point_convention: the point columns (and intensity scale) the model takes; raw point files
             are converted to it (:func:`voxsparse.data.pointfile.conform`). Default: x, y, z,

@@ -31,8 +31,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from voxsparse.constants import KEYPOINT_NAMES
-from voxsparse.models.backbones.voxelnext import sparse_conv_block
 from voxsparse.models.heads.center_head import CenterHeadBase, CenterPredictions
+from voxsparse.models.layers import sparse_conv_block
 from voxsparse.models.voxelkp.structures import KeypointDetections3D
 from voxsparse.ops.sparse_backend import SparseConvTensor, spnn
 from voxsparse.structures import Annotations3D, SparseBEV

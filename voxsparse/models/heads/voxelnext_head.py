@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from torch import nn
 
-from voxsparse.models.backbones.voxelnext import sparse_conv_block
 from voxsparse.models.heads.center_head import CenterHeadBase, CenterPredictions, init_heatmap_bias
+from voxsparse.models.layers import sparse_conv_block
 from voxsparse.ops.sparse_backend import SparseConvTensor, spnn
 from voxsparse.structures import SparseBEV
 

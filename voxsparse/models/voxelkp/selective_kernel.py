@@ -20,8 +20,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from voxsparse.models.backbones.voxelnext import sparse_conv_block
-from voxsparse.models.layers import batch_norm_1d
+from voxsparse.models.layers import batch_norm_1d, sparse_conv_block
 from voxsparse.ops.sparse_backend import SparseConvTensor, spnn
 
 
