@@ -175,7 +175,7 @@ def test_missing_protos_raise_the_install_hint(tmp_path, monkeypatch):
 
 def small_lasers():
     """Waymo's five LiDARs with smaller range images: TOP 48 x 1200 with explicit beams, 40 x 200 sides."""
-    from voxsparse.data.waymo.writer import waymo_lasers
+    from waymo_writer import waymo_lasers
 
     return waymo_lasers(top=(48, 1200), side=(40, 200))
 
@@ -219,7 +219,7 @@ def segment(tmp_path_factory):
     """A TFRecord of three frames: two labelled street frames and one with no labels."""
     if dataset_pb2 is None:
         pytest.skip(INSTALL_HINT)
-    from voxsparse.data.waymo.writer import build_frame, example_frame_spec, write_frames
+    from waymo_writer import build_frame, example_frame_spec, write_frames
 
     specs = [
         example_frame_spec(seed, small_lasers(), 1_550_000_000_000_000 + 100_000 * seed) for seed in (0, 1)
@@ -430,7 +430,7 @@ def test_prepare_data_waymo_reads_back_the_decoded_frames(tmp_path):
     import prepare_data
 
     from voxsparse.data.prepared import PreparedDataset
-    from voxsparse.data.waymo.writer import build_frame, example_frame_spec, waymo_lasers, write_frames
+    from waymo_writer import build_frame, example_frame_spec, waymo_lasers, write_frames
 
     lasers = waymo_lasers(top=(32, 600), side=(16, 100))
     segments = {"segment-a": (0, 1), "segment-b": (2,)}
