@@ -61,9 +61,9 @@ def measure_interleaved(
 ) -> dict[str, Timing]:
     """Time several callables in alternation, ``per_round`` calls of each per round.
 
-    Comparisons on the lent GPUs only hold within one process and one stretch of time (machines
-    drift by tens of percent), so A and B take turns: A A A A, B B B B, A A A A, ... Each one's peak
-    memory is taken over its own calls only.
+    GPU timings only compare within one process and one stretch of time (hosts with the same GPU
+    differ, and one host drifts, by tens of percent), so A and B take turns: A A A A, B B B B,
+    A A A A, ... Each one's peak memory is taken over its own calls only.
     """
     cuda = device.type == "cuda"
     for fn in fns.values():
