@@ -1,9 +1,10 @@
-"""tools/openpcdet_ref.py: the pure-torch ``ingroup_inds`` against brute force, and OpenPCDet's DSVT
-beside ours (only where ``VOXSPARSE_OPENPCDET`` names an OpenPCDet checkout)."""
+"""voxsparse.benchmark.openpcdet: the pure-torch ``ingroup_inds`` against brute force; OpenPCDet's DSVT
+beside ours and ``tools/openpcdet_ref.py`` end to end (only where ``VOXSPARSE_OPENPCDET`` names an
+OpenPCDet checkout)."""
 
 from __future__ import annotations
 
-import importlib.util
+import json
 import os
 import sys
 from pathlib import Path
@@ -13,13 +14,11 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
+from tool_runs import ROOT, run_tool
 
+from voxsparse.benchmark import openpcdet as ref
+from voxsparse.benchmark.compare import Alternation, compare_dsvt
 from voxsparse.structures import SparseVoxels
-
-MAIN = Path(__file__).resolve().parents[2]
-_spec = importlib.util.spec_from_file_location("openpcdet_ref", MAIN / "tools/openpcdet_ref.py")
-ref = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(ref)
 
 
 def _brute_force(ids: np.ndarray) -> np.ndarray:
@@ -67,7 +66,7 @@ def openpcdet_root() -> Path:
 def ours_and_voxels():
     """Our dsvt_voxel_waymo backbone and 1,500 voxels in one 60 x 60 x 32 corner of its grid (a few
     dozen per window, so windows hold several sets)."""
-    with initialize_config_dir(str(MAIN / "configs"), version_base="1.3"):
+    with initialize_config_dir(str(ROOT / "configs"), version_base="1.3"):
         cfg = compose(overrides=["+model=dsvt_voxel_waymo"]).model
     grid = instantiate(cfg.voxel_encoder.grid)
     torch.manual_seed(0)
@@ -119,10 +118,24 @@ def test_openpcdet_sets_do_not_depend_on_ingroup_order(openpcdet_root, ours_and_
 
 def test_compare_dsvt(openpcdet_root, ours_and_voxels):
     ours, voxels = ours_and_voxels
-    result = ref.compare_dsvt(ours, voxels, openpcdet_root, torch.device("cpu"), rounds=1, per_round=1, warmup=0,
-                              train=True)
+    result = compare_dsvt(ours, voxels, openpcdet_root, torch.device("cpu"), Alternation(rounds=1, per_round=1, warmup=0),
+                          train=True)
     assert result["same_pillars"] and result["ours_bev_cells"] == result["openpcdet_pillars"]
     assert result["ours_backbone_parameters"] - result["ours_input_projection_parameters"] \
         == result["openpcdet_backbone_parameters"]
     assert set(result["timings"]) == {"ours fp32", "OpenPCDet fp32", "ours fwd+bwd fp32", "OpenPCDet fwd+bwd fp32"}
     assert not ours.training
+
+
+def test_openpcdet_ref_tool(openpcdet_root, tmp_path):
+    """The tool end to end on the CPU: its JSON on stdout and in --json, the same pillars as ours."""
+    out = tmp_path / "ref.json"
+    run = run_tool("openpcdet_ref", str(openpcdet_root), "--voxels", "1500", "--device", "cpu", "--rounds", "1",
+                   "--per-round", "1", "--warmup", "0", "--json", str(out), timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    result = json.loads(run.stdout)
+    assert result == json.loads(out.read_text())
+    assert result["voxels"] == 1500 and result["same_pillars"]
+    assert result["openpcdet_backbone_parameters"] == 3_133_824
+    assert list(result["timings"]) == ["ours fp32", "OpenPCDet fp32"]
+    assert result["timings"]["ours fp32"]["repeats"] == 1

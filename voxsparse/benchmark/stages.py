@@ -1,0 +1,107 @@
+"""A detector's stages timed one by one on one input, and a profiler trace of its backbone."""
+
+from __future__ import annotations
+
+from contextlib import AbstractContextManager
+from pathlib import Path
+
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
+from torch import nn
+
+from voxsparse.benchmark.inputs import dummy_annotations
+from voxsparse.engine.cli import CONFIG_DIR
+from voxsparse.models.detectors.sparse_detector import SparseDetector
+from voxsparse.structures import PointBatch, SparseBEV, SparseVoxels
+from voxsparse.utils.timing import Timing, measure
+
+#: The row of :func:`time_training` whose median gives the training throughput.
+TRAIN_STEP = "train step (loss + backward)"
+
+
+def build_model(name: str) -> SparseDetector:
+    """Instantiate ``configs/model/<name>.yaml`` with the synthetic dataset's classes."""
+    with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose("train", overrides=[f"model={name}"])
+    return instantiate(cfg.model)
+
+
+def count_parameters(module: nn.Module) -> int:
+    """Number of parameter elements of ``module``."""
+    return sum(p.numel() for p in module.parameters())
+
+
+def time_inference(
+    model: SparseDetector, points: PointBatch, amp: AbstractContextManager, repeats: int, warmup: int
+) -> tuple[dict[str, Timing], SparseVoxels, SparseBEV]:
+    """Each stage of ``model`` (in eval mode) on its own input, then ``predict`` end to end, without grad.
+
+    Returns:
+        Timings of the rows "voxelize + VFE", "backbone", "head", "decode", "end to end"; the voxels
+        and BEV cells of ``points``.
+    """
+    device = points.points.device
+    timings: dict[str, Timing] = {}
+    with torch.no_grad(), amp:
+        voxels = model.voxel_encoder(points)
+        bev = model.backbone(voxels)
+        preds = model.head(bev)
+        timings["voxelize + VFE"] = measure(lambda: model.voxel_encoder(points), device, repeats, warmup)
+        timings["backbone"] = measure(lambda: model.backbone(voxels), device, repeats, warmup)
+        timings["head"] = measure(lambda: model.head(bev), device, repeats, warmup)
+        timings["decode"] = measure(lambda: model.head.decode(preds), device, repeats, warmup)
+        timings["end to end"] = measure(lambda: model.predict(points), device, repeats, warmup)
+    return timings, voxels, bev
+
+
+def time_training(
+    model: SparseDetector, points: PointBatch, voxels: SparseVoxels, amp: AbstractContextManager,
+    use_amp: bool, repeats: int, warmup: int,
+) -> dict[str, Timing]:
+    """The backbone's forward + backward and a whole training step (loss against one dummy box per
+    frame, backward with a gradient scaler enabled by ``use_amp``); ``model`` is left in eval mode.
+
+    Returns:
+        Timings of the rows "backbone fwd+bwd" and :data:`TRAIN_STEP`.
+    """
+    device = points.points.device
+    model.train()
+    annotations = [dummy_annotations(device)] * points.batch_size
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+
+    def backbone_step() -> None:
+        with amp:
+            bev = model.backbone(voxels)
+        bev.features.float().sum().backward()
+        model.zero_grad(set_to_none=True)
+
+    def step() -> None:
+        with amp:
+            preds = model(points)
+        loss = model.head.loss(preds, annotations).total
+        scaler.scale(loss).backward()
+        model.zero_grad(set_to_none=True)
+
+    timings = {
+        "backbone fwd+bwd": measure(backbone_step, device, repeats, warmup),
+        TRAIN_STEP: measure(step, device, repeats, warmup),
+    }
+    model.eval()
+    return timings
+
+
+def profile_backbone(model: SparseDetector, voxels: SparseVoxels, amp: AbstractContextManager, out_dir: Path) -> None:
+    """torch.profiler over five backbone forwards: a kernel table and a Chrome trace in ``out_dir``."""
+    from torch.profiler import ProfilerActivity, profile
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if voxels.features.is_cuda else [])
+    with torch.no_grad(), amp, profile(activities=activities, record_shapes=False) as prof:
+        for _ in range(5):
+            model.backbone(voxels)
+        if voxels.features.is_cuda:
+            torch.cuda.synchronize()
+    sort = "cuda_time_total" if voxels.features.is_cuda else "cpu_time_total"
+    (out_dir / "backbone_profile.txt").write_text(prof.key_averages().table(sort_by=sort, row_limit=60))
+    prof.export_chrome_trace(str(out_dir / "backbone_trace.json"))
