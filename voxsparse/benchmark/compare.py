@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from voxsparse.benchmark.openpcdet import OpenPCDetVoxelNeXt, build_openpcdet_dsvt, load_openpcdet_voxelnext
-from voxsparse.benchmark.stages import count_parameters
+from voxsparse.benchmark.stages import count_parameters, fp16_autocast
 from voxsparse.models.backbones.dsvt import DSVTBackbone
 from voxsparse.models.detectors.sparse_detector import SparseDetector
 from voxsparse.models.fusion import fuse_for_inference
@@ -63,7 +63,7 @@ def _as_json(timings: dict[str, Timing]) -> dict[str, dict]:
 def _amp(fn: Callable[[], object]) -> Callable[[], object]:
     """``fn`` called under CUDA fp16 autocast."""
     def wrapped():
-        with torch.autocast("cuda", dtype=torch.float16):
+        with fp16_autocast(True):
             return fn()
     return wrapped
 
@@ -143,7 +143,7 @@ def compare_voxelnext(
 
         def step(fn, use_amp):
             def call():
-                with torch.autocast("cuda", dtype=torch.float16, enabled=use_amp):
+                with fp16_autocast(use_amp):
                     out = fn()
                 out.features.float().sum().backward()
             return call

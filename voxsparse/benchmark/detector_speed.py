@@ -74,12 +74,11 @@ def run_benchmark(options: BenchmarkOptions) -> dict:
     clouds = load_or_make_frames(options.input, options.batch, lambda: synthetic_frames(
         options.batch, model.grid, num_features, options.points, options.voxels))
     points = PointBatch.from_frames([c.to(device) for c in clouds])
-    use_amp = options.amp and device.type == "cuda"
-    amp = torch.autocast("cuda", dtype=torch.float16, enabled=use_amp)
+    amp = options.amp and device.type == "cuda"
 
     timings, voxels, bev = time_inference(model, points, amp, options.repeats, options.warmup)
     if options.train:
-        timings |= time_training(model, points, voxels, amp, use_amp, options.repeats, options.warmup)
+        timings |= time_training(model, points, voxels, amp, options.repeats, options.warmup)
     comparison = None
     if options.compare:
         alternation = Alternation.from_repeats(options.repeats, options.rounds, options.warmup)
@@ -92,7 +91,7 @@ def run_benchmark(options: BenchmarkOptions) -> dict:
         "backbone_parameters_M": round(count_parameters(model.backbone) / 1e6, 3),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
         "threads": torch.get_num_threads(),
-        "amp": bool(use_amp),
+        "amp": amp,
         "tf32": options.tf32,
         "batch": options.batch,
         "points": len(points.points),

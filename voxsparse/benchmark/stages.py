@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from contextlib import AbstractContextManager
 from pathlib import Path
 
 import torch
@@ -20,6 +19,11 @@ from voxsparse.utils.timing import Timing, measure
 TRAIN_STEP = "train step (loss + backward)"
 
 
+def fp16_autocast(enabled: bool) -> torch.autocast:
+    """CUDA float16 autocast, or a no-op when not ``enabled``."""
+    return torch.autocast("cuda", dtype=torch.float16, enabled=enabled)
+
+
 def build_model(name: str) -> SparseDetector:
     """Instantiate ``configs/model/<name>.yaml`` with the synthetic dataset's classes."""
     with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
@@ -33,9 +37,10 @@ def count_parameters(module: nn.Module) -> int:
 
 
 def time_inference(
-    model: SparseDetector, points: PointBatch, amp: AbstractContextManager, repeats: int, warmup: int
+    model: SparseDetector, points: PointBatch, amp: bool, repeats: int, warmup: int
 ) -> tuple[dict[str, Timing], SparseVoxels, SparseBEV]:
-    """Each stage of ``model`` (in eval mode) on its own input, then ``predict`` end to end, without grad.
+    """Each stage of ``model`` (in eval mode) on its own input, then ``predict`` end to end, without grad
+    (under CUDA fp16 autocast with ``amp``).
 
     Returns:
         Timings of the rows "voxelize + VFE", "backbone", "head", "decode", "end to end"; the voxels
@@ -43,7 +48,7 @@ def time_inference(
     """
     device = points.points.device
     timings: dict[str, Timing] = {}
-    with torch.no_grad(), amp:
+    with torch.no_grad(), fp16_autocast(amp):
         voxels = model.voxel_encoder(points)
         bev = model.backbone(voxels)
         preds = model.head(bev)
@@ -56,11 +61,11 @@ def time_inference(
 
 
 def time_training(
-    model: SparseDetector, points: PointBatch, voxels: SparseVoxels, amp: AbstractContextManager,
-    use_amp: bool, repeats: int, warmup: int,
+    model: SparseDetector, points: PointBatch, voxels: SparseVoxels, amp: bool, repeats: int, warmup: int
 ) -> dict[str, Timing]:
     """The backbone's forward + backward and a whole training step (loss against one dummy box per
-    frame, backward with a gradient scaler enabled by ``use_amp``); ``model`` is left in eval mode.
+    frame); with ``amp``, forwards under CUDA fp16 autocast and a gradient scaler. ``model`` is left in
+    eval mode.
 
     Returns:
         Timings of the rows "backbone fwd+bwd" and :data:`TRAIN_STEP`.
@@ -68,16 +73,16 @@ def time_training(
     device = points.points.device
     model.train()
     annotations = [dummy_annotations(device)] * points.batch_size
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+    scaler = torch.amp.GradScaler("cuda", enabled=amp)
 
     def backbone_step() -> None:
-        with amp:
+        with fp16_autocast(amp):
             bev = model.backbone(voxels)
         bev.features.float().sum().backward()
         model.zero_grad(set_to_none=True)
 
     def step() -> None:
-        with amp:
+        with fp16_autocast(amp):
             preds = model(points)
         loss = model.head.loss(preds, annotations).total
         scaler.scale(loss).backward()
@@ -91,13 +96,14 @@ def time_training(
     return timings
 
 
-def profile_backbone(model: SparseDetector, voxels: SparseVoxels, amp: AbstractContextManager, out_dir: Path) -> None:
-    """torch.profiler over five backbone forwards: a kernel table and a Chrome trace in ``out_dir``."""
+def profile_backbone(model: SparseDetector, voxels: SparseVoxels, amp: bool, out_dir: Path) -> None:
+    """torch.profiler over five backbone forwards (under CUDA fp16 autocast with ``amp``): a kernel table
+    and a Chrome trace in ``out_dir``."""
     from torch.profiler import ProfilerActivity, profile
 
     out_dir.mkdir(parents=True, exist_ok=True)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if voxels.features.is_cuda else [])
-    with torch.no_grad(), amp, profile(activities=activities, record_shapes=False) as prof:
+    with torch.no_grad(), fp16_autocast(amp), profile(activities=activities, record_shapes=False) as prof:
         for _ in range(5):
             model.backbone(voxels)
         if voxels.features.is_cuda:
