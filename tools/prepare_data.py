@@ -51,8 +51,13 @@ def _gt_splits(splits: Sequence[str], chosen: Sequence[str] | None) -> set[str]:
 
 
 def prepare_nuscenes(args: argparse.Namespace) -> list[PreparedIndex]:
-    from voxsparse.data.nuscenes import VERSION_SPLITS, load_nuscenes, plan_samples, sample_frames
-    from voxsparse.evaluation.nuscenes import NUSCENES_DETECTION_NAMES
+    from voxsparse.data.nuscenes import (
+        NUSCENES_DETECTION_NAMES,
+        VERSION_SPLITS,
+        load_nuscenes,
+        plan_samples,
+        sample_frames,
+    )
 
     splits = args.splits or VERSION_SPLITS.get(args.version)
     if not splits:

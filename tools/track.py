@@ -25,12 +25,12 @@ from omegaconf import DictConfig
 import voxsparse
 
 from voxsparse.data.dataset import DetectionDataset
+from voxsparse.data.nuscenes import lidar_to_global_from_nusc
 from voxsparse.engine.cli import tool
 from voxsparse.engine.config import check_types, parse_options
 from voxsparse.engine.distributed import init_distributed
 from voxsparse.engine.evaluate import report
 from voxsparse.engine.inference import DatasetPredictions, predict_dataset
-from voxsparse.evaluation.nuscenes import RigidTransform, lidar_to_global_from_nusc
 from voxsparse.evaluation.nuscenes_tracking import (
     SYNTHETIC_TO_NUSCENES,
     TrackingFrame,
@@ -40,6 +40,7 @@ from voxsparse.evaluation.nuscenes_tracking import (
     sequences_from_nusc,
     write_tracking_dataset,
 )
+from voxsparse.geometry import RigidTransform
 from voxsparse.models.trackers import TrackerConfig, VoxelNeXtTracker
 from voxsparse.structures import Detections3D
 

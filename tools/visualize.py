@@ -187,8 +187,8 @@ def _tracked(
     Tracking runs in the world frame of the frames' ``ego_pose`` (world-from-LiDAR, level) at their
     ``timestamp``; the tracks come back in each frame's LiDAR frame, where they are drawn.
     """
-    from voxsparse.evaluation.nuscenes import RigidTransform
     from voxsparse.evaluation.nuscenes_tracking import detections_to_global
+    from voxsparse.geometry import RigidTransform
     from voxsparse.models.trackers import TrackerConfig, VoxelNeXtTracker
 
     tracker, tracks, times = VoxelNeXtTracker(class_names, TrackerConfig(min_score=min_score)), [], []

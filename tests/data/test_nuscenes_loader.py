@@ -15,6 +15,7 @@ from scipy.spatial.transform import Rotation
 pytest.importorskip("nuscenes")
 
 from voxsparse.data.nuscenes import (
+    NUSCENES_DETECTION_NAMES,
     NUSCENES_POINT_FEATURES,
     ClassBalancedDataset,
     cbgs_indices,
@@ -24,7 +25,6 @@ from voxsparse.data.nuscenes import (
 )
 from voxsparse.data.nuscenes_tiny import TinyNuScenesSpec, TinyObject, TinyScene, write_tiny_nuscenes
 from voxsparse.data.pointfile import read_points
-from voxsparse.evaluation.nuscenes import NUSCENES_DETECTION_NAMES
 
 SWEEPS = 2  # sweeps between keyframes
 INTERVAL_US = 500_000

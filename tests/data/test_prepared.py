@@ -93,8 +93,7 @@ def clean(tiny, tmp_path_factory):
 
 
 def test_tool_output_reads_back_as_the_loader_frames(tiny, clean):
-    from voxsparse.data.nuscenes import load_nuscenes, load_sample, plan_samples
-    from voxsparse.evaluation.nuscenes import NUSCENES_DETECTION_NAMES
+    from voxsparse.data.nuscenes import NUSCENES_DETECTION_NAMES, load_nuscenes, load_sample, plan_samples
 
     nusc = load_nuscenes(tiny.dataroot, tiny.version)
     for split, scene in (("tiny_train", 0), ("tiny_val", 1)):

@@ -30,7 +30,7 @@ from voxsparse.data.waymo import (
 )
 from voxsparse.data.waymo import frame as frame_module
 from voxsparse.data.waymo.range_image import range_image_to_points, rotation_from_rpy, row_inclinations
-from voxsparse.ops.boxes import points_in_boxes
+from voxsparse.geometry import points_in_boxes
 
 try:
     from waymo_open_dataset import dataset_pb2

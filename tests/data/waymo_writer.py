@@ -37,7 +37,7 @@ from voxsparse.data.waymo.range_image import (
     row_inclinations,
 )
 from voxsparse.data.waymo.tfrecord import write_records
-from voxsparse.ops.boxes import points_in_boxes
+from voxsparse.geometry import points_in_boxes
 
 __all__ = [
     "FrameSpec",

@@ -20,6 +20,7 @@ from nuscenes.utils.data_classes import Box, LidarPointCloud
 from nuscenes.utils.geometry_utils import points_in_box
 from pyquaternion import Quaternion
 
+from voxsparse.data.nuscenes import NUSCENES_DETECTION_NAMES, lidar_to_global_from_nusc
 from voxsparse.data.nuscenes_tiny import (
     NUSCENES_ATTRIBUTES,
     TinyNuScenesSpec,
@@ -27,14 +28,8 @@ from voxsparse.data.nuscenes_tiny import (
     TinyScene,
     write_tiny_nuscenes,
 )
-from voxsparse.evaluation.nuscenes import (
-    NUSCENES_DETECTION_NAMES,
-    RigidTransform,
-    default_attribute,
-    evaluate_nuscenes,
-    export_submission,
-    lidar_to_global_from_nusc,
-)
+from voxsparse.evaluation.nuscenes import default_attribute, evaluate_nuscenes, export_submission
+from voxsparse.geometry import RigidTransform
 from voxsparse.structures import Boxes3D, Detections3D
 
 CLASSES = NUSCENES_DETECTION_NAMES

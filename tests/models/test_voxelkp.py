@@ -11,13 +11,14 @@ from voxsparse.constants import KEYPOINT_NAMES
 from voxsparse.data.dataset import DetectionDataset
 from voxsparse.data.sample import Sample, collate
 from voxsparse.data.synthetic import SyntheticDataset
-from voxsparse.evaluation.keypoints import evaluate_keypoints
-from voxsparse.models.backbones.voxelnext import SparseLevel, VoxelNeXtBackbone, project_to_bev
-from voxsparse.models.detectors.keypoint_detector import (
-    KeypointDetector,
+from voxsparse.evaluation.keypoints import (
+    evaluate_keypoints,
     keypoint_ground_truth_for_eval,
     keypoint_predictions_for_eval,
 )
+from voxsparse.geometry import points_in_boxes
+from voxsparse.models.backbones.voxelnext import SparseLevel, VoxelNeXtBackbone, project_to_bev
+from voxsparse.models.detectors.keypoint_detector import KeypointDetector
 from voxsparse.models.heads.keypoint_head import KeypointHead, KeypointPredictions
 from voxsparse.models.heads.voxelnext_head import VoxelNeXtHead
 from voxsparse.models.voxel_encoders import MeanVFE
@@ -32,7 +33,6 @@ from voxsparse.models.voxelkp.hybrid import HybridBlock
 from voxsparse.models.voxelkp.selective_kernel import SelectiveKernelBlock, SelectiveKernelConv
 from voxsparse.models.voxelkp.spatial_encoding import SpatialEncoding
 from voxsparse.models.voxelkp.structures import KeypointDetections3D
-from voxsparse.ops.boxes import points_in_boxes
 from voxsparse.ops.sparse_backend import SparseConvTensor, spnn
 from voxsparse.structures import Annotations3D, Boxes3D, PointBatch, SparseBEV, SparseVoxels, VoxelGrid
 

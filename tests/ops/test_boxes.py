@@ -7,6 +7,7 @@ import shapely
 import shapely.affinity
 import torch
 
+from voxsparse.geometry import limit_period, points_in_boxes
 from voxsparse.ops import boxes as box_ops
 from voxsparse.ops.boxes import (
     bev_iou,
@@ -15,8 +16,6 @@ from voxsparse.ops.boxes import (
     boxes_to_corners_bev,
     iou_3d,
     iou_3d_aligned,
-    limit_period,
-    points_in_boxes,
 )
 
 torch.set_num_threads(2)

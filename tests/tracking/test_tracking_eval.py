@@ -10,13 +10,13 @@ pytest.importorskip("motmetrics")
 from tracking_sequences import make_sequences, perfect_detections, score_tracks
 
 from voxsparse.constants import CLASS_NAMES
-from voxsparse.evaluation.nuscenes import RigidTransform
 from voxsparse.evaluation.nuscenes_tracking import (
     evaluate_nuscenes_tracking,
     export_tracking_submission,
     sequences_from_nusc,
     write_tracking_dataset,
 )
+from voxsparse.geometry import RigidTransform
 from voxsparse.structures import Boxes3D, Detections3D
 
 

@@ -8,7 +8,6 @@ import numpy as np
 import torch
 
 from voxsparse.constants import CLASS_NAMES
-from voxsparse.evaluation.nuscenes import RigidTransform
 from voxsparse.evaluation.nuscenes_tracking import (
     SYNTHETIC_TO_NUSCENES,
     TrackingFrame,
@@ -17,6 +16,7 @@ from voxsparse.evaluation.nuscenes_tracking import (
     export_tracking_submission,
     write_tracking_dataset,
 )
+from voxsparse.geometry import RigidTransform
 from voxsparse.models.trackers import TrackerConfig, VoxelNeXtTracker
 from voxsparse.structures import Annotations3D, Boxes3D, Detections3D
 

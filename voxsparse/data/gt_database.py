@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from voxsparse.ops.boxes import points_in_boxes
+from voxsparse.geometry import points_in_boxes
 from voxsparse.utils.io import atomic_write
 
 __all__ = ["GTDatabase", "GTPart", "cut_objects", "merge_parts", "read_part", "write_part"]

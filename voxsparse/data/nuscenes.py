@@ -44,20 +44,37 @@ from torch.utils.data import Dataset
 
 from voxsparse.data.pointfile import read_points
 from voxsparse.data.prepared import PreparedFrame
-from voxsparse.evaluation.nuscenes import NUSCENES_DETECTION_NAMES, RigidTransform, lidar_to_global_from_nusc
+from voxsparse.geometry import RigidTransform, wrap_angle
 
 __all__ = [
+    "NUSCENES_DETECTION_NAMES",
     "NUSCENES_POINT_FEATURES",
     "VERSION_SPLITS",
     "ClassBalancedDataset",
     "LidarScan",
     "NuScenesSample",
     "cbgs_indices",
+    "lidar_to_global_from_nusc",
     "load_nuscenes",
     "load_sample",
     "plan_samples",
     "sample_frames",
 ]
+
+#: The ten classes of the nuScenes detection challenge, in the devkit's order; label ``i`` is
+#: ``NUSCENES_DETECTION_NAMES[i]``.
+NUSCENES_DETECTION_NAMES: tuple[str, ...] = (
+    "car",
+    "truck",
+    "bus",
+    "trailer",
+    "construction_vehicle",
+    "pedestrian",
+    "motorcycle",
+    "bicycle",
+    "traffic_cone",
+    "barrier",
+)
 
 NUSCENES_POINT_FEATURES: tuple[str, ...] = ("x", "y", "z", "intensity", "time_lag")
 
@@ -121,11 +138,31 @@ class NuScenesSample:
 
 
 def _sensor_to_global(nusc: Any, sample_data: dict) -> RigidTransform:
+    """Sensor-to-global transform of a sample_data record (ego_pose @ calibrated_sensor)."""
     cs = nusc.get("calibrated_sensor", sample_data["calibrated_sensor_token"])
     ego = nusc.get("ego_pose", sample_data["ego_pose_token"])
     return RigidTransform(ego["rotation"], ego["translation"]) @ RigidTransform(
         cs["rotation"], cs["translation"]
     )
+
+
+def lidar_to_global_from_nusc(
+    nusc: Any, sample_tokens: Sequence[str] | None = None
+) -> dict[str, RigidTransform]:
+    """LIDAR_TOP-to-global transform of each sample's keyframe (ego_pose @ calibrated_sensor).
+
+    The frame of a loaded sample's points and boxes, and the one its detections are exported from
+    (:func:`voxsparse.evaluation.nuscenes.export_submission`).
+
+    Args:
+        nusc: a loaded ``nuscenes.NuScenes``.
+        sample_tokens: samples to look up; all samples when None.
+    """
+    tokens = [s["token"] for s in nusc.sample] if sample_tokens is None else sample_tokens
+    return {
+        token: _sensor_to_global(nusc, nusc.get("sample_data", nusc.get("sample", token)["data"]["LIDAR_TOP"]))
+        for token in tokens
+    }
 
 
 def _boxes(nusc: Any, sample: dict, global_to_lidar: RigidTransform) -> tuple[np.ndarray, ...]:
@@ -150,7 +187,7 @@ def _boxes(nusc: Any, sample: dict, global_to_lidar: RigidTransform) -> tuple[np
         track_ids.append(nusc.getind("instance", ann["instance_token"]))
     boxes = np.asarray(rows, dtype=np.float64).reshape(-1, 9)
     # Heading in [-pi, pi): atan2 may return +pi.
-    boxes[:, 6] = (boxes[:, 6] + math.pi) % (2 * math.pi) - math.pi
+    boxes[:, 6] = wrap_angle(boxes[:, 6])
     return (
         boxes.astype(np.float32),
         np.asarray(labels, dtype=np.int64),

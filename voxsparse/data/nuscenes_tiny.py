@@ -36,8 +36,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from voxsparse.evaluation.nuscenes import RigidTransform
-from voxsparse.ops.boxes import points_in_boxes
+from voxsparse.geometry import RigidTransform, points_in_boxes
 from voxsparse.utils.io import atomic_write
 
 __all__ = [

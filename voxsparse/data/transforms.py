@@ -19,7 +19,8 @@ from voxsparse.constants import KEYPOINT_NAMES
 from voxsparse.data.gt_database import GTDatabase
 from voxsparse.data.prepared import column_indices
 from voxsparse.data.sample import Sample
-from voxsparse.ops.boxes import bev_iou, limit_period, points_in_boxes
+from voxsparse.geometry import limit_period, points_in_boxes
+from voxsparse.ops.boxes import bev_iou
 from voxsparse.structures import Annotations3D, Boxes3D
 
 # Index permutation that swaps left and right keypoints, for mirroring.

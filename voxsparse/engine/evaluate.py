@@ -87,7 +87,8 @@ def _nuscenes_suite(predictions: DatasetPredictions, dataset: Mapping) -> SuiteR
     tokens, and the dataset config names the raw dataset (``raw_root``, ``version``, ``val_split``)."""
     from nuscenes import NuScenes
 
-    from voxsparse.evaluation.nuscenes import evaluate_nuscenes, export_submission, lidar_to_global_from_nusc
+    from voxsparse.data.nuscenes import lidar_to_global_from_nusc
+    from voxsparse.evaluation.nuscenes import evaluate_nuscenes, export_submission
 
     nusc = NuScenes(version=dataset["version"], dataroot=str(dataset["raw_root"]), verbose=False)
     tokens = list(predictions.frame_ids)
@@ -171,8 +172,8 @@ def score_model_predictions(
     result = metric_suite(dataset)(in_dataset_order(predictions, class_names, dataset["class_names"], source), dataset)
     if keypoint_labels is None:
         return result
-    from voxsparse.evaluation.keypoints import evaluate_keypoints
-    from voxsparse.models.detectors.keypoint_detector import (
+    from voxsparse.evaluation.keypoints import (
+        evaluate_keypoints,
         keypoint_ground_truth_for_eval,
         keypoint_predictions_for_eval,
     )

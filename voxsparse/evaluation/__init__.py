@@ -7,8 +7,6 @@ from voxsparse.evaluation.keypoints import (  # noqa: F401
 )
 from voxsparse.evaluation.nuscenes import (  # noqa: F401
     NuScenesMetrics,
-    RigidTransform,
     evaluate_nuscenes,
     export_submission,
-    lidar_to_global_from_nusc,
 )

@@ -81,7 +81,8 @@ from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
 from voxsparse.constants import CLASS_NAMES
-from voxsparse.ops.boxes import bev_iou_aligned, iou_3d_aligned, limit_period
+from voxsparse.geometry import limit_period
+from voxsparse.ops.boxes import bev_iou_aligned, iou_3d_aligned
 
 __all__ = [
     "RANGE_BREAKS",

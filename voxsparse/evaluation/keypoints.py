@@ -41,6 +41,10 @@ Metrics, pooled over all frames:
   ranked AP: scores play no part and FPs do not lower it (Waymo gives their padded GT a zero box,
   which weighs 0); FPs are charged in PEM instead. Waymo's Keras metric averages ``P@t`` per
   ``update_state`` call; pooling all GTv of all frames equals one call with all of them.
+
+A keypoint detector's output (:class:`~voxsparse.models.voxelkp.structures.KeypointDetections3D`) and
+the ground truth (``Annotations3D``) become these inputs through :func:`keypoint_predictions_for_eval`
+and :func:`keypoint_ground_truth_for_eval`.
 """
 
 from __future__ import annotations
@@ -55,6 +59,8 @@ import torch
 from scipy.optimize import linear_sum_assignment
 
 from voxsparse.constants import KEYPOINT_NAMES
+from voxsparse.models.voxelkp.structures import KeypointDetections3D
+from voxsparse.structures import Annotations3D
 from voxsparse.structures._validation import check_tensor
 
 __all__ = [
@@ -66,6 +72,8 @@ __all__ = [
     "HumanMatch",
     "KeypointMetrics",
     "evaluate_keypoints",
+    "keypoint_ground_truth_for_eval",
+    "keypoint_predictions_for_eval",
     "match_humans",
 ]
 
@@ -385,3 +393,60 @@ def evaluate_keypoints(
         num_tp_keypoints=num_tp_keypoints,
         num_mismatched_keypoints=num_mismatched,
     )
+
+
+def keypoint_predictions_for_eval(
+    detections: Sequence[KeypointDetections3D],
+    keypoint_labels: Sequence[int],
+    score_threshold: float = 0.3,
+    visibility_threshold: float = 0.5,
+) -> list[FrameKeypointPredictions]:
+    """Predicted humans of each frame, as input to :func:`evaluate_keypoints`.
+
+    A detection is a predicted human when its label is one of ``keypoint_labels`` and its score is at
+    least ``score_threshold`` (Waymo's keypoint metrics do not rank by score: PEM charges every
+    predicted human that matches no one, so a threshold is part of the prediction); a keypoint is
+    claimed visible when its visibility probability is at least ``visibility_threshold``.
+
+    Args:
+        detections: one per frame, from
+            :meth:`voxsparse.models.detectors.keypoint_detector.KeypointDetector.predict`.
+        keypoint_labels: e.g. ``model.keypoint_labels``.
+    """
+    labels = torch.as_tensor(list(keypoint_labels), dtype=torch.int64)
+    frames = []
+    for f, det in enumerate(detections):
+        if not isinstance(det, KeypointDetections3D):
+            raise TypeError(f"detections[{f}]: expected KeypointDetections3D, got {type(det).__name__}")
+        keep = torch.isin(det.labels.cpu(), labels) & (det.scores.cpu() >= score_threshold)
+        frames.append(
+            FrameKeypointPredictions(
+                keypoints=det.keypoints.cpu()[keep].float(),
+                visibility=det.keypoint_scores.cpu()[keep] >= visibility_threshold,
+            )
+        )
+    return frames
+
+
+def keypoint_ground_truth_for_eval(
+    annotations: Sequence[Annotations3D], keypoint_labels: Sequence[int]
+) -> list[FrameKeypointGroundTruth]:
+    """Ground-truth humans of each frame (boxes of ``keypoint_labels``) for ``evaluate_keypoints``.
+
+    A human without keypoint labels (``keypoints`` None, or no visible keypoint) enters as unlabelled
+    (Waymo's GTi): it absorbs a prediction on it without penalty and is never a false negative.
+    """
+    labels = torch.as_tensor(list(keypoint_labels), dtype=torch.int64)
+    frames = []
+    for ann in annotations:
+        human = torch.isin(ann.labels.cpu(), labels)
+        n = int(human.sum())
+        if ann.keypoints is None or ann.keypoint_visibility is None:
+            keypoints = torch.zeros(n, len(KEYPOINT_NAMES), 3)
+            visibility = torch.zeros(n, len(KEYPOINT_NAMES), dtype=torch.bool)
+        else:
+            keypoints = ann.keypoints.cpu()[human].float()
+            visibility = ann.keypoint_visibility.cpu()[human]
+        boxes = ann.boxes.tensor.cpu()[human, :7].float()
+        frames.append(FrameKeypointGroundTruth(keypoints, visibility, boxes))
+    return frames

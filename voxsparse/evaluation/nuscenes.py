@@ -35,34 +35,19 @@ from typing import Any
 
 import numpy as np
 
+from voxsparse.data.nuscenes import NUSCENES_DETECTION_NAMES
+from voxsparse.geometry import RigidTransform, quaternion_multiply, yaw_quaternion
 from voxsparse.structures import Detections3D
 from voxsparse.utils.io import atomic_write
 
 __all__ = [
-    "NUSCENES_DETECTION_NAMES",
     "NuScenesClassMetrics",
     "NuScenesMetrics",
-    "RigidTransform",
     "SubmissionMeta",
     "default_attribute",
     "evaluate_nuscenes",
     "export_submission",
-    "lidar_to_global_from_nusc",
 ]
-
-#: The ten classes of the nuScenes detection challenge, in the devkit's order.
-NUSCENES_DETECTION_NAMES: tuple[str, ...] = (
-    "car",
-    "truck",
-    "bus",
-    "trailer",
-    "construction_vehicle",
-    "pedestrian",
-    "motorcycle",
-    "bicycle",
-    "traffic_cone",
-    "barrier",
-)
 
 #: (attribute when moving, attribute when still) per class; "" where the class has no attribute.
 _ATTRIBUTES: Mapping[str, tuple[str, str]] = {
@@ -85,83 +70,6 @@ _TP_METRICS = (
     ("vel_err", "AVE"),
     ("attr_err", "AAE"),
 )
-
-
-def _quat_mul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Hamilton product of (..., 4) quaternions ``(w, x, y, z)``, broadcast over leading dims."""
-    aw, ax, ay, az = np.moveaxis(a, -1, 0)
-    bw, bx, by, bz = np.moveaxis(b, -1, 0)
-    return np.stack(
-        [
-            aw * bw - ax * bx - ay * by - az * bz,
-            aw * bx + ax * bw + ay * bz - az * by,
-            aw * by - ax * bz + ay * bw + az * bx,
-            aw * bz + ax * by - ay * bx + az * bw,
-        ],
-        axis=-1,
-    )
-
-
-def _yaw_quat(yaw: np.ndarray) -> np.ndarray:
-    """(..., 4) quaternions of rotations by ``yaw`` (radians) about +z."""
-    half = 0.5 * np.asarray(yaw, dtype=np.float64)
-    zeros = np.zeros_like(half)
-    return np.stack([np.cos(half), zeros, zeros, np.sin(half)], axis=-1)
-
-
-@dataclass(frozen=True)
-class RigidTransform:
-    """A rotation then a translation: ``p_out = R @ p_in + translation``.
-
-    Attributes:
-        rotation: unit quaternion ``(w, x, y, z)`` (nuScenes' order), normalised on construction.
-        translation: (3,) metres.
-    """
-
-    rotation: tuple[float, float, float, float]
-    translation: tuple[float, float, float]
-
-    def __post_init__(self) -> None:
-        q = np.asarray(self.rotation, dtype=np.float64)
-        t = np.asarray(self.translation, dtype=np.float64)
-        if q.shape != (4,) or not np.isfinite(q).all() or abs(np.linalg.norm(q) - 1.0) > 1e-3:
-            raise ValueError(
-                f"RigidTransform.rotation: expected a unit quaternion (w, x, y, z), got {self.rotation}"
-            )
-        if t.shape != (3,) or not np.isfinite(t).all():
-            raise ValueError(f"RigidTransform.translation: expected 3 finite floats, got {self.translation}")
-        object.__setattr__(self, "rotation", tuple(float(v) for v in q / np.linalg.norm(q)))
-        object.__setattr__(self, "translation", tuple(float(v) for v in t))
-
-    @classmethod
-    def from_yaw(cls, yaw: float, translation: Sequence[float] = (0.0, 0.0, 0.0)) -> RigidTransform:
-        """A rotation by ``yaw`` radians about +z, then ``translation``."""
-        return cls(tuple(_yaw_quat(yaw)), tuple(translation))
-
-    def matrix(self) -> np.ndarray:
-        """(3, 3) float64 rotation matrix."""
-        w, x, y, z = self.rotation
-        return np.array(
-            [
-                [1 - 2 * (y * y + z * z), 2 * (x * y - w * z), 2 * (x * z + w * y)],
-                [2 * (x * y + w * z), 1 - 2 * (x * x + z * z), 2 * (y * z - w * x)],
-                [2 * (x * z - w * y), 2 * (y * z + w * x), 1 - 2 * (x * x + y * y)],
-            ]
-        )
-
-    def apply(self, points: np.ndarray) -> np.ndarray:
-        """Transform (N, 3) points; returns (N, 3) float64."""
-        return np.asarray(points, dtype=np.float64) @ self.matrix().T + np.asarray(self.translation)
-
-    def __matmul__(self, other: RigidTransform) -> RigidTransform:
-        """``(self @ other).apply(p) == self.apply(other.apply(p))``."""
-        rotation = _quat_mul(np.asarray(self.rotation), np.asarray(other.rotation))
-        translation = self.matrix() @ np.asarray(other.translation) + np.asarray(self.translation)
-        return RigidTransform(tuple(rotation), tuple(translation))
-
-    def inverse(self) -> RigidTransform:
-        w, x, y, z = self.rotation
-        return RigidTransform((w, -x, -y, -z), tuple(-(self.matrix().T @ np.asarray(self.translation))))
 
 
 @dataclass(frozen=True)
@@ -188,27 +96,6 @@ def default_attribute(detection_name: str, speed: float, moving_threshold: float
         )
     moving, still = _ATTRIBUTES[detection_name]
     return moving if speed > moving_threshold else still
-
-
-def lidar_to_global_from_nusc(
-    nusc: Any, sample_tokens: Sequence[str] | None = None
-) -> dict[str, RigidTransform]:
-    """LIDAR_TOP-to-global transform of each sample's keyframe (ego_pose @ calibrated_sensor).
-
-    Args:
-        nusc: a loaded ``nuscenes.NuScenes``.
-        sample_tokens: samples to look up; all samples when None.
-    """
-    tokens = [s["token"] for s in nusc.sample] if sample_tokens is None else sample_tokens
-    out = {}
-    for token in tokens:
-        lidar = nusc.get("sample_data", nusc.get("sample", token)["data"]["LIDAR_TOP"])
-        cs = nusc.get("calibrated_sensor", lidar["calibrated_sensor_token"])
-        ego = nusc.get("ego_pose", lidar["ego_pose_token"])
-        out[token] = RigidTransform(ego["rotation"], ego["translation"]) @ RigidTransform(
-            cs["rotation"], cs["translation"]
-        )
-    return out
 
 
 def _sample_boxes(
@@ -241,7 +128,7 @@ def _sample_boxes(
 
     centers = lidar_to_global.apply(boxes[:, 0:3])
     sizes = boxes[:, [4, 3, 5]]  # (width, length, height) = (dy, dx, dz)
-    quats = _quat_mul(np.asarray(lidar_to_global.rotation), _yaw_quat(boxes[:, 6]))
+    quats = quaternion_multiply(np.asarray(lidar_to_global.rotation), yaw_quaternion(boxes[:, 6]))
     velocity_lidar = boxes[:, 7:9] if boxes.shape[1] == 9 else np.zeros((len(boxes), 2))
     # Velocities are over ground, in LiDAR axes: only the rotation applies (vz = 0).
     velocity = velocity_lidar @ lidar_to_global.matrix()[:2, :2].T
@@ -283,9 +170,9 @@ def export_submission(
         sample_tokens: the nuScenes sample token of each entry; every sample of the evaluated split
             must be present, with an empty :class:`Detections3D` where nothing was found.
         class_names: label ``i`` is the nuScenes detection name ``class_names[i]``
-            (one of :data:`NUSCENES_DETECTION_NAMES`).
+            (one of :data:`voxsparse.data.nuscenes.NUSCENES_DETECTION_NAMES`).
         lidar_to_global: LIDAR_TOP-to-global transform per sample token
-            (:func:`lidar_to_global_from_nusc`).
+            (:func:`voxsparse.data.nuscenes.lidar_to_global_from_nusc`).
         path: where to write the JSON (atomically); nothing is written when None.
         meta: the submission's ``meta`` block.
         max_boxes_per_sample: the challenge's limit; the highest-scoring boxes are kept.

@@ -37,7 +37,8 @@ from voxsparse.data.nuscenes_tiny import (
     TinyScene,
     write_tiny_nuscenes,
 )
-from voxsparse.evaluation.nuscenes import RigidTransform, SubmissionMeta, export_submission
+from voxsparse.evaluation.nuscenes import SubmissionMeta, export_submission
+from voxsparse.geometry import RigidTransform, wrap_angle
 from voxsparse.structures import Annotations3D, Boxes3D, Detections3D
 from voxsparse.utils.io import atomic_write
 
@@ -90,7 +91,7 @@ def detections_to_global(det: Detections3D, lidar_to_global: RigidTransform) -> 
     yaw = _yaw(lidar_to_global)
     rot2 = lidar_to_global.matrix()[:2, :2]
     boxes[:, 0:3] = lidar_to_global.apply(boxes[:, 0:3])
-    boxes[:, 6] = (boxes[:, 6] + yaw + math.pi) % (2 * math.pi) - math.pi
+    boxes[:, 6] = wrap_angle(boxes[:, 6] + yaw)
     if boxes.shape[1] == 9:
         boxes[:, 7:9] = boxes[:, 7:9] @ rot2.T
     query = None
@@ -247,7 +248,7 @@ def write_tracking_dataset(
         for k in range(len(frames)):
             ego = scene.ego_pose(k * (interval or 0.0))
             if np.abs(np.asarray(ego.translation[:2]) - poses[k, :2, 3]).max() > 1e-3 or abs(
-                math.remainder(_yaw(ego) - yaw[k], 2 * math.pi)
+                wrap_angle(_yaw(ego) - yaw[k])
             ) > 1e-4:
                 raise ValueError(f"sequences[{s}]: the ego does not move at constant velocity and heading")
         scenes.append(scene)

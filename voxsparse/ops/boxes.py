@@ -1,9 +1,10 @@
-"""Oriented 3D box geometry: corners, point membership and exact rotated IoU.
+"""Oriented 3D box geometry: corners and exact rotated IoU.
 
 Boxes are rows ``(x, y, z, dx, dy, dz, heading[, vx, vy, ...])`` in the LiDAR frame: metres and
 radians, ``(x, y, z)`` the box centre, ``dx`` the extent along the heading, heading counter-clockwise
 from +x. Columns past the seventh are ignored. Every op is plain torch, batched over boxes, and runs
-on the device of its inputs.
+on the device of its inputs. Which points lie in which boxes, and heading wrap, are in
+:mod:`voxsparse.geometry`.
 
 Rotated IoU is exact: the intersection of two rectangles is a convex polygon whose vertices are
 the corners of each rectangle that lie inside the other plus the crossings of their edges; the
@@ -16,9 +17,9 @@ work is done in chunks so that 5000 x 5000 boxes need only the (N, M) output plu
 
 from __future__ import annotations
 
-import math
-
 import torch
+
+from voxsparse.geometry import check_boxes
 
 __all__ = [
     "bev_iou",
@@ -27,8 +28,6 @@ __all__ = [
     "boxes_to_corners_bev",
     "iou_3d",
     "iou_3d_aligned",
-    "limit_period",
-    "points_in_boxes",
 ]
 
 #: Distance (metres) under which a point counts as on a rectangle's boundary. Roundoff in the
@@ -43,27 +42,6 @@ _SCREEN_ELEMENTS = 1 << 22
 
 # Corner signs in the box frame, counter-clockwise seen from above (+z).
 _CORNER_SIGNS = ((-1.0, -1.0), (1.0, -1.0), (1.0, 1.0), (-1.0, 1.0))
-
-
-def limit_period(angle: torch.Tensor, offset: float = 0.5, period: float = 2 * math.pi) -> torch.Tensor:
-    """Wrap angles into ``[-offset * period, (1 - offset) * period)``.
-
-    Args:
-        angle: tensor of any shape, radians.
-        offset: 0.5 gives ``[-period/2, period/2)``, 0 gives ``[0, period)``.
-        period: wrap period, radians (``pi`` for heading-agnostic axes).
-
-    Returns:
-        Tensor of the same shape and dtype.
-    """
-    return angle - torch.floor(angle / period + offset) * period
-
-
-def _check_boxes(name: str, boxes: torch.Tensor) -> None:
-    if boxes.ndim != 2 or boxes.shape[1] < 7:
-        raise ValueError(f"{name}: expected shape (N, >=7), got {tuple(boxes.shape)}")
-    if not boxes.is_floating_point():
-        raise TypeError(f"{name}: expected a floating dtype, got {boxes.dtype}")
 
 
 def _corners_xy(
@@ -86,7 +64,7 @@ def boxes_to_corners_bev(boxes: torch.Tensor) -> torch.Tensor:
         (N, 4, 2) corner (x, y) in metres, counter-clockwise seen from above, starting at the
         rear-right corner (box frame ``(-dx/2, -dy/2)``).
     """
-    _check_boxes("boxes", boxes)
+    check_boxes("boxes", boxes)
     return torch.stack(_corners_xy(boxes[:, 0], boxes[:, 1], boxes[:, 3], boxes[:, 4], boxes[:, 6]), dim=-1)
 
 
@@ -105,41 +83,6 @@ def boxes_to_corners_3d(boxes: torch.Tensor) -> torch.Tensor:
     bottom = (boxes[:, 2] - 0.5 * boxes[:, 5])[:, None, None].expand(-1, 4, 1)
     top = (boxes[:, 2] + 0.5 * boxes[:, 5])[:, None, None].expand(-1, 4, 1)
     return torch.cat((torch.cat((bev, bottom), dim=-1), torch.cat((bev, top), dim=-1)), dim=1)
-
-
-def points_in_boxes(points: torch.Tensor, boxes: torch.Tensor, chunk_size: int = 1 << 16) -> torch.Tensor:
-    """Which points lie inside which boxes.
-
-    Boxes are closed: a point on a face counts as inside.
-
-    Args:
-        points: (P, >=3) points, (x, y, z) in metres in the first three columns.
-        boxes: (N, >=7) boxes, metres / radians.
-        chunk_size: points processed at once; bounds the float buffers to ~``chunk_size * N``.
-
-    Returns:
-        (P, N) bool, ``[p, n]`` true when point ``p`` is inside box ``n``. ``mask.any(1)`` flags
-        points in any box; ``torch.where(mask.any(1), mask.byte().argmax(1), -1)`` one box index
-        per point (the first where boxes overlap, -1 for none).
-    """
-    _check_boxes("boxes", boxes)
-    if points.ndim != 2 or points.shape[1] < 3:
-        raise ValueError(f"points: expected shape (P, >=3), got {tuple(points.shape)}")
-    dtype = torch.promote_types(points.dtype, boxes.dtype)
-    boxes = boxes.to(dtype)
-    cos, sin = torch.cos(boxes[:, 6]), torch.sin(boxes[:, 6])
-    half = 0.5 * boxes[:, 3:6]
-    out = torch.empty(points.shape[0], boxes.shape[0], dtype=torch.bool, device=points.device)
-    for start in range(0, points.shape[0], chunk_size):
-        p = points[start : start + chunk_size, :3].to(dtype)
-        d = p[:, None, :] - boxes[None, :, 0:3]  # (p, N, 3)
-        # Rotate the offsets into each box frame (rotation by -heading).
-        u = d[..., 0] * cos + d[..., 1] * sin
-        v = -d[..., 0] * sin + d[..., 1] * cos
-        out[start : start + chunk_size] = (
-            (u.abs() <= half[:, 0]) & (v.abs() <= half[:, 1]) & (d[..., 2].abs() <= half[:, 2])
-        )
-    return out
 
 
 def _inside(
@@ -222,8 +165,8 @@ def _ratio(inter: torch.Tensor, size_a: torch.Tensor, size_b: torch.Tensor) -> t
 
 def _pairwise_iou(a: torch.Tensor, b: torch.Tensor, use_height: bool) -> torch.Tensor:
     """(N, M) BEV or 3D IoU; see :func:`bev_iou`."""
-    _check_boxes("a", a)
-    _check_boxes("b", b)
+    check_boxes("a", a)
+    check_boxes("b", b)
     a64, b64 = a[:, :7].double(), b[:, :7].double()
     m = b64.shape[0]
     out = torch.empty(a64.shape[0], m, dtype=a.dtype, device=a.device)
@@ -282,8 +225,8 @@ def iou_3d(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def _aligned_iou(a: torch.Tensor, b: torch.Tensor, use_height: bool) -> torch.Tensor:
-    _check_boxes("a", a)
-    _check_boxes("b", b)
+    check_boxes("a", a)
+    check_boxes("b", b)
     if a.shape[0] != b.shape[0]:
         raise ValueError(f"a and b must have the same number of boxes, got {a.shape[0]} and {b.shape[0]}")
     a64, b64 = a[:, :7].double(), b[:, :7].double()

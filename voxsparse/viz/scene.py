@@ -21,7 +21,8 @@ import numpy as np
 import torch
 
 from voxsparse.constants import CLASS_NAMES, KEYPOINT_NAMES
-from voxsparse.ops.boxes import boxes_to_corners_3d, points_in_boxes
+from voxsparse.geometry import points_in_boxes
+from voxsparse.ops.boxes import boxes_to_corners_3d
 from voxsparse.viz import colors as C
 
 __all__ = [

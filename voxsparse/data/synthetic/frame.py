@@ -12,9 +12,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from voxsparse.constants import KEYPOINT_NAMES
-from voxsparse.data.synthetic.geometry import Primitives, points_in_boxes, wrap_angle
+from voxsparse.data.synthetic.geometry import Primitives
 from voxsparse.data.synthetic.lidar import Lidar, LidarConfig
 from voxsparse.data.synthetic.scene import Scene, SceneConfig, build_scene
+from voxsparse.geometry import points_in_boxes, wrap_angle
 
 #: A keypoint is visible when the first surface on the sensor's ray towards it lies no more than this
 #: far in front of it (m): about a limb's radius plus margin, less than the depth of a torso or head,
@@ -111,7 +112,7 @@ def render_frame(scene: Scene, seed: int, frame: int, lidar: Lidar, frame_id: st
     # float32 rounding can carry a heading just below pi onto pi; keep [-pi, pi).
     boxes[boxes[:, 6] >= np.float32(np.pi), 6] -= np.float32(2 * np.pi)
     # Count with the float32 boxes the frame carries, so a recount agrees point for point.
-    num_points = points_in_boxes(scan.points, boxes)
+    num_points = points_in_boxes(scan.points, boxes.astype(np.float64)).sum(0)
     keep = num_points > 0
     boxes, num_points = boxes[keep], num_points[keep]
 

@@ -24,12 +24,7 @@ from typing import Protocol
 
 import numpy as np
 
-_TWO_PI = 2.0 * np.pi
-
-
-def wrap_angle(angle: np.ndarray | float) -> np.ndarray:
-    """Wrap radians to [-pi, pi)."""
-    return (np.asarray(angle) + np.pi) % _TWO_PI - np.pi
+from voxsparse.geometry import wrap_angle
 
 
 def yaw_matrix(yaw: np.ndarray | float) -> np.ndarray:
@@ -472,25 +467,3 @@ def bev_overlap(a: np.ndarray, b: np.ndarray) -> np.ndarray:
         & (np.abs(dx * cb + dy * sb) <= lb + la * cos + wa * sin)
         & (np.abs(dy * cb - dx * sb) <= wb + la * sin + wa * cos)
     )
-
-
-def points_in_boxes(points: np.ndarray, boxes: np.ndarray) -> np.ndarray:
-    """(K,) number of ``points`` (N, >=3) inside each oriented box ``boxes`` (K, >=7), faces included."""
-    counts = np.zeros(len(boxes), dtype=np.int64)
-    if len(points) == 0:
-        return counts
-    # Points sorted by x, so each box only tests the slice within its circumradius in x.
-    order = np.argsort(points[:, 0], kind="stable")
-    xyz = points[order, :3].astype(np.float64)
-    for k, (x, y, z, dx, dy, dz, heading) in enumerate(np.asarray(boxes, dtype=np.float64)[:, :7]):
-        reach = 0.5 * np.sqrt(dx * dx + dy * dy)
-        lo = np.searchsorted(xyz[:, 0], x - reach, side="left")
-        hi = np.searchsorted(xyz[:, 0], x + reach, side="right")
-        p = xyz[lo:hi] - (x, y, z)
-        c, s = np.cos(heading), np.sin(heading)
-        u = p[:, 0] * c + p[:, 1] * s
-        v = p[:, 1] * c - p[:, 0] * s
-        counts[k] = np.count_nonzero(
-            (np.abs(u) <= 0.5 * dx) & (np.abs(v) <= 0.5 * dy) & (np.abs(p[:, 2]) <= 0.5 * dz)
-        )
-    return counts

@@ -14,7 +14,8 @@ from typing import Protocol
 
 import numpy as np
 
-from voxsparse.data.synthetic.geometry import Primitives, wrap_angle
+from voxsparse.data.synthetic.geometry import Primitives
+from voxsparse.geometry import wrap_angle
 
 #: ``Scan.owner`` value of ground returns (static structures are -1, actors >= 0).
 GROUND = -2

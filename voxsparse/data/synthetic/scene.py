@@ -26,9 +26,9 @@ from voxsparse.data.synthetic.geometry import (
     band_interval,
     bev_overlap,
     first_crossing,
-    wrap_angle,
     yaw_matrix,
 )
+from voxsparse.geometry import wrap_angle
 
 # Diffuse reflectances of static surfaces.
 CONCRETE, GRASS, MARKING, VEGETATION, SIGN = 0.28, 0.14, 0.65, 0.16, 0.9

@@ -16,7 +16,7 @@ class KeypointDetections3D(Detections3D):
     """:class:`Detections3D` (K detections, scores descending) with keypoints for each.
 
     Being a ``Detections3D``, it goes wherever detections go (box metrics, predictions files, which
-    keep the boxes only); :func:`voxsparse.models.detectors.keypoint_detector.keypoint_predictions_for_eval`
+    keep the boxes only); :func:`voxsparse.evaluation.keypoints.keypoint_predictions_for_eval`
     turns the humans among them into keypoint-metric inputs.
 
     Attributes:
