@@ -353,7 +353,7 @@ def test_nuscenes_preset_builds_a_training_set_from_prepared_data(clean):
 
 def test_waymo_preset_composes_consistently():
     cfg = compose_train(["experiment=voxelnext_waymo"])
-    assert cfg.dataset.evaluation == "waymo" and list(cfg.dataset.class_names) == [
+    assert cfg.dataset.evaluation == "voxsparse.evaluation.suites.waymo" and list(cfg.dataset.class_names) == [
         "Vehicle",
         "Pedestrian",
         "Cyclist",

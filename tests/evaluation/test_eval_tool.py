@@ -18,6 +18,7 @@ import torch
 from voxsparse.data.dataset import DetectionDataset
 from voxsparse.data.synthetic import SyntheticDataset
 from voxsparse.engine.evaluate import WaymoResult, frames_from_file, metric_suite, relabel, report
+from voxsparse.evaluation import suites
 from voxsparse.evaluation.detection import RANGE_NAMES, FrameGroundTruth, evaluate_detection_levels
 from voxsparse.evaluation.predictions_io import PredictionsFile, load_predictions, save_predictions
 from voxsparse.structures import Boxes3D, Detections3D
@@ -116,10 +117,16 @@ def test_malformed_predictions_file_names_file_and_field(tmp_path, changes, mess
 
 
 def test_suite_comes_from_the_dataset_config():
-    assert metric_suite({"evaluation": "waymo"}) is not None
-    assert metric_suite({"evaluation": "nuscenes"}) is not None
-    with pytest.raises(NotImplementedError, match=r"dataset\.evaluation='kitti'.*SUITES"):
+    assert metric_suite({"evaluation": "voxsparse.evaluation.suites.waymo"}) is suites.waymo
+    assert metric_suite({"evaluation": "voxsparse.evaluation.suites.nuscenes"}) is suites.nuscenes
+    with pytest.raises(ValueError, match=r"dataset\.evaluation='kitti'.*dotted path.*voxsparse\.evaluation"):
         metric_suite({"evaluation": "kitti"})
+    with pytest.raises(ValueError, match=r"dataset\.evaluation='os\.system'"):
+        metric_suite({"evaluation": "os.system"})  # nothing outside voxsparse.evaluation is imported
+    with pytest.raises(ValueError, match="no metric suite module voxsparse.evaluation.kitti"):
+        metric_suite({"evaluation": "voxsparse.evaluation.kitti.suite"})
+    with pytest.raises(ValueError, match="has no metric suite function 'kitti'"):
+        metric_suite({"evaluation": "voxsparse.evaluation.suites.kitti"})
     with pytest.raises(ValueError, match="no 'evaluation' key"):
         metric_suite({"class_names": NAMES})
 
@@ -213,7 +220,7 @@ def test_keypoint_model_predictions_are_scored_by_both_suites():
             keypoints=a.keypoints, keypoint_scores=a.keypoint_visibility.float(),
         ))
     assert sum(int((s.annotations.labels == 1).sum()) for s in samples) > 0, "the frames hold pedestrians"
-    dataset = {"evaluation": "waymo", "class_names": names, "iou_thresholds": {"Vehicle": 0.7, "Pedestrian": 0.5, "Cyclist": 0.5}}
+    dataset = {"evaluation": "voxsparse.evaluation.suites.waymo", "class_names": names, "iou_thresholds": {"Vehicle": 0.7, "Pedestrian": 0.5, "Cyclist": 0.5}}
     predictions = DatasetPredictions([s.frame_id for s in samples], detections, [s.annotations for s in samples])
     result = score_model_predictions(predictions, names, dataset, "test", keypoint_labels=[1]).to_dict()
     assert result["keypoints"]["PEM"] == pytest.approx(0.0, abs=1e-6) and result["keypoints"]["num_tp"] > 0

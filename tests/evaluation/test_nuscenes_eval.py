@@ -455,7 +455,7 @@ def test_metric_suite_scores_loader_frames_through_the_devkit(tiny):
         for s in samples
     ]
     dataset = {
-        "evaluation": "nuscenes", "class_names": list(CLASSES), "raw_root": str(info.dataroot),
+        "evaluation": "voxsparse.evaluation.suites.nuscenes", "class_names": list(CLASSES), "raw_root": str(info.dataroot),
         "version": info.version, "val_split": "tiny_val",
     }
     predictions = DatasetPredictions([s.frame_id for s in samples], detections, [s.annotations for s in samples])

@@ -1,7 +1,8 @@
 """Score predictions with the dataset's metric suite and report the numbers (table, ``metrics.json``).
 
-A dataset config names its suite in ``evaluation`` (``configs/dataset/*.yaml``); :data:`SUITES` maps
-that name to the function that scores it. Predictions reach a suite with labels in the dataset's
+A dataset config names its suite in ``evaluation`` (``configs/dataset/*.yaml``): the dotted name of a
+function of ``voxsparse.evaluation`` (:func:`metric_suite`; the suites are in
+``voxsparse.evaluation.suites``). Predictions reach a suite with labels in the dataset's
 class order: :func:`relabel` maps a model's or a file's class names onto it.
 
 Rules for predictions files (``tools/eval.py predictions=PATH``), matched to the evaluated split by
@@ -22,20 +23,20 @@ Box width, NaN/inf and out-of-range values are checked when the file is read
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import json
 import logging
 import math
-import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 
 from voxsparse.engine.inference import DatasetPredictions
-from voxsparse.evaluation.detection import DetectionMetrics, evaluate_detection_levels
 from voxsparse.evaluation.predictions_io import PredictionsFile
+from voxsparse.evaluation.suites import SuiteResult, WaymoResult, score_predictions  # noqa: F401
 from voxsparse.structures import Boxes3D, Detections3D
 from voxsparse.utils.io import atomic_write
 
@@ -44,88 +45,40 @@ log = logging.getLogger(__name__)
 MISSING_FRAME_RULES = ("error", "miss")
 
 
-class SuiteResult(Protocol):
-    """What a metric suite returns: a readable table and every number as JSON-ready values."""
-
-    def table(self) -> str: ...
-
-    def to_dict(self) -> dict[str, Any]: ...
-
-
-@dataclass
-class WaymoResult:
-    """Waymo AP / APH at LEVEL_1 and LEVEL_2 (keys "LEVEL_1", "LEVEL_2")."""
-
-    levels: dict[str, DetectionMetrics]
-
-    def table(self) -> str:
-        return "\n\n".join(m.table() for m in self.levels.values())
-
-    def to_dict(self) -> dict[str, Any]:
-        return {name: m.to_dict() for name, m in self.levels.items()}
-
-
-def score_predictions(
-    predictions: DatasetPredictions, class_names: Sequence[str], iou_thresholds: Mapping[str, float]
-) -> WaymoResult:
-    """Waymo 3D AP / APH per class and range bin at LEVEL_1 and LEVEL_2.
-
-    ``class_names`` names the labels of both the detections and the annotations.
-    """
-    levels = evaluate_detection_levels(
-        predictions.detections, predictions.annotations, class_names, dict(iou_thresholds)
-    )
-    return WaymoResult({f"LEVEL_{level}": m for level, m in levels.items()})
-
-
-def _waymo_suite(predictions: DatasetPredictions, dataset: Mapping) -> WaymoResult:
-    return score_predictions(predictions, list(dataset["class_names"]), dataset["iou_thresholds"])
-
-
-def _nuscenes_suite(predictions: DatasetPredictions, dataset: Mapping) -> SuiteResult:
-    """The devkit's DetectionEval on the predictions, exported as a submission; frame ids are sample
-    tokens, and the dataset config names the raw dataset (``raw_root``, ``version``, ``val_split``)."""
-    from nuscenes import NuScenes
-
-    from voxsparse.data.nuscenes import lidar_to_global_from_nusc
-    from voxsparse.evaluation.nuscenes import evaluate_nuscenes, export_submission
-
-    nusc = NuScenes(version=dataset["version"], dataroot=str(dataset["raw_root"]), verbose=False)
-    tokens = list(predictions.frame_ids)
-    with tempfile.TemporaryDirectory(prefix="voxsparse-nuscenes-") as work:
-        path = Path(work) / "results_nusc.json"
-        export_submission(
-            predictions.detections, tokens, list(dataset["class_names"]), lidar_to_global_from_nusc(nusc, tokens), path
-        )
-        return evaluate_nuscenes(nusc, path, dataset["val_split"], work)
-
-
-#: Metric suites by the name a dataset config gives in ``evaluation``. A suite takes the predictions
-#: (labels in the dataset's class order) and the dataset config.
-SUITES: dict[str, Callable[[DatasetPredictions, Mapping], SuiteResult]] = {
-    "waymo": _waymo_suite,
-    "nuscenes": _nuscenes_suite,
-}
+#: The package a suite named in ``dataset.evaluation`` must live in (nothing else is imported).
+SUITE_PACKAGE = "voxsparse.evaluation"
 
 
 def metric_suite(dataset: Mapping) -> Callable[[DatasetPredictions, Mapping], SuiteResult]:
-    """The suite the dataset config names in ``evaluation``.
+    """The suite the dataset config names in ``evaluation``: the dotted name of a function of
+    :data:`SUITE_PACKAGE` (e.g. ``voxsparse.evaluation.suites.waymo``).
 
     Raises:
-        ValueError: the config has no ``evaluation`` key.
-        NotImplementedError: no suite of that name exists (yet).
+        ValueError: the config has no ``evaluation`` key, or it names nothing callable inside
+            :data:`SUITE_PACKAGE`.
     """
     name = dataset.get("evaluation")
+    example = "voxsparse.evaluation.suites.waymo"
     if name is None:
         raise ValueError(
-            f"dataset config: no 'evaluation' key naming its metric suite (one of {sorted(SUITES)})"
+            f"dataset config: no 'evaluation' key naming its metric suite (a function of {SUITE_PACKAGE}, "
+            f"e.g. {example})"
         )
-    if name not in SUITES:
-        raise NotImplementedError(
-            f"dataset.evaluation={name!r}: no metric suite of that name is implemented (available: "
-            f"{sorted(SUITES)}); suites are registered in voxsparse.engine.evaluate.SUITES"
+    where = f"dataset.evaluation={name!r}"
+    if not isinstance(name, str) or not name.startswith(SUITE_PACKAGE + ".") or name.count(".") < 3:
+        raise ValueError(
+            f"{where}: a metric suite is named by the dotted path of a function in a module of "
+            f"{SUITE_PACKAGE} (e.g. {example})"
         )
-    return SUITES[name]
+    module_name, _, attribute = name.rpartition(".")
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        raise ValueError(f"{where}: no metric suite module {module_name} ({exc})") from exc
+    suite = getattr(module, attribute, None)
+    if not callable(suite) or isinstance(suite, type):
+        raise ValueError(f"{where}: {module_name} has no metric suite function {attribute!r}")
+    return suite
 
 
 def relabel(
