@@ -7,8 +7,8 @@ that bias and apply the ReLU in their epilogue (``act_type``, inference only), s
 backbones are bound by kernel launches and host work, not arithmetic (docs/benchmarks.md). spconv's
 CPU kernels take no bias or activation, so on the CPU the shift stays a separate add
 (:class:`ChannelBias`) and the ReLU a separate module: the same arithmetic, tested on the CPU
-(tests/models/test_fusion.py) and checked against the unfused model on the GPU by
-``tools/benchmark.py --fuse``.
+(tests/models/test_fusion.py, which also compares both on the GPU where there is one); the fused
+rows of ``tools/benchmark.py`` time it.
 
     fused = fuse_for_inference(model)   # a fused copy in eval mode; ``model`` is untouched
 """
