@@ -22,8 +22,8 @@ import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from voxsparse.constants import CLASS_NAMES
 from voxsparse.data.prepared import PreparedIndex, prepare
+from voxsparse.data.waymo.classes import CLASS_NAMES as WAYMO_CLASS_NAMES
 
 log = logging.getLogger("voxsparse.prepare_data")
 
@@ -128,7 +128,7 @@ def prepare_waymo(args: argparse.Namespace) -> list[PreparedIndex]:
             args.out,
             split,
             args.workers,
-            class_names=CLASS_NAMES,
+            class_names=WAYMO_CLASS_NAMES,
             config={"dataset": "waymo", "format": "v1-tfrecord"},
             gt_database=split in gt_splits,
             progress=not args.quiet,

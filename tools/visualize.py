@@ -32,8 +32,6 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 import voxsparse
-
-from voxsparse.constants import CLASS_NAMES
 from voxsparse.data.pointfile import conform, read_points
 from voxsparse.engine.cli import tool
 from voxsparse.engine.config import check_types, parse_options
@@ -125,7 +123,7 @@ def _frames(opts: VisualizeOptions, dataset: DictConfig | None) -> tuple[_Frames
         log.info("%s: %d points, columns %s, intensity scale %s",
                  opts.points, len(cloud), cloud.features, cloud.intensity)
         frame = {"frame_id": frame_id_of(Path(opts.points)), "points": _drawn(cloud), "cloud": cloud}
-        return _Frames(lambda i: frame, 1), list(CLASS_NAMES)
+        return _Frames(lambda i: frame, 1), []  # a model's detections bring their class names
     if dataset is None:
         raise ValueError("no dataset config: give points=FILE or a dataset=... config")
     source = instantiate(dataset[opts.split])
@@ -133,7 +131,7 @@ def _frames(opts: VisualizeOptions, dataset: DictConfig | None) -> tuple[_Frames
     if not 0 <= first < len(source):
         raise ValueError(f"frame={first}: the {opts.split} split has {len(source)} frames")
     count = min(opts.num_frames, len(source) - first)
-    names = list(dataset.get("class_names", CLASS_NAMES))
+    names = list(dataset.get("class_names") or getattr(source, "class_names", ()))
     return _Frames(lambda i: source[first + i], count), names
 
 

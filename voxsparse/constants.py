@@ -1,7 +1,8 @@
-"""Project-wide conventions shared by data, models and evaluation."""
+"""Project-wide conventions shared by data, models and evaluation.
 
-#: Detection classes, in label order (label ``i`` is ``CLASS_NAMES[i]``).
-CLASS_NAMES: tuple[str, ...] = ("Vehicle", "Pedestrian", "Cyclist")
+Class names are not among them: each dataset module owns its own (``voxsparse.data.synthetic``,
+``voxsparse.data.waymo``, ``voxsparse.data.nuscenes``), and a model records those it was trained on.
+"""
 
 #: Waymo 3D keypoint challenge order (14 keypoints).
 KEYPOINT_NAMES: tuple[str, ...] = (

@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 from shapely.geometry import Polygon
 
-from voxsparse.constants import CLASS_NAMES, KEYPOINT_NAMES
+from voxsparse.constants import KEYPOINT_NAMES
 from voxsparse.data.synthetic import (
+    CLASS_NAMES,
     Lidar,
     LidarConfig,
     LidarFrame,

@@ -19,7 +19,7 @@ import pytest
 import torch
 from scipy.spatial.transform import Rotation
 
-from voxsparse.constants import CLASS_NAMES, KEYPOINT_NAMES
+from voxsparse.constants import KEYPOINT_NAMES
 from voxsparse.data.waymo import (
     INSTALL_HINT,
     TFRecordError,
@@ -29,6 +29,7 @@ from voxsparse.data.waymo import (
     write_records,
 )
 from voxsparse.data.waymo import frame as frame_module
+from voxsparse.data.waymo.classes import CLASS_NAMES
 from voxsparse.data.waymo.range_image import range_image_to_points, rotation_from_rpy, row_inclinations
 from voxsparse.geometry import points_in_boxes
 
@@ -428,9 +429,9 @@ def test_prepare_data_waymo_reads_back_the_decoded_frames(tmp_path):
     """raw TFRecords (real protos) -> tools/prepare_data.py waymo -> PreparedDataset equals read_frames."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tools"))
     import prepare_data
+    from waymo_writer import build_frame, example_frame_spec, waymo_lasers, write_frames
 
     from voxsparse.data.prepared import PreparedDataset
-    from waymo_writer import build_frame, example_frame_spec, waymo_lasers, write_frames
 
     lasers = waymo_lasers(top=(32, 600), side=(16, 100))
     segments = {"segment-a": (0, 1), "segment-b": (2,)}

@@ -15,15 +15,22 @@ from voxsparse.evaluation.detection import (
     DetectionMetrics,
     FrameGroundTruth,
     FramePredictions,
-    evaluate_detection,
     evaluate_detection_levels,
     interpolated_average_precision,
+)
+from voxsparse.evaluation.detection import (
+    evaluate_detection as _evaluate_detection,
 )
 from voxsparse.ops.boxes import iou_3d_aligned
 from voxsparse.structures.boxes import Boxes3D
 from voxsparse.structures.detections import Annotations3D, Detections3D
 
 CLASSES = ("Vehicle", "Pedestrian", "Cyclist")
+
+
+def evaluate_detection(predictions, frames, class_names=CLASSES, **options):
+    """The metric on the Waymo classes (it has no class-name default)."""
+    return _evaluate_detection(predictions, frames, class_names, **options)
 
 
 def car(x=0.0, y=0.0, heading=0.0, z=0.0, size=(4.0, 2.0, 1.5)) -> list[float]:
@@ -268,7 +275,7 @@ def test_accepts_project_structures():
 def test_levels_share_one_matching():
     frames = [gts([car(0, 0), car(10, 0)], difficulty=[1, 2])]
     predictions = [preds([car(0, 0), car(30, 30)], [0.9, 0.8])]
-    both = evaluate_detection_levels(predictions, frames)
+    both = evaluate_detection_levels(predictions, frames, CLASSES)
     for level in (1, 2):
         alone = evaluate_detection(predictions, frames, difficulty=level).to_dict()
         assert both[level].to_dict() == pytest.approx(alone, nan_ok=True)
@@ -341,7 +348,7 @@ def test_bad_arguments():
 def test_cuda_matches_cpu():
     frames = [gts([car(0, 0), car(10, 0, 1.0), car(0.6, 0)], difficulty=[1, 2, 1])]
     predictions = [preds([car(0.2, 0), car(-0.1, 0), car(10, 0.1, 1.2), car(30, 0)], [0.9, 0.8, 0.7, 0.6])]
-    on_cpu = evaluate_detection_levels(predictions, frames)
-    on_cuda = evaluate_detection_levels(predictions, frames, device="cuda")
+    on_cpu = evaluate_detection_levels(predictions, frames, CLASSES)
+    on_cuda = evaluate_detection_levels(predictions, frames, CLASSES, device="cuda")
     for level in (1, 2):
         assert on_cuda[level].to_dict() == pytest.approx(on_cpu[level].to_dict(), abs=1e-12, nan_ok=True)

@@ -70,7 +70,7 @@ def test_missing_frames_can_count_as_misses():
     # The missing frame's GT are then false negatives: 2 of 3 vehicles found, precision 1.
     gt = [FrameGroundTruth(f.boxes.tensor, torch.zeros(1, dtype=torch.int64)) for f in (detections([0]),) * 3]
     frames = [Detections3D(f.boxes, f.scores, torch.zeros_like(f.labels)) for f in frames]
-    assert evaluate_detection_levels(frames, gt)[2].ap["Vehicle"] == pytest.approx(2 / 3)
+    assert evaluate_detection_levels(frames, gt, NAMES)[2].ap["Vehicle"] == pytest.approx(2 / 3)
 
 
 def test_repeated_frames_and_bad_rule_are_errors():
@@ -134,7 +134,7 @@ def test_suite_comes_from_the_dataset_config():
 def test_report_writes_every_number_and_nan_as_null(tmp_path, caplog):
     dets = [detections([0])]
     gt = [FrameGroundTruth(dets[0].boxes.tensor, torch.zeros(1, dtype=torch.int64))]
-    levels = evaluate_detection_levels(dets, gt)
+    levels = evaluate_detection_levels(dets, gt, NAMES)
     result = WaymoResult({f"LEVEL_{k}": m for k, m in levels.items()})
     with caplog.at_level(logging.INFO, logger="voxsparse.engine.evaluate"):
         content_ = report(result, tmp_path)

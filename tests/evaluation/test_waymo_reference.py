@@ -269,7 +269,7 @@ def test_matches_brute_force_reference(seed, use_height, monkeypatch):
 
 def test_counts_match_reference_on_level_gt_numbers():
     predictions, frames = random_scene(3, num_frames=30, clusters=3, stray=1)
-    metrics = evaluate_detection_levels(predictions, frames)
+    metrics = evaluate_detection_levels(predictions, frames, CLASSES)
     for level in (1, 2):
         for c, name in enumerate(CLASSES):
             per_bin = [0, 0, 0]

@@ -41,6 +41,6 @@ def test_small_voxelnext_overfits_two_synthetic_frames():
     model.eval()
     with torch.no_grad():
         detections = model.predict(batch.points)
-    metrics = evaluate_detection(detections, batch.annotations)  # Waymo thresholds: 0.7 / 0.5 / 0.5
+    metrics = evaluate_detection(detections, batch.annotations, model.class_names)  # Waymo thresholds: 0.7 / 0.5 / 0.5
     present = [c for c in metrics.ap if metrics.num_gt[c] > 0]
     assert all(metrics.ap[c] > 0.9 for c in present), metrics.table()

@@ -4,6 +4,7 @@ command line is one line naming its key (exit status 2), before any data is read
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import importlib.util
 import sys
 from pathlib import Path
@@ -47,8 +48,12 @@ def test_track_options_cover_its_config():
     assert {k: getattr(opts, k) for k in ("checkpoint", "device", "batch_size", "class_range")} == {
         k: cfg[k] for k in ("checkpoint", "device", "batch_size", "class_range")
     }
-    sections = OmegaConf.to_container(cfg.synthetic_sequences)
-    assert dataclasses.asdict(tool.SyntheticSequences()) == sections
+    # The sequences are the dataset's (its tracking section), with the tracking source's defaults.
+    from voxsparse.data.synthetic import SyntheticTracking
+
+    section = OmegaConf.to_container(cfg.dataset.tracking)
+    defaults = {k: p.default for k, p in inspect.signature(SyntheticTracking).parameters.items() if k != "frames"}
+    assert {k: section[k] for k in defaults} == defaults
 
 
 # --- a wrong type is one line naming the key --------------------------------------------------------
@@ -71,13 +76,13 @@ def test_visualize_names_the_key_of_a_wrong_type(tmp_path, override, expected):
 @pytest.mark.parametrize(
     "overrides, expected",
     [
-        (["synthetic_sequences.num_sequences=two"],
-         "error: synthetic_sequences.num_sequences: expected an integer, got 'two'"),
-        (["batch_size=abc", "synthetic_sequences.num_sequences=1"],
+        (["dataset.tracking.num_sequences=two"],
+         "error: dataset.tracking.num_sequences: expected an integer, got 'two'"),
+        (["batch_size=abc", "dataset.tracking.num_sequences=1"],
          "error: batch_size: expected an integer, got 'abc'"),
     ],
 )
 def test_track_names_the_key_of_a_wrong_type(tmp_path, tiny_checkpoint, overrides, expected):
-    args = [f"checkpoint={tiny_checkpoint}", *overrides, "synthetic_sequences.sequence_length=2", "device=cpu",
+    args = [f"checkpoint={tiny_checkpoint}", *overrides, "dataset.tracking.sequence_length=2", "device=cpu",
             f"dataset.cache_dir={tmp_path / 'cache'}"]
     assert _error_line("track", tmp_path, *args) == expected

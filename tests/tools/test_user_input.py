@@ -45,7 +45,7 @@ def malicious(tmp_path_factory) -> tuple[Path, Path]:
     [
         ("eval", ["dataset.val.num_frames=1"]),
         ("visualize", ["backend=matplotlib"]),
-        ("track", ["synthetic_sequences.num_sequences=1"]),
+        ("track", ["dataset.tracking.num_sequences=1"]),
         ("predict", []),
     ],
 )

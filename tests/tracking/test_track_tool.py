@@ -42,7 +42,7 @@ def test_track_tool_writes_tracks_and_metrics(tmp_path):
     run = subprocess.run(
         [
             sys.executable, "tools/track.py", f"checkpoint={tmp_path / 'model.pth'}",
-            "synthetic_sequences.num_sequences=1", "synthetic_sequences.sequence_length=3",
+            "dataset.tracking.num_sequences=1", "dataset.tracking.sequence_length=3",
             f"dataset.cache_dir={tmp_path / 'cache'}", "tracker.min_score=0.0", f"hydra.run.dir={tmp_path / 'run'}",
         ],
         check=False, cwd=ROOT, capture_output=True, text=True, timeout=300,

@@ -7,9 +7,9 @@ import torch
 pytest.importorskip("nuscenes")
 pytest.importorskip("motmetrics")
 
-from tracking_sequences import make_sequences, perfect_detections, score_tracks
+from tracking_sequences import CATEGORIES, make_sequences, perfect_detections, score_tracks
 
-from voxsparse.constants import CLASS_NAMES
+from voxsparse.data.synthetic import CLASS_NAMES
 from voxsparse.evaluation.nuscenes_tracking import (
     evaluate_nuscenes_tracking,
     export_tracking_submission,
@@ -71,7 +71,7 @@ def test_dropped_detections_lower_recall_and_amota_monotonically(tmp_path, seque
 
 def test_new_ids_every_frame_count_as_id_switches(tmp_path, sequences):
     """The metric is not blind to identity: the truth with ids reshuffled every frame scores worse."""
-    data = write_tracking_dataset(tmp_path / "gt", sequences, CLASS_NAMES)
+    data = write_tracking_dataset(tmp_path / "gt", sequences, CLASS_NAMES, CATEGORIES)
     tracks, tokens = [], []
     for frames, seq_tokens in zip(sequences, data.sample_tokens):
         for k, (frame, token) in enumerate(zip(frames, seq_tokens)):
@@ -101,7 +101,7 @@ def test_ego_must_move_at_constant_velocity(tmp_path, sequences):
     pose[0, 3] += 1.0
     frames[2] = type(frames[2])(frames[2].annotations, pose, frames[2].timestamp)
     with pytest.raises(ValueError, match="constant velocity"):
-        write_tracking_dataset(tmp_path, [frames], CLASS_NAMES)
+        write_tracking_dataset(tmp_path, [frames], CLASS_NAMES, CATEGORIES)
 
 
 def test_nuscenes_samples_are_grouped_by_scene_in_time_order(tmp_path):
@@ -118,3 +118,27 @@ def test_nuscenes_samples_are_grouped_by_scene_in_time_order(tmp_path):
     indices, times = sequences_from_nusc(nusc, tokens)
     assert [[tokens[i] for i in seq] for seq in indices] == [[b0, b1], [a0, a1, a2]]
     assert times[2] + 1.0 == pytest.approx(times[1])  # a0 and a2 are two 0.5 s keyframes apart
+
+
+def test_nuscenes_tracking_source_groups_the_frames_and_names_the_devkit_dataset(tmp_path):
+    """configs/dataset/nuscenes.yaml's tracking source: scenes in time order, tracking names, the raw dataset."""
+    from nuscenes.eval.common.config import config_factory
+
+    from voxsparse.data.nuscenes import NUSCENES_DETECTION_NAMES, NUSCENES_TRACKING_NAMES, NuScenesTracking
+    from voxsparse.data.nuscenes_tiny import TinyNuScenesSpec, TinyScene, write_tiny_nuscenes
+
+    TRACKING_NAMES = config_factory("tracking_nips_2019").tracking_names  # the devkit's challenge classes
+    assert sorted(NUSCENES_TRACKING_NAMES) == sorted(TRACKING_NAMES)
+    tiny = write_tiny_nuscenes(
+        tmp_path, TinyNuScenesSpec((TinyScene("a", 3), TinyScene("b", 2)), points_per_object=1, ground_points=0)
+    )
+    (a0, a1, a2), (b0, b1) = tiny.sample_tokens
+    source = NuScenesTracking(frames=[], raw_root=str(tiny.dataroot), version=tiny.version, eval_set="val")
+    tokens = [b1, a2, a0, b0, a1]
+    seq = source.sequences(source.frames(), tokens)
+    assert [[tokens[i] for i in s] for s in seq.indices] == [[b0, b1], [a0, a1, a2]]
+    assert seq.devkit is not None and list(seq.devkit.sample_tokens) == tokens and set(seq.devkit.lidar_to_global) == set(tokens)
+    assert (seq.devkit.dataroot, seq.devkit.version, seq.devkit.eval_set) == (tiny.dataroot, tiny.version, "val")
+    tracked = [n for n in NUSCENES_DETECTION_NAMES if n in seq.tracking_names]
+    assert tracked == [n for n in NUSCENES_DETECTION_NAMES if n in TRACKING_NAMES]
+    assert all(seq.tracking_names[n] == n for n in tracked) and not seq.range_limited

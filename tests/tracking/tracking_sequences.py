@@ -7,9 +7,8 @@ import math
 import numpy as np
 import torch
 
-from voxsparse.constants import CLASS_NAMES
+from voxsparse.data.synthetic import CLASS_NAMES, NUSCENES_CLASSES
 from voxsparse.evaluation.nuscenes_tracking import (
-    SYNTHETIC_TO_NUSCENES,
     TrackingFrame,
     detections_to_global,
     evaluate_nuscenes_tracking,
@@ -23,6 +22,9 @@ from voxsparse.structures import Annotations3D, Boxes3D, Detections3D
 DT = 0.1
 SIZES = {0: (4.5, 1.9, 1.6), 1: (0.7, 0.7, 1.8), 2: (1.8, 0.6, 1.7)}
 SPEEDS = {0: 8.0, 1: 1.4, 2: 5.0}
+
+#: The synthetic classes as nuScenes categories, for the written ground truth.
+CATEGORIES = {k: v[0] for k, v in NUSCENES_CLASSES.items()}
 
 
 def make_sequences(num_sequences: int = 2, num_frames: int = 12, seed: int = 0) -> list[list[TrackingFrame]]:
@@ -90,7 +92,7 @@ def perfect_detections(frame: TrackingFrame, rng: np.random.Generator) -> Detect
 
 def score_tracks(tmp_path, sequences, detections, config: TrackerConfig | None = None, seven_columns=False):
     """Track ``detections`` (per sequence, per frame, LiDAR frame) and score them with the devkit."""
-    data = write_tracking_dataset(tmp_path / "gt", sequences, CLASS_NAMES)
+    data = write_tracking_dataset(tmp_path / "gt", sequences, CLASS_NAMES, CATEGORIES)
     tracker = VoxelNeXtTracker(CLASS_NAMES, config)
     tracks, tokens = [], []
     for frames, dets, seq_tokens in zip(sequences, detections, data.sample_tokens):
@@ -103,7 +105,7 @@ def score_tracks(tmp_path, sequences, detections, config: TrackerConfig | None =
         tokens += seq_tokens
     identity = RigidTransform((1.0, 0.0, 0.0, 0.0), (0.0, 0.0, 0.0))
     path = tmp_path / "tracks.json"
-    names = [SYNTHETIC_TO_NUSCENES[n][1] for n in CLASS_NAMES]
+    names = [NUSCENES_CLASSES[n][1] for n in CLASS_NAMES]
     export_tracking_submission(tracks, tokens, names, {t: identity for t in tokens}, path)
     return evaluate_nuscenes_tracking(
         data.tiny.dataroot, data.tiny.version, path, data.split, tmp_path / "eval"

@@ -252,6 +252,7 @@ def test_build_scene_layers_threshold_and_legend():
         frame["points"],
         frame,
         _predictions(),
+        class_names=["Vehicle", "Pedestrian", "Cyclist"],
         score_threshold=0.3,
         trails=[(frame["track_ids"], frame["boxes"][:, :3]), (frame["track_ids"], frame["boxes"][:, :3] + 1)],
     )

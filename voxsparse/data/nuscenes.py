@@ -44,6 +44,7 @@ from torch.utils.data import Dataset
 
 from voxsparse.data.pointfile import read_points
 from voxsparse.data.prepared import PreparedFrame
+from voxsparse.data.tracking import DevkitDataset, TrackingSequences
 from voxsparse.geometry import RigidTransform, wrap_angle
 
 __all__ = [
@@ -59,6 +60,7 @@ __all__ = [
     "load_sample",
     "plan_samples",
     "sample_frames",
+    "sequences_from_nusc",
 ]
 
 #: The ten classes of the nuScenes detection challenge, in the devkit's order; label ``i`` is
@@ -75,6 +77,9 @@ NUSCENES_DETECTION_NAMES: tuple[str, ...] = (
     "traffic_cone",
     "barrier",
 )
+
+#: The seven classes of the nuScenes tracking challenge (the devkit's ``TRACKING_NAMES``).
+NUSCENES_TRACKING_NAMES: tuple[str, ...] = ("bicycle", "bus", "car", "motorcycle", "pedestrian", "trailer", "truck")
 
 NUSCENES_POINT_FEATURES: tuple[str, ...] = ("x", "y", "z", "intensity", "time_lag")
 
@@ -163,6 +168,56 @@ def lidar_to_global_from_nusc(
         token: _sensor_to_global(nusc, nusc.get("sample_data", nusc.get("sample", token)["data"]["LIDAR_TOP"]))
         for token in tokens
     }
+
+
+def sequences_from_nusc(nusc: Any, sample_tokens: Sequence[str]) -> tuple[list[list[int]], list[float]]:
+    """Group samples into their scenes, in time order.
+
+    Args:
+        nusc: a loaded ``nuscenes.NuScenes``.
+        sample_tokens: samples in any order.
+
+    Returns:
+        Per scene (in order of first appearance), indices into ``sample_tokens`` sorted by time; and
+        per sample, its timestamp in seconds.
+    """
+    samples = [nusc.get("sample", t) for t in sample_tokens]
+    scenes: dict[str, list[int]] = {}
+    for i, sample in enumerate(samples):
+        scenes.setdefault(sample["scene_token"], []).append(i)
+    order = [sorted(v, key=lambda i: samples[i]["timestamp"]) for v in scenes.values()]
+    return order, [s["timestamp"] * 1e-6 for s in samples]
+
+
+class NuScenesTracking:
+    """Tracking on a prepared nuScenes split (``configs/dataset/nuscenes.yaml``, ``tracking``): its
+    scenes in time order, scored against the raw dataset by the devkit.
+
+    Args:
+        frames: the prepared split (frame ids are sample tokens).
+        raw_root, version, eval_set: the raw dataset and the devkit split the frames come from.
+    """
+
+    def __init__(self, frames: Dataset, raw_root: str, version: str, eval_set: str):
+        self._frames, self.raw_root, self.version, self.eval_set = frames, raw_root, version, eval_set
+
+    def frames(self) -> Dataset:
+        return self._frames
+
+    def sequences(self, frames: Dataset, frame_ids: Sequence[str]) -> TrackingSequences:
+        from nuscenes import NuScenes
+
+        nusc = NuScenes(version=self.version, dataroot=str(self.raw_root), verbose=False)
+        tokens = list(frame_ids)  # prepared nuScenes frames are named by their sample token
+        indices, timestamps = sequences_from_nusc(nusc, tokens)
+        return TrackingSequences(
+            indices=indices,
+            timestamps=timestamps,
+            tracking_names={n: n for n in NUSCENES_TRACKING_NAMES},
+            devkit=DevkitDataset(
+                Path(self.raw_root), self.version, self.eval_set, tokens, lidar_to_global_from_nusc(nusc, tokens)
+            ),
+        )
 
 
 def _boxes(nusc: Any, sample: dict, global_to_lidar: RigidTransform) -> tuple[np.ndarray, ...]:

@@ -80,7 +80,6 @@ from scipy.optimize import linear_sum_assignment
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
-from voxsparse.constants import CLASS_NAMES
 from voxsparse.geometry import limit_period
 from voxsparse.ops.boxes import bev_iou_aligned, iou_3d_aligned
 
@@ -619,7 +618,7 @@ def _range_bin(boxes: torch.Tensor) -> np.ndarray:
 def evaluate_detection_levels(
     predictions: Sequence,
     ground_truths: Sequence,
-    class_names: Sequence[str] = CLASS_NAMES,
+    class_names: Sequence[str],
     iou_thresholds: Mapping[str, float] = WAYMO_IOU_THRESHOLDS,
     iou_type: str = "3d",
     device: torch.device | str = "cpu",
@@ -718,7 +717,7 @@ def evaluate_detection_levels(
 def evaluate_detection(
     predictions: Sequence,
     ground_truths: Sequence,
-    class_names: Sequence[str] = CLASS_NAMES,
+    class_names: Sequence[str],
     iou_thresholds: Mapping[str, float] = WAYMO_IOU_THRESHOLDS,
     difficulty: int = 2,
     iou_type: str = "3d",

@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from voxsparse.data.nuscenes import sequences_from_nusc  # noqa: F401  (re-exported)
 from voxsparse.data.nuscenes_tiny import (
     TinyNuScenes,
     TinyNuScenesSpec,
@@ -43,7 +44,6 @@ from voxsparse.structures import Annotations3D, Boxes3D, Detections3D
 from voxsparse.utils.io import atomic_write
 
 __all__ = [
-    "SYNTHETIC_TO_NUSCENES",
     "NuScenesTrackingMetrics",
     "TrackingDataset",
     "TrackingFrame",
@@ -53,13 +53,6 @@ __all__ = [
     "sequences_from_nusc",
     "write_tracking_dataset",
 ]
-
-#: Synthetic class -> (nuScenes category, nuScenes tracking name).
-SYNTHETIC_TO_NUSCENES: Mapping[str, tuple[str, str]] = {
-    "Vehicle": ("vehicle.car", "car"),
-    "Pedestrian": ("human.pedestrian.adult", "pedestrian"),
-    "Cyclist": ("vehicle.bicycle", "bicycle"),
-}
 
 #: The devkit's summary keys reported, with how :class:`NuScenesTrackingMetrics` names them.
 _SUMMARY_KEYS = {
@@ -143,25 +136,6 @@ def export_tracking_submission(
     return submission
 
 
-def sequences_from_nusc(nusc: Any, sample_tokens: Sequence[str]) -> tuple[list[list[int]], list[float]]:
-    """Group samples into their scenes, in time order.
-
-    Args:
-        nusc: a loaded ``nuscenes.NuScenes``.
-        sample_tokens: samples in any order.
-
-    Returns:
-        Per scene (in order of first appearance), indices into ``sample_tokens`` sorted by time; and
-        per sample, its timestamp in seconds.
-    """
-    samples = [nusc.get("sample", t) for t in sample_tokens]
-    scenes: dict[str, list[int]] = {}
-    for i, sample in enumerate(samples):
-        scenes.setdefault(sample["scene_token"], []).append(i)
-    order = [sorted(v, key=lambda i: samples[i]["timestamp"]) for v in scenes.values()]
-    return order, [s["timestamp"] * 1e-6 for s in samples]
-
-
 @dataclass(frozen=True)
 class TrackingFrame:
     """One frame of a sequence to score.
@@ -204,7 +178,7 @@ def write_tracking_dataset(
     root: str | os.PathLike,
     sequences: Sequence[Sequence[TrackingFrame]],
     class_names: Sequence[str],
-    categories: Mapping[str, str] | None = None,
+    categories: Mapping[str, str],
 ) -> TrackingDataset:
     """Write the ground truth of ``sequences`` as a tiny nuScenes dataset the tracking devkit scores.
 
@@ -215,9 +189,9 @@ def write_tracking_dataset(
     Args:
         sequences: frames in time order per sequence (>= 1 frame each).
         class_names: label ``i`` is ``class_names[i]``.
-        categories: class name -> nuScenes category; default: :data:`SYNTHETIC_TO_NUSCENES`.
+        categories: class name -> nuScenes category (the dataset's, e.g.
+            ``voxsparse.data.synthetic.NUSCENES_CLASSES``).
     """
-    categories = categories or {k: v[0] for k, v in SYNTHETIC_TO_NUSCENES.items()}
     missing = [n for n in class_names if n not in categories]
     if missing:
         raise ValueError(f"categories: no nuScenes category for classes {missing}")

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from voxsparse.constants import CLASS_NAMES, KEYPOINT_NAMES
+from voxsparse.constants import KEYPOINT_NAMES
 from voxsparse.geometry import points_in_boxes
 from voxsparse.ops.boxes import boxes_to_corners_3d
 from voxsparse.viz import colors as C
@@ -432,7 +432,7 @@ def build_scene(
     predictions: Any = None,
     *,
     color_by: str = "intensity",
-    class_names: Sequence[str] = CLASS_NAMES,
+    class_names: Sequence[str] | None = None,
     score_threshold: float = 0.0,
     trails: Sequence[tuple[np.ndarray, np.ndarray]] | None = None,
     axes: bool = True,
@@ -467,7 +467,8 @@ def build_scene(
         scene.add("points", PointLayer(pts[:, :3], colors, point_size))
 
     def name(label: int) -> str:
-        return class_names[label] if 0 <= label < len(class_names) else f"class {label}"
+        known = class_names is not None and 0 <= label < len(class_names)
+        return class_names[label] if known else f"class {label}"
 
     if gt_boxes is not None and len(gt_boxes):
         labels = gt_labels if gt_labels is not None else np.zeros(len(gt_boxes), np.int64)

@@ -8,9 +8,11 @@ generated deterministically from a seed, with no download. Modules, by concern:
 * ``scene``: terrain, road layout, static structures, collision-free moving actors,
 * ``lidar``: the sensor (beams, occlusion, noise, dropout, intensity),
 * ``frame``: ``LidarFrame`` and frame / sequence generation,
-* ``dataset``: ``SyntheticDataset`` with disjoint split seeds and an optional disk cache.
+* ``dataset``: ``SyntheticDataset`` with disjoint split seeds and an optional disk cache,
+* ``tracking``: ``SyntheticTracking``, held-out sequences for the tracking evaluation.
 """
 
+from voxsparse.data.synthetic.actors import CLASS_NAMES
 from voxsparse.data.synthetic.dataset import SPLIT_CODES, SyntheticDataset, sequence_seed
 from voxsparse.data.synthetic.frame import (
     LidarFrame,
@@ -21,8 +23,11 @@ from voxsparse.data.synthetic.frame import (
 )
 from voxsparse.data.synthetic.lidar import Lidar, LidarConfig, Scan
 from voxsparse.data.synthetic.scene import Scene, SceneConfig, build_scene
+from voxsparse.data.synthetic.tracking import NUSCENES_CLASSES, SyntheticTracking
 
 __all__ = [
+    "CLASS_NAMES",
+    "NUSCENES_CLASSES",
     "SPLIT_CODES",
     "Lidar",
     "LidarConfig",
@@ -31,6 +36,7 @@ __all__ = [
     "Scene",
     "SceneConfig",
     "SyntheticDataset",
+    "SyntheticTracking",
     "build_scene",
     "generate_frame",
     "generate_sequence",

@@ -14,9 +14,11 @@ from functools import cached_property
 
 import numpy as np
 
-from voxsparse.constants import CLASS_NAMES, KEYPOINT_NAMES
+from voxsparse.constants import KEYPOINT_NAMES
 from voxsparse.data.synthetic.geometry import Primitives, ShapeBuilder
 
+#: The synthetic world's classes, in label order (label ``i`` is ``CLASS_NAMES[i]``).
+CLASS_NAMES: tuple[str, ...] = ("Vehicle", "Pedestrian", "Cyclist")
 VEHICLE, PEDESTRIAN, CYCLIST = (CLASS_NAMES.index(name) for name in ("Vehicle", "Pedestrian", "Cyclist"))
 
 # Diffuse reflectances of the surfaces the actors are made of.

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 from torch.utils.data import Dataset
 
-from voxsparse.constants import CLASS_NAMES
+from voxsparse.data.synthetic.actors import CLASS_NAMES
 from voxsparse.data.synthetic.frame import LidarFrame, make_scene, render_frame
 from voxsparse.data.synthetic.lidar import Lidar, LidarConfig
 from voxsparse.data.synthetic.scene import Scene, SceneConfig

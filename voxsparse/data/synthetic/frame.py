@@ -35,7 +35,7 @@ class LidarFrame:
         boxes: (K, 9) float32 (x, y, z, dx, dy, dz, heading, vx, vy): centre, size (dx along the
             heading), heading counter-clockwise from +x in [-pi, pi), and the object's velocity over
             the ground (m/s) expressed in the LiDAR axes (the ego's own motion is not subtracted).
-        labels: (K,) int64 index into ``voxsparse.constants.CLASS_NAMES``.
+        labels: (K,) int64 index into ``CLASS_NAMES`` (``voxsparse.data.synthetic.actors``).
         num_points: (K,) int64 points inside each box (faces included); objects with none are dropped.
         difficulty: (K,) int64 1 = LEVEL_1, 2 = LEVEL_2 (``num_points <= 5``).
         track_ids: (K,) int64 identities, stable over a sequence.

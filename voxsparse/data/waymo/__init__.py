@@ -8,6 +8,7 @@
 Install: ``pip install --no-deps waymo-open-dataset-tf-2-12-0==1.6.7`` for the protos (``INSTALL_HINT``).
 """
 
+from voxsparse.data.waymo.classes import CLASS_NAMES
 from voxsparse.data.waymo.frame import (
     INSTALL_HINT,
     POINT_FEATURES,
@@ -19,6 +20,7 @@ from voxsparse.data.waymo.frame import (
 from voxsparse.data.waymo.tfrecord import TFRecordError, iter_records, write_records
 
 __all__ = [
+    "CLASS_NAMES",
     "INSTALL_HINT",
     "POINT_FEATURES",
     "TFRecordError",

@@ -41,7 +41,8 @@ from typing import Any
 import numpy as np
 from google.protobuf.message import DecodeError
 
-from voxsparse.constants import CLASS_NAMES, KEYPOINT_NAMES
+from voxsparse.constants import KEYPOINT_NAMES
+from voxsparse.data.waymo.classes import CLASS_NAMES
 from voxsparse.data.waymo.range_image import LASER_NAMES, TOP_LASER, range_image_to_points, row_inclinations
 from voxsparse.data.waymo.tfrecord import iter_records
 
