@@ -5,6 +5,12 @@ command after an interruption and finished work is skipped.
     python tools/prepare_data.py nuscenes --root data/nuscenes --version v1.0-mini \\
         --out data/prepared/nuscenes --sweeps 10 --workers 4
     python tools/prepare_data.py waymo --root data/waymo/raw --out data/prepared/waymo --workers 4
+    python tools/prepare_data.py my_package.my_dataset --root ... --out ...
+
+The first argument names the dataset module: a module of ``voxsparse.data`` by its name (nuscenes,
+waymo), else any importable module by its (dotted) name. The module gives its own options
+(``add_prepare_arguments``) and the splits to prepare (``preparation_splits``; see
+``voxsparse.data.prepared.PreparationSplit``). ``DATASET --help`` lists a dataset's options.
 
 nuScenes splits are the devkit's (``train``/``val`` for v1.0-trainval, ``mini_train``/``mini_val``
 for v1.0-mini, ``test`` for v1.0-test; ``--splits`` also takes custom splits of
@@ -15,20 +21,18 @@ for v1.0-mini, ``test`` for v1.0-test; ``--splits`` also takes custom splits of
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
-import re
 import sys
 import time
-from collections.abc import Iterator, Sequence
-from pathlib import Path
+from collections.abc import Sequence
+from types import ModuleType
 
 from voxsparse.data.prepared import PreparedIndex, prepare
-from voxsparse.data.waymo.classes import CLASS_NAMES as WAYMO_CLASS_NAMES
 
 log = logging.getLogger("voxsparse.prepare_data")
 
-#: Waymo v1 folders -> prepared split names.
-WAYMO_SPLITS = {"training": "train", "validation": "val", "testing": "test"}
+_HOOKS = ("add_prepare_arguments", "preparation_splits")
 
 
 def _summary(index: PreparedIndex, seconds: float, workers: int) -> str:
@@ -50,130 +54,79 @@ def _gt_splits(splits: Sequence[str], chosen: Sequence[str] | None) -> set[str]:
     return set(chosen)
 
 
-def prepare_nuscenes(args: argparse.Namespace) -> list[PreparedIndex]:
-    from voxsparse.data.nuscenes import (
-        NUSCENES_DETECTION_NAMES,
-        VERSION_SPLITS,
-        load_nuscenes,
-        plan_samples,
-        sample_frames,
-    )
-
-    splits = args.splits or VERSION_SPLITS.get(args.version)
-    if not splits:
-        raise SystemExit(f"--version {args.version}: no predefined splits known; name them with --splits")
-    nusc = load_nuscenes(args.root, args.version)
-    gt_splits = _gt_splits(splits, args.gt_database)
-    indices = []
-    for split in splits:
-        start = time.perf_counter()
-        samples = plan_samples(nusc, split, args.sweeps)
-        index = prepare(
-            sample_frames,
-            {s.token: s for s in samples},
-            args.out,
-            split,
-            args.workers,
-            class_names=NUSCENES_DETECTION_NAMES,
-            config={"dataset": "nuscenes", "version": args.version, "max_sweeps": args.sweeps},
-            gt_database=split in gt_splits,
-            progress=not args.quiet,
-        )
-        print(_summary(index, time.perf_counter() - start, args.workers))
-        indices.append(index)
-    return indices
-
-
-def waymo_frames(path: str) -> Iterator:
-    """The frames of one Waymo TFRecord (a ``prepare`` factory: module level, so workers can pickle it).
-
-    Without the official protobuf definitions, reading raises an ImportError that says how to
-    install them (``voxsparse.data.waymo.INSTALL_HINT``).
-    """
-    try:
-        from voxsparse.data.waymo import read_frames
-    except ImportError as exc:  # the TFRecord reader's CRC library
-        raise ImportError(f'Waymo preparation needs the waymo extra: pip install -e ".[waymo]" ({exc})') from exc
-    return read_frames(path)
-
-
-def _task_key(path: Path) -> str:
-    stem = path.name.removesuffix(".tfrecord")
-    return re.sub(r"[^A-Za-z0-9._-]", "_", stem)
-
-
-def prepare_waymo(args: argparse.Namespace) -> list[PreparedIndex]:
-    root = Path(args.root)
-    found = (
-        {WAYMO_SPLITS[d.name]: d for d in sorted(root.iterdir()) if d.name in WAYMO_SPLITS}
-        if root.is_dir()
-        else {}
-    )
-    splits = args.splits or list(found)
-    if not splits:
-        raise SystemExit(f"--root {root}: no {'/'.join(WAYMO_SPLITS)} folder of .tfrecord files found")
-    missing = [s for s in splits if s not in found]
+def dataset_module(name: str) -> ModuleType:
+    """The module that prepares ``name``: ``voxsparse.data.<name>`` if there is one, else the module
+    ``name`` itself (any importable, dotted or not)."""
+    candidates = [name] if "." in name else [f"voxsparse.data.{name}", name]
+    module = None
+    for module_name in candidates:
+        try:
+            module = importlib.import_module(module_name)
+            break
+        except ModuleNotFoundError as exc:
+            if exc.name is None or not module_name.startswith(exc.name):  # found, but it needs a missing one
+                raise SystemExit(
+                    f"dataset {name!r}: {module_name} needs {exc.name!r}, which is not installed ({exc})"
+                ) from None
+    if module is None:
+        raise SystemExit(f"dataset {name!r}: no module {' or '.join(candidates)}")
+    missing = [hook for hook in _HOOKS if not callable(getattr(module, hook, None))]
     if missing:
-        raise SystemExit(f"--splits {missing}: no matching folder under {root} (expected {WAYMO_SPLITS})")
-    gt_splits = _gt_splits(splits, args.gt_database)
-    indices = []
-    for split in splits:
-        files = sorted(found[split].glob("*.tfrecord"))
-        if not files:
-            raise SystemExit(f"{found[split]}: no .tfrecord files")
-        start = time.perf_counter()
-        index = prepare(
-            waymo_frames,
-            {_task_key(f): str(f) for f in files},
-            args.out,
-            split,
-            args.workers,
-            class_names=WAYMO_CLASS_NAMES,
-            config={"dataset": "waymo", "format": "v1-tfrecord"},
-            gt_database=split in gt_splits,
-            progress=not args.quiet,
-        )
-        print(_summary(index, time.perf_counter() - start, args.workers))
-        indices.append(index)
-    return indices
+        raise SystemExit(f"dataset {name!r}: {module.__name__} cannot prepare data (it has no {', '.join(missing)})")
+    return module
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+def build_parser(module: ModuleType | None = None) -> argparse.ArgumentParser:
+    """The options: the dataset's own (``module.add_prepare_arguments``) after the common ones."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("dataset", help="dataset module: nuscenes, waymo (voxsparse.data.<name>) or a dotted name")
+    parser.add_argument("--root", help="raw dataset folder (default: the dataset's)")
+    parser.add_argument("--out", help="prepared dataset folder (default: the dataset's)")
+    parser.add_argument("--workers", type=int, default=4, help="processes (default 4)")
+    parser.add_argument("--splits", nargs="+", help="splits to prepare (default: all of the dataset)")
+    parser.add_argument(
+        "--gt-database",
+        nargs="*",
+        metavar="SPLIT",
+        help="splits that get a GT database (default: those whose name ends in 'train'; none if empty)",
     )
-    sub = parser.add_subparsers(dest="dataset", required=True)
-
-    def common(p: argparse.ArgumentParser, root: str, out: str) -> None:
-        p.add_argument("--root", default=root, help=f"raw dataset folder (default {root})")
-        p.add_argument("--out", default=out, help=f"prepared dataset folder (default {out})")
-        p.add_argument("--workers", type=int, default=4, help="processes (default 4)")
-        p.add_argument("--splits", nargs="+", help="splits to prepare (default: all of the dataset)")
-        p.add_argument(
-            "--gt-database",
-            nargs="*",
-            metavar="SPLIT",
-            help="splits that get a GT database (default: those whose name ends in 'train'; none if empty)",
-        )
-        p.add_argument("--quiet", action="store_true", help="no progress bar")
-
-    nus = sub.add_parser("nuscenes", help="nuScenes through nuscenes-devkit")
-    common(nus, "data/nuscenes", "data/prepared/nuscenes")
-    nus.add_argument("--version", default="v1.0-trainval", help="v1.0-trainval | v1.0-mini | v1.0-test")
-    nus.add_argument(
-        "--sweeps", type=int, default=10, help="LiDAR scans per frame, the keyframe included (default 10)"
-    )
-    way = sub.add_parser("waymo", help="Waymo Open Dataset v1 TFRecords (needs the waymo extra)")
-    common(way, "data/waymo/raw", "data/prepared/waymo")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    if module is not None:
+        module.add_prepare_arguments(parser)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> list[PreparedIndex]:
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    first = argparse.ArgumentParser(add_help=False)
+    first.add_argument("dataset", nargs="?")
+    known, _ = first.parse_known_args(argv)
+    module = None if known.dataset is None or known.dataset.startswith("-") else dataset_module(known.dataset)
+    args = build_parser(module).parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.workers < 1:
         raise SystemExit(f"--workers: expected >= 1, got {args.workers}")
-    return prepare_nuscenes(args) if args.dataset == "nuscenes" else prepare_waymo(args)
+    if args.root is None or args.out is None:
+        raise SystemExit(f"dataset {args.dataset!r}: give --root and --out (the dataset module sets no default)")
+    plans = module.preparation_splits(args)
+    gt_splits = _gt_splits([p.split for p in plans], args.gt_database)
+    indices = []
+    for plan in plans:
+        start = time.perf_counter()
+        index = prepare(
+            plan.factory,
+            plan.tasks(),
+            args.out,
+            plan.split,
+            args.workers,
+            class_names=plan.class_names,
+            config=plan.config,
+            gt_database=plan.split in gt_splits,
+            progress=not args.quiet,
+        )
+        print(_summary(index, time.perf_counter() - start, args.workers))
+        indices.append(index)
+    return indices
 
 
 if __name__ == "__main__":

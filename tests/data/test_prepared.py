@@ -360,3 +360,74 @@ def test_waymo_preset_composes_consistently():
     ]
     assert cfg.model.voxel_encoder.in_channels == len(cfg.dataset.point_features)
     assert cfg.dataset.augmentations[0].total_epochs == cfg.trainer.epochs == 12
+
+
+# ---------------------------------------------------------------- a dataset module prepares itself
+
+TOY_PREPARATION = '''
+"""Frames of a made-up raw format: one task per "file", two frames each."""
+
+import numpy as np
+
+from voxsparse.data.prepared import PreparationSplit, PreparedFrame
+
+CLASS_NAMES = ("Thing",)
+
+
+def toy_frames(task):
+    for k in range(2):
+        yield PreparedFrame(
+            frame_id=f"{task}-{k}", points=np.full((5, 4), k, np.float32),
+            boxes=np.array([[0, 0, 0, 1, 1, 1, 0]], np.float32), labels=np.zeros(1, np.int64),
+            num_points=np.ones(1, np.int64), difficulty=np.ones(1, np.int64), track_ids=np.zeros(1, np.int64),
+            point_features=("x", "y", "z", "intensity"),
+        )
+
+
+def add_prepare_arguments(parser):
+    parser.set_defaults(out="unused-default")
+    parser.add_argument("--files", type=int, default=2)
+
+
+def preparation_splits(args):
+    tasks = {f"file{i}": f"file{i}" for i in range(args.files)}
+    return [PreparationSplit("train", toy_frames, lambda: tasks, CLASS_NAMES, {"dataset": "toy"})]
+'''
+
+
+def test_prepare_data_dispatches_to_any_dataset_module(tmp_path, monkeypatch):
+    (tmp_path / "toy_preparation.py").write_text(TOY_PREPARATION)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    out = tmp_path / "out"
+    (index,) = prepare_data.main(
+        ["toy_preparation", "--root", str(tmp_path), "--out", str(out), "--files", "3", "--workers", "1", "--quiet"]
+    )
+    assert index.split == "train" and len(index.frames) == 6 and index.gt_database
+    prepared = PreparedDataset(out, "train")
+    assert prepared.frame_ids[:2] == ["file0-0", "file0-1"] and list(prepared.class_names) == ["Thing"]
+
+    with pytest.raises(SystemExit, match="no module voxsparse.data.kitti or kitti"):
+        prepare_data.main(["kitti", "--root", "r", "--out", "o"])
+    with pytest.raises(SystemExit, match="cannot prepare data .*add_prepare_arguments, preparation_splits"):
+        prepare_data.main(["voxsparse.data.sample", "--root", "r", "--out", "o"])
+    with pytest.raises(SystemExit, match="give --root and --out"):
+        prepare_data.main(["toy_preparation", "--out", str(out)])
+
+
+def test_waymo_preparation_plans_a_split_per_folder(tmp_path):
+    from voxsparse.data.waymo.prepare import add_prepare_arguments, preparation_splits, waymo_frames
+
+    for folder, names in {"training": ["a.tfrecord", "b c.tfrecord"], "validation": ["v.tfrecord"]}.items():
+        (tmp_path / folder).mkdir()
+        for name in names:
+            (tmp_path / folder / name).write_bytes(b"")
+    parser = prepare_data.build_parser()
+    add_prepare_arguments(parser)
+    args = parser.parse_args(["waymo", "--root", str(tmp_path)])
+    assert args.out == "data/prepared/waymo"
+    plans = preparation_splits(args)
+    assert [p.split for p in plans] == ["train", "val"]
+    assert plans[0].tasks() == {"a": str(tmp_path / "training" / "a.tfrecord"), "b_c": str(tmp_path / "training" / "b c.tfrecord")}
+    assert plans[0].factory is waymo_frames and list(plans[0].class_names) == ["Vehicle", "Pedestrian", "Cyclist"]
+    with pytest.raises(SystemExit, match=r"--splits \['test'\]: no matching folder"):
+        preparation_splits(parser.parse_args(["waymo", "--root", str(tmp_path), "--splits", "test"]))

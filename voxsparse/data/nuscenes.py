@@ -32,6 +32,8 @@ Splits: a predefined devkit split (``train``/``val``/``test`` of v1.0-trainval /
 
 from __future__ import annotations
 
+import argparse
+import functools
 import math
 import os
 from collections.abc import Collection, Sequence
@@ -43,7 +45,7 @@ import numpy as np
 from torch.utils.data import Dataset
 
 from voxsparse.data.pointfile import read_points
-from voxsparse.data.prepared import PreparedFrame
+from voxsparse.data.prepared import PreparationSplit, PreparedFrame
 from voxsparse.data.tracking import DevkitDataset, TrackingSequences
 from voxsparse.geometry import RigidTransform, wrap_angle
 
@@ -187,6 +189,33 @@ def sequences_from_nusc(nusc: Any, sample_tokens: Sequence[str]) -> tuple[list[l
         scenes.setdefault(sample["scene_token"], []).append(i)
     order = [sorted(v, key=lambda i: samples[i]["timestamp"]) for v in scenes.values()]
     return order, [s["timestamp"] * 1e-6 for s in samples]
+
+
+def add_prepare_arguments(parser: argparse.ArgumentParser) -> None:
+    """``tools/prepare_data.py nuscenes`` options (splits: the devkit's, or custom ones of
+    ``<root>/<version>/splits.json``)."""
+    parser.set_defaults(root="data/nuscenes", out="data/prepared/nuscenes")
+    parser.add_argument("--version", default="v1.0-trainval", help="v1.0-trainval | v1.0-mini | v1.0-test")
+    parser.add_argument(
+        "--sweeps", type=int, default=10, help="LiDAR scans per frame, the keyframe included (default 10)"
+    )
+
+
+def preparation_splits(args: argparse.Namespace) -> list[PreparationSplit]:
+    """The splits ``tools/prepare_data.py nuscenes`` prepares: ``--splits``, else the version's."""
+    splits = args.splits or VERSION_SPLITS.get(args.version)
+    if not splits:
+        raise SystemExit(f"--version {args.version}: no predefined splits known; name them with --splits")
+    nusc = load_nuscenes(args.root, args.version)
+    config = {"dataset": "nuscenes", "version": args.version, "max_sweeps": args.sweeps}
+
+    def tasks(split: str) -> dict[str, NuScenesSample]:
+        return {s.token: s for s in plan_samples(nusc, split, args.sweeps)}
+
+    return [
+        PreparationSplit(split, sample_frames, functools.partial(tasks, split), NUSCENES_DETECTION_NAMES, config)
+        for split in splits
+    ]
 
 
 class NuScenesTracking:

@@ -48,6 +48,7 @@ __all__ = [
     "FORMAT_VERSION",
     "FrameEntry",
     "PrepareError",
+    "PreparationSplit",
     "PreparedDataset",
     "PreparedFrame",
     "PreparedIndex",
@@ -405,6 +406,30 @@ def _run(job: _Job) -> tuple[str, dict, bool]:
 def _init_worker() -> None:
     # Workers run side by side: one thread each (torch ops in cut_objects) avoids oversubscription.
     torch.set_num_threads(1)
+
+
+@dataclass(frozen=True)
+class PreparationSplit:
+    """One split a dataset module asks ``tools/prepare_data.py`` to prepare (:func:`prepare`'s arguments).
+
+    A dataset module that can be prepared exposes ``add_prepare_arguments(parser)`` (its own command-line
+    options, and defaults for ``--root`` / ``--out`` through ``parser.set_defaults``) and
+    ``preparation_splits(args) -> list[PreparationSplit]`` (``args``: the parsed options, with ``root``,
+    ``out``, ``workers``, ``splits``, ``gt_database`` and ``quiet``).
+
+    Attributes:
+        split: the prepared split's name.
+        factory: ``factory(task)`` yields a task's frames (picklable: a module-level function).
+        tasks: builds the tasks (task key -> task) when the split's turn comes.
+        class_names: what the frames' labels index.
+        config: recorded in the split's index.
+    """
+
+    split: str
+    factory: Callable[[Any], Iterable[Any]]
+    tasks: Callable[[], Mapping[str, Any]]
+    class_names: Sequence[str]
+    config: Mapping[str, Any]
 
 
 def prepare(

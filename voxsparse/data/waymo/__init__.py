@@ -3,6 +3,7 @@
 * ``tfrecord``: the TFRecord container, read and written with checksums verified,
 * ``range_image``: the official range-image-to-points conversion in numpy,
 * ``frame``: ``Frame`` protos to :class:`WaymoFrame` and :func:`read_frames`,
+* ``prepare``: what ``tools/prepare_data.py waymo`` prepares (``add_prepare_arguments``, ``preparation_splits``),
 * ``writer``: Waymo-format frames built from vehicle-frame points and labels (tests, examples).
 
 Install: ``pip install --no-deps waymo-open-dataset-tf-2-12-0==1.6.7`` for the protos (``INSTALL_HINT``).
@@ -17,6 +18,7 @@ from voxsparse.data.waymo.frame import (
     read_frames,
     track_id,
 )
+from voxsparse.data.waymo.prepare import add_prepare_arguments, preparation_splits
 from voxsparse.data.waymo.tfrecord import TFRecordError, iter_records, write_records
 
 __all__ = [
@@ -25,8 +27,10 @@ __all__ = [
     "POINT_FEATURES",
     "TFRecordError",
     "WaymoFrame",
+    "add_prepare_arguments",
     "decode_frame",
     "iter_records",
+    "preparation_splits",
     "read_frames",
     "track_id",
     "write_records",
