@@ -40,6 +40,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from voxsparse.data.frame_record import FrameRecord
 from voxsparse.data.gt_database import cut_objects, merge_parts, read_part, write_part
 from voxsparse.utils.io import atomic_write
 from voxsparse.utils.progress import progress as progress_bar
@@ -47,8 +48,8 @@ from voxsparse.utils.progress import progress as progress_bar
 __all__ = [
     "FORMAT_VERSION",
     "FrameEntry",
-    "PrepareError",
     "PreparationSplit",
+    "PrepareError",
     "PreparedDataset",
     "PreparedFrame",
     "PreparedIndex",
@@ -77,9 +78,10 @@ def _check_name(kind: str, name: str) -> str:
     return name
 
 
-@dataclass
-class PreparedFrame:
-    """One frame as stored: numpy arrays in the LiDAR frame; satisfies ``FrameLike``.
+@dataclass(kw_only=True)
+class PreparedFrame(FrameRecord):
+    """One frame as stored: numpy arrays in the LiDAR frame; a
+    :class:`~voxsparse.data.frame_record.FrameRecord` with named point columns.
 
     Attributes:
         frame_id: unique in its split; a file name (letters, digits, ``._-``).
@@ -94,46 +96,24 @@ class PreparedFrame:
         point_features: names of the C columns.
     """
 
-    frame_id: str
-    points: np.ndarray
-    boxes: np.ndarray
-    labels: np.ndarray
-    num_points: np.ndarray
-    difficulty: np.ndarray
-    track_ids: np.ndarray
-    keypoints: np.ndarray | None = None
-    keypoint_visibility: np.ndarray | None = None
     no_label_zone: np.ndarray | None = None
     point_features: tuple[str, ...] = field(default=_XYZ)
 
+    def where(self) -> str:
+        return f"frame {self.frame_id!r}"
+
+    def point_columns(self) -> int | None:
+        return len(self.point_features)
+
+    def array_fields(self) -> dict[str, tuple[tuple[int, ...], Any, bool]]:
+        return {**super().array_fields(), "no_label_zone": ((len(self.points),), np.bool_, True)}
+
     def __post_init__(self) -> None:
-        where = f"frame {self.frame_id!r}"
         _check_name("frame id", self.frame_id)
-        k, c = len(self.boxes), len(self.point_features)
-        expected: dict[str, tuple[tuple[int, ...], Any]] = {
-            "points": ((-1, c), np.float32),
-            "boxes": ((k, -1), np.float32),
-            "labels": ((k,), np.int64),
-            "num_points": ((k,), np.int64),
-            "difficulty": ((k,), np.int64),
-            "track_ids": ((k,), np.int64),
-            "keypoints": ((k, -1, 3), np.float32),
-            "keypoint_visibility": ((k, -1), np.bool_),
-            "no_label_zone": ((len(self.points),), np.bool_),
-        }
-        for name, (shape, dtype) in expected.items():
-            value = getattr(self, name)
-            if value is None and name in ("keypoints", "keypoint_visibility", "no_label_zone"):
-                continue
-            if not isinstance(value, np.ndarray) or value.dtype != dtype:
-                got = f"{value.dtype} array" if isinstance(value, np.ndarray) else type(value).__name__
-                raise TypeError(f"{where}: {name} must be a {np.dtype(dtype)} array, got {got}")
-            if value.ndim != len(shape) or any(s not in (-1, v) for s, v in zip(shape, value.shape)):
-                raise ValueError(f"{where}: {name} has shape {value.shape}, expected {shape} (-1 = any)")
+        super().__post_init__()
+        where, k = self.where(), len(self.boxes)
         if tuple(self.point_features[:3]) != _XYZ:
             raise ValueError(f"{where}: point_features must start with x, y, z, got {self.point_features}")
-        if self.boxes.shape[1] not in (7, 9):
-            raise ValueError(f"{where}: boxes need 7 or 9 columns, got {self.boxes.shape[1]}")
         if (self.keypoints is None) != (self.keypoint_visibility is None):
             raise ValueError(f"{where}: keypoints and keypoint_visibility must both be given or both be None")
         if self.keypoints is not None and self.keypoints.shape[1] != self.keypoint_visibility.shape[1]:

@@ -8,10 +8,12 @@ sequence can be rendered alone, bit-identically, without rendering the frames be
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import numpy as np
 
 from voxsparse.constants import KEYPOINT_NAMES
+from voxsparse.data.frame_record import FrameRecord
 from voxsparse.data.synthetic.geometry import Primitives
 from voxsparse.data.synthetic.lidar import Lidar, LidarConfig
 from voxsparse.data.synthetic.scene import Scene, SceneConfig, build_scene
@@ -26,9 +28,10 @@ KEYPOINT_TOLERANCE = 0.12
 LEVEL_2_MAX_POINTS = 5
 
 
-@dataclass
-class LidarFrame:
-    """One LiDAR sweep and its ground truth, in the LiDAR frame (x forward, y left, z up, metres).
+@dataclass(kw_only=True)
+class LidarFrame(FrameRecord):
+    """One LiDAR sweep and its ground truth, in the LiDAR frame (x forward, y left, z up, metres): a
+    :class:`~voxsparse.data.frame_record.FrameRecord` with a time and a pose.
 
     Attributes:
         points: (N, 4) float32 x, y, z, intensity in [0, 1].
@@ -46,38 +49,18 @@ class LidarFrame:
         ego_pose: (4, 4) float64 world-from-LiDAR transform.
     """
 
-    points: np.ndarray
-    boxes: np.ndarray
-    labels: np.ndarray
-    num_points: np.ndarray
-    difficulty: np.ndarray
-    track_ids: np.ndarray
-    keypoints: np.ndarray
-    keypoint_visibility: np.ndarray
-    frame_id: str
     timestamp: float
     ego_pose: np.ndarray
 
-    def __post_init__(self) -> None:
-        k = len(self.boxes)
-        expected = {
-            "points": ((-1, 4), np.float32),
-            "boxes": ((k, 9), np.float32),
-            "labels": ((k,), np.int64),
-            "num_points": ((k,), np.int64),
-            "difficulty": ((k,), np.int64),
-            "track_ids": ((k,), np.int64),
-            "keypoints": ((k, len(KEYPOINT_NAMES), 3), np.float32),
-            "keypoint_visibility": ((k, len(KEYPOINT_NAMES)), np.bool_),
-            "ego_pose": ((4, 4), np.float64),
-        }
-        for name, (shape, dtype) in expected.items():
-            value = getattr(self, name)
-            if not isinstance(value, np.ndarray) or value.dtype != dtype:
-                got = f"a {value.dtype} array" if isinstance(value, np.ndarray) else type(value).__name__
-                raise TypeError(f"LidarFrame.{name}: expected a {np.dtype(dtype)} array, got {got}")
-            if len(value.shape) != len(shape) or any(s not in (-1, v) for s, v in zip(shape, value.shape)):
-                raise ValueError(f"LidarFrame.{name}: expected shape {shape} (-1 = any), got {value.shape}")
+    BOX_COLUMNS: ClassVar[tuple[int, ...]] = (9,)
+    NUM_KEYPOINTS: ClassVar[int | None] = len(KEYPOINT_NAMES)
+    KEYPOINTS_REQUIRED: ClassVar[bool] = True
+
+    def point_columns(self) -> int | None:
+        return 4
+
+    def array_fields(self) -> dict[str, tuple[tuple[int, ...], Any, bool]]:
+        return {**super().array_fields(), "ego_pose": ((4, 4), np.float64, False)}
 
     def __len__(self) -> int:
         """Number of labelled objects."""

@@ -36,12 +36,13 @@ import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 from google.protobuf.message import DecodeError
 
 from voxsparse.constants import KEYPOINT_NAMES
+from voxsparse.data.frame_record import FrameRecord
 from voxsparse.data.waymo.classes import CLASS_NAMES
 from voxsparse.data.waymo.range_image import LASER_NAMES, TOP_LASER, range_image_to_points, row_inclinations
 from voxsparse.data.waymo.tfrecord import iter_records
@@ -78,12 +79,12 @@ _CLASS_OF_TYPE = {
 }
 
 
-@dataclass
-class WaymoFrame:
+@dataclass(kw_only=True)
+class WaymoFrame(FrameRecord):
     """One Waymo frame: all LiDAR returns and the 3D labels, in the frame's vehicle frame.
 
     The vehicle frame (x forward, y left, z up, origin at the rear axle) plays the part of the LiDAR
-    frame of ``voxsparse.data.sample.FrameLike``, whose fields come first.
+    frame of :class:`~voxsparse.data.frame_record.FrameRecord`, whose fields come first.
 
     Attributes:
         frame_id: ``"<context name>_<timestamp_micros>"``.
@@ -106,15 +107,6 @@ class WaymoFrame:
         context_name: the segment (``Context.name``); frames of one segment form one sequence.
     """
 
-    frame_id: str
-    points: np.ndarray
-    boxes: np.ndarray
-    labels: np.ndarray
-    num_points: np.ndarray
-    difficulty: np.ndarray
-    track_ids: np.ndarray
-    keypoints: np.ndarray
-    keypoint_visibility: np.ndarray
     point_features: tuple[str, ...]
     laser_id: np.ndarray
     return_index: np.ndarray
@@ -123,31 +115,22 @@ class WaymoFrame:
     ego_pose: np.ndarray
     context_name: str
 
-    def __post_init__(self) -> None:
-        n, k = len(self.points), len(self.boxes)
-        expected = {
-            "points": ((n, len(self.point_features)), np.float32),
-            "boxes": ((k, 9), np.float32),
-            "labels": ((k,), np.int64),
-            "num_points": ((k,), np.int64),
-            "difficulty": ((k,), np.int64),
-            "track_ids": ((k,), np.int64),
-            "keypoints": ((k, len(KEYPOINT_NAMES), 3), np.float32),
-            "keypoint_visibility": ((k, len(KEYPOINT_NAMES)), np.bool_),
-            "laser_id": ((n,), np.uint8),
-            "return_index": ((n,), np.uint8),
-            "no_label_zone": ((n,), np.bool_),
-            "ego_pose": ((4, 4), np.float64),
+    BOX_COLUMNS: ClassVar[tuple[int, ...]] = (9,)
+    NUM_KEYPOINTS: ClassVar[int | None] = len(KEYPOINT_NAMES)
+    KEYPOINTS_REQUIRED: ClassVar[bool] = True
+
+    def point_columns(self) -> int | None:
+        return len(self.point_features)
+
+    def array_fields(self) -> dict[str, tuple[tuple[int, ...], Any, bool]]:
+        n = len(self.points)
+        return {
+            **super().array_fields(),
+            "laser_id": ((n,), np.uint8, False),
+            "return_index": ((n,), np.uint8, False),
+            "no_label_zone": ((n,), np.bool_, False),
+            "ego_pose": ((4, 4), np.float64, False),
         }
-        for name, (shape, dtype) in expected.items():
-            value = getattr(self, name)
-            if not isinstance(value, np.ndarray) or value.dtype != dtype or value.shape != shape:
-                got = (
-                    f"{value.dtype} {value.shape}" if isinstance(value, np.ndarray) else type(value).__name__
-                )
-                raise ValueError(
-                    f"WaymoFrame.{name}: expected a {np.dtype(dtype)} array of shape {shape}, got {got}"
-                )
 
     def __len__(self) -> int:
         """Number of labelled objects."""
