@@ -162,3 +162,21 @@ def test_a_dataset_in_one_module_and_one_yaml_trains_evaluates_and_tracks(tmp_pa
     assert len(submission) == 6
     names = {b["tracking_name"] for frame in submission.values() for b in frame}
     assert names <= {"car", "pedestrian"}
+
+
+@pytest.mark.parametrize(
+    "dataset, module, names",
+    [
+        ("synthetic", "voxsparse.data.synthetic", "CLASS_NAMES"),
+        ("waymo", "voxsparse.data.waymo.classes", "CLASS_NAMES"),
+        ("nuscenes", "voxsparse.data.nuscenes", "NUSCENES_DETECTION_NAMES"),
+    ],
+)
+def test_each_dataset_yaml_trains_on_its_modules_classes(dataset, module, names):
+    """The module owns the class names its frames' labels index; the yaml lists the same, in order."""
+    import importlib
+
+    from tool_runs import compose_config
+
+    cfg = compose_config("train", [f"dataset={dataset}"])
+    assert list(cfg.dataset.class_names) == list(getattr(importlib.import_module(module), names))
