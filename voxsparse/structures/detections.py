@@ -26,7 +26,7 @@ class Annotations3D:
 
     Attributes:
         boxes: K boxes, usually with velocity.
-        labels: (K,) int64 class indices into ``voxsparse.constants.CLASS_NAMES``.
+        labels: (K,) int64 class indices into the dataset's class names.
         num_points: (K,) int64 LiDAR points inside each box.
         difficulty: (K,) int64, 1 = LEVEL_1, 2 = LEVEL_2 (Waymo definition).
         track_ids: (K,) int64 object ids, stable over a sequence.
