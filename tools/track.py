@@ -12,7 +12,6 @@ tracker links each sequence's detections, and the devkit's ``TrackingEval`` scor
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 
 from hydra.core.hydra_config import HydraConfig
@@ -23,20 +22,10 @@ from voxsparse.engine.cli import tool
 from voxsparse.engine.config import check_types, parse_options
 from voxsparse.engine.distributed import init_distributed
 from voxsparse.engine.evaluate import report
-from voxsparse.engine.tracking import check_tracking, run_tracking
+from voxsparse.engine.tracking import TrackOptions, check_tracking, run_tracking
 from voxsparse.models.trackers import TrackerConfig
 
 log = logging.getLogger("voxsparse.track")
-
-
-@dataclass
-class TrackOptions:
-    """The tool's own options (configs/track.yaml)."""
-
-    checkpoint: str | None = None
-    device: str = "auto"
-    batch_size: int = 4
-    class_range: dict[str, float] | None = None
 
 
 @tool("track")

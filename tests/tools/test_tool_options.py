@@ -5,24 +5,14 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
 from omegaconf import OmegaConf
-from tool_runs import ROOT, compose_config, error_line, run_tool
+from tool_runs import compose_config, error_line, run_tool
 
-
-def _load_tool(name: str):
-    spec = importlib.util.spec_from_file_location(f"{name}_tool", ROOT / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    try:
-        spec.loader.exec_module(module)
-    finally:
-        del sys.modules[spec.name]
-    return module
+from voxsparse.engine.tracking import TrackOptions
+from voxsparse.viz.app import VisualizeOptions
 
 
 def _error_line(tool: str, tmp_path: Path, *args: str) -> str:
@@ -33,18 +23,16 @@ def _error_line(tool: str, tmp_path: Path, *args: str) -> str:
 
 
 def test_visualize_options_cover_every_key_of_its_config():
-    tool = _load_tool("visualize")
     cfg = compose_config("visualize")
     keys = set(cfg) - {"dataset"}
-    assert keys == {f.name for f in dataclasses.fields(tool.VisualizeOptions)}
+    assert keys == {f.name for f in dataclasses.fields(VisualizeOptions)}
     # The dataclass defaults are the config's: a run without overrides sees the same values.
-    assert dataclasses.asdict(tool.VisualizeOptions()) == {k: cfg[k] for k in keys}
+    assert dataclasses.asdict(VisualizeOptions()) == {k: cfg[k] for k in keys}
 
 
 def test_track_options_cover_its_config():
-    tool = _load_tool("track")
     cfg = compose_config("track")
-    opts = tool.TrackOptions()
+    opts = TrackOptions()
     assert {k: getattr(opts, k) for k in ("checkpoint", "device", "batch_size", "class_range")} == {
         k: cfg[k] for k in ("checkpoint", "device", "batch_size", "class_range")
     }

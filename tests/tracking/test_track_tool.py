@@ -58,13 +58,9 @@ def test_track_tool_writes_tracks_and_metrics(tmp_path):
 
 def test_visualize_tracks_in_the_world_and_draws_in_the_lidar_frame():
     """tools/visualize.py track=true: a parked car seen from a moving ego keeps one id, boxes unmoved."""
-    import importlib.util
-
     from voxsparse.structures import Boxes3D, Detections3D
+    from voxsparse.viz import app
 
-    spec = importlib.util.spec_from_file_location("visualize_tool", ROOT / "tools" / "visualize.py")
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
     frames, detections = [], []
     for k in range(6):  # ego drives +x at 10 m/s; the car stands at world x = 20
         pose = np.eye(4)
@@ -72,7 +68,7 @@ def test_visualize_tracks_in_the_world_and_draws_in_the_lidar_frame():
         frames.append({"ego_pose": pose, "timestamp": 0.1 * k})
         box = torch.tensor([[20.0 - 1.0 * k, 0.0, 0.0, 4.0, 2.0, 1.5, 0.0]])
         detections.append(Detections3D(Boxes3D(box), torch.tensor([0.9]), torch.tensor([0])))
-    tracked = tool._tracked(lambda i: detections[i], frames, ["Vehicle", "Pedestrian", "Cyclist"], 0.3)
+    tracked = app._tracked(lambda i: detections[i], frames, ["Vehicle", "Pedestrian", "Cyclist"], 0.3)
     out = [tracked(k) for k in range(6)]
     assert len({int(d.track_ids[0]) for d in out}) == 1
     for d, det in zip(out, detections):

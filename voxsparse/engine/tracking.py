@@ -45,6 +45,16 @@ _IDENTITY = RigidTransform((1.0, 0.0, 0.0, 0.0), (0.0, 0.0, 0.0))
 
 
 @dataclass
+class TrackOptions:
+    """``tools/track.py``'s own options (``configs/track.yaml``)."""
+
+    checkpoint: str | None = None
+    device: str = "auto"
+    batch_size: int = 4
+    class_range: dict[str, float] | None = None
+
+
+@dataclass
 class TrackingRun:
     """The tracks of a run and where they were scored.
 
