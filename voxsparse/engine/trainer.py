@@ -226,8 +226,7 @@ class Trainer:
         for i, batch in enumerate(bar):
             batch = batch.to(self.device)
             with torch.autocast("cuda", dtype=torch.float16, enabled=self.use_amp):
-                preds = self.ddp(batch.points)
-            losses = self.model.head.loss(preds, batch.annotations, self.reduce_counts)
+                losses = self.ddp(batch.points, batch.annotations, self.reduce_counts)
             # Every scalar term the head reports (detection's, plus e.g. keypoint and visibility).
             names = [f.name for f in fields(losses) if isinstance(getattr(losses, f.name), torch.Tensor)]
             terms = torch.stack([getattr(losses, n).detach() for n in names])

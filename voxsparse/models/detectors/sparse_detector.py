@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
+import torch
 from torch import nn
 
 from voxsparse.models.heads.center_head import CenterHeadBase, CenterPredictions, HeadLosses
@@ -54,17 +55,38 @@ class SparseDetector(nn.Module):
     def grid(self):
         return self.voxel_encoder.grid
 
-    def forward(self, points: PointBatch) -> CenterPredictions:
+    def forward(
+        self,
+        points: PointBatch,
+        annotations: Sequence[Annotations3D] | None = None,
+        reduce_counts: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ) -> CenterPredictions | HeadLosses:
+        """The head's predictions for ``points``; with ``annotations`` (one per frame), the losses.
+
+        The losses are the one training contract (:meth:`loss`): the trainer calls the model, or its
+        DDP wrapper, with annotations. They are computed outside autocast, on the predictions as
+        they came out of it. ``reduce_counts`` averages the loss normalisers over DDP ranks.
+        """
         weights = next(self.parameters(), None)
         if weights is not None and points.points.dtype != weights.dtype:
             raise ValueError(
                 f"{type(self).__name__}: points are {points.points.dtype} but the model's weights are "
                 f"{weights.dtype}; convert the points (e.g. torch.from_numpy(a).float())"
             )
-        return self.head(self.backbone(self.voxel_encoder(points)))
+        pred = self.head(self.backbone(self.voxel_encoder(points)))
+        if annotations is None:
+            return pred
+        with torch.autocast(points.points.device.type, enabled=False):
+            return self.head.loss(pred, list(annotations), reduce_counts)
 
-    def loss(self, points: PointBatch, annotations: list[Annotations3D]) -> HeadLosses:
-        return self.head.loss(self(points), annotations)
+    def loss(
+        self,
+        points: PointBatch,
+        annotations: Sequence[Annotations3D],
+        reduce_counts: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ) -> HeadLosses:
+        """The training losses of a batch (scalar tensors ``total``, ``heatmap``, ``regression``, ...)."""
+        return self(points, annotations, reduce_counts)
 
     def predict(self, points: PointBatch) -> list[Detections3D]:
         """Detections per frame, in the LiDAR frame, scores descending."""
