@@ -17,10 +17,11 @@ import torch
 
 from voxsparse.data.dataset import DetectionDataset
 from voxsparse.data.synthetic import SyntheticDataset
-from voxsparse.engine.evaluate import WaymoResult, frames_from_file, metric_suite, relabel, report
+from voxsparse.engine.evaluate import frames_from_file, metric_suite, relabel, report
 from voxsparse.evaluation import suites
 from voxsparse.evaluation.detection import RANGE_NAMES, FrameGroundTruth, evaluate_detection_levels
 from voxsparse.evaluation.predictions_io import PredictionsFile, load_predictions, save_predictions
+from voxsparse.evaluation.suites import GroupedResult
 from voxsparse.structures import Boxes3D, Detections3D
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -135,7 +136,7 @@ def test_report_writes_every_number_and_nan_as_null(tmp_path, caplog):
     dets = [detections([0])]
     gt = [FrameGroundTruth(dets[0].boxes.tensor, torch.zeros(1, dtype=torch.int64))]
     levels = evaluate_detection_levels(dets, gt, NAMES)
-    result = WaymoResult({f"LEVEL_{k}": m for k, m in levels.items()})
+    result = GroupedResult({f"LEVEL_{k}": m for k, m in levels.items()})
     with caplog.at_level(logging.INFO, logger="voxsparse.engine.evaluate"):
         content_ = report(result, tmp_path)
     written = json.loads((tmp_path / "metrics.json").read_text())

@@ -28,7 +28,6 @@ import json
 import logging
 import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +35,7 @@ import torch
 
 from voxsparse.engine.inference import DatasetPredictions
 from voxsparse.evaluation.predictions_io import PredictionsFile
-from voxsparse.evaluation.suites import SuiteResult, WaymoResult, score_predictions  # noqa: F401
+from voxsparse.evaluation.suites import GroupedResult, SuiteResult
 from voxsparse.structures import Boxes3D, Detections3D
 from voxsparse.utils.io import atomic_write
 
@@ -100,19 +99,6 @@ def relabel(
     return [dataclasses.replace(d, labels=mapping.to(d.labels.device)[d.labels]) for d in detections]
 
 
-@dataclass
-class CombinedResult:
-    """Several suites' results under names (e.g. "detection", "keypoints")."""
-
-    parts: dict[str, SuiteResult]
-
-    def table(self) -> str:
-        return "\n\n".join(part.table() for part in self.parts.values())
-
-    def to_dict(self) -> dict[str, Any]:
-        return {name: part.to_dict() for name, part in self.parts.items()}
-
-
 def score_model_predictions(
     predictions: DatasetPredictions,
     class_names: Sequence[str],
@@ -135,7 +121,7 @@ def score_model_predictions(
         keypoint_predictions_for_eval(predictions.detections, keypoint_labels),
         keypoint_ground_truth_for_eval(predictions.annotations, keypoint_labels),
     )
-    return CombinedResult({"detection": result, "keypoints": keypoints})
+    return GroupedResult({"detection": result, "keypoints": keypoints})
 
 
 def in_dataset_order(

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from voxsparse.evaluation.detection import DetectionMetrics, evaluate_detection_levels
+from voxsparse.evaluation.detection import evaluate_detection_levels
 from voxsparse.structures import Annotations3D, Detections3D
 
 
@@ -37,21 +37,22 @@ class SuiteInput(Protocol):
 
 
 @dataclass
-class WaymoResult:
-    """Waymo AP / APH at LEVEL_1 and LEVEL_2 (keys "LEVEL_1", "LEVEL_2")."""
+class GroupedResult:
+    """Several results under names, one table after the other: Waymo's "LEVEL_1" / "LEVEL_2", or
+    a keypoint model's "detection" / "keypoints"."""
 
-    levels: dict[str, DetectionMetrics]
+    parts: dict[str, SuiteResult]
 
     def table(self) -> str:
-        return "\n\n".join(m.table() for m in self.levels.values())
+        return "\n\n".join(part.table() for part in self.parts.values())
 
     def to_dict(self) -> dict[str, Any]:
-        return {name: m.to_dict() for name, m in self.levels.items()}
+        return {name: part.to_dict() for name, part in self.parts.items()}
 
 
 def score_predictions(
     predictions: SuiteInput, class_names: Sequence[str], iou_thresholds: Mapping[str, float]
-) -> WaymoResult:
+) -> GroupedResult:
     """Waymo 3D AP / APH per class and range bin at LEVEL_1 and LEVEL_2.
 
     ``class_names`` names the labels of both the detections and the annotations.
@@ -59,10 +60,10 @@ def score_predictions(
     levels = evaluate_detection_levels(
         predictions.detections, predictions.annotations, class_names, dict(iou_thresholds)
     )
-    return WaymoResult({f"LEVEL_{level}": m for level, m in levels.items()})
+    return GroupedResult({f"LEVEL_{level}": m for level, m in levels.items()})
 
 
-def waymo(predictions: SuiteInput, dataset: Mapping) -> WaymoResult:
+def waymo(predictions: SuiteInput, dataset: Mapping) -> GroupedResult:
     """Waymo AP / APH (L1 / L2, range bins) with the config's ``class_names`` and ``iou_thresholds``."""
     return score_predictions(predictions, list(dataset["class_names"]), dataset["iou_thresholds"])
 
