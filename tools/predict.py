@@ -48,13 +48,15 @@ class PredictOptions:
     device: str = "cpu"
 
 
-def _render(result: ScanResult, points, class_names, opts: PredictOptions, backend: str, out: Path) -> None:
+def _render(result: ScanResult, points, model, opts: PredictOptions, backend: str, out: Path) -> None:
+    """A bird's-eye view of the scan over the model's range, its detections drawn."""
     from voxsparse.viz import build_scene, camera_preset, render_scene, write_image
 
-    scene = build_scene(points, None, result.detections, class_names=class_names,
+    scene = build_scene(points, None, result.detections, class_names=model.class_names,
                         score_threshold=opts.render_score, title=result.frame_id)
-    extent = (-60.0, -60.0, 60.0, 60.0)
-    write_image(out / f"{result.frame_id}.png", render_scene(scene, camera_preset("bev", extent=extent), backend))
+    r = model.grid.point_cloud_range
+    camera = camera_preset("bev", extent=(r[0], r[1], r[3], r[4]))
+    write_image(out / f"{result.frame_id}.png", render_scene(scene, camera, backend))
 
 
 @tool("predict")
@@ -82,7 +84,7 @@ def main(cfg: DictConfig) -> None:
         results.append(result)
         log.info("%s: %d points, %d detections", path, len(cloud), len(detections))
         if backend is not None:
-            _render(result, cloud.points, model.class_names, opts, backend, output_dir / "renders")
+            _render(result, cloud.points, model, opts, backend, output_dir / "renders")
     frame_ids = [r.frame_id for r in results]
     if len(set(frame_ids)) != len(frame_ids):
         raise ValueError(f"input {opts.input}: two scans share a file name, so their frame ids clash: {frame_ids}")

@@ -64,7 +64,7 @@ class ScanPredictor:
 
     Each cloud is converted to ``model.point_convention`` (:func:`~voxsparse.data.pointfile.conform`);
     a cloud whose intensity does not look like the model's scale is detected all the same, with one
-    warning per kind of mismatch (the first file's numbers) rather than one per file.
+    warning (the first such file's numbers) rather than one per file.
 
     Args:
         model: a detector in eval mode (``voxsparse.load_model``), with ``point_convention``.
@@ -74,19 +74,18 @@ class ScanPredictor:
     def __init__(self, model: nn.Module, device: str | torch.device = "cpu") -> None:
         self.model = model
         self.device = torch.device(device)
-        self._warned: set[str] = set()
+        self._warned = False
 
     @torch.no_grad()
     def __call__(self, cloud: PointCloud) -> Detections3D:
         """The detections of one cloud, on the CPU, scores descending."""
         convention = self.model.point_convention
         points = conform(cloud, convention)
-        mismatch = feature_mismatch(points, convention)
-        if mismatch is not None:
-            kind = mismatch.split(" spans ")[0] if " spans " in mismatch else mismatch
-            if kind not in self._warned:
-                self._warned.add(kind)
-                log.warning("%s: %s (warned once; later files are not checked for it)", cloud.path, mismatch)
+        if not self._warned:
+            mismatch = feature_mismatch(points, convention)
+            if mismatch is not None:
+                self._warned = True
+                log.warning("%s: %s (warned once; later files are not checked)", cloud.path, mismatch)
         return self.predict_points(points)
 
     @torch.no_grad()
