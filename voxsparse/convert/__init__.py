@@ -1,0 +1,1 @@
+"""Checkpoints of reference implementations (OpenPCDet) converted to voxsparse's and back."""
