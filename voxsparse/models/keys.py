@@ -3,7 +3,7 @@
 A module that can take reference weights lists :class:`KeyPair` s from ``openpcdet_keys()``: each of
 its state-dict entries, the name of the same tensor in the reference module's state dict, and how
 the tensor is stored there. Names are relative to the module on both sides; a parent prefixes its
-children's pairs with :func:`prefixed`. The converter (:mod:`voxsparse.convert.openpcdet`) walks the
+children's pairs with :func:`prefixed`. The converter (:mod:`voxsparse.convert`) walks the
 pairs in both directions, so the naming lives beside the layers it names and no central table grows.
 """
 
