@@ -4,7 +4,6 @@ brute-force cut, and hand-built Waymo-like frames (keypoints, no-label zones, fe
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 from dataclasses import dataclass
@@ -13,28 +12,23 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from voxsparse.data import preparation as prepare_data
 from voxsparse.data.gt_database import GTDatabase
-from voxsparse.data.prepared import PreparedDataset, PreparedFrame, PrepareError, prepare, read_frame
+from voxsparse.data.prepared import (
+    FRAME_ARRAYS,
+    PreparedDataset,
+    PreparedFrame,
+    PrepareError,
+    prepare,
+    read_frame,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
-_spec = importlib.util.spec_from_file_location("prepare_data_tool", ROOT / "tools" / "prepare_data.py")
-prepare_data = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(prepare_data)
 
 
 def frames_equal(a: PreparedFrame, b: PreparedFrame) -> None:
     assert a.frame_id == b.frame_id and a.point_features == b.point_features
-    for name in (
-        "points",
-        "boxes",
-        "labels",
-        "num_points",
-        "difficulty",
-        "track_ids",
-        "keypoints",
-        "keypoint_visibility",
-        "no_label_zone",
-    ):
+    for name in FRAME_ARRAYS:
         x, y = getattr(a, name), getattr(b, name)
         assert (x is None) == (y is None), name
         if x is not None:

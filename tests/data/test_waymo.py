@@ -12,7 +12,6 @@ import hashlib
 import math
 import sys
 import zlib
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -427,10 +426,9 @@ def test_matches_official_frame_utils(segment, tmp_path):
 @requires_protos
 def test_prepare_data_waymo_reads_back_the_decoded_frames(tmp_path):
     """raw TFRecords (real protos) -> tools/prepare_data.py waymo -> PreparedDataset equals read_frames."""
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tools"))
-    import prepare_data
     from waymo_writer import build_frame, example_frame_spec, waymo_lasers, write_frames
 
+    from voxsparse.data.preparation import main as prepare_data
     from voxsparse.data.prepared import PreparedDataset
 
     lasers = waymo_lasers(top=(32, 600), side=(16, 100))
@@ -438,7 +436,7 @@ def test_prepare_data_waymo_reads_back_the_decoded_frames(tmp_path):
     for name, seeds in segments.items():
         frames = [build_frame(example_frame_spec(seed, lasers, timestamp_micros=1_550_000_000_000_000 + seed))[0] for seed in seeds]
         write_frames(tmp_path / "raw" / "training" / f"{name}.tfrecord", frames)
-    prepare_data.main(["waymo", "--root", str(tmp_path / "raw"), "--out", str(tmp_path / "out"), "--workers", "2", "--quiet"])
+    prepare_data(["waymo", "--root", str(tmp_path / "raw"), "--out", str(tmp_path / "out"), "--workers", "2", "--quiet"])
 
     expected = {
         f.frame_id: f for path in sorted((tmp_path / "raw" / "training").glob("*.tfrecord")) for f in read_frames(path)

@@ -162,7 +162,8 @@ class PreparedFrame(FrameRecord):
         )
 
 
-_FRAME_ARRAYS = (
+#: The array fields of a PreparedFrame that a frame file stores (when not None).
+FRAME_ARRAYS = (
     "points",
     "boxes",
     "labels",
@@ -176,7 +177,7 @@ _FRAME_ARRAYS = (
 
 
 def _write_frame(path: Path, frame: PreparedFrame) -> None:
-    arrays = {k: getattr(frame, k) for k in _FRAME_ARRAYS if getattr(frame, k) is not None}
+    arrays = {k: getattr(frame, k) for k in FRAME_ARRAYS if getattr(frame, k) is not None}
     arrays["frame_id"] = np.asarray(frame.frame_id)
     arrays["point_features"] = np.asarray(frame.point_features)
     atomic_write(path, lambda f: np.savez(f, **arrays))
@@ -195,7 +196,7 @@ def read_frame(path: str | os.PathLike) -> PreparedFrame:
         return PreparedFrame(
             frame_id=str(a.pop("frame_id")),
             point_features=tuple(str(n) for n in a.pop("point_features")),
-            **{k: a.get(k) for k in _FRAME_ARRAYS},
+            **{k: a.get(k) for k in FRAME_ARRAYS},
         )
     except Exception as exc:  # any failure means the file must be rewritten
         raise ValueError(
