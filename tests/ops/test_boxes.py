@@ -245,3 +245,67 @@ def test_cuda_matches_cpu():
     torch.testing.assert_close(boxes_to_corners_3d(a.cuda()).cpu(), boxes_to_corners_3d(a))
     a64 = a.double()
     assert torch.equal(points_in_boxes(points.cuda(), a64.cuda()).cpu(), points_in_boxes(points, a64))
+
+
+def brute_force_nms(boxes, scores, threshold, pre=None, post=None):
+    """Greedy NMS written out pair by pair with shapely's IoU."""
+    order = sorted(range(len(scores)), key=lambda i: (-float(scores[i]), i))[:pre]
+    keep = []
+    for i in order:
+        if all(shapely_iou(boxes[j : j + 1], boxes[i : i + 1], False)[0, 0] <= threshold for j in keep):
+            keep.append(i)
+    return keep[:post]
+
+
+@pytest.mark.parametrize("threshold,pre,post", [(0.2, None, None), (0.1, 30, None), (0.5, None, 7), (0.0, 25, 10)])
+def test_nms_bev_matches_brute_force(threshold, pre, post):
+    g = torch.Generator().manual_seed(11)
+    boxes = random_boxes(60, g, spread=8.0)
+    scores = torch.rand(60, generator=g, dtype=torch.float64)
+    scores[5] = scores[9]  # a tie keeps input order
+    kept = box_ops.nms_bev(boxes, scores, threshold, pre, post)
+    assert kept.dtype == torch.int64
+    assert kept.tolist() == brute_force_nms(boxes, scores, threshold, pre, post)
+    assert torch.all(scores[kept][:-1] >= scores[kept][1:])
+
+
+def test_nms_bev_edge_cases():
+    empty = box_ops.nms_bev(torch.zeros(0, 7), torch.zeros(0), 0.1)
+    assert empty.shape == (0,) and empty.dtype == torch.int64
+    same = box(dx=4.0, dy=2.0).repeat(3, 1)
+    # Identical boxes (IoU 1) leave the best; IoU equal to the threshold does not suppress.
+    assert box_ops.nms_bev(same, torch.tensor([0.1, 0.9, 0.5]), 0.5).tolist() == [1]
+    half = torch.cat([box(dx=2.0, dy=2.0), box(x=1.0, dx=2.0, dy=2.0)])  # IoU exactly 1/3
+    assert box_ops.nms_bev(half, torch.tensor([0.9, 0.8]), 1 / 3).tolist() == [0, 1]
+    assert box_ops.nms_bev(half, torch.tensor([0.9, 0.8]), 0.33).tolist() == [0]
+    with pytest.raises(ValueError, match="scores"):
+        box_ops.nms_bev(same, torch.zeros(2), 0.5)
+
+
+def test_class_agnostic_nms_thresholds_scores_first():
+    g = torch.Generator().manual_seed(3)
+    boxes = random_boxes(40, g, spread=6.0)
+    scores = torch.rand(40, generator=g, dtype=torch.float64)
+    kept = box_ops.class_agnostic_nms(scores, boxes, 0.2, pre_max_size=15, post_max_size=8, score_threshold=0.3)
+    candidates = [i for i in range(40) if scores[i] >= 0.3]
+    expected = brute_force_nms(boxes[candidates], scores[candidates], 0.2, 15, 8)
+    assert kept.tolist() == [candidates[i] for i in expected]
+    assert box_ops.class_agnostic_nms(scores, boxes, 0.2).tolist() == box_ops.nms_bev(boxes, scores, 0.2).tolist()
+
+
+def test_class_specific_nms_per_class_settings():
+    g = torch.Generator().manual_seed(5)
+    boxes = random_boxes(50, g, spread=6.0)
+    scores = torch.rand(50, generator=g, dtype=torch.float64)
+    labels = torch.randint(0, 4, (50,), generator=g)  # label 3 has no settings: dropped
+    thresholds, pre, low = [0.75, 0.1, 0.3], [100, 5, 100], [0.2, None, 0.5]
+    kept = box_ops.class_specific_nms(scores, boxes, labels, thresholds, pre, None, low)
+    expected = []
+    for k in range(3):
+        rows = [i for i in range(50) if labels[i] == k and (low[k] is None or scores[i] > low[k])]
+        expected += [rows[i] for i in brute_force_nms(boxes[rows], scores[rows], thresholds[k], pre[k])]
+    assert kept.tolist() == expected
+    capped = box_ops.class_specific_nms(scores, boxes, labels, thresholds, post_max_sizes=2)
+    assert all((labels[capped] == k).sum() <= 2 for k in range(3))
+    with pytest.raises(ValueError, match="pre_max_sizes"):
+        box_ops.class_specific_nms(scores, boxes, labels, thresholds, [1, 2])
