@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 from torch.utils.data import Dataset
 
+from voxsparse.data.frame_record import FrameRecord
 from voxsparse.data.tracking import TrackingSequences
 
 CLASS_NAMES = ("Crate", "Post")
@@ -35,19 +36,10 @@ SIZES = np.array([[2.0, 1.6, 1.4], [0.6, 0.6, 1.8]])
 SPLITS = {"train": 0, "val": 1, "test": 2}
 
 
-@dataclass
-class ToyFrame:
-    frame_id: str
-    points: np.ndarray
-    boxes: np.ndarray
-    labels: np.ndarray
-    num_points: np.ndarray
-    difficulty: np.ndarray
-    track_ids: np.ndarray
+@dataclass(kw_only=True)
+class ToyFrame(FrameRecord):
     ego_pose: np.ndarray
     timestamp: float
-    keypoints: None = None
-    keypoint_visibility: None = None
 
 
 class ToyDataset(Dataset):
@@ -83,8 +75,9 @@ class ToyDataset(Dataset):
         xyz = np.concatenate(clouds)
         points = np.concatenate([xyz, np.full((len(xyz), 1), 0.5)], axis=1).astype(np.float32)
         return ToyFrame(
-            self.frame_ids[index], points, boxes.astype(np.float32), labels, np.full(4, 150), np.ones(4, np.int64),
-            np.arange(4) + 10 * sequence, np.eye(4), t,
+            frame_id=self.frame_ids[index], points=points, boxes=boxes.astype(np.float32), labels=labels,
+            num_points=np.full(4, 150), difficulty=np.ones(4, np.int64), track_ids=np.arange(4) + 10 * sequence,
+            ego_pose=np.eye(4), timestamp=t,
         )
 
 

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from voxsparse.data import preparation as prepare_data
+from voxsparse.data.frame_record import FrameRecord
 from voxsparse.data.gt_database import GTDatabase
 from voxsparse.data.prepared import (
     FRAME_ARRAYS,
@@ -196,19 +197,10 @@ def test_other_settings_redo_finished_tasks(tiny, tmp_path):
 # --- generic frames (what a Waymo reader yields) ---------------------------------------------------
 
 
-@dataclass
-class FakeFrame:
+@dataclass(kw_only=True)
+class FakeFrame(FrameRecord):
     """A FrameLike with the extras of a Waymo frame."""
 
-    frame_id: str
-    points: np.ndarray
-    boxes: np.ndarray
-    labels: np.ndarray
-    num_points: np.ndarray
-    difficulty: np.ndarray
-    track_ids: np.ndarray
-    keypoints: np.ndarray | None
-    keypoint_visibility: np.ndarray | None
     point_features: tuple[str, ...]
     no_label_zone: np.ndarray
 
