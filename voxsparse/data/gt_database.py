@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from voxsparse.geometry import points_in_boxes
-from voxsparse.utils.io import atomic_write
+from voxsparse.utils.io import atomic_write, read_arrays, write_arrays
 
 __all__ = ["GTDatabase", "GTPart", "cut_objects", "merge_parts", "read_part", "write_part"]
 
@@ -96,7 +96,7 @@ def write_part(path: str | os.PathLike, part: GTPart) -> None:
     if part.keypoints is not None:
         arrays["keypoints"] = part.keypoints
         arrays["keypoint_visibility"] = part.keypoint_visibility
-    atomic_write(path, lambda f: np.savez(f, **arrays))
+    write_arrays(path, arrays)
 
 
 def read_part(path: str | os.PathLike) -> GTPart:
@@ -105,16 +105,15 @@ def read_part(path: str | os.PathLike) -> GTPart:
     Raises:
         ValueError: naming the file, when it is missing, truncated, corrupt or inconsistent.
     """
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            arrays = {k: z[k] for k in z.files}
-        return GTPart(
+    return read_arrays(
+        path,
+        "GT database part",
+        lambda arrays: GTPart(
             **{k: arrays[k] for k in _PART_KEYS},
             keypoints=arrays.get("keypoints"),
             keypoint_visibility=arrays.get("keypoint_visibility"),
-        )
-    except Exception as exc:  # any failure means the file must be rewritten
-        raise ValueError(f"GT database part {path}: unreadable ({type(exc).__name__}: {exc})") from exc
+        ),
+    )
 
 
 def merge_parts(
@@ -177,7 +176,7 @@ def merge_parts(
         ]
         objects["keypoints"] = np.concatenate([k for k, _ in filled])
         objects["keypoint_visibility"] = np.concatenate([v for _, v in filled])
-    atomic_write(directory / "objects.npz", lambda f: np.savez(f, **objects))
+    write_arrays(directory / "objects.npz", objects)
     return len(counts_all)
 
 

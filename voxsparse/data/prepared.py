@@ -42,7 +42,7 @@ from torch.utils.data import Dataset
 
 from voxsparse.data.frame_record import FrameRecord
 from voxsparse.data.gt_database import cut_objects, merge_parts, read_part, write_part
-from voxsparse.utils.io import atomic_write
+from voxsparse.utils.io import atomic_write, read_arrays, write_arrays
 from voxsparse.utils.progress import progress as progress_bar
 
 __all__ = [
@@ -180,7 +180,7 @@ def _write_frame(path: Path, frame: PreparedFrame) -> None:
     arrays = {k: getattr(frame, k) for k in FRAME_ARRAYS if getattr(frame, k) is not None}
     arrays["frame_id"] = np.asarray(frame.frame_id)
     arrays["point_features"] = np.asarray(frame.point_features)
-    atomic_write(path, lambda f: np.savez(f, **arrays))
+    write_arrays(path, arrays)
 
 
 def read_frame(path: str | os.PathLike) -> PreparedFrame:
@@ -189,20 +189,16 @@ def read_frame(path: str | os.PathLike) -> PreparedFrame:
     Raises:
         ValueError: naming the file, when it is missing, truncated, corrupt or inconsistent.
     """
-    try:
-        # Reading every member checks each one's CRC-32, so a damaged file fails here.
-        with np.load(path, allow_pickle=False) as z:
-            a = {k: z[k] for k in z.files}
-        return PreparedFrame(
+    return read_arrays(
+        path,
+        "prepared frame",
+        lambda a: PreparedFrame(
             frame_id=str(a.pop("frame_id")),
             point_features=tuple(str(n) for n in a.pop("point_features")),
             **{k: a.get(k) for k in FRAME_ARRAYS},
-        )
-    except Exception as exc:  # any failure means the file must be rewritten
-        raise ValueError(
-            f"prepared frame {path}: unreadable ({type(exc).__name__}: {exc}); rerun tools/prepare_data.py to "
-            f"rewrite it"
-        ) from exc
+        ),
+        remedy="rerun tools/prepare_data.py to rewrite it",
+    )
 
 
 @dataclass(frozen=True)

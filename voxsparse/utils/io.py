@@ -1,4 +1,4 @@
-"""File writing that never leaves a half-written file behind."""
+"""File writing that never leaves a half-written file behind, and reading that names the file it fails on."""
 
 from __future__ import annotations
 
@@ -8,9 +8,12 @@ import re
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, TypeVar
 
+import numpy as np
 import torch
+
+T = TypeVar("T")
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], object]) -> Path:
@@ -31,6 +34,31 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], object]) -
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def write_arrays(path: str | os.PathLike, arrays: dict[str, np.ndarray]) -> Path:
+    """Write ``arrays`` as one uncompressed ``.npz`` with :func:`atomic_write`."""
+    return atomic_write(path, lambda f: np.savez(f, **arrays))
+
+
+def read_arrays(
+    path: str | os.PathLike, what: str, build: Callable[[dict[str, np.ndarray]], T], remedy: str = ""
+) -> T:
+    """``build`` of every array of the ``.npz`` at ``path``; no object arrays are unpickled.
+
+    Reading every member checks each one's CRC-32, so a damaged file fails here.
+
+    Raises:
+        ValueError: naming ``what`` and the file (and ``remedy``, when given), when it is missing,
+            truncated, corrupt, or ``build`` rejects its arrays.
+    """
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            arrays = {k: z[k] for k in z.files}
+        return build(arrays)
+    except Exception as exc:  # any failure means the file must be rewritten
+        hint = f"; {remedy}" if remedy else ""
+        raise ValueError(f"{what} {path}: unreadable ({type(exc).__name__}: {exc}){hint}") from exc
 
 
 def remove_stale_temporaries(path: str | os.PathLike) -> list[Path]:
