@@ -184,6 +184,22 @@ def test_targets_count_the_scene_objects_and_pools_respect_min_points(root):
         np.testing.assert_array_equal(pool, expected)
 
 
+def test_pasted_labels_follow_the_samples_class_order(root):
+    db = GTDatabase.load(root / "train" / "gt_database")
+    order = (CLASSES[2], CLASSES[0], CLASSES[1])
+    sampler = gt_sampling(root, class_names=order)
+    base = scene()
+    k0 = len(base.annotations)
+    after = sampler(base, torch.Generator().manual_seed(1))
+    pasted = after.annotations
+    assert len(pasted) > k0
+    for i in range(k0, len(pasted)):
+        (j,) = np.flatnonzero((db.boxes[:, :7] == pasted.boxes.tensor[i, :7].numpy()).all(1))
+        assert order[int(pasted.labels[i])] == db.class_names[db.labels[j]]
+    with pytest.raises(ValueError, match="not a reordering"):
+        gt_sampling(root, class_names=CLASSES[:2])
+
+
 def test_fade_switches_pasting_off_for_the_last_epochs(root):
     sampler = gt_sampling(root, fade_epochs=2, total_epochs=5)
     base = scene()

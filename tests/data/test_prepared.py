@@ -274,6 +274,19 @@ def test_generic_frames_round_trip_with_selection_and_filters(tmp_path):
     assert db.keypoints is not None and len(db) == len(db.keypoints)
 
 
+def test_a_model_class_order_relabels_by_name(tmp_path):
+    prepare(segment, {"seg0": "seg0"}, tmp_path, "s", class_names=("V", "P", "C"), progress=False)
+    stored = PreparedDataset(tmp_path, "s")
+    wanted = ("C", "V", "P")
+    relabelled = PreparedDataset(tmp_path, "s", class_names=wanted)
+    assert relabelled.class_names == wanted
+    for i in range(len(stored)):
+        a, b = stored[i], relabelled[i]
+        assert [wanted[label] for label in b.labels] == [stored.class_names[label] for label in a.labels]
+        np.testing.assert_array_equal(a.boxes, b.boxes)
+    assert [list(x) for x in relabelled.frame_labels()] == [list(f.labels) for f in (relabelled[i] for i in range(len(stored)))]
+
+
 def test_bad_inputs_are_refused_with_clear_messages(tmp_path):
     names = ("Vehicle",)
     with pytest.raises(PrepareError, match=r"seg0.*labels must lie in \[0, 1\)"):
@@ -290,8 +303,9 @@ def test_bad_inputs_are_refused_with_clear_messages(tmp_path):
     with pytest.raises(ValueError, match="task key"):
         prepare(segment, {"../seg0": "seg0"}, tmp_path, "c", class_names=names, progress=False)
     prepare(segment, {"seg0": "seg0"}, tmp_path, "d", class_names=("V", "P", "C"), progress=False)
-    with pytest.raises(ValueError, match="class_names"):
-        PreparedDataset(tmp_path, "d", class_names=("P", "V", "C"))
+    for wanted in (("P", "V"), ("P", "V", "X"), ("P", "V", "V")):
+        with pytest.raises(ValueError, match=r"class_names .* not a reordering of the data's \['V', 'P', 'C'\]"):
+            PreparedDataset(tmp_path, "d", class_names=wanted)
     with pytest.raises(ValueError, match=r"point features \['elongation'\] not available"):
         PreparedDataset(tmp_path, "d", point_features=["x", "elongation"])
     (tmp_path / "d" / "index.json").write_text(json.dumps({"version": 99}))

@@ -537,14 +537,36 @@ def prepare(
 # --- reader ------------------------------------------------------------------------------------
 
 
+def label_order(stored: Sequence[str], wanted: Sequence[str] | None, source: str) -> np.ndarray | None:
+    """How stored labels become labels in the ``wanted`` order of the same class names.
+
+    Models name their classes in their own order (a reference model's order is its published
+    weights'), so a dataset relabels rather than insisting on the order it was prepared in.
+
+    Returns:
+        (len(stored),) int64 with ``wanted.index(stored[i])`` at ``i``, or None when nothing changes.
+
+    Raises:
+        ValueError: naming ``source``, when ``wanted`` is not a reordering of ``stored``.
+    """
+    if wanted is None or tuple(wanted) == tuple(stored):
+        return None
+    if sorted(wanted) != sorted(stored) or len(set(wanted)) != len(wanted):
+        raise ValueError(
+            f"{source}: class_names {list(wanted)} are not a reordering of the data's {list(stored)}"
+        )
+    return np.asarray([list(wanted).index(n) for n in stored], dtype=np.int64)
+
+
+
 class PreparedDataset(Dataset):
     """The frames of a prepared split, as :class:`PreparedFrame` s (``FrameLike``).
 
     Args:
         root: the prepared dataset's root (``tools/prepare_data.py --out``).
         split: the split's name.
-        class_names: when given, must equal the split's class names (catches a config that labels
-            classes in another order than the data).
+        class_names: the label order to return, a reordering of the split's class names (labels are
+            relabelled by name); the split's own order when None.
         point_features: the point columns to return, by name (e.g. ``[x, y, z, intensity]``); all
             stored columns when None.
         min_points: boxes with fewer ``num_points`` are dropped (nuScenes keeps boxes with no
@@ -565,11 +587,8 @@ class PreparedDataset(Dataset):
         self.split = split
         self.index = read_index(root, split)
         source = f"prepared split {self.root / split}"
-        if class_names is not None and tuple(class_names) != self.index.class_names:
-            raise ValueError(
-                f"{source}: class_names {list(class_names)} differ from the data's "
-                f"{list(self.index.class_names)}"
-            )
+        self._relabel = label_order(self.index.class_names, class_names, source)
+        self._class_names = self.index.class_names if class_names is None else tuple(class_names)
         self.columns = column_indices(self.index.point_features, point_features, source)
         self.point_features = self.index.point_features if point_features is None else tuple(point_features)
         self.min_points = int(min_points)
@@ -577,7 +596,10 @@ class PreparedDataset(Dataset):
 
     @property
     def class_names(self) -> tuple[str, ...]:
-        return self.index.class_names
+        return self._class_names
+
+    def _labels(self, labels: np.ndarray) -> np.ndarray:
+        return labels if self._relabel is None else self._relabel[labels]
 
     @property
     def frame_ids(self) -> list[str]:
@@ -586,7 +608,7 @@ class PreparedDataset(Dataset):
     def frame_labels(self) -> list[np.ndarray]:
         """Per frame, the labels of the boxes :meth:`__getitem__` returns (read from the index)."""
         return [
-            np.asarray([l for l, n in zip(f.labels, f.box_points) if n >= self.min_points], dtype=np.int64)
+            self._labels(np.asarray([l for l, n in zip(f.labels, f.box_points) if n >= self.min_points], dtype=np.int64))
             for f in self.index.frames
         ]
 
@@ -610,7 +632,7 @@ class PreparedDataset(Dataset):
             frame_id=frame.frame_id,
             points=points,
             boxes=frame.boxes[keep],
-            labels=frame.labels[keep],
+            labels=self._labels(frame.labels[keep]),
             num_points=frame.num_points[keep],
             difficulty=frame.difficulty[keep],
             track_ids=frame.track_ids[keep],

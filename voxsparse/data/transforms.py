@@ -17,7 +17,7 @@ import torch
 
 from voxsparse.constants import KEYPOINT_NAMES
 from voxsparse.data.gt_database import GTDatabase
-from voxsparse.data.prepared import column_indices
+from voxsparse.data.prepared import column_indices, label_order
 from voxsparse.data.sample import Sample
 from voxsparse.geometry import limit_period, points_in_boxes
 from voxsparse.ops.boxes import bev_iou
@@ -187,6 +187,8 @@ class GTSampling:
             (e.g. the ``point_features`` given to ``PreparedDataset``). All when None.
         fade_epochs: epochs at the end of training without pasting.
         total_epochs: the training's epochs (usually ``${trainer.epochs}``).
+        class_names: the label order of the samples (``${dataset.class_names}``), a reordering of the
+            database's; the database's order when None.
     """
 
     root: str
@@ -197,6 +199,7 @@ class GTSampling:
     point_features: Sequence[str] | None = None
     fade_epochs: int = 0
     total_epochs: int | None = None
+    class_names: Sequence[str] | None = None
     epoch: int = field(default=0, init=False)
 
     def __post_init__(self) -> None:
@@ -215,12 +218,15 @@ class GTSampling:
                 raise ValueError(
                     f"GTSampling.min_points: classes {bad} not in the {source} ({db.class_names})"
                 )
+        relabel = label_order(db.class_names, self.class_names, source)
+        self.labels = db.labels if relabel is None else relabel[db.labels]  # (M,) in the samples' order
+        names = db.class_names if self.class_names is None else tuple(self.class_names)
         num_points = db.num_points
-        self.groups: list[tuple[int, np.ndarray, int]] = []  # (label, database indices, target)
+        self.groups: list[tuple[int, np.ndarray, int]] = []  # (sample label, database indices, target)
         for name, target in self.sample_groups.items():
-            label = db.class_names.index(name)
+            label = names.index(name)
             floor = self.min_points.get(name, 0) if isinstance(self.min_points, Mapping) else self.min_points
-            pool = np.flatnonzero((db.labels == label) & (num_points >= floor))
+            pool = np.flatnonzero((self.labels == label) & (num_points >= floor))
             self.groups.append((label, pool, int(target)))
 
     def set_epoch(self, epoch: int) -> None:
@@ -295,7 +301,7 @@ class GTSampling:
                 visibility = None
         new = Annotations3D(
             boxes=Boxes3D(boxes.to(ann.boxes.tensor.dtype)),
-            labels=torch.from_numpy(db.labels[chosen]).to(ann.labels.dtype),
+            labels=torch.from_numpy(self.labels[chosen]).to(ann.labels.dtype),
             num_points=torch.from_numpy(db.num_points[chosen]).to(ann.num_points.dtype),
             difficulty=torch.from_numpy(db.difficulty[chosen]).to(ann.difficulty.dtype),
             track_ids=torch.full((len(chosen),), -1, dtype=ann.track_ids.dtype),
