@@ -15,7 +15,7 @@ from shapely.geometry import Polygon
 from voxsparse.data.gt_database import GTDatabase
 from voxsparse.data.prepared import PreparedDataset, PreparedFrame, prepare
 from voxsparse.data.sample import Sample
-from voxsparse.data.transforms import GlobalAugment, GlobalTranslate, GTSampling, RangeFilter, ShufflePoints
+from voxsparse.data.transforms import Faded, GlobalAugment, GlobalTranslate, GTSampling, RangeFilter, ShufflePoints
 
 CLASSES = ("Vehicle", "Pedestrian", "Cyclist")
 SIZES = {0: (4.5, 1.9, 1.6), 1: (0.8, 0.8, 1.8), 2: (1.8, 0.7, 1.7)}
@@ -255,11 +255,11 @@ def box_frame(vectors: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
     )
 
 
-@pytest.mark.parametrize("seed", range(4))
-def test_chain_keeps_points_boxes_velocities_keypoints_consistent(root, seed):
+@pytest.mark.parametrize("seed,flip_x", [(0, 0.0), (1, 0.0), (2, 0.0), (3, 0.0), (0, 1.0), (1, 1.0)])
+def test_chain_keeps_points_boxes_velocities_keypoints_consistent(root, seed, flip_x):
     chain = [
         gt_sampling(root),
-        GlobalAugment(flip_probability=0.5, rotation=(-math.pi, math.pi), scale=(0.9, 1.1)),
+        GlobalAugment(flip_probability=0.5, rotation=(-math.pi, math.pi), scale=(0.9, 1.1), flip_x_probability=flip_x),
         GlobalTranslate(std=(0.5, 0.5, 0.5)),
         ShufflePoints(),
     ]
@@ -298,6 +298,17 @@ def test_prepared_split_feeds_gt_sampling_end_to_end(root):
     sample = Sample.from_frame(ds[0])
     out = gt_sampling(root)(sample, torch.Generator().manual_seed(0))
     assert len(out.annotations) >= len(sample.annotations)
+
+
+def test_faded_transform_is_off_for_the_last_epochs(root):
+    sampler = gt_sampling(root)
+    faded = Faded(sampler, fade_epochs=1, total_epochs=3)
+    base = scene()
+    for epoch in range(3):
+        faded.set_epoch(epoch)
+        out = faded(base, torch.Generator().manual_seed(0))
+        assert (len(out.annotations) > len(base.annotations)) == (epoch < 2), epoch
+    assert sampler.epoch == 2  # the epoch reaches the wrapped transform
 
 
 def test_detection_dataset_tells_epoch_aware_transforms_the_epoch():

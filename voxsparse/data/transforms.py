@@ -8,7 +8,7 @@ A transform whose behaviour depends on the epoch (:class:`GTSampling`'s fade) ha
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -63,10 +63,13 @@ def _rotate_xy(xy: torch.Tensor, angle: float) -> torch.Tensor:
 
 @dataclass
 class GlobalAugment:
-    """Random mirror across the x axis (y → -y), rotation about z, and uniform scaling.
+    """Random mirror across the x axis (y → -y), optionally across the y axis (x → -x), rotation
+    about z, and uniform scaling, in that order.
 
     Args:
-        flip_probability: chance of mirroring (left/right keypoints are swapped with it).
+        flip_probability: chance of mirroring across the x axis (left/right keypoints are swapped).
+        flip_x_probability: chance of mirroring across the y axis, drawn independently (OpenPCDet's
+            ``random_world_flip`` along both axes is 0.5 and 0.5).
         rotation: (min, max) radians of the yaw rotation.
         scale: (min, max) scale factor.
     """
@@ -74,9 +77,12 @@ class GlobalAugment:
     flip_probability: float = 0.5
     rotation: Sequence[float] = (-math.pi / 4, math.pi / 4)
     scale: Sequence[float] = (0.95, 1.05)
+    flip_x_probability: float = 0.0
 
     def __call__(self, sample: Sample, generator: torch.Generator | None = None) -> Sample:
         u = torch.rand(3, generator=generator).tolist()
+        # Drawn only when enabled, so configs without it see the random stream they always saw.
+        flip_x = self.flip_x_probability > 0 and torch.rand(1, generator=generator).item() < self.flip_x_probability
         flip = u[0] < self.flip_probability
         angle = self.rotation[0] + (self.rotation[1] - self.rotation[0]) * u[1]
         scale = self.scale[0] + (self.scale[1] - self.scale[0]) * u[2]
@@ -96,6 +102,16 @@ class GlobalAugment:
                 keypoints[..., 1] = -keypoints[..., 1]
                 keypoints = keypoints[:, _MIRROR]
                 visibility = None if visibility is None else visibility[:, _MIRROR]
+        if flip_x:
+            points[:, 0] = -points[:, 0]
+            boxes[:, 0] = -boxes[:, 0]
+            boxes[:, 6] = limit_period(math.pi - boxes[:, 6], offset=0.5, period=2 * math.pi)
+            if boxes.shape[1] == 9:
+                boxes[:, 7] = -boxes[:, 7]
+            if keypoints is not None:
+                keypoints[..., 0] = -keypoints[..., 0]
+                keypoints = keypoints[:, _MIRROR]
+                visibility = None if visibility is None else visibility[:, _MIRROR]
         points[:, :2] = _rotate_xy(points[:, :2], angle)
         boxes[:, :2] = _rotate_xy(boxes[:, :2], angle)
         boxes[:, 6] = limit_period(boxes[:, 6] + angle, offset=0.5, period=2 * math.pi)
@@ -109,6 +125,33 @@ class GlobalAugment:
             keypoints *= scale
         annotations = replace(ann, boxes=Boxes3D(boxes), keypoints=keypoints, keypoint_visibility=visibility)
         return replace(sample, points=points, annotations=annotations)
+
+
+@dataclass
+class Faded:
+    """``transform`` for all but the last ``fade_epochs`` of ``total_epochs`` epochs (OpenPCDet's
+    ``DisableAugmentationHook``: the last epochs see the data as it is).
+
+    Args:
+        transform: any augmentation.
+        fade_epochs: epochs at the end without it.
+        total_epochs: the training's epochs (usually ``${trainer.epochs}``).
+    """
+
+    transform: Callable[[Sample, torch.Generator | None], Sample]
+    fade_epochs: int
+    total_epochs: int
+    epoch: int = field(default=0, init=False)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        if hasattr(self.transform, "set_epoch"):
+            self.transform.set_epoch(epoch)
+
+    def __call__(self, sample: Sample, generator: torch.Generator | None = None) -> Sample:
+        if self.epoch >= self.total_epochs - self.fade_epochs:
+            return sample
+        return self.transform(sample, generator)
 
 
 @dataclass
