@@ -25,6 +25,10 @@ Variants. *Pillar*: the input grid has one z cell (pillars), windows are (wx, wy
 stage down to one cell. Whatever z extent is left after the last stage is summed into the BEV
 (sparse height compression), so any configuration yields a ``SparseBEV``.
 
+:class:`DSVTReferenceBackbone` is DSVT exactly as the reference implementation computes it (for the
+reference configurations and their checkpoints); it shares the attention kernel and the window and
+pooling partitions and lists its differences from the design above.
+
 DSVT is single-stride: its BEV keeps the input (y, x) resolution unless a pooling stride has x/y
 components. ``bev_stride > 1`` appends ``log2(bev_stride)`` sparse 3x3 stride-2 2D convolutions
 (+BN+ReLU, spconv through ``voxsparse.ops.sparse_backend``) to coarsen the BEV for the heads,
@@ -48,8 +52,11 @@ from voxsparse.models.backbones.dsvt_partition import (
     StagePartition,
     WindowPositions,
     pooling_partition,
+    reference_positions,
+    reference_stage_partition,
     stage_partition,
 )
+from voxsparse.models.keys import KeyPair, prefixed
 from voxsparse.models.layers import sparse_conv_block
 from voxsparse.ops.sparse_backend import SparseConvTensor, spnn
 from voxsparse.ops.sparse_utils import merge_duplicates
@@ -449,3 +456,330 @@ class DSVTBackbone(nn.Module):
         coords = voxels.coords.new_zeros(0, 3).int()
         feats = voxels.features.new_zeros(0, self.out_channels)
         return SparseBEV(coords, feats, (h, w), self.stride, voxels.grid, voxels.batch_size)
+
+
+# --------------------------------------------------------------------------------------------------
+# DSVT as the reference implementation computes it (OpenPCDet's ``backbones_3d/dsvt.py``, the same
+# modules as the authors' repository), for the reference configurations and their checkpoints.
+
+
+class ReferencePositionEmbedding(nn.Module):
+    """The reference's learned position embedding: Linear, BatchNorm1d, ReLU, Linear (input x, y[, z])."""
+
+    def __init__(self, dims: int, channels: int) -> None:
+        super().__init__()
+        self.mlp = nn.Sequential(
+            nn.Linear(dims, channels), nn.BatchNorm1d(channels), nn.ReLU(inplace=True),
+            nn.Linear(channels, channels),
+        )
+
+    def forward(self, position: torch.Tensor) -> torch.Tensor:
+        return self.mlp(position)
+
+    def openpcdet_keys(self) -> list[KeyPair]:
+        return [KeyPair(k, "position_embedding_head." + k.removeprefix("mlp.")) for k in self.state_dict()]
+
+
+def _packed_projection(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, part: slice) -> torch.Tensor:
+    """Rows ``part`` of a packed (3C, C) query / key / value projection applied to ``x``."""
+    return F.linear(x, weight[part], bias[part])
+
+
+class ReferenceSetAttentionLayer(nn.Module):
+    """The reference's encoder layer (``DSVT_EncoderLayer`` around ``SetAttention``), post-norm:
+    ``h = norm1(x + out_proj(Attn(q = k = x + pos, v = x)))``, ``h = norm2(h + linear2(act(linear1(h))))``,
+    ``out = norm(h + x)``. Attention dropout ``dropout``; none in the feed-forward network.
+
+    The packed projection (``in_proj_weight`` (3C, C), as ``nn.MultiheadAttention`` stores it) runs on
+    the M voxels before they are gathered into sets (the reference projects every set slot): the
+    same values, fewer rows.
+
+    Input: (M, C) features, a :class:`SetPartition`, the voxels' :class:`WindowPositions`. Output (M, C).
+    """
+
+    def __init__(self, channels: int, num_heads: int, ffn_channels: int, pos_dims: int, dropout: float = 0.0,
+                 activation: str = "gelu") -> None:
+        super().__init__()
+        if channels % num_heads:
+            raise ValueError(f"channels {channels} must be divisible by num_heads {num_heads}")
+        self.channels = channels
+        self.num_heads = num_heads
+        self.dropout = dropout
+        self.pos_embed = ReferencePositionEmbedding(pos_dims, channels)
+        self.in_proj_weight = nn.Parameter(torch.empty(3 * channels, channels))
+        self.in_proj_bias = nn.Parameter(torch.zeros(3 * channels))
+        self.out_proj = nn.Linear(channels, channels)
+        self.linear1 = nn.Linear(channels, ffn_channels)
+        self.linear2 = nn.Linear(ffn_channels, channels)
+        self.activation = _ACTIVATIONS[activation]()
+        self.norm1 = nn.LayerNorm(channels)
+        self.norm2 = nn.LayerNorm(channels)
+        self.norm = nn.LayerNorm(channels)
+        nn.init.xavier_uniform_(self.in_proj_weight)
+        nn.init.zeros_(self.out_proj.bias)
+
+    def forward(self, x: torch.Tensor, sets: SetPartition, position: WindowPositions) -> torch.Tensor:
+        c = self.channels
+        pos = position.embed(self.pos_embed)
+        q, k = _packed_projection(x + pos, self.in_proj_weight, self.in_proj_bias, slice(0, 2 * c)).chunk(2, dim=1)
+        v = _packed_projection(x, self.in_proj_weight, self.in_proj_bias, slice(2 * c, 3 * c))
+        attn = set_attention(q, k, v, sets, self.num_heads, self.dropout if self.training else 0.0)
+        h = self.norm1(x + self.out_proj(attn))
+        h = self.norm2(h + self.linear2(self.activation(self.linear1(h))))
+        return self.norm(h + x)
+
+    def reference_keys(self) -> tuple[list[KeyPair], list[KeyPair]]:
+        """(pairs of the encoder layer, pairs of its position embedding), each relative to its own
+        module on both sides: the reference keeps the embedding in its input layer, away from the
+        layer (the backbone places both)."""
+        pairs = []
+        for name in ("in_proj_weight", "in_proj_bias", "out_proj.weight", "out_proj.bias"):
+            pairs.append(KeyPair(name, "win_attn.self_attn." + name))
+        for name in ("linear1", "linear2", "norm1", "norm2"):
+            pairs += [KeyPair(f"{name}.{p}", f"win_attn.{name}.{p}") for p in ("weight", "bias")]
+        pairs += [KeyPair(f"norm.{p}", f"norm.{p}") for p in ("weight", "bias")]
+        return pairs, self.pos_embed.openpcdet_keys()
+
+
+class ReferenceDSVTBlock(nn.Module):
+    """Two reference encoder layers over one window partition's (y-major, x-major) sets, then
+    ``norm(out + x)``. Layer i embeds the positions of window partition i (plain, shifted) whichever
+    partition its sets come from, as the reference does."""
+
+    def __init__(self, channels: int, num_heads: int, ffn_channels: int, pos_dims: int, dropout: float = 0.0,
+                 activation: str = "gelu") -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(
+            [ReferenceSetAttentionLayer(channels, num_heads, ffn_channels, pos_dims, dropout, activation)
+             for _ in range(2)]
+        )
+        self.norm = nn.LayerNorm(channels)
+
+    def forward(
+        self, x: torch.Tensor, sets: tuple[SetPartition, SetPartition], positions: Sequence[WindowPositions]
+    ) -> torch.Tensor:
+        out = x
+        for layer, axis_sets, position in zip(self.layers, sets, positions):
+            out = layer(out, axis_sets, position)
+        return self.norm(out + x)
+
+
+class ReferenceAttentionPooling(nn.Module):
+    """The reference's attention pooling (``Stage_ReductionAtt_Block``): a region's places are filled
+    with its voxels' features and zeros at empty places; query = max over all places (zeros
+    included), keys = places + a learned place embedding, values = places, every place attended
+    (no mask); output ``norm(query + MHA)``, ``num_heads`` heads (the reference: 8 whatever the stage).
+
+    Input: (M, C) features and a :class:`PoolingPartition`. Output: (P, C).
+    """
+
+    def __init__(self, channels: int, volume: int, num_heads: int = 8) -> None:
+        super().__init__()
+        if channels % num_heads:
+            raise ValueError(f"channels {channels} must be divisible by num_heads {num_heads}")
+        self.channels = channels
+        self.volume = volume
+        self.num_heads = num_heads
+        self.pos_embedding = nn.Parameter(torch.empty(volume, channels))
+        self.in_proj_weight = nn.Parameter(torch.empty(3 * channels, channels))
+        self.in_proj_bias = nn.Parameter(torch.zeros(3 * channels))
+        self.out_proj = nn.Linear(channels, channels)
+        self.norm = nn.LayerNorm(channels)
+        nn.init.normal_(self.pos_embedding, std=0.01)
+        nn.init.xavier_uniform_(self.in_proj_weight)
+        nn.init.zeros_(self.out_proj.bias)
+
+    def forward(self, x: torch.Tensor, pool: PoolingPartition) -> torch.Tensor:
+        if pool.volume != self.volume:
+            raise ValueError(f"pooling regions of {pool.volume} places, the module expects {self.volume}")
+        p, vol, c = pool.num_regions, pool.volume, self.channels
+        h, d = self.num_heads, c // self.num_heads
+        dense = x.new_zeros(p * vol, c).index_copy(0, pool.region * vol + pool.slot, x).view(p, vol, c)
+        query = dense.amax(dim=1)  # (P, C)
+        q = _packed_projection(query, self.in_proj_weight, self.in_proj_bias, slice(0, c)).view(p, h, 1, d)
+        k = _packed_projection(dense + self.pos_embedding, self.in_proj_weight, self.in_proj_bias, slice(c, 2 * c))
+        v = _packed_projection(dense, self.in_proj_weight, self.in_proj_bias, slice(2 * c, 3 * c))
+        k = k.view(p, vol, h, d).transpose(1, 2)
+        v = v.view(p, vol, h, d).transpose(1, 2)
+        every = torch.ones(1, 1, 1, vol, dtype=torch.bool, device=x.device)
+        out = _matmul_attention(q, k, v, every, 0.0)  # (P, h, 1, d)
+        return self.norm(query + self.out_proj(out.reshape(p, c)))
+
+    def openpcdet_keys(self) -> list[KeyPair]:
+        pairs = [KeyPair("pos_embedding", "pos_embedding")]
+        for name in ("in_proj_weight", "in_proj_bias", "out_proj.weight", "out_proj.bias"):
+            pairs.append(KeyPair(name, "self_attn." + name))
+        return pairs + [KeyPair(f"norm.{p}", f"norm.{p}") for p in ("weight", "bias")]
+
+
+class DSVTReferenceBackbone(nn.Module):
+    """DSVT exactly as the reference implementation computes it (OpenPCDet 8caccce
+    ``backbones_3d/dsvt.py`` with ``reduction_type: attention``; the DSVT repository's is the same).
+
+    What differs from :class:`DSVTBackbone` (the reference's choices, kept here):
+
+    - sets repeat voxels to fill ``set_size`` slots (:func:`reference_stage_partition`); the first
+      layer of a block attends within the y-major sets, the second within the x-major sets;
+    - position embeddings: one MLP per layer with BatchNorm (eps 1e-5), input ``offset - window / 2``
+      (``normalize_pos`` scales it by ``2 * 3.1415 / window``); the first layer of every block embeds
+      the plain window's offsets, the second the shifted window's, whichever window its sets come from;
+    - attention: packed q/k/v projection (``nn.MultiheadAttention``'s), attention dropout only;
+    - pooling: :class:`ReferenceAttentionPooling` (zeros at empty places in the max and as keys,
+      8 heads), no linear map between stages (every stage has the same width);
+    - no input projection (the voxel encoder's width is the first stage's) and no layer after the
+      last stage: the output is the last stage's voxels, which must have one z cell;
+    - initialisation: Xavier-uniform for every parameter of two or more dimensions, as the reference.
+
+    Kept from the fast implementation, exact: projections on voxels rather than set slots, SDPA
+    (plain matmuls in fp32 on CUDA), partitions built once per stage with one host read, the
+    position MLP on the table of a window's places instead of every voxel in evaluation (in
+    training its BatchNorm needs every voxel's row, so it runs per voxel there), and sorted
+    (b, z, y, x) pooled voxels (the reference sorts them by (b, x, y, z): the blocks do not depend on
+    the order).
+
+    Args:
+        in_channels: voxel feature width; must equal ``channels[0]``.
+        channels: width per stage (``d_model``); all equal.
+        blocks: blocks per stage (``set_info[s][1]``).
+        num_heads: attention heads per stage (``nhead``).
+        ffn_channels: feed-forward width per stage (``dim_feedforward``).
+        set_size: voxels per set per stage (``set_info[s][0]``).
+        window_shape: (wx, wy, wz) plain window per stage.
+        hybrid_factor: (x, y, z) factor from the plain to the shifted window.
+        shifts: per stage, the (x, y, z) shifts of the plain and of the shifted window
+            (``shifts_list``); each in ``[0, window)``.
+        pool_stride: (sx, sy, sz) between consecutive stages (``downsample_stride``).
+        dropout: attention dropout.
+        activation: ``"gelu"`` or ``"relu"``.
+        normalize_pos: the reference's ``normalize_pos``.
+        pool_heads: heads of the attention pooling (8 in the reference).
+        use_checkpoint: recompute each block in the backward pass.
+
+    Input: ``SparseVoxels`` (M, channels[0]) with unique coordinates. Output: ``SparseBEV`` of the last
+    stage's voxels, stride = the product of the x pooling strides.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        channels: Sequence[int] | int = (192,),
+        blocks: Sequence[int] | int = (4,),
+        num_heads: Sequence[int] | int = 8,
+        ffn_channels: Sequence[int] | int = 384,
+        set_size: Sequence[int] | int = 36,
+        window_shape: Sequence[Sequence[int]] | Sequence[int] = ((12, 12, 1),),
+        hybrid_factor: Sequence[int] = (2, 2, 1),
+        shifts: Sequence[Sequence[Sequence[int]]] = (((0, 0, 0), (6, 6, 0)),),
+        pool_stride: Sequence[Sequence[int]] = (),
+        dropout: float = 0.0,
+        activation: str = "gelu",
+        normalize_pos: bool = False,
+        pool_heads: int = 8,
+        use_checkpoint: bool = False,
+    ) -> None:
+        super().__init__()
+        widths = [int(c) for c in ([channels] if isinstance(channels, int) else channels)]
+        n = len(widths)
+        if len(set(widths)) != 1 or in_channels != widths[0]:
+            raise ValueError(f"DSVTReferenceBackbone: in_channels {in_channels} and every stage width {widths} "
+                             "must be equal (the reference has no projection between them)")
+        self.num_stages = n
+        self.channels = widths
+        self.blocks_per_stage = [int(b) for b in _per_stage(blocks, n, "blocks")]
+        heads = [int(h) for h in _per_stage(num_heads, n, "num_heads")]
+        ffn = [int(f) for f in _per_stage(ffn_channels, n, "ffn_channels")]
+        self.set_size = [int(s) for s in _per_stage(set_size, n, "set_size")]
+        windows = _per_stage(window_shape, n, "window_shape")
+        hybrid = tuple(int(v) for v in hybrid_factor)
+        shift_pairs = [[tuple(int(v) for v in shift) for shift in stage] for stage in shifts]
+        if len(shift_pairs) != n or any(len(p) != 2 or any(len(s) != 3 for s in p) for p in shift_pairs):
+            raise ValueError(f"shifts: expected per stage two (x, y, z) shifts, got {shifts}")
+        self.pool_stride = [tuple(int(v) for v in s) for s in pool_stride]
+        if len(self.pool_stride) != n - 1 or any(len(s) != 3 or min(s) < 1 for s in self.pool_stride):
+            raise ValueError(f"pool_stride: expected {n - 1} (sx, sy, sz) strides >= 1, got {self.pool_stride}")
+        self._windows = []
+        for s in range(n):
+            plain = tuple(int(v) for v in windows[s])
+            pair = [plain, tuple(w * f for w, f in zip(plain, hybrid))]
+            for w, shift in zip(pair, shift_pairs[s]):
+                if not all(0 <= sh < wi for sh, wi in zip(shift, w)):
+                    raise ValueError(f"stage {s}: shift {shift} must lie in the window {w}")
+            self._windows.append((pair, shift_pairs[s]))
+        self.normalize_pos = normalize_pos
+        # The reference embeds (x, y) for windows one cell high, else (x, y, z).
+        self._pos_dims = [3 if windows[s][2] > 1 else 2 for s in range(n)]
+        self.stages = nn.ModuleList([
+            nn.ModuleList([
+                ReferenceDSVTBlock(widths[s], heads[s], ffn[s], self._pos_dims[s], dropout, activation)
+                for _ in range(self.blocks_per_stage[s])
+            ])
+            for s in range(n)
+        ])
+        self.pools = nn.ModuleList([
+            ReferenceAttentionPooling(widths[s], math.prod(self.pool_stride[s]), pool_heads) for s in range(n - 1)
+        ])
+        self.out_channels = widths[-1]
+        self.use_checkpoint = use_checkpoint
+        for parameter in self.parameters():
+            if parameter.dim() > 1:
+                nn.init.xavier_uniform_(parameter)
+
+    @property
+    def stride(self) -> int:
+        return math.prod(s[0] for s in self.pool_stride)
+
+    def stage_shapes(self, spatial_shape: Sequence[int]) -> list[tuple[int, int, int]]:
+        """(Z, Y, X) grid of each stage for an input grid of ``spatial_shape`` (z, y, x)."""
+        shapes = [tuple(int(v) for v in spatial_shape)]
+        for sx, sy, sz in self.pool_stride:
+            z, y, x = shapes[-1]
+            shapes.append((-(-z // sz), -(-y // sy), -(-x // sx)))
+        return shapes  # type: ignore[return-value]
+
+    def forward(self, voxels: SparseVoxels) -> SparseBEV:
+        shapes = self.stage_shapes(voxels.grid.spatial_shape)
+        if shapes[-1][0] != 1:
+            raise ValueError(f"DSVTReferenceBackbone: the last stage has {shapes[-1][0]} z cells; the reference "
+                             "configurations pool z down to one")
+        coords, x = voxels.coords, voxels.features
+        if len(voxels) == 0:
+            _, h, w = shapes[-1]
+            return SparseBEV(coords.new_zeros(0, 3).int(), x.new_zeros(0, self.out_channels), (h, w), self.stride,
+                             voxels.grid, voxels.batch_size)
+        block_id = 0
+        for s, blocks in enumerate(self.stages):
+            window_shapes, shifts = self._windows[s]
+            part = reference_stage_partition(coords, shapes[s], voxels.batch_size, window_shapes, shifts,
+                                             self.set_size[s])
+            # BatchNorm in training normalises over every voxel's row: no table there.
+            positions = [reference_positions(w, self._pos_dims[s], self.normalize_pos, x.dtype, not self.training)
+                         for w in part.windows]
+            for block in blocks:
+                sets = part.sets[block_id % 2]
+                if self.use_checkpoint and self.training:
+                    x = checkpoint(block, x, sets, positions, use_reentrant=False)
+                else:
+                    x = block(x, sets, positions)
+                block_id += 1
+            if s < self.num_stages - 1:
+                pool = pooling_partition(coords, shapes[s], voxels.batch_size, self.pool_stride[s])
+                x = self.pools[s](x, pool)
+                coords = pool.coords
+        _, h, w = shapes[-1]
+        return SparseBEV(coords[:, [0, 2, 3]].int(), x, (h, w), self.stride, voxels.grid, voxels.batch_size)
+
+    def openpcdet_keys(self) -> list[KeyPair]:
+        """Every state-dict entry against OpenPCDet's ``backbone_3d.`` names (relative to the backbone)."""
+        pairs = []
+        for s, blocks in enumerate(self.stages):
+            for b, block in enumerate(blocks):
+                for i, layer in enumerate(block.layers):
+                    own, pos = layer.reference_keys()
+                    ours = f"stages.{s}.{b}.layers.{i}."
+                    pairs += prefixed(own, ours, f"stage_{s}.{b}.encoder_list.{i}.")
+                    pairs += prefixed(pos, ours + "pos_embed.", f"input_layer.posembed_layers.{s}.{b}.{i}.")
+                pairs += [KeyPair(f"stages.{s}.{b}.norm.{p}", f"residual_norm_stage_{s}.{b}.{p}")
+                          for p in ("weight", "bias")]
+        for s, pool in enumerate(self.pools):
+            pairs += prefixed(pool.openpcdet_keys(), f"pools.{s}.", f"stage_{s}_reduction.")
+        return pairs

@@ -17,6 +17,14 @@ order slabs across x; consecutive attention layers alternate the two. Shifted / 
 a stage has two window partitions, the plain one and a shifted one (by default larger by a hybrid
 factor, as in the paper's hybrid window partition); consecutive blocks alternate them.
 
+:func:`reference_stage_partition` builds the sets exactly as the reference implementation does
+(OpenPCDet's ``DSVTInputLayer.get_set_single_shift``), for :class:`~voxsparse.models.backbones.dsvt.
+DSVTReferenceBackbone`: a window of ``n`` voxels gets ``s = ceil(n / set_size)`` sets of exactly
+``set_size`` slots; slot ``t`` (``0 <= t < s * set_size``, over the window's sets in order) holds
+the voxel of rank ``floor(t n / (s set_size))``, so voxels repeat to fill the slots and a voxel can
+lie in two consecutive sets. A repeat inside a set is masked as a key; each voxel's output is read
+from its first slot. The y-major sets come first (the reference's first attention layer uses them).
+
 Every partition is computed once per stage and reused by all of its blocks. Building one stage
 costs one host-device synchronisation (the set counts of both window partitions, read together);
 the attention blocks themselves never synchronise. Pooling costs one more (the number of pooled
@@ -317,3 +325,95 @@ def pooling_partition(
     out = torch.empty(unique_keys.shape[0], 4, dtype=torch.int32, device=c.device)
     out[region] = pooled.to(torch.int32)
     return PoolingPartition(out, region, slot, (sx, sy, sz), out_shape)
+
+
+def reference_positions(
+    windows: WindowPartition, dims: int, normalize: bool = False, dtype: torch.dtype = torch.float32,
+    table: bool = True,
+) -> WindowPositions:
+    """In-window positions as the reference's position embedding takes them: ``offset - window / 2``
+    per axis (x, y[, z]), with ``normalize`` scaled by ``2 * 3.1415 / window`` (the reference's
+    constant), i.e. into about [-pi, pi).
+
+    With ``table`` the positions come as the table of the window's distinct positions and each
+    voxel's row (when the window has fewer places than voxels): an embedding without batch
+    statistics then runs on the table only. Without it, one row per voxel (an embedding with
+    batch statistics, e.g. BatchNorm in training, must see every voxel).
+    """
+    shape = windows.window_shape[:dims]
+    device = windows.offsets.device
+    size = torch.tensor(shape, dtype=dtype, device=device)
+
+    def scale(offsets: torch.Tensor) -> torch.Tensor:
+        location = offsets.to(dtype) - size / 2
+        return location / size * 2 * 3.1415 if normalize else location
+
+    if not table or math.prod(shape) >= windows.offsets.shape[0]:
+        return WindowPositions(scale(windows.offsets[:, :dims]), None)
+    axes = [torch.arange(w, device=device) for w in shape]
+    grid = torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1).reshape(-1, dims)
+    return WindowPositions(scale(grid), linear_keys(windows.offsets[:, :dims], shape))
+
+
+REFERENCE_AXES = ("y", "x")  # the reference's set order within a window partition
+
+
+def reference_stage_partition(
+    coords: torch.Tensor, sparse_shape: Sequence[int], batch_size: int,
+    window_shapes: Sequence[Sequence[int]], shifts: Sequence[Sequence[int]], set_size: int,
+) -> StagePartition:
+    """Window partitions and the reference's sets (see the module docstring), one host read.
+
+    Args: as :func:`stage_partition`; a z shift is ignored where the window spans the grid's whole
+    z extent (as in the reference).
+
+    Returns:
+        ``sets[w]`` = (y-major, x-major) :class:`SetPartition` of ``windows[w]``: ``index`` (S, set_size)
+        with every slot filled (repeats included), ``valid`` False at a repeat of the slot before it,
+        ``position`` the first slot of each voxel.
+    """
+    if set_size < 1:
+        raise ValueError(f"set_size must be >= 1, got {set_size}")
+    if not window_shapes or len(window_shapes) != len(shifts):
+        raise ValueError("expected one shift per window shape, and at least one window partition")
+    depth = int(sparse_shape[0])
+    shifts = [(s[0], s[1], 0 if int(w[2]) == depth else s[2]) for w, s in zip(window_shapes, shifts)]
+    windows = tuple(
+        window_partition(coords, sparse_shape, batch_size, w, s) for w, s in zip(window_shapes, shifts)
+    )
+    m = coords.shape[0]
+    device = coords.device
+    pending, totals = [], []
+    for win in windows:
+        orders = [torch.argsort(_rank_key(win, axis)) for axis in REFERENCE_AXES]
+        key = win.window_key[orders[0]]  # both orders sort window-major: same sorted window keys
+        starts = torch.ones(m, dtype=torch.bool, device=device)
+        starts[1:] = key[1:] != key[:-1]
+        window_id = torch.cumsum(starts.long(), 0) - 1
+        count = torch.zeros(m, dtype=torch.long, device=device).scatter_add_(0, window_id, torch.ones_like(window_id))
+        first = torch.cumsum(count, 0) - count  # sorted position of each window's first voxel
+        sets = (count + set_size - 1) // set_size
+        set_start = torch.cumsum(sets, 0) - sets
+        pending.append((orders, window_id, count, first, sets, set_start))
+        totals.append(sets.sum())
+    num_sets = torch.stack(totals).tolist()  # the one synchronisation of the stage
+    slots = torch.arange(set_size, device=device)
+    built = []
+    for (orders, window_id, count, first, sets, set_start), total in zip(pending, num_sets):
+        set_window = torch.repeat_interleave(torch.arange(m, device=device), sets, output_size=total)
+        t = (torch.arange(total, device=device) - set_start[set_window])[:, None] * set_size + slots  # (S, set_size)
+        n, s = count[set_window][:, None], sets[set_window][:, None]
+        rank = torch.div(t * n, s * set_size, rounding_mode="floor")
+        sorted_pos = first[set_window][:, None] + rank
+        valid = torch.ones_like(rank, dtype=torch.bool)
+        valid[:, 1:] = rank[:, 1:] != rank[:, :-1]
+        # The first slot of the voxel of window rank r: ceil(r s set_size / n).
+        r = torch.arange(m, device=device) - first[window_id]
+        n_v, s_v = count[window_id], sets[window_id]
+        first_slot = set_start[window_id] * set_size + torch.div(r * s_v * set_size + n_v - 1, n_v, rounding_mode="floor")
+        pair = []
+        for axis, order in zip(REFERENCE_AXES, orders):
+            position = torch.empty_like(first_slot).index_copy_(0, order, first_slot)
+            pair.append(SetPartition(order[sorted_pos], valid, position, set_size, axis))
+        built.append(tuple(pair))
+    return StagePartition(windows, tuple(built))  # type: ignore[arg-type]
