@@ -344,7 +344,10 @@ def test_nuscenes_preset_builds_a_training_set_from_prepared_data(clean):
     train = instantiate(cfg.dataset.train)
     assert cfg.model.voxel_encoder.in_channels == len(train.source.point_features) == 5
     augmentations = [instantiate(t) for t in cfg.dataset.augmentations]
-    assert augmentations[0].total_epochs == cfg.trainer.epochs
+    # OpenPCDet's recipe: GT sampling in the training class order, mirrors across both axes, shuffle.
+    assert augmentations[0].class_names == cfg.dataset.class_names and train.class_names == tuple(cfg.dataset.class_names)
+    assert augmentations[1].flip_probability == augmentations[1].flip_x_probability == 0.5
+    assert type(augmentations[-1]).__name__ == "ShufflePoints" and cfg.trainer.adam_beta2 == 0.99
     data = DetectionDataset(train, cfg.model.voxel_encoder.grid.point_cloud_range, augmentations)
     sample = data[0]
     assert sample.points.shape[1] == 5 and sample.annotations.boxes.has_velocity
@@ -359,7 +362,14 @@ def test_waymo_preset_composes_consistently():
         "Cyclist",
     ]
     assert cfg.model.voxel_encoder.in_channels == len(cfg.dataset.point_features)
-    assert cfg.dataset.augmentations[0].total_epochs == cfg.trainer.epochs == 12
+    assert list(cfg.dataset.augmentations[0].point_features) == list(cfg.dataset.point_features)
+    assert cfg.trainer.epochs == 12
+
+
+@pytest.mark.parametrize("experiment", sorted(p.stem for p in (ROOT / "configs" / "experiment").glob("*.yaml")))
+def test_every_experiment_composes_with_its_model(experiment):
+    cfg = compose_train([f"experiment={experiment}"])
+    assert cfg.trainer.epochs > 0 and len(cfg.model.class_names) > 0
 
 
 # ---------------------------------------------------------------- a dataset module prepares itself
