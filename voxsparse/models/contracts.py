@@ -13,7 +13,15 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 
-from voxsparse.structures import Annotations3D, Detections3D, PointBatch, SparseBEV, SparseVoxels, VoxelGrid
+from voxsparse.structures import (
+    Annotations3D,
+    DenseBEV,
+    Detections3D,
+    PointBatch,
+    SparseBEV,
+    SparseVoxels,
+    VoxelGrid,
+)
 
 
 @runtime_checkable
@@ -43,17 +51,30 @@ class Backbone(Protocol):
 
 
 @runtime_checkable
+class Neck(Protocol):
+    """Sparse BEV to a dense BEV map, between backbone and head (optional): built as
+    ``factory(in_channels=...)``; ``(SparseBEV (M, in_channels) at stride s) -> DenseBEV
+    (B, out_channels, H', W')`` at a stride of its own (dense 2D blocks may down- and up-sample); no
+    cells give the map of an all-zero input."""
+
+    out_channels: int
+
+    def __call__(self, bev: SparseBEV) -> DenseBEV: ...
+
+
+@runtime_checkable
 class Head(Protocol):
     """BEV to boxes: built as ``factory(in_channels=..., num_classes=...)``.
 
-    - ``__call__(SparseBEV) -> predictions`` (per-cell outputs, e.g. ``CenterPredictions``);
+    - ``__call__(bev) -> predictions`` (per-cell outputs, e.g. ``CenterPredictions``), where ``bev``
+      is the backbone's ``SparseBEV``, or the neck's output (``DenseBEV``) when the detector has one;
     - ``loss(predictions, annotations, reduce_counts=None)`` -> losses with scalar tensors ``total``
       (the one that is back-propagated), ``heatmap`` and ``regression``; ``reduce_counts`` averages
       normalisers over DDP ranks;
     - ``decode(predictions) -> list[Detections3D]``, one per frame, scores descending.
     """
 
-    def __call__(self, bev: SparseBEV) -> Any: ...
+    def __call__(self, bev: SparseBEV | DenseBEV) -> Any: ...
 
     def loss(
         self, pred: Any, annotations: Sequence[Annotations3D], reduce_counts: Any = None

@@ -1,4 +1,4 @@
-"""A single-stage 3D detector assembled from a voxel encoder, a backbone and a head."""
+"""A single-stage 3D detector assembled from a voxel encoder, a backbone, an optional neck and a head."""
 
 from __future__ import annotations
 
@@ -7,14 +7,26 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
-from voxsparse.models.heads.center_head import CenterHeadBase, CenterPredictions, HeadLosses
+from voxsparse.models.heads.center_head import CenterPredictions, HeadLosses
+from voxsparse.models.keys import KeyPair, ReferenceNamed, prefixed
 from voxsparse.structures import Annotations3D, Detections3D, PointBatch, PointConvention
+
+#: Each part's attribute and the name of the matching module in an OpenPCDet detector. OpenPCDet's
+#: map-to-BEV modules of the reference configs (``HeightCompression``, ``PointPillarScatter3d``)
+#: have no parameters, so ``map_to_bev_module.`` names nothing and a neck's tensors are all its
+#: 2D backbone's.
+_OPENPCDET_PARTS = (
+    ("voxel_encoder", "vfe."),
+    ("backbone", "backbone_3d."),
+    ("neck", "backbone_2d."),
+    ("head", "dense_head."),
+)
 
 
 class SparseDetector(nn.Module):
-    """points → voxel encoder → sparse backbone → (sparse BEV) → center-based head.
+    """points → voxel encoder → sparse backbone → (sparse BEV) → [neck → dense BEV] → center-based head.
 
-    ``backbone`` and ``head`` are factories (Hydra ``_partial_: true``) that receive their
+    ``backbone``, ``neck`` and ``head`` are factories (Hydra ``_partial_: true``) that receive their
     ``in_channels`` from the stage before, so a config never repeats a channel count.
 
     Args:
@@ -25,15 +37,18 @@ class SparseDetector(nn.Module):
         point_convention: the point columns (and intensity scale) the model takes; raw point files
             are converted to it (:func:`voxsparse.data.pointfile.conform`). Default: x, y, z,
             intensity in [0, 1], then ``feature_4``, ... up to the voxel encoder's ``in_channels``.
+        neck: ``(in_channels) ->`` a :class:`~voxsparse.models.contracts.Neck` between backbone and
+            head (dense 2D blocks); None: the head takes the backbone's sparse BEV.
     """
 
     def __init__(
         self,
         voxel_encoder: nn.Module,
         backbone: Callable[..., nn.Module],
-        head: Callable[..., CenterHeadBase],
+        head: Callable[..., nn.Module],
         class_names: Sequence[str],
         point_convention: PointConvention | None = None,
+        neck: Callable[..., nn.Module] | None = None,
     ) -> None:
         super().__init__()
         self.class_names = tuple(class_names)
@@ -49,7 +64,9 @@ class SparseDetector(nn.Module):
             )
         self.voxel_encoder = voxel_encoder
         self.backbone = backbone(in_channels=voxel_encoder.out_channels)
-        self.head = head(in_channels=self.backbone.out_channels, num_classes=len(self.class_names))
+        self.neck = None if neck is None else neck(in_channels=self.backbone.out_channels)
+        head_in = (self.backbone if self.neck is None else self.neck).out_channels
+        self.head = head(in_channels=head_in, num_classes=len(self.class_names))
 
     @property
     def grid(self):
@@ -73,7 +90,8 @@ class SparseDetector(nn.Module):
                 f"{type(self).__name__}: points are {points.points.dtype} but the model's weights are "
                 f"{weights.dtype}; convert the points (e.g. torch.from_numpy(a).float())"
             )
-        pred = self.head(self.backbone(self.voxel_encoder(points)))
+        bev = self.backbone(self.voxel_encoder(points))
+        pred = self.head(bev if self.neck is None else self.neck(bev))
         if annotations is None:
             return pred
         with torch.autocast(points.points.device.type, enabled=False):
@@ -91,3 +109,24 @@ class SparseDetector(nn.Module):
     def predict(self, points: PointBatch) -> list[Detections3D]:
         """Detections per frame, in the LiDAR frame, scores descending."""
         return self.head.decode(self(points))
+
+    def openpcdet_keys(self) -> list[KeyPair]:
+        """Every state-dict entry under its name in an OpenPCDet detector's ``model_state``.
+
+        Each part's own pairs (``openpcdet_keys()``), prefixed with the part's attribute here and
+        OpenPCDet's module name there (``vfe.``, ``backbone_3d.``, ``backbone_2d.``,
+        ``dense_head.``). A part without state (e.g. ``MeanVFE``) contributes nothing.
+
+        Raises:
+            TypeError: a part with state names no reference keys.
+        """
+        pairs: list[KeyPair] = []
+        for name, theirs in _OPENPCDET_PARTS:
+            part = getattr(self, name)
+            if part is None:
+                continue
+            if isinstance(part, ReferenceNamed):
+                pairs += prefixed(part.openpcdet_keys(), f"{name}.", theirs)
+            elif part.state_dict():
+                raise TypeError(f"{name}: {type(part).__name__} has state but no openpcdet_keys()")
+        return pairs
