@@ -102,6 +102,7 @@ class _DynamicPFNEncoder(nn.Module):
         use_norm: bool = True,
         with_distance: bool = False,
         use_absolute_xyz: bool = True,
+        tanh_columns: Sequence[int] = (),
     ) -> None:
         super().__init__()
         if in_channels < 3 or not layer_channels:
@@ -114,6 +115,10 @@ class _DynamicPFNEncoder(nn.Module):
         self.use_norm = use_norm
         self.with_distance = with_distance
         self.use_absolute_xyz = use_absolute_xyz
+        self.tanh_columns = tuple(int(c) for c in tanh_columns)
+        if any(not 3 <= c < in_channels for c in self.tanh_columns):
+            raise ValueError(f"{type(self).__name__}.tanh_columns: feature columns in [3, {in_channels}), "
+                             f"got {list(self.tanh_columns)}")
         self.out_channels = int(layer_channels[-1])
         widths = [in_channels + (6 if use_absolute_xyz else 3) + int(with_distance)] + [int(c) for c in layer_channels]
         self.pfn_layers = nn.ModuleList(
@@ -128,6 +133,9 @@ class _DynamicPFNEncoder(nn.Module):
         _check_columns(self, points)
         axes = 2 if self._pillar else 3
         p = points.points
+        if self.tanh_columns:
+            p = p.clone()
+            p[:, self.tanh_columns] = torch.tanh(p[:, self.tanh_columns])
         low = torch.tensor(self._range_min[:axes], dtype=torch.float32, device=p.device)
         size = torch.tensor(self.grid.voxel_size[:axes], dtype=torch.float32, device=p.device)
         extent = torch.tensor(self.grid.grid_size[:axes], device=p.device)
@@ -167,7 +175,8 @@ class _DynamicPFNEncoder(nn.Module):
         return [KeyPair(name, name) for name in self.state_dict()]
 
     def extra_repr(self) -> str:
-        return (f"in_channels={self.in_channels}, use_absolute_xyz={self.use_absolute_xyz}, "
+        return (f"in_channels={self.in_channels}, tanh_columns={self.tanh_columns}, "
+                f"use_absolute_xyz={self.use_absolute_xyz}, "
                 f"with_distance={self.with_distance}, grid={self.grid}")
 
 
@@ -182,6 +191,10 @@ class DynamicPillarVFE(_DynamicPFNEncoder):
         use_norm: BatchNorm in the PFN layers (``USE_NORM``).
         with_distance: append each point's distance to the origin (``WITH_DISTANCE``).
         use_absolute_xyz: keep x, y, z among the point inputs (``USE_ABSLOTE_XYZ``).
+        tanh_columns: point columns replaced by their tanh first: the reference's Waymo loader does
+            this to intensity and elongation (``POINTS_TANH_DIM: [3, 4]``), so a model given raw Waymo
+            values computes what the reference computes from its loader's (numpy's tanh there,
+            torch's here: equal to about one float32 ulp).
 
     ``forward``: ``PointBatch`` (N, in_channels) → ``SparseVoxels`` (M, layer_channels[-1]) with
     coords (b, 0, y, x), points outside the x / y range dropped.
