@@ -339,3 +339,74 @@ def test_voxelizer_module():
         Voxelizer([0.1] * 3, [0, 0, 0, 1, 1, 1], "pillar")
     with pytest.raises(ValueError):
         Voxelizer([0.1] * 3, [0, 0, 0, 1, 1, 1], "hard")
+
+
+# ---------------------------------------------------------------- float32 quantization (spconv's)
+
+
+def _reference_hard_float32(points: PointBatch, grid, max_points, max_voxels):
+    """spconv's ``PointToVoxel`` rule as a loop: float32 index arithmetic, no clamp, per-frame caps."""
+    lo, size = np.float32(grid.point_cloud_range[:3]), np.float32(grid.voxel_size)
+    extent = grid.grid_size
+    pts, batch = points.points.float().cpu().numpy(), points.batch_index.cpu().numpy()
+    voxels, opened = {}, {}
+    for p, b in zip(pts, batch):
+        index = [int(np.floor((p[i] - lo[i]) / size[i])) for i in range(3)]
+        if not all(0 <= index[i] < extent[i] for i in range(3)):
+            continue
+        key = (int(b), index[2], index[1], index[0])
+        if key not in voxels:
+            if max_voxels is not None and opened.get(int(b), 0) >= max_voxels:
+                continue
+            opened[int(b)] = opened.get(int(b), 0) + 1
+            voxels[key] = []
+        if len(voxels[key]) < max_points:
+            voxels[key].append(p)
+    keys = sorted(voxels)
+    dense = np.zeros((len(keys), max_points, pts.shape[1]), np.float32)
+    for j, k in enumerate(keys):
+        dense[j, : len(voxels[k])] = voxels[k]
+    return keys, dense, [len(voxels[k]) for k in keys]
+
+
+@pytest.mark.parametrize("max_points, max_voxels", [(2, None), (3, 40), (10, 160000)])
+def test_float32_quantization_matches_loop(max_points, max_voxels):
+    points = _cloud(NUSCENES_GRID, [500, 300], 11)
+    out = hard_voxelize(points, NUSCENES_GRID, max_points, max_voxels, quantization="float32")
+    keys, dense, counts = _reference_hard_float32(points, NUSCENES_GRID, max_points, max_voxels)
+    assert out.coords.tolist() == [list(k) for k in keys] and out.num_points.tolist() == counts
+    assert torch.equal(out.voxels, torch.from_numpy(dense))
+    all_keys, _, all_counts = _reference_hard_float32(points, NUSCENES_GRID, len(points.points), None)
+    dynamic = dynamic_voxelize(points, NUSCENES_GRID, "float32")
+    assert dynamic.coords.tolist() == [list(k) for k in all_keys] and dynamic.num_points.tolist() == all_counts
+
+
+def test_float32_quantization_equals_spconv_point_to_voxel():
+    """The same voxels, points and caps as spconv's PointToVoxel (what OpenPCDet's data processor runs)."""
+    utils = pytest.importorskip("spconv.pytorch.utils")
+    points = _cloud(NUSCENES_GRID, [3000], 12, features=2)
+    for max_points, max_voxels in [(10, 160000), (3, 200)]:
+        ours = hard_voxelize(points, NUSCENES_GRID, max_points, max_voxels, quantization="float32")
+        generator = utils.PointToVoxel(vsize_xyz=list(NUSCENES_GRID.voxel_size),
+                                       coors_range_xyz=list(NUSCENES_GRID.point_cloud_range), num_point_features=5,
+                                       max_num_voxels=max_voxels, max_num_points_per_voxel=max_points)
+        voxels, coords, num = generator(points.points)
+        order = torch.from_numpy(np.lexsort(coords.numpy().T[::-1].copy()))
+        assert ours.coords[:, 1:].tolist() == coords[order].tolist()
+        assert ours.num_points.tolist() == num[order].tolist()
+        assert torch.equal(ours.voxels, voxels[order])
+
+
+def test_float32_quantization_differs_from_float64_at_a_border():
+    # x = -52.875 lies exactly on the border of voxels 14 and 15 (1.125 / 0.075 = 15); in float32,
+    # 1.125 / float32(0.075) rounds to just below 15.
+    points = PointBatch.from_frames([torch.tensor([[-52.875, 0.0, 0.0]])])
+    assert dynamic_voxelize(points, NUSCENES_GRID).coords[0, 3].item() == 15
+    assert dynamic_voxelize(points, NUSCENES_GRID, "float32").coords[0, 3].item() == 14
+
+
+def test_quantization_is_checked():
+    with pytest.raises(ValueError, match="quantization"):
+        Voxelizer(EXACT_GRID.voxel_size, EXACT_GRID.point_cloud_range, quantization="float16")
+    with pytest.raises(ValueError, match="quantization"):
+        dynamic_voxelize(_cloud(EXACT_GRID, [4], 1), EXACT_GRID, "half")

@@ -13,6 +13,12 @@ Rules shared by both modes:
   size, or the last voxel silently grows or shrinks.)
 - Voxels are listed sorted by (batch, z, y, x), so the output is deterministic and, for dynamic
   voxelization, independent of the order of the points.
+
+``quantization="float32"`` replaces the float64 rule by spconv's ``PointToVoxel`` arithmetic, which
+OpenPCDet's data processor uses and which its trained models therefore saw: ``floor((p - p_min) /
+voxel_size)`` in float32 (points, range minimum and voxel size rounded to float32), a point kept iff
+that index lies in ``[0, grid_size)`` (no clamp: a point that rounds onto ``grid_size`` is dropped).
+A few points near voxel borders land in another voxel than under the float64 rule.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from types import ModuleType
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -80,6 +87,21 @@ class HardVoxels:
         return self.coords.shape[0]
 
 
+QUANTIZATIONS = ("float64", "float32")
+
+
+def check_quantization(quantization: str, grid: VoxelGrid) -> None:
+    """Raise unless ``quantization`` is one of :data:`QUANTIZATIONS` and gives ``grid`` its size."""
+    if quantization not in QUANTIZATIONS:
+        raise ValueError(f"voxelize: quantization must be one of {QUANTIZATIONS}, got {quantization!r}")
+    if quantization == "float32":
+        r, v = np.float32(grid.point_cloud_range), np.float32(grid.voxel_size)
+        size32 = tuple(int(np.round((r[i + 3] - r[i]) / v[i])) for i in range(3))
+        if size32 != grid.grid_size:
+            raise ValueError(f"voxelize: grid size {grid.grid_size} is {size32} in float32 arithmetic; "
+                             "choose a range that is a whole number of voxels")
+
+
 def _key_shape(batch_size: int, grid: VoxelGrid) -> tuple[int, int, int, int]:
     shape = (batch_size, *grid.spatial_shape)
     if batch_size * shape[1] * shape[2] * shape[3] >= 2**63 - 1:
@@ -101,19 +123,27 @@ def _triton_kernels(points: PointBatch) -> ModuleType | None:
     return triton_voxelize if triton_voxelize.available() else None
 
 
-def voxel_keys(points: PointBatch, grid: VoxelGrid) -> torch.Tensor:
+def voxel_keys(points: PointBatch, grid: VoxelGrid, quantization: str = "float64") -> torch.Tensor:
     """Row-major key over (batch, z, y, x) of each point's voxel, for sorting and unique.
+
+    Args:
+        quantization: ``"float64"`` (the module's rule) or ``"float32"`` (spconv's, see the module
+            docstring).
 
     Returns:
         (N + 1,) int32 (int64 for grids too large for it) keys; key order = lexicographic voxel order.
         An out-of-range point, and the extra last slot, hold the sentinel ``B * Z * Y * X`` (one past
         the last voxel), so sorted unique keys always end with exactly one sentinel. On CUDA with
         Triton installed one kernel computes them (:mod:`voxsparse.ops.triton_voxelize`); elsewhere
-        torch does, with the same float64 arithmetic.
+        torch does, with the same float64 arithmetic; float32 quantization always runs in torch.
     """
+    check_quantization(quantization, grid)
     shape = _key_shape(points.batch_size, grid)
     sentinel = shape[0] * shape[1] * shape[2] * shape[3]
     dtype = _key_dtype(sentinel + 1)
+    if quantization == "float32":
+        kept, index = _indices_float32(points.points, grid)
+        return _keys_of(points.batch_index, index, kept, shape, sentinel).to(dtype)
     triton_voxelize = _triton_kernels(points)
     if triton_voxelize is not None:
         return triton_voxelize.voxel_keys(points.points, points.batch_index, grid, sentinel, dtype)
@@ -133,11 +163,32 @@ def voxel_keys(points: PointBatch, grid: VoxelGrid) -> torch.Tensor:
     inside = (xyz >= low) & (xyz < high)
     kept = inside[0] & inside[1] & inside[2]
     index = xyz.sub_(low).div_(size).floor_().clamp_(min=0).long().clamp_(max=extent - 1)
-    keys = torch.full((len(kept) + 1,), sentinel, dtype=torch.int64, device=device)
+    return _keys_of(points.batch_index, index, kept, shape, sentinel).to(dtype)
+
+
+def _indices_float32(points: torch.Tensor, grid: VoxelGrid) -> tuple[torch.Tensor, torch.Tensor]:
+    """spconv's quantization: (N,) bool kept and (3, N) int64 (x, y, z) indices (0 where not kept)."""
+    device = points.device
+    xyz = torch.empty(3, len(points), dtype=torch.float32, device=device).copy_(points[:, :3].T)
+    low = torch.tensor(grid.point_cloud_range[:3], dtype=torch.float32, device=device)[:, None]
+    size = torch.tensor(grid.voxel_size, dtype=torch.float32, device=device)[:, None]
+    extent = torch.tensor(grid.grid_size, dtype=torch.int64, device=device)[:, None]
+    index = xyz.sub_(low).div_(size).floor_()  # float32 throughout, as spconv's C++ computes it
+    inside = (index >= 0) & (index < extent)
+    kept = inside[0] & inside[1] & inside[2]
+    return kept, torch.where(inside, index, 0).long()
+
+
+def _keys_of(
+    batch_index: torch.Tensor, index: torch.Tensor, kept: torch.Tensor, shape: Sequence[int], sentinel: int
+) -> torch.Tensor:
+    """(N + 1,) int64 row-major keys of (3, N) (x, y, z) indices; not kept points and the last slot
+    hold ``sentinel``."""
+    keys = torch.full((len(kept) + 1,), sentinel, dtype=torch.int64, device=index.device)
     body = keys[:-1]
-    body.copy_(points.batch_index).mul_(shape[1]).add_(index[2]).mul_(shape[2]).add_(index[1]).mul_(shape[3]).add_(index[0])
+    body.copy_(batch_index).mul_(shape[1]).add_(index[2]).mul_(shape[2]).add_(index[1]).mul_(shape[3]).add_(index[0])
     body.masked_fill_(~kept, sentinel)
-    return keys.to(dtype)
+    return keys
 
 
 def _decode_keys(keys: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
@@ -150,11 +201,11 @@ def _decode_keys(keys: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
     return torch.stack(columns[::-1], dim=1).to(torch.int32)
 
 
-def dynamic_voxelize(points: PointBatch, grid: VoxelGrid) -> DynamicVoxels:
+def dynamic_voxelize(points: PointBatch, grid: VoxelGrid, quantization: str = "float64") -> DynamicVoxels:
     """Group the in-range points of ``points`` (N, 3 + C) by voxel of ``grid``; no point is dropped
-    except out-of-range ones. See the module docstring for the rules."""
+    except out-of-range ones. See the module docstring for the rules and ``quantization``."""
     shape = _key_shape(points.batch_size, grid)
-    keys = voxel_keys(points, grid)
+    keys = voxel_keys(points, grid, quantization)
     # Sorted unique keys = voxels sorted by (b, z, y, x), whatever the point order; the last one is
     # the sentinel, which also makes the out-of-range points' group index M.
     unique_keys, inverse, counts = torch.unique(keys, sorted=True, return_inverse=True, return_counts=True)
@@ -162,25 +213,27 @@ def dynamic_voxelize(points: PointBatch, grid: VoxelGrid) -> DynamicVoxels:
     return DynamicVoxels(_decode_keys(unique_keys[:m], shape), inverse[:-1], counts[:m])
 
 
-def voxelize_mean(points: PointBatch, grid: VoxelGrid) -> tuple[torch.Tensor, torch.Tensor]:
+def voxelize_mean(points: PointBatch, grid: VoxelGrid, quantization: str = "float64") -> tuple[torch.Tensor, torch.Tensor]:
     """Dynamic voxelization and the mean of every point column per voxel (MeanVFE's work).
 
     Returns:
         coords (M, 4) int32 (b, z, y, x), unique, sorted lexicographically (as
         :func:`dynamic_voxelize`), and features (M, 3 + C) in ``points``' dtype: mean x, y, z in
-        metres, then the mean features. On CUDA with Triton, :func:`triton_voxelize.segment_mean`
-        (one sort, deterministic sums in point order); elsewhere unique + scatter-sum. Both are
-        float sums of the same points, equal up to rounding.
+        metres, then the mean features. On CUDA with Triton (float64 quantization),
+        :func:`triton_voxelize.segment_mean` (one sort, deterministic sums in point order); elsewhere
+        unique + scatter-sum. Both are float sums of the same points, equal up to rounding.
     """
-    triton_voxelize = _triton_kernels(points)
+    triton_voxelize = _triton_kernels(points) if quantization == "float64" else None
     if triton_voxelize is not None:
         return triton_voxelize.segment_mean(voxel_keys(points, grid), points.points, _key_shape(points.batch_size, grid))
-    return voxelize_mean_torch(points, grid)
+    return voxelize_mean_torch(points, grid, quantization)
 
 
-def voxelize_mean_torch(points: PointBatch, grid: VoxelGrid) -> tuple[torch.Tensor, torch.Tensor]:
+def voxelize_mean_torch(
+    points: PointBatch, grid: VoxelGrid, quantization: str = "float64"
+) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`voxelize_mean` in torch on any device (its path off CUDA): unique, then scatter-sum."""
-    voxels = dynamic_voxelize(points, grid)
+    voxels = dynamic_voxelize(points, grid, quantization)
     # Out-of-range points go to an extra last group that is dropped: no host round trip.
     m = len(voxels)
     sums = scatter_sum(points.points, voxels.voxel_of_point, m + 1)[:m]
@@ -188,7 +241,8 @@ def voxelize_mean_torch(points: PointBatch, grid: VoxelGrid) -> tuple[torch.Tens
 
 
 def hard_voxelize(
-    points: PointBatch, grid: VoxelGrid, max_points_per_voxel: int, max_voxels: int | None = None
+    points: PointBatch, grid: VoxelGrid, max_points_per_voxel: int, max_voxels: int | None = None,
+    quantization: str = "float64",
 ) -> HardVoxels:
     """VoxelNet / PointPillars voxelization with deterministic caps.
 
@@ -198,12 +252,16 @@ def hard_voxelize(
       are kept; the same input always gives the same result.
     - Kept voxels stay sorted by (b, z, y, x).
 
+    With ``quantization="float32"`` the voxels, points and caps are those of spconv's
+    ``PointToVoxel`` (OpenPCDet's data processor) on each frame, listed in (b, z, y, x) order instead
+    of spconv's order of first appearance.
+
     Returns:
         HardVoxels with ``voxels`` (M, P, D), D = ``points.num_features``, in the points' dtype.
     """
     if max_points_per_voxel < 1 or (max_voxels is not None and max_voxels < 1):
         raise ValueError(f"hard_voxelize: caps must be >= 1, got {max_points_per_voxel}, {max_voxels}")
-    dyn = dynamic_voxelize(points, grid)
+    dyn = dynamic_voxelize(points, grid, quantization)
     kept_points = dyn.kept_rows(points.points)
     device = kept_points.device
     num_kept, num_voxels = len(kept_points), len(dyn)
@@ -247,6 +305,7 @@ class Voxelizer(nn.Module):
         mode: ``'dynamic'`` → ``DynamicVoxels``; ``'hard'`` → ``HardVoxels``.
         max_points_per_voxel: P, required by ``'hard'``.
         max_voxels: per-frame voxel cap of ``'hard'`` (None: none).
+        quantization: ``'float64'`` or ``'float32'`` (spconv's arithmetic; module docstring).
     """
 
     MODES = ("dynamic", "hard")
@@ -258,6 +317,7 @@ class Voxelizer(nn.Module):
         mode: str = "dynamic",
         max_points_per_voxel: int | None = None,
         max_voxels: int | None = None,
+        quantization: str = "float64",
     ) -> None:
         super().__init__()
         if mode not in self.MODES:
@@ -265,15 +325,18 @@ class Voxelizer(nn.Module):
         if mode == "hard" and max_points_per_voxel is None:
             raise ValueError("Voxelizer: mode 'hard' needs max_points_per_voxel")
         self.grid = VoxelGrid(tuple(voxel_size), tuple(point_cloud_range))
+        check_quantization(quantization, self.grid)
+        self.quantization = quantization
         self.mode = mode
         self.max_points_per_voxel = max_points_per_voxel
         self.max_voxels = max_voxels
 
     def forward(self, points: PointBatch) -> DynamicVoxels | HardVoxels:
         if self.mode == "dynamic":
-            return dynamic_voxelize(points, self.grid)
-        return hard_voxelize(points, self.grid, self.max_points_per_voxel, self.max_voxels)
+            return dynamic_voxelize(points, self.grid, self.quantization)
+        return hard_voxelize(points, self.grid, self.max_points_per_voxel, self.max_voxels, self.quantization)
 
     def extra_repr(self) -> str:
         caps = f", max_points_per_voxel={self.max_points_per_voxel}, max_voxels={self.max_voxels}"
-        return f"mode={self.mode!r}, grid={self.grid}" + (caps if self.mode == "hard" else "")
+        quantization = f", quantization={self.quantization!r}" if self.quantization != "float64" else ""
+        return f"mode={self.mode!r}, grid={self.grid}" + (caps if self.mode == "hard" else "") + quantization

@@ -18,23 +18,48 @@ import torch
 from torch import nn
 
 from voxsparse.models.fusion import fuse_conv_bn
-from voxsparse.models.layers import batch_norm_1d, sparse_conv_block
+from voxsparse.models.keys import KeyPair, TensorKind
+from voxsparse.models.layers import BN_EPS, BN_MOMENTUM, batch_norm_1d, sparse_conv_block
 from voxsparse.ops.sparse_backend import SparseConvTensor, spnn
-from voxsparse.ops.sparse_plan import ConvPairs, IndexStream, plan_indices, run_conv, run_features
+from voxsparse.ops.sparse_plan import ConvPairs, IndexStream, is_sparse_conv, plan_indices, run_conv, run_features
 from voxsparse.ops.sparse_plan import supported as index_first_supported
 from voxsparse.ops.sparse_utils import sum_rows, unique_coords
 from voxsparse.structures import SparseBEV, SparseVoxels, VoxelGrid
 
 
-class SparseBasicBlock(spnn.SparseModule):
-    """Residual block of two submanifold 3x3(x3) convolutions that keep the active set."""
+@contextmanager
+def biases_after_conv_on_cpu(module: nn.Module, features: torch.Tensor) -> Iterator[None]:
+    """Within the block, ``module``'s sparse convs with a bias run on CPU features in eval mode too.
 
-    def __init__(self, channels: int, indice_key: str, dims: int = 3) -> None:
+    spconv adds an eval-mode conv's bias inside its kernel, which its CPU build refuses ("cpu don't
+    support act and bias"); in training mode it adds the bias after the kernel, the same sum. So on
+    the CPU, in eval mode, those convs are switched to training mode for the call (on a spconv conv
+    that changes nothing else on the CPU) and switched back.
+    """
+    convs = [] if features.is_cuda else [
+        m for m in module.modules() if is_sparse_conv(m) and m.bias is not None and not m.training
+    ]
+    for conv in convs:
+        conv.training = True
+    try:
+        yield
+    finally:
+        for conv in convs:
+            conv.training = False
+
+
+class SparseBasicBlock(spnn.SparseModule):
+    """Residual block of two submanifold 3x3(x3) convolutions that keep the active set.
+
+    ``bias``: the convolutions carry a bias before their BatchNorm (OpenPCDet's block does).
+    """
+
+    def __init__(self, channels: int, indice_key: str, dims: int = 3, bias: bool = False) -> None:
         super().__init__()
         conv_cls = spnn.SubMConv3d if dims == 3 else spnn.SubMConv2d
-        self.conv1 = conv_cls(channels, channels, 3, padding=1, bias=False, indice_key=indice_key)
+        self.conv1 = conv_cls(channels, channels, 3, padding=1, bias=bias, indice_key=indice_key)
         self.bn1 = batch_norm_1d(channels)
-        self.conv2 = conv_cls(channels, channels, 3, padding=1, bias=False, indice_key=indice_key)
+        self.conv2 = conv_cls(channels, channels, 3, padding=1, bias=bias, indice_key=indice_key)
         self.bn2 = batch_norm_1d(channels)
         self.act1 = nn.ReLU(inplace=True)
         self.relu = nn.ReLU(inplace=True)
@@ -149,6 +174,22 @@ class VoxelNeXtBackbone(nn.Module):
         blocks: residual blocks per stage, same length as ``channels``.
         bev_stage: index of the stage the extra stages are added to (3 ⇒ output stride 8).
         out_channels: channels of the sparse BEV output.
+        down_kernel_sizes: kernel size of the stride-2 convolution that starts each stage after the
+            first (padding ``k // 2``); None: 3 everywhere.
+        z_padding: cells added to the top of the input grid's z extent (OpenPCDet's sparse shape is
+            ``grid_size[::-1] + [1, 0, 0]``: 1). It changes which voxels the strided convolutions
+            create along z, hence the output.
+        block_bias: the residual blocks' convolutions carry biases (OpenPCDet's do).
+        bn_momentum: momentum of the BatchNorms (except ``bev_subm``'s); see ``models/layers.py``.
+        bev_subm_bias, bev_subm_eps, bev_subm_momentum: the last submanifold 2D conv's bias and its
+            BatchNorm's settings (OpenPCDet's ``shared_conv``: a bias, PyTorch's defaults 1e-5, 0.1).
+
+    The defaults are voxsparse's design. OpenPCDet's ``VoxelResBackBone8xVoxelNeXt`` (whose
+    parameters :meth:`openpcdet_keys` names) is ``channels = (*CHANNELS, CHANNELS[4])``, ``blocks``
+    all 2, ``bev_stage=3``, ``out_channels=OUT_CHANNEL``, ``down_kernel_sizes = (*SPCONV_KERNEL_SIZES,
+    SPCONV_KERNEL_SIZES[3])``, ``z_padding=1``, ``block_bias=True``, ``bn_momentum=0.01``,
+    ``bev_subm_bias=True``, ``bev_subm_eps=1e-5``, ``bev_subm_momentum=0.1``
+    (``configs/model/voxelnext_{nuscenes,waymo,argo2}.yaml``).
 
     Input: ``SparseVoxels`` (M voxels). Output: ``SparseBEV`` with ``out_channels`` features.
 
@@ -168,8 +209,21 @@ class VoxelNeXtBackbone(nn.Module):
         blocks: Sequence[int] = (1, 2, 2, 2, 2, 2),
         bev_stage: int = 3,
         out_channels: int = 128,
+        down_kernel_sizes: Sequence[int] | None = None,
+        z_padding: int = 0,
+        block_bias: bool = False,
+        bn_momentum: float = BN_MOMENTUM,
+        bev_subm_bias: bool = False,
+        bev_subm_eps: float = BN_EPS,
+        bev_subm_momentum: float = BN_MOMENTUM,
     ) -> None:
         super().__init__()
+        down_kernel_sizes = (3,) * (len(channels) - 1) if down_kernel_sizes is None else tuple(down_kernel_sizes)
+        if len(down_kernel_sizes) != len(channels) - 1 or any(k < 1 or k % 2 == 0 for k in down_kernel_sizes):
+            raise ValueError(f"down_kernel_sizes {down_kernel_sizes}: expected {len(channels) - 1} odd sizes, "
+                             "one per stage after the first")
+        if z_padding < 0:
+            raise ValueError(f"z_padding: expected >= 0, got {z_padding}")
         if len(channels) != len(blocks):
             raise ValueError(f"channels {tuple(channels)} and blocks {tuple(blocks)} must have equal length")
         if not 0 <= bev_stage < len(channels):
@@ -178,18 +232,27 @@ class VoxelNeXtBackbone(nn.Module):
             raise ValueError("the extra down-sampling stages must keep the BEV stage's channel count")
         self.bev_stage = bev_stage
         self.out_channels = out_channels
+        self.z_padding = z_padding
         self.stem = sparse_conv_block(in_channels, channels[0], 3, indice_key="subm0")
         self.stages = nn.ModuleList()
         prev = channels[0]
         for i, (c, n) in enumerate(zip(channels, blocks)):
             layers: list[nn.Module] = []
             if i > 0:
-                layers.append(sparse_conv_block(prev, c, 3, stride=2, indice_key=f"down{i}", subm=False))
-            layers += [SparseBasicBlock(c, indice_key=f"subm{i}") for _ in range(n)]
+                k = down_kernel_sizes[i - 1]
+                layers.append(sparse_conv_block(prev, c, k, stride=2, indice_key=f"down{i}", subm=False))
+            layers += [SparseBasicBlock(c, indice_key=f"subm{i}", bias=block_bias) for _ in range(n)]
             self.stages.append(spnn.SparseSequential(*layers))
             prev = c
         self.bev_conv = sparse_conv_block(prev, out_channels, 3, indice_key="bev_out", subm=False, dims=2)
-        self.bev_subm = sparse_conv_block(out_channels, out_channels, 3, indice_key="bev_subm", dims=2)
+        for m in self.modules():
+            if isinstance(m, nn.BatchNorm1d):
+                m.momentum = bn_momentum
+        self.bev_subm = spnn.SparseSequential(
+            spnn.SubMConv2d(out_channels, out_channels, 3, padding=1, bias=bev_subm_bias, indice_key="bev_subm"),
+            nn.BatchNorm1d(out_channels, eps=bev_subm_eps, momentum=bev_subm_momentum),
+            nn.ReLU(inplace=True),
+        )
         # Added to the voxel features before height compression (VoxelKP's spatial encoding); none here.
         self.bev_encoding: nn.Module | None = None
 
@@ -197,12 +260,40 @@ class VoxelNeXtBackbone(nn.Module):
     def stride(self) -> int:
         return 2**self.bev_stage
 
+    def input_shape(self, grid: VoxelGrid) -> list[int]:
+        """(z, y, x) spatial shape of the sparse input tensor: the grid's, with ``z_padding`` more z cells."""
+        z, y, x = grid.spatial_shape
+        return [z + self.z_padding, y, x]
+
+    def openpcdet_keys(self) -> list[KeyPair]:
+        """Every state-dict entry under its name in OpenPCDet's ``VoxelResBackBone8xVoxelNeXt``
+        (relative to ``backbone_3d.``); only for the six-stage, stride-8 layout it has."""
+        if len(self.stages) != 6 or self.bev_stage != 3 or any(
+            sum(isinstance(m, SparseBasicBlock) for m in stage) != 2 for stage in self.stages
+        ):
+            raise ValueError("openpcdet_keys: this backbone is not laid out as OpenPCDet's VoxelNeXt backbone "
+                             "(six stages of two residual blocks, BEV at stage 3)")
+        prefixes = {"stem.": "conv_input.", "bev_conv.": "conv_out.", "bev_subm.": "shared_conv."}
+        prefixes.update({f"stages.{i}.": f"conv{i + 1}." for i in range(6)})
+        convs = {name for name, m in self.named_modules() if is_sparse_conv(m)}
+        pairs = []
+        for key in self.state_dict():
+            ours_prefix = next(p for p in prefixes if key.startswith(p))
+            module, _, leaf = key.rpartition(".")
+            kind = TensorKind.SPARSE_CONV if module in convs and leaf == "weight" else TensorKind.TENSOR
+            pairs.append(KeyPair(key, prefixes[ours_prefix] + key[len(ours_prefix):], kind))
+        return pairs
+
     def forward(self, voxels: SparseVoxels) -> SparseBEV:
         if len(voxels) == 0:  # spconv cannot convolve an empty tensor; there is nothing to compute
             return self._empty_output(voxels)
-        if self.index_first and self._plain() and index_first_supported():
+        if self.index_first and self._plain() and index_first_supported() and self._index_first_runs(voxels):
             return self._forward_index_first(voxels)
-        x = SparseConvTensor(voxels.features, voxels.coords.int(), list(voxels.grid.spatial_shape), voxels.batch_size)
+        with biases_after_conv_on_cpu(self, voxels.features):
+            return self._forward_layer_by_layer(voxels)
+
+    def _forward_layer_by_layer(self, voxels: SparseVoxels) -> SparseBEV:
+        x = SparseConvTensor(voxels.features, voxels.coords.int(), self.input_shape(voxels.grid), voxels.batch_size)
         outputs = self._run_stages(self.stem(x), voxels)
         base = outputs[self.bev_stage]
         # The extra stages are added back onto the BEV stage's grid (sparse addition).
@@ -233,12 +324,19 @@ class VoxelNeXtBackbone(nn.Module):
         blocks and a BEV encoding, which the index-first path does not know)."""
         return type(self)._run_stages is VoxelNeXtBackbone._run_stages and self.bev_encoding is None
 
+    def _index_first_runs(self, voxels: SparseVoxels) -> bool:
+        """False for CPU inference with conv biases (``block_bias``, ``bev_subm_bias``): spconv's CPU
+        inference kernel, which the index-first path calls, takes no bias; layer by layer runs then."""
+        if voxels.features.is_cuda or torch.is_grad_enabled():
+            return True
+        return not any(getattr(m, "bias", None) is not None for m in self.modules() if is_sparse_conv(m))
+
     def _forward_index_first(self, voxels: SparseVoxels) -> SparseBEV:
         """Stage by stage: the stage's index pairs (on the side stream), then its feature kernels."""
         batch_size = voxels.batch_size
         pairs: dict[str, ConvPairs] = {}
         stream = IndexStream(voxels.features.device)
-        indices, shape = voxels.coords.int(), list(voxels.grid.spatial_shape)
+        indices, shape = voxels.coords.int(), self.input_shape(voxels.grid)
         features = voxels.features
         levels, level_features = [], []
         for number, part in enumerate([self.stem, *self.stages]):
@@ -269,7 +367,7 @@ class VoxelNeXtBackbone(nn.Module):
         return outputs
 
     def _empty_output(self, voxels: SparseVoxels) -> SparseBEV:
-        _, h, w = voxels.grid.spatial_shape
+        _, h, w = self.input_shape(voxels.grid)
         for _ in range(self.bev_stage):  # each stride-2 conv with padding 1 rounds up
             h, w = (h + 1) // 2, (w + 1) // 2
         coords = voxels.coords.new_zeros(0, 3)

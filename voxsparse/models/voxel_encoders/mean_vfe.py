@@ -4,36 +4,82 @@ from __future__ import annotations
 
 from torch import nn
 
-from voxsparse.ops.voxelize import voxelize_mean
+from voxsparse.models.keys import KeyPair
+from voxsparse.ops.voxelize import check_quantization, hard_voxelize, voxelize_mean
 from voxsparse.structures import PointBatch, SparseVoxels, VoxelGrid
 
 
 class MeanVFE(nn.Module):
-    """Dynamic voxelization, then the per-voxel mean of every point column.
+    """Voxelization, then the per-voxel mean of every point column.
 
     Args:
         grid: the voxel grid.
         in_channels: columns per point, 3 + C (x, y, z, then C features such as intensity).
+        max_points_per_voxel: None (default): dynamic voxelization, the mean over every point of a
+            voxel. P: hard voxelization (:func:`~voxsparse.ops.voxelize.hard_voxelize`), the mean
+            over the first P points of each voxel in input order, as OpenPCDet's data processor and
+            ``MeanVFE`` compute it (OpenPCDet shuffles the points first).
+        max_voxels: with P, the per-frame voxel cap in eval mode (voxels whose first point comes
+            earliest are kept; None: no cap).
+        max_voxels_train: the cap in training mode (None: ``max_voxels``).
+        quantization: ``"float64"`` (voxsparse's rule) or ``"float32"`` (spconv's ``PointToVoxel``
+            arithmetic, which OpenPCDet's models were trained with); see :mod:`voxsparse.ops.voxelize`.
 
     ``forward``: ``PointBatch`` (N, in_channels) → ``SparseVoxels`` with (M, in_channels) features
-    (mean x, y, z in metres, then mean features), in the points' dtype. No parameters.
+    (mean x, y, z in metres, then mean features), in the points' dtype, voxels sorted by
+    (b, z, y, x). No parameters.
     """
 
-    def __init__(self, grid: VoxelGrid, in_channels: int = 4) -> None:
+    def __init__(
+        self,
+        grid: VoxelGrid,
+        in_channels: int = 4,
+        max_points_per_voxel: int | None = None,
+        max_voxels: int | None = None,
+        max_voxels_train: int | None = None,
+        quantization: str = "float64",
+    ) -> None:
         super().__init__()
         if in_channels < 3:
             raise ValueError(f"MeanVFE.in_channels: expected >= 3 (x, y, z first), got {in_channels}")
+        if max_points_per_voxel is None and (max_voxels is not None or max_voxels_train is not None):
+            raise ValueError("MeanVFE: max_voxels / max_voxels_train need max_points_per_voxel (hard voxelization)")
+        for name, value in (("max_points_per_voxel", max_points_per_voxel), ("max_voxels", max_voxels),
+                            ("max_voxels_train", max_voxels_train)):
+            if value is not None and value < 1:
+                raise ValueError(f"MeanVFE.{name}: expected >= 1 or None, got {value}")
         self.grid = grid
         self.in_channels = in_channels
         self.out_channels = in_channels
+        self.max_points_per_voxel = max_points_per_voxel
+        self.max_voxels = max_voxels
+        self.max_voxels_train = max_voxels if max_voxels_train is None else max_voxels_train
+        self.quantization = quantization
+        check_quantization(quantization, grid)
 
     def forward(self, points: PointBatch) -> SparseVoxels:
         _check_columns(self, points)
-        coords, features = voxelize_mean(points, self.grid)
+        if self.max_points_per_voxel is None:
+            coords, features = voxelize_mean(points, self.grid, self.quantization)
+        else:
+            cap = self.max_voxels_train if self.training else self.max_voxels
+            hard = hard_voxelize(points, self.grid, self.max_points_per_voxel, cap, self.quantization)
+            # Zero rows past each voxel's count: the sum over all P rows is the sum of its points.
+            coords = hard.coords
+            features = hard.voxels.sum(dim=1) / hard.num_points.clamp(min=1).to(hard.voxels.dtype)[:, None]
         return SparseVoxels(coords, features, self.grid, points.batch_size)
 
+    def openpcdet_keys(self) -> list[KeyPair]:
+        """No state: OpenPCDet's ``MeanVFE`` has none either."""
+        return []
+
     def extra_repr(self) -> str:
-        return f"in_channels={self.in_channels}, grid={self.grid}"
+        hard = ""
+        if self.max_points_per_voxel is not None:
+            hard = (f", max_points_per_voxel={self.max_points_per_voxel}, max_voxels={self.max_voxels}, "
+                    f"max_voxels_train={self.max_voxels_train}")
+        quantization = f", quantization={self.quantization!r}" if self.quantization != "float64" else ""
+        return f"in_channels={self.in_channels}, grid={self.grid}" + hard + quantization
 
 
 def _check_columns(encoder: nn.Module, points: PointBatch) -> None:
