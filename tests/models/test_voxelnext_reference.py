@@ -206,3 +206,16 @@ def test_vfe_and_backbone_match_openpcdet():
             assert bev.spatial_shape == tuple(out.spatial_shape) and bev.stride == 8
             assert torch.equal(got[0], expected[0])
             torch.testing.assert_close(got[1], expected[1], rtol=1e-5, atol=1e-5)
+
+
+def test_mean_vfe_tanh_columns_feed_the_reference_waymo_intensity():
+    points = _points(5, n=300, frames=1)
+    raw = MeanVFE(GRID, 5, max_points_per_voxel=5, quantization="float32")
+    tanh = MeanVFE(GRID, 5, max_points_per_voxel=5, quantization="float32", tanh_columns=[3])
+    squashed = points.points.clone()
+    squashed[:, 3] = torch.tanh(squashed[:, 3])
+    expected = raw(PointBatch(squashed, points.batch_index, 1))
+    got = tanh(points)
+    assert torch.equal(got.coords, expected.coords) and torch.equal(got.features, expected.features)
+    with pytest.raises(ValueError, match="tanh_columns"):
+        MeanVFE(GRID, 5, tanh_columns=[2])

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
+import torch
 from torch import nn
 
 from voxsparse.models.keys import KeyPair
@@ -24,6 +27,9 @@ class MeanVFE(nn.Module):
         max_voxels_train: the cap in training mode (None: ``max_voxels``).
         quantization: ``"float64"`` (voxsparse's rule) or ``"float32"`` (spconv's ``PointToVoxel``
             arithmetic, which OpenPCDet's models were trained with); see :mod:`voxsparse.ops.voxelize`.
+        tanh_columns: point columns replaced by their tanh before voxelization: OpenPCDet's Waymo
+            loader feeds tanh(intensity) (column 3), so a model given raw Waymo points computes what
+            OpenPCDet computes from its loader's.
 
     ``forward``: ``PointBatch`` (N, in_channels) → ``SparseVoxels`` with (M, in_channels) features
     (mean x, y, z in metres, then mean features), in the points' dtype, voxels sorted by
@@ -38,6 +44,7 @@ class MeanVFE(nn.Module):
         max_voxels: int | None = None,
         max_voxels_train: int | None = None,
         quantization: str = "float64",
+        tanh_columns: Sequence[int] = (),
     ) -> None:
         super().__init__()
         if in_channels < 3:
@@ -56,9 +63,16 @@ class MeanVFE(nn.Module):
         self.max_voxels_train = max_voxels if max_voxels_train is None else max_voxels_train
         self.quantization = quantization
         check_quantization(quantization, grid)
+        self.tanh_columns = tuple(int(c) for c in tanh_columns)
+        if any(not 3 <= c < in_channels for c in self.tanh_columns):
+            raise ValueError(f"MeanVFE.tanh_columns: feature columns in [3, {in_channels}), got {list(self.tanh_columns)}")
 
     def forward(self, points: PointBatch) -> SparseVoxels:
         _check_columns(self, points)
+        if self.tanh_columns:
+            p = points.points.clone()
+            p[:, self.tanh_columns] = torch.tanh(p[:, self.tanh_columns])
+            points = PointBatch(p, points.batch_index, points.batch_size)
         if self.max_points_per_voxel is None:
             coords, features = voxelize_mean(points, self.grid, self.quantization)
         else:
@@ -79,7 +93,8 @@ class MeanVFE(nn.Module):
             hard = (f", max_points_per_voxel={self.max_points_per_voxel}, max_voxels={self.max_voxels}, "
                     f"max_voxels_train={self.max_voxels_train}")
         quantization = f", quantization={self.quantization!r}" if self.quantization != "float64" else ""
-        return f"in_channels={self.in_channels}, grid={self.grid}" + hard + quantization
+        tanh = f", tanh_columns={self.tanh_columns}" if self.tanh_columns else ""
+        return f"in_channels={self.in_channels}, grid={self.grid}" + hard + quantization + tanh
 
 
 def _check_columns(encoder: nn.Module, points: PointBatch) -> None:
