@@ -337,7 +337,9 @@ def class_agnostic_nms(
     """:func:`nms_bev` over boxes of every class together, after an optional score threshold.
 
     OpenPCDet's ``model_nms_utils.class_agnostic_nms``: boxes scoring below ``score_threshold``
-    (``score >= score_threshold`` is kept) are dropped first; the rest go through :func:`nms_bev`.
+    (``score >= score_threshold`` is kept) are dropped first, the best ``pre_max_size`` of the rest
+    are taken by ``torch.topk`` (so equal scores come in its order, as in the reference) and go
+    through :func:`nms_bev`.
 
     Args:
         scores: (N,) scores; boxes: (N, >=7) boxes.
@@ -347,10 +349,12 @@ def class_agnostic_nms(
     Returns:
         (K,) int64 indices into ``boxes``, by descending score.
     """
-    if score_threshold is None:
-        return nms_bev(boxes, scores, iou_threshold, pre_max_size, post_max_size)
-    candidates = torch.nonzero(scores >= score_threshold).squeeze(1)
-    return candidates[nms_bev(boxes[candidates], scores[candidates], iou_threshold, pre_max_size, post_max_size)]
+    candidates = torch.arange(len(scores), device=scores.device)
+    if score_threshold is not None:
+        candidates = torch.nonzero(scores >= score_threshold).squeeze(1)
+    if pre_max_size is not None:  # the reference's top-k, whose order among equal scores nms_bev keeps
+        candidates = candidates[scores[candidates].topk(min(pre_max_size, len(candidates))).indices]
+    return candidates[nms_bev(boxes[candidates], scores[candidates], iou_threshold, None, post_max_size)]
 
 
 def _per_class(value: float | int | Sequence[float | int] | None, num_classes: int, name: str) -> list:
