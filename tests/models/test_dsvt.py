@@ -297,9 +297,9 @@ def _model_config(name: str):
         return compose(overrides=[f"+model={name}"]).model
 
 
-@pytest.mark.parametrize("name,params,bev", [("dsvt_pillar_waymo", 2_684_928, (468, 468)),
-                                             ("dsvt_voxel_waymo", 3_133_824, (468, 468))])
+@pytest.mark.parametrize("name,params,bev", [("dsvt_pillar_waymo", 2_684_928, (468, 468))])
 def test_waymo_configs_have_the_reference_size(name, params, bev):
+    """Our design at the paper's size (dsvt_voxel_waymo is the reference itself: test_dsvt_reference)."""
     cfg = _model_config(name)
     backbone = instantiate(cfg.backbone)(in_channels=5)
     extra = ("input_proj", "bev_out")
