@@ -1,6 +1,7 @@
 """voxsparse.benchmark.openpcdet: the pure-torch ``ingroup_inds`` against brute force; OpenPCDet's DSVT
-beside ours and ``tools/openpcdet_ref.py`` end to end (only where ``VOXSPARSE_OPENPCDET`` names an
-OpenPCDet checkout)."""
+beside ours and ``tools/openpcdet_ref.py`` end to end; the whole-detector harness (config reading, the
+torch stand-ins for compiled ops, every reference config at reduced width). Tests that run a checkout
+skip unless ``VOXSPARSE_OPENPCDET`` (OpenPCDet) or ``VOXSPARSE_DSVT`` (the DSVT repository) names it."""
 
 from __future__ import annotations
 
@@ -18,6 +19,8 @@ from tool_runs import ROOT, run_tool
 
 from voxsparse.benchmark import openpcdet as ref
 from voxsparse.benchmark.compare import Alternation, compare_dsvt
+from voxsparse.benchmark.parity import CHECKOUT_ENV, REFERENCE_CONFIGS
+from voxsparse.ops.boxes import bev_iou
 from voxsparse.structures import SparseVoxels
 
 
@@ -139,3 +142,123 @@ def test_openpcdet_ref_tool(openpcdet_root, tmp_path):
     assert result["openpcdet_backbone_parameters"] == 3_133_824
     assert list(result["timings"]) == ["ours fp32", "OpenPCDet fp32"]
     assert result["timings"]["ours fp32"]["repeats"] == 1
+
+
+def test_reference_config_base_merge_and_overrides(tmp_path):
+    (tmp_path / "tools/cfgs/data").mkdir(parents=True)
+    (tmp_path / "tools/cfgs/data/base.yaml").write_text(
+        "POINT_CLOUD_RANGE: [0, 0, 0, 1, 1, 1]\nPROC: {A: 1, B: {C: 2, D: 3}}\n")
+    (tmp_path / "tools/cfgs/model.yaml").write_text(
+        "DATA_CONFIG:\n  _BASE_CONFIG_: cfgs/data/base.yaml\n  PROC: {B: {C: 5}}\n"
+        "MODEL:\n  HEAD: {WIDTHS: [4, 4], NAME: H}\n")
+    cfg = ref.load_reference_config(tmp_path, "tools/cfgs/model.yaml", {"MODEL.HEAD.WIDTHS.1": 2, "MODEL.HEAD.NEW": 7})
+    assert cfg["DATA_CONFIG"]["PROC"] == {"A": 1, "B": {"C": 5, "D": 3}}
+    assert cfg["DATA_CONFIG"]["POINT_CLOUD_RANGE"] == [0, 0, 0, 1, 1, 1]
+    assert cfg["MODEL"]["HEAD"] == {"WIDTHS": [4, 2], "NAME": "H", "NEW": 7}
+    with pytest.raises(KeyError, match="MODEL.NECK.X"):
+        ref.load_reference_config(tmp_path, "tools/cfgs/model.yaml", {"MODEL.NECK.X": 1})
+
+
+def test_nms_stand_in_matches_a_brute_force_greedy_loop():
+    gen = torch.Generator().manual_seed(0)
+    boxes = torch.cat([torch.rand(60, 2, generator=gen) * 12, torch.zeros(60, 1), 1 + torch.rand(60, 3, generator=gen) * 3,
+                       torch.rand(60, 1, generator=gen) * 6], dim=1)
+    scores = torch.rand(60, generator=gen)
+    kept, _ = ref.nms_bev_greedy(boxes, scores, 0.2, pre_maxsize=50)
+    iou = bev_iou(boxes, boxes)
+    expected: list[int] = []
+    for i in scores.argsort(descending=True)[:50].tolist():
+        if all(iou[i, j] <= 0.2 for j in expected):
+            expected.append(i)
+    assert kept.tolist() == expected
+    assert len(expected) < 50
+
+
+def test_scatter_stand_ins():
+    src = torch.tensor([[1.0, -2.0], [3.0, -4.0], [5.0, 0.5], [-1.0, -1.0]])
+    index = torch.tensor([1, 0, 1, 1])
+    assert torch.equal(ref._scatter_max(src, index)[0], torch.tensor([[3.0, -4.0], [5.0, 0.5]]))
+    torch.testing.assert_close(ref._scatter_mean(src, index), torch.tensor([[3.0, -4.0], [5.0 / 3, -2.5 / 3]]))
+
+
+@pytest.fixture
+def one_thread():
+    """The reference detectors run many small matrix products; with two OpenMP threads on a busy
+    2-core machine each waits for a descheduled thread (measured 15x slower). Results do not depend
+    on it: spconv's kernels run single-threaded either way."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def _checkout(name: str) -> Path:
+    """The checkout a reference config needs, or a skip."""
+    env = CHECKOUT_ENV[REFERENCE_CONFIGS[name].checkout]
+    if not os.environ.get(env):
+        pytest.skip(f"set {env} to the {REFERENCE_CONFIGS[name].checkout} checkout")
+    return Path(os.environ[env])
+
+
+def _scan(detector: ref.ReferenceDetector, n: int = 3000) -> torch.Tensor:
+    """``n`` points in a 30 m square around the middle of the range (or the range), every z, the top
+    cell included."""
+    gen = torch.Generator().manual_seed(0)
+    low, high = torch.tensor(detector.point_cloud_range[:3]), torch.tensor(detector.point_cloud_range[3:])
+    span = (high - low).clamp(max=30.0)
+    span[2] = high[2] - low[2]
+    xyz = (low + high) / 2 - span / 2 + torch.rand(n, 3, generator=gen) * span
+    xyz[: n // 10, 2] = float(high[2]) - 0.01
+    return torch.cat([xyz, torch.rand(n, detector.num_point_features - 3, generator=gen)], dim=1)
+
+
+@pytest.mark.parametrize("name", list(REFERENCE_CONFIGS))
+def test_reference_detector_at_reduced_width(name, one_thread):
+    """Each reference config builds from its yaml, trains one step's losses and decodes boxes on the CPU."""
+    torch.manual_seed(0)
+    detector = ref.build_reference(_checkout(name), REFERENCE_CONFIGS[name].yaml, REFERENCE_CONFIGS[name].reduced)
+    keys = list(detector.state_dict())
+    assert keys[0] == "global_step"
+    assert {k.split(".")[0] for k in keys[1:]} <= set(detector.part_names)
+    points = _scan(detector)
+    code = 9 if "nuscenes" in name else 7
+    boxes = torch.tensor([[0.0, 2.0, 0.5, 4.0, 2.0, 1.6, 0.3, 1.0, 0.5, 1], [3.0, -4.0, 0.0, 0.8, 0.7, 1.8, 2.0, 0.0, 0.0, 2]])
+    boxes = torch.cat([boxes[:, :code], boxes[:, -1:]], dim=1)
+    boxes[:, :2] += torch.tensor(detector.point_cloud_range[:2] + detector.point_cloud_range[3:5]) / 2
+    out = detector(points, [boxes])
+    assert torch.isfinite(out.loss) and out.loss.requires_grad and out.tb_dict
+    assert out.final_box_dicts is None
+    assert list(out.stages)[:2] == ["input", detector.part_names[0]]
+    assert "forward_ret_dict" in out.stages["dense_head"]
+    detector.eval()
+    with torch.no_grad():
+        out = detector(points)
+    (frame,) = out.final_box_dicts
+    assert frame["pred_boxes"].shape[1] == code and len(frame["pred_scores"]) == len(frame["pred_labels"])
+    assert out.loss is None
+
+
+def test_reference_detector_batches_frames_like_openpcdet(one_thread):
+    """Two frames: batch indices prepended, boxes zero-padded, voxels capped per voxel and per frame."""
+    name = "voxelnext_nuscenes"
+    detector = ref.build_reference(_checkout(name), REFERENCE_CONFIGS[name].yaml, REFERENCE_CONFIGS[name].reduced)
+    points = _scan(detector, 2000)
+    same = points[:1].repeat(15, 1)  # 15 points in one voxel: the first 10 are kept
+    batch = detector.batch([torch.cat([same, points]), points[:500]],
+                           [torch.zeros(3, 10), torch.zeros(1, 10)])
+    assert batch["batch_size"] == 2 and batch["gt_boxes"].shape == (2, 3, 10)
+    assert set(batch["points"][:, 0].tolist()) == {0.0, 1.0}
+    assert batch["voxel_coords"].dtype == torch.float32 and batch["voxels"].shape[1:] == (10, 5)
+    assert int(batch["voxel_num_points"].max()) == 10
+    assert int(batch["voxel_num_points"][0]) == 10  # voxels in order of their first point
+    assert batch["voxel_coords"][:, 0].unique().tolist() == [0.0, 1.0]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_reference_detector_on_cuda():
+    name = "voxelnext_nuscenes"
+    detector = ref.build_reference(_checkout(name), REFERENCE_CONFIGS[name].yaml, REFERENCE_CONFIGS[name].reduced,
+                                   device="cuda").eval()
+    with torch.no_grad():
+        out = detector(_scan(detector).cuda())
+    assert out.final_box_dicts[0]["pred_boxes"].is_cuda

@@ -7,14 +7,23 @@ package ``__init__`` files import its compiled ops, which these models do not ne
 the CPU and on any CUDA build. It is configured from the checkout's
 ``tools/cfgs/waymo_models/dsvt_voxel.yaml``, which ``configs/model/dsvt_voxel_waymo.yaml`` mirrors.
 :class:`OpenPCDetVoxelNeXt` is their whole VoxelNeXt detector with the checkout's nuScenes config.
-Nothing of OpenPCDet is imported until one of these functions is called.
+
+:func:`build_reference` builds any detector of a pcdet checkout (OpenPCDet, or the DSVT repository
+of the same layout) from its model yaml, with overrides, and runs it from raw points on the CPU or
+CUDA, keeping every stage's output, the decoded boxes and, in training, the losses
+(:class:`ReferenceDetector`, :class:`ReferenceOutput`): the reference side of parity checks and
+of the converter's tests. Nothing of OpenPCDet is imported until one of these functions is called.
 """
 
 from __future__ import annotations
 
+import ast
+import importlib
 import importlib.util
 import sys
 import types
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -129,14 +138,25 @@ def load_openpcdet_dsvt(root: Path) -> type[nn.Module]:
     op.ingroup_inds = ingroup_indices
     sys.modules[op.__name__] = op
     module = _exec_sources(root, DSVT_SOURCES)
+    _repair_dsvt_pooling_mask(module)
+    return module.DSVT
 
-    class BoolMaskReduction(module.Stage_ReductionAtt_Block):
+
+def _repair_dsvt_pooling_mask(module: types.ModuleType) -> None:
+    """DSVT's attention pooling gets an all-zero int32 ``key_padding_mask``, which torch >= 2.0
+    rejects (bool or float only; Haiyang-W/DSVT#54): cast it to bool, which masks nothing either.
+    ``DSVT.__init__`` looks the pooling class up in its module's globals, so the subclass goes there."""
+    base = getattr(module, "Stage_ReductionAtt_Block", None)
+    if base is None or getattr(base, "casts_mask_to_bool", False):
+        return
+
+    class BoolMaskReduction(base):
+        casts_mask_to_bool = True
+
         def forward(self, x: torch.Tensor, key_padding_mask: torch.Tensor) -> torch.Tensor:
             return super().forward(x, key_padding_mask.bool())
 
-    # DSVT.__init__ looks the pooling class up in its module's globals.
     module.Stage_ReductionAtt_Block = BoolMaskReduction
-    return module.DSVT
 
 
 def _keep_all_nms(boxes: torch.Tensor, scores: torch.Tensor, thresh: float, pre_maxsize=None, **kwargs):
@@ -233,13 +253,17 @@ class OpenPCDetVoxelNeXt(nn.Module):
 
 
 class _AttrDict(dict):
-    """The part of EasyDict that DSVT's constructor uses: ``cfg.KEY`` besides ``cfg.get(KEY)``."""
+    """The part of EasyDict that OpenPCDet's modules use: ``cfg.KEY`` besides ``cfg.get(KEY)``, and
+    ``cfg.KEY = value`` (nested dicts become ``_AttrDict`` s)."""
 
     def __getattr__(self, name: str):
         try:
             return self[name]
         except KeyError as error:
             raise AttributeError(name) from error
+
+    def __setattr__(self, name: str, value) -> None:
+        self[name] = _attr_dict(value)
 
 
 def _attr_dict(value):
@@ -257,3 +281,501 @@ def build_openpcdet_dsvt(root: Path) -> nn.Module:
     _missing(root, [*DSVT_SOURCES.values(), DSVT_CONFIG])
     cfg = yaml.safe_load((root / DSVT_CONFIG).read_text())["MODEL"]["BACKBONE_3D"]
     return load_openpcdet_dsvt(root)(model_cfg=_attr_dict(cfg))
+
+
+# ---------------------------------------------------------------------------------------------
+# A whole reference detector from a model yaml of an OpenPCDet (or DSVT repository) checkout.
+
+#: The detector's parts in OpenPCDet's order: yaml section, attribute (its state-dict prefix) and
+#: the package whose ``__init__`` names the classes in an ``__all__`` dict.
+REFERENCE_PARTS = (
+    ("VFE", "vfe", "pcdet/models/backbones_3d/vfe"),
+    ("BACKBONE_3D", "backbone_3d", "pcdet/models/backbones_3d"),
+    ("MAP_TO_BEV", "map_to_bev_module", "pcdet/models/backbones_2d/map_to_bev"),
+    ("BACKBONE_2D", "backbone_2d", "pcdet/models/backbones_2d"),
+    ("DENSE_HEAD", "dense_head", "pcdet/models/dense_heads"),
+)
+
+
+def load_reference_config(root: Path, config_relpath: str, overrides: dict | None = None) -> dict:
+    """A model yaml of a pcdet checkout as OpenPCDet reads it, with ``overrides`` applied.
+
+    ``DATA_CONFIG._BASE_CONFIG_`` (a path relative to the checkout's ``tools/``, where OpenPCDet
+    runs) is read first and the model yaml's ``DATA_CONFIG`` merged over it key by key, nested
+    dicts recursively, as pcdet's ``merge_new_config`` does.
+
+    Args:
+        root: the checkout.
+        config_relpath: the yaml, relative to ``root`` (``tools/cfgs/...``).
+        overrides: dotted keys to values (``{"MODEL.BACKBONE_3D.CHANNELS": [8, 8, 16, 16, 16]}``);
+            every key but the last must exist; lists are indexed by number (``"A.B.0"``).
+
+    Returns:
+        plain nested dicts and lists.
+    """
+    root = Path(root)
+    _missing(root, [config_relpath])
+    cfg = yaml.safe_load((root / config_relpath).read_text())
+    data = cfg.get("DATA_CONFIG", {})
+    if "_BASE_CONFIG_" in data:
+        base_path = root / "tools" / data["_BASE_CONFIG_"]
+        if not base_path.is_file():
+            raise FileNotFoundError(f"{config_relpath}: _BASE_CONFIG_ {base_path} does not exist")
+        cfg["DATA_CONFIG"] = _merged(yaml.safe_load(base_path.read_text()), data)
+    for dotted, value in (overrides or {}).items():
+        *parents, last = dotted.split(".")
+        node = cfg
+        for part in parents:
+            try:
+                node = node[int(part)] if isinstance(node, list) else node[part]
+            except (KeyError, IndexError, ValueError) as error:
+                raise KeyError(f"override {dotted!r}: {config_relpath} has no {part!r} there") from error
+        if isinstance(node, list):
+            node[int(last)] = value
+        else:
+            node[last] = value
+    return cfg
+
+
+def _merged(base: dict, new: dict) -> dict:
+    out = dict(base)
+    for key, value in new.items():
+        out[key] = _merged(out.get(key) or {}, value) if isinstance(value, dict) else value
+    return out
+
+
+def _registry(root: Path, package_dir: str) -> dict[str, str]:
+    """Registry name -> ``module:Class`` from a pcdet package ``__init__`` (its imports and its
+    ``__all__`` dict), read with ``ast`` so the package (which imports compiled ops) never runs."""
+    path = root / package_dir / "__init__.py"
+    _missing(root, [f"{package_dir}/__init__.py"])
+    package = package_dir.replace("/", ".")
+    tree = ast.parse(path.read_text())
+    origin: dict[str, str] = {}
+    names: dict[str, str] = {}
+    for node in tree.body:
+        if isinstance(node, ast.ImportFrom) and node.level == 1:
+            for alias in node.names:
+                origin[alias.asname or alias.name] = f"{package}.{node.module}:{alias.name}"
+        elif isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "__all__" for t in node.targets) \
+                and isinstance(node.value, ast.Dict):
+            for key, value in zip(node.value.keys, node.value.values):
+                if isinstance(key, ast.Constant) and isinstance(value, ast.Name):
+                    names[key.value] = value.id
+    return {name: origin[cls] for name, cls in names.items() if cls in origin}
+
+
+def _stub_all_packages(root: Path) -> None:
+    """Every package of the checkout's ``pcdet`` as an empty module with its path: submodules then
+    import from their files by the ordinary machinery and no package ``__init__`` runs."""
+    for init in sorted((root / "pcdet").rglob("__init__.py")):
+        package = ".".join(init.parent.relative_to(root).parts)
+        stub = types.ModuleType(package)
+        stub.__path__ = [str(init.parent)]
+        sys.modules[package] = stub
+
+
+def _forget_pcdet() -> None:
+    """Drop every loaded pcdet module, so the next checkout (OpenPCDet or the DSVT repository, both
+    ``pcdet``) is loaded from its own files with fresh stubs. Classes built before keep working."""
+    for name in [n for n in sys.modules if n == "pcdet" or n.startswith("pcdet.")]:
+        del sys.modules[name]
+
+
+def _overlap_from_iou(iou: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """BEV intersection areas from IoU: inter = iou * (area_a + area_b) / (1 + iou)."""
+    area_a, area_b = a[:, 3] * a[:, 4], b[:, 3] * b[:, 4]
+    return iou * (area_a[:, None] + area_b[None, :]) / (1 + iou)
+
+
+def nms_bev_greedy(boxes: torch.Tensor, scores: torch.Tensor, thresh: float, pre_maxsize: int | None = None,
+                   axis_aligned: bool = False, **kwargs) -> tuple[torch.Tensor, None]:
+    """Torch stand-in for OpenPCDet's compiled ``iou3d_nms_utils.nms_gpu`` (and ``nms_normal_gpu``).
+
+    Its wrapper's steps: sort by score descending (``scores.sort``, as theirs), keep the first
+    ``pre_maxsize``, then greedily keep each box not yet suppressed and suppress every later box whose
+    BEV IoU with it exceeds ``thresh``. IoU is :func:`voxsparse.ops.boxes.bev_iou` (exact, float64
+    internally); the CUDA kernel clips polygons in float32 and counts corners up to 1 cm outside a box
+    as inside, so pairs within rounding of ``thresh`` may be decided differently.
+
+    Args:
+        boxes: (N, >=7) boxes (x, y, z, dx, dy, dz, heading).
+        scores: (N,) scores.
+        thresh: IoU above which a lower-scored box is suppressed.
+        axis_aligned: ``nms_normal_gpu``'s rule (headings ignored).
+
+    Returns:
+        (kept indices into ``boxes`` (K,) int64 in descending score, None), as ``nms_gpu`` returns.
+    """
+    from voxsparse.ops.boxes import bev_iou
+
+    order = scores.sort(0, descending=True)[1]
+    if pre_maxsize is not None:
+        order = order[:pre_maxsize]
+    candidates = boxes[order, :7].float()
+    if axis_aligned:
+        candidates = torch.cat([candidates[:, :6], torch.zeros_like(candidates[:, 6:7])], dim=1)
+    over = (bev_iou(candidates, candidates) > thresh).cpu().numpy()
+    suppressed = np.zeros(len(order), dtype=bool)
+    keep = []
+    for i in range(len(order)):
+        if not suppressed[i]:
+            keep.append(i)
+            suppressed[i + 1:] |= over[i, i + 1:]
+    return order[torch.as_tensor(keep, dtype=torch.int64, device=order.device)], None
+
+
+def _iou3d_nms_utils_stub() -> dict:
+    from voxsparse.ops import boxes as ops_boxes
+
+    return {
+        "nms_gpu": nms_bev_greedy,
+        "nms_normal_gpu": lambda boxes, scores, thresh, **kw: nms_bev_greedy(boxes, scores, thresh, axis_aligned=True),
+        "boxes_iou_bev": lambda a, b: ops_boxes.bev_iou(a, b),
+        "boxes_iou3d_gpu": lambda a, b: ops_boxes.iou_3d(a, b),
+        "boxes_aligned_iou3d_gpu": lambda a, b: ops_boxes.iou_3d_aligned(a, b).view(-1, 1),
+        "paired_boxes_iou3d_gpu": lambda a, b: ops_boxes.iou_3d_aligned(a, b),
+    }
+
+
+def _boxes_overlap_bev_into(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> None:
+    """The compiled ``iou3d_nms_cuda.boxes_overlap_bev_gpu``: BEV intersection areas written into ``out``."""
+    from voxsparse.ops.boxes import bev_iou
+
+    out.copy_(_overlap_from_iou(bev_iou(a, b), a, b))
+
+
+def _scatter_max(src: torch.Tensor, index: torch.Tensor, dim: int = 0):
+    """``torch_scatter.scatter_max`` along dim 0 into ``index.max() + 1`` rows; no argmax (None)."""
+    assert dim == 0
+    rows = int(index.max()) + 1 if index.numel() else 0
+    expanded = index.view(-1, *([1] * (src.ndim - 1))).expand_as(src)
+    return src.new_zeros((rows, *src.shape[1:])).scatter_reduce(0, expanded, src, "amax", include_self=False), None
+
+
+def _scatter_mean(src: torch.Tensor, index: torch.Tensor, dim: int = 0) -> torch.Tensor:
+    """``torch_scatter.scatter_mean`` along dim 0 into ``index.max() + 1`` rows."""
+    assert dim == 0
+    rows = int(index.max()) + 1 if index.numel() else 0
+    expanded = index.view(-1, *([1] * (src.ndim - 1))).expand_as(src)
+    return src.new_zeros((rows, *src.shape[1:])).scatter_reduce(0, expanded, src, "mean", include_self=False)
+
+
+def _unavailable(what: str):
+    def fail(*args, **kwargs):
+        raise RuntimeError(f"{what} is a compiled op that the reference harness does not provide")
+    return fail
+
+
+def _install_stubs() -> None:
+    """Torch stand-ins for pcdet's compiled ops, and for third-party packages that are absent here
+    and not on the detectors' paths (``SharedArray``) or replaceable (``numba.jit`` as identity,
+    ``easydict``, ``torch_scatter``). Must follow :func:`_stub_all_packages`."""
+    for name, attributes in (
+        ("numba", {"jit": lambda *a, **k: (lambda f: f)}),
+        ("easydict", {"EasyDict": lambda value=None, **kwargs: _attr_dict({**(value or {}), **kwargs})}),
+        ("SharedArray", {}),
+        ("torch_scatter", {"scatter_max": _scatter_max, "scatter_mean": _scatter_mean}),
+    ):
+        if name not in sys.modules and importlib.util.find_spec(name) is None:
+            _stub_module(name, **attributes)
+    _stub_module("pcdet.ops.iou3d_nms.iou3d_nms_utils", **_iou3d_nms_utils_stub())
+    _stub_module("pcdet.ops.iou3d_nms.iou3d_nms_cuda", boxes_overlap_bev_gpu=_boxes_overlap_bev_into)
+    _stub_module("pcdet.ops.ingroup_inds.ingroup_inds_op", ingroup_inds=ingroup_indices)
+    _stub_module("pcdet.ops.roiaware_pool3d.roiaware_pool3d_utils",
+                 points_in_boxes_cpu=_unavailable("roiaware_pool3d"), points_in_boxes_gpu=_unavailable("roiaware_pool3d"))
+    _stub_module("pcdet.models.model_utils.tensorrt_utils.trtwrapper", TRTWrapper=_unavailable("TensorRT"))
+    _stub_module("pcdet.ops.ioubev_nms.ioubev_nms_utils", nms_gpu_bev=_unavailable("ioubev_nms"))
+
+
+#: NumPy aliases removed in NumPy 1.24 that the DSVT repository still uses (``np.int``).
+_NUMPY_ALIASES = {"int": int, "float": float, "bool": bool}
+
+
+@contextmanager
+def _reference_patches(device: torch.device):
+    """What the reference needs while it builds or runs, undone afterwards.
+
+    ``Tensor.cuda()`` moves to ``device``: its modules place constants with ``.cuda()`` (heads,
+    dynamic VFEs, losses), which fails on a CPU-only torch. NumPy's removed aliases ``np.int``,
+    ``np.float``, ``np.bool`` are the builtins they stood for.
+    """
+    original = torch.Tensor.cuda
+    added = [name for name in _NUMPY_ALIASES if name not in np.__dict__]
+    torch.Tensor.cuda = lambda self, *args, **kwargs: self.to(device)
+    for name in added:
+        setattr(np, name, _NUMPY_ALIASES[name])
+    try:
+        yield
+    finally:
+        torch.Tensor.cuda = original
+        for name in added:
+            delattr(np, name)
+
+
+def _plain(value):
+    """A stage output as plain data: spconv tensors become their features, indices and shape;
+    tensors are detached copies."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().clone()
+    if hasattr(value, "features") and hasattr(value, "indices") and hasattr(value, "spatial_shape"):
+        return {"features": value.features.detach().clone(), "indices": value.indices.detach().clone(),
+                "spatial_shape": list(value.spatial_shape)}
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+@dataclass
+class ReferenceOutput:
+    """What one batch did in the reference detector.
+
+    Attributes:
+        stages: per part (``vfe``, ``backbone_3d``, ``map_to_bev_module``, ``backbone_2d``,
+            ``dense_head``, those present) the batch-dict entries it added or replaced, as plain data
+            (spconv tensors as ``{"features", "indices", "spatial_shape"}``); ``dense_head`` also
+            holds its ``forward_ret_dict`` (per-group predictions, targets in training) under
+            ``"forward_ret_dict"``. ``"input"`` holds the batch dict the first part received.
+        final_box_dicts: eval mode: one dict per frame, ``pred_boxes`` (K, 7|9), ``pred_scores``
+            (K,), ``pred_labels`` (K,) 1-based in the config's class order; None in training.
+        loss: training with boxes: the dense head's total loss (scalar tensor, with its graph).
+        tb_dict: the head's named loss terms (floats or tensors) beside it.
+    """
+
+    stages: dict[str, dict]
+    final_box_dicts: list[dict] | None = None
+    loss: torch.Tensor | None = None
+    tb_dict: dict | None = None
+
+
+class ReferenceDetector(nn.Module):
+    """A detector of a pcdet checkout (OpenPCDet, or the DSVT repository of the same layout) built
+    from its model yaml, run from raw points as OpenPCDet's dataset, collate and model would.
+
+    Built by :func:`build_reference`. Its children carry OpenPCDet's names (``vfe``,
+    ``backbone_3d``, ``map_to_bev_module``, ``backbone_2d``, ``dense_head``) and it has OpenPCDet's
+    ``global_step`` buffer, so ``state_dict()`` has the keys of an OpenPCDet checkpoint's
+    ``model_state``.
+
+    The input path, per frame: points outside the range dropped as the config's
+    ``mask_points_and_boxes_outside_range`` does (x and y only, both ends inclusive, unless
+    ``MASK_Z``), boxes outside dropped in training (their centres, unless configured otherwise); no
+    shuffling (the points are taken in the order given; shuffle them beforehand to reproduce
+    OpenPCDet's data loader); then ``transform_points_to_voxels`` with spconv's ``PointToVoxel``
+    (float32, ``MAX_POINTS_PER_VOXEL`` first points of each voxel, ``MAX_NUMBER_OF_VOXELS`` of the
+    mode) or, for ``transform_points_to_voxels_placeholder``, the points alone for a dynamic VFE.
+    Frames are collated as OpenPCDet's ``collate_batch`` does (batch index prepended to points and
+    voxel coordinates, boxes zero-padded to the largest count) and every array becomes float32 on
+    the device, as its ``load_data_to_gpu`` does.
+
+    Patched to run without OpenPCDet's build: see :func:`build_reference`.
+    """
+
+    def __init__(self, root: Path, cfg: dict, device: torch.device) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.device = torch.device(device)
+        self.class_names = list(cfg["CLASS_NAMES"])
+        data = cfg["DATA_CONFIG"]
+        self.point_cloud_range = np.array(data["POINT_CLOUD_RANGE"], dtype=np.float32)
+        self.num_point_features = len(data["POINT_FEATURE_ENCODING"]["used_feature_list"])
+        self.processors = {p["NAME"]: p for p in data["DATA_PROCESSOR"]}
+        voxel_step = self.processors.get("transform_points_to_voxels") \
+            or self.processors.get("transform_points_to_voxels_placeholder")
+        if voxel_step is None:
+            raise ValueError("the config's DATA_PROCESSOR has no transform_points_to_voxels(_placeholder)")
+        self.voxel_size = list(voxel_step["VOXEL_SIZE"])
+        self.grid_size = np.round((self.point_cloud_range[3:6] - self.point_cloud_range[0:3])
+                                  / np.array(self.voxel_size)).astype(np.int64)
+        self.register_buffer("global_step", torch.zeros(1, dtype=torch.int64))
+        self._voxelizers: dict = {}
+
+        model = _attr_dict(cfg["MODEL"])
+        info = {"num_point_features": self.num_point_features}
+        self.part_names: list[str] = []
+        for section, attribute, package_dir in REFERENCE_PARTS:
+            if model.get(section) is None:
+                setattr(self, attribute, None)
+                continue
+            registry = _registry(root, package_dir)
+            name = model[section]["NAME"]
+            if name not in registry:
+                raise KeyError(f"{section}.NAME {name!r} is not in {package_dir}/__init__.py's __all__")
+            module_name, class_name = registry[name].split(":")
+            module = importlib.import_module(module_name)
+            _repair_dsvt_pooling_mask(module)
+            cls = getattr(module, class_name)
+            setattr(self, attribute, self._build_part(section, cls, model[section], info))
+            self.part_names.append(attribute)
+        self.module_list = [getattr(self, name) for name in self.part_names]
+        self.to(self.device)
+
+    def _build_part(self, section: str, cls: type, part_cfg, info: dict) -> nn.Module:
+        """One part with the arguments OpenPCDet's ``Detector3DTemplate.build_*`` passes it."""
+        common = {"grid_size": self.grid_size, "voxel_size": self.voxel_size,
+                  "point_cloud_range": self.point_cloud_range}
+        if section == "VFE":
+            module = cls(model_cfg=part_cfg, num_point_features=self.num_point_features,
+                         depth_downsample_factor=None, **common)
+            info["num_point_features"] = module.get_output_feature_dim()
+        elif section == "BACKBONE_3D":
+            module = cls(model_cfg=part_cfg, input_channels=info["num_point_features"], **common)
+            info["num_point_features"] = module.num_point_features
+        elif section == "MAP_TO_BEV":
+            module = cls(model_cfg=part_cfg, grid_size=self.grid_size)
+            info["num_bev_features"] = module.num_bev_features
+        elif section == "BACKBONE_2D":
+            module = cls(model_cfg=part_cfg, input_channels=info.get("num_bev_features"))
+            info["num_bev_features"] = module.num_bev_features
+        else:
+            module = cls(model_cfg=part_cfg, input_channels=info.get("num_bev_features", part_cfg.get("INPUT_FEATURES")),
+                         num_class=1 if part_cfg.get("CLASS_AGNOSTIC") else len(self.class_names),
+                         class_names=self.class_names, predict_boxes_when_training=False, **common)
+        return module
+
+    def train(self, mode: bool = True) -> ReferenceDetector:
+        """As ``nn.Module.train``; on the CPU, spconv convolutions with a bias stay in training mode,
+        where spconv adds the bias after the product: in eval mode it fuses the bias into its GEMM,
+        which its CPU path refuses ("cpu don't support act and bias"). The two compute the same."""
+        super().train(mode)
+        if self.device.type == "cpu":
+            from spconv.pytorch.conv import SparseConvolution
+
+            for module in self.modules():
+                if isinstance(module, SparseConvolution) and module.bias is not None:
+                    module.training = True
+        return self
+
+    def batch(self, points, gt_boxes=None) -> dict:
+        """OpenPCDet's batch dict for frames of points (and boxes in training).
+
+        Args:
+            points: one frame (N, C) or a list of frames; C = the config's ``used_feature_list``
+                (x, y, z first); tensors or arrays.
+            gt_boxes: None, or per frame (K, 8 | 10) boxes (x, y, z, dx, dy, dz, heading[, vx, vy],
+                label) with labels 1-based in ``class_names`` order.
+        """
+        frames = [points] if isinstance(points, (torch.Tensor, np.ndarray)) else list(points)
+        boxes = [gt_boxes] if isinstance(gt_boxes, (torch.Tensor, np.ndarray)) else gt_boxes
+        if boxes is not None and len(boxes) != len(frames):
+            raise ValueError(f"{len(frames)} frames but {len(boxes)} box arrays")
+        mode = "train" if self.training else "test"
+        pc_range = self.point_cloud_range
+        mask_cfg = self.processors.get("mask_points_and_boxes_outside_range")
+        common_utils = importlib.import_module("pcdet.utils.common_utils")
+        box_utils = importlib.import_module("pcdet.utils.box_utils")
+        voxel_cfg = self.processors.get("transform_points_to_voxels")
+        collated = {"points": [], "voxels": [], "voxel_num_points": [], "voxel_coords": [], "gt_boxes": []}
+        for index, frame in enumerate(frames):
+            frame = np.asarray(torch.as_tensor(frame).cpu(), dtype=np.float32)
+            if frame.ndim != 2 or frame.shape[1] != self.num_point_features:
+                raise ValueError(f"frame {index}: points must be (N, {self.num_point_features}), got {frame.shape}")
+            frame_boxes = None if boxes is None else np.asarray(torch.as_tensor(boxes[index]).cpu(), dtype=np.float32)
+            if mask_cfg is not None:
+                by_range = common_utils.mask_points_by_range_v2 if mask_cfg.get("MASK_Z") \
+                    else common_utils.mask_points_by_range
+                frame = frame[by_range(frame, pc_range)]
+                if frame_boxes is not None and mask_cfg.get("REMOVE_OUTSIDE_BOXES") and self.training:
+                    frame_boxes = frame_boxes[box_utils.mask_boxes_outside_range_numpy(
+                        frame_boxes, pc_range, min_num_corners=mask_cfg.get("min_num_corners", 1),
+                        use_center_to_filter=mask_cfg.get("USE_CENTER_TO_FILTER", True))]
+            collated["points"].append(np.pad(frame, ((0, 0), (1, 0)), constant_values=index))
+            if voxel_cfg is not None:
+                voxels, coords, counts = self._voxelize(frame, voxel_cfg, mode)
+                collated["voxels"].append(voxels)
+                collated["voxel_num_points"].append(counts)
+                collated["voxel_coords"].append(np.pad(coords, ((0, 0), (1, 0)), constant_values=index))
+            if frame_boxes is not None:
+                collated["gt_boxes"].append(frame_boxes)
+        batch = {"batch_size": len(frames)}
+        for key, arrays in collated.items():
+            if not arrays:
+                continue
+            if key == "gt_boxes":
+                stacked = np.zeros((len(arrays), max(1, max(len(a) for a in arrays)), arrays[0].shape[1]), np.float32)
+                for i, a in enumerate(arrays):
+                    stacked[i, :len(a)] = a
+            else:
+                stacked = np.concatenate(arrays, axis=0)
+            batch[key] = torch.from_numpy(stacked).float().to(self.device)
+        return batch
+
+    def _voxelize(self, points: np.ndarray, voxel_cfg: dict, mode: str):
+        from spconv.pytorch.utils import PointToVoxel
+
+        # One voxelizer per mode, made on first use: on the CPU it allocates a table of every cell.
+        if mode not in self._voxelizers:
+            self._voxelizers[mode] = PointToVoxel(
+                vsize_xyz=self.voxel_size, coors_range_xyz=self.point_cloud_range.tolist(),
+                num_point_features=self.num_point_features, max_num_voxels=voxel_cfg["MAX_NUMBER_OF_VOXELS"][mode],
+                max_num_points_per_voxel=voxel_cfg["MAX_POINTS_PER_VOXEL"], device=self.device,
+            )
+        voxels, coords, counts = self._voxelizers[mode](torch.from_numpy(points).to(self.device))
+        return voxels.cpu().numpy(), coords.cpu().numpy(), counts.cpu().numpy()
+
+    def forward(self, points, gt_boxes=None) -> ReferenceOutput:
+        """Run the parts in order on frames of points (see :meth:`batch`), keeping every stage.
+
+        In training mode ``gt_boxes`` are required and the dense head's ``get_loss()`` (or the loss
+        it leaves in the batch dict, TransFusion's way) is returned; in eval mode the decoded boxes.
+        """
+        if self.training and gt_boxes is None:
+            raise ValueError("training mode needs gt_boxes (the losses are computed from them)")
+        batch = self.batch(points, gt_boxes)
+        stages = {"input": _plain(batch)}
+        with _reference_patches(self.device):
+            for name, module in zip(self.part_names, self.module_list):
+                before = dict(batch)
+                batch = module(batch)
+                stages[name] = {k: _plain(v) for k, v in batch.items()
+                                if k not in before or v is not before[k]}
+                if name == "dense_head" and hasattr(module, "forward_ret_dict"):
+                    stages[name]["forward_ret_dict"] = _plain(module.forward_ret_dict)
+            output = ReferenceOutput(stages, final_box_dicts=batch.get("final_box_dicts"))
+            if self.training:
+                if "loss" in batch:
+                    output.loss, output.tb_dict = batch["loss"], batch.get("tb_dict")
+                else:
+                    output.loss, output.tb_dict = self.dense_head.get_loss()
+        return output
+
+
+def build_reference(root: Path, config_relpath: str, overrides: dict | None = None,
+                    device: torch.device | str = "cpu") -> ReferenceDetector:
+    """A reference detector from ``root/config_relpath`` (:class:`ReferenceDetector`).
+
+    Only the source files its parts need are executed, by path: each part's class is looked up in
+    its package's ``__init__`` (read with ``ast``), its module imported under stub packages (no
+    pcdet ``__init__`` runs) and its own imports follow from the checkout's files. What is replaced,
+    and only here:
+
+    - compiled ``iou3d_nms``: NMS by :func:`nms_bev_greedy`, IoUs by :mod:`voxsparse.ops.boxes`;
+    - compiled ``ingroup_inds``: :func:`ingroup_indices`; ``roiaware_pool3d`` and TensorRT: absent
+      (raise if called; not on these detectors' paths), as is the DSVT repository's ``ioubev_nms``;
+    - DSVT's pooling mask cast to bool (:func:`_repair_dsvt_pooling_mask`, behaviour-preserving);
+    - absent third-party packages: ``numba.jit`` (identity: pure Python), ``easydict`` (a dict with
+      attribute access), ``torch_scatter`` (``scatter_max`` / ``scatter_mean`` by ``scatter_reduce``),
+      ``SharedArray`` (empty);
+
+    Every pcdet module loaded before is forgotten first, so OpenPCDet and the DSVT repository (both
+    ``pcdet``) can be built one after the other in one process.
+
+    Args:
+        root: the checkout.
+        config_relpath: its model yaml, relative to ``root``.
+        overrides: dotted yaml keys -> values (see :func:`load_reference_config`).
+        device: where the model and its inputs live.
+
+    Returns:
+        the detector in training mode (as ``nn.Module`` s start), random weights.
+    """
+    root = Path(root)
+    cfg = load_reference_config(root, config_relpath, overrides)
+    _forget_pcdet()
+    _stub_all_packages(root)
+    _install_stubs()
+    device = torch.device(device)
+    with _reference_patches(device):
+        return ReferenceDetector(root, cfg, device)
