@@ -21,7 +21,14 @@ from voxsparse.models.fusion import fuse_conv_bn
 from voxsparse.models.keys import KeyPair, TensorKind
 from voxsparse.models.layers import BN_EPS, BN_MOMENTUM, batch_norm_1d, sparse_conv_block
 from voxsparse.ops.sparse_backend import SparseConvTensor, spnn
-from voxsparse.ops.sparse_plan import ConvPairs, IndexStream, is_sparse_conv, plan_indices, run_conv, run_features
+from voxsparse.ops.sparse_plan import (
+    ConvPairs,
+    IndexStream,
+    is_sparse_conv,
+    plan_indices,
+    run_conv,
+    run_features,
+)
 from voxsparse.ops.sparse_plan import supported as index_first_supported
 from voxsparse.ops.sparse_utils import sum_rows, unique_coords
 from voxsparse.structures import SparseBEV, SparseVoxels, VoxelGrid
