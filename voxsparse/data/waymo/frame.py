@@ -33,7 +33,7 @@ import functools
 import hashlib
 import os
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -43,7 +43,7 @@ from google.protobuf.message import DecodeError
 
 from voxsparse.constants import KEYPOINT_NAMES
 from voxsparse.data.frame_record import FrameRecord
-from voxsparse.data.waymo.classes import CLASS_NAMES
+from voxsparse.data.waymo.classes import CLASS_NAMES, KEYPOINT_TYPES
 from voxsparse.data.waymo.range_image import LASER_NAMES, TOP_LASER, range_image_to_points, row_inclinations
 from voxsparse.data.waymo.tfrecord import iter_records
 
@@ -51,9 +51,16 @@ __all__ = [
     "INSTALL_HINT",
     "LEVEL_2_MAX_POINTS",
     "POINT_FEATURES",
+    "RangeImageReturn",
+    "StoredLabels",
     "WaymoFrame",
+    "check_pixel_pose",
     "decode_frame",
+    "label_fields",
+    "make_frame",
+    "points_from_returns",
     "read_frames",
+    "stored_labels",
     "track_id",
 ]
 
@@ -157,11 +164,9 @@ def _protos() -> tuple[Any, Any]:
     return dataset_pb2, keypoint_pb2
 
 
-@functools.lru_cache(maxsize=1)
 def _keypoint_slots() -> dict[int, int]:
     """``KeypointType`` value -> index into ``KEYPOINT_NAMES``."""
-    keypoint_type = _protos()[1].KeypointType
-    return {keypoint_type.Value(f"KEYPOINT_TYPE_{name.upper()}"): i for i, name in enumerate(KEYPOINT_NAMES)}
+    return {KEYPOINT_TYPES[name]: i for i, name in enumerate(KEYPOINT_NAMES)}
 
 
 def _transform(values: Any, where: str) -> np.ndarray:
@@ -189,6 +194,53 @@ def _matrix(compressed: bytes, channels: int, where: str) -> np.ndarray:
     return data.reshape(dims)
 
 
+@dataclass
+class RangeImageReturn:
+    """One return of one LiDAR, decoded and calibrated: what :func:`points_from_returns` converts.
+
+    Attributes:
+        laser: ``LaserName`` value (1 TOP ... 5 REAR).
+        return_index: 0 = first return, 1 = second.
+        image: (H, W, 4) float32 range (m), intensity, elongation, no-label-zone flag (1 in, -1 out).
+        extrinsic: (4, 4) float64 vehicle-from-sensor transform.
+        inclinations: (H,) float64 row inclinations (:func:`~voxsparse.data.waymo.range_image.row_inclinations`).
+        pixel_pose: (H, W, 6) per-pixel ``(roll, pitch, yaw, x, y, z)`` poses (TOP LiDAR), else None.
+    """
+
+    laser: int
+    return_index: int
+    image: np.ndarray
+    extrinsic: np.ndarray
+    inclinations: np.ndarray
+    pixel_pose: np.ndarray | None = None
+
+
+def points_from_returns(
+    returns: Sequence[RangeImageReturn], frame_pose: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """points (N, 6) float32 (``POINT_FEATURES``), laser_id (N,) uint8, return_index (N,) uint8,
+    no_label_zone (N,) bool of the pixels with range > 0, in :class:`WaymoFrame` order: first returns of
+    lasers TOP ... REAR, then second returns, row-major within an image. ``frame_pose`` (4, 4)."""
+    chunks, laser_ids, return_ids, nlz = [], [], [], []
+    for ret in sorted(returns, key=lambda r: (r.return_index, r.laser)):
+        xyz, pixels = range_image_to_points(
+            ret.image[..., 0], ret.extrinsic, ret.inclinations, ret.pixel_pose, frame_pose
+        )
+        channels = ret.image.reshape(-1, 4)[pixels]
+        chunk = np.empty((len(pixels), len(POINT_FEATURES)), dtype=np.float32)
+        chunk[:, :3] = xyz
+        chunk[:, 3:] = channels[:, :3]  # range, intensity, elongation
+        chunks.append(chunk)
+        laser_ids.append(np.full(len(pixels), ret.laser, dtype=np.uint8))
+        return_ids.append(np.full(len(pixels), ret.return_index, dtype=np.uint8))
+        nlz.append(channels[:, 3] > 0)  # 1 in a no-label zone, -1 outside
+    if not chunks:
+        return np.zeros((0, len(POINT_FEATURES)), np.float32), *(
+            np.zeros(0, t) for t in (np.uint8, np.uint8, bool)
+        )
+    return np.concatenate(chunks), np.concatenate(laser_ids), np.concatenate(return_ids), np.concatenate(nlz)
+
+
 def _decode_points(
     frame: Any, frame_pose: np.ndarray, where: str
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -198,7 +250,7 @@ def _decode_points(
     names = [laser.name for laser in lasers]
     if len(set(names)) != len(names) or not set(names) <= set(LASER_NAMES):
         raise ValueError(f"{where}: lasers {names}: expected distinct names among {sorted(LASER_NAMES)}")
-    chunks, laser_ids, returns, nlz = [], [], [], []
+    returns = []
     top_pose = None
     for return_index, field in enumerate(("ri_return1", "ri_return2")):
         for laser in lasers:
@@ -223,11 +275,7 @@ def _decode_points(
                         laser.ri_return1.range_image_pose_compressed, 6, f"{where}: laser TOP {pose_field}"
                     )
                 pixel_pose = top_pose
-                if pixel_pose.shape[:2] != (height, width):
-                    raise ValueError(
-                        f"{at}: range image is {height}x{width} but its pixel pose is "
-                        f"{pixel_pose.shape[0]}x{pixel_pose.shape[1]}"
-                    )
+                check_pixel_pose(image, pixel_pose, at)
             inclinations = row_inclinations(
                 calibration.beam_inclinations,
                 calibration.beam_inclination_min,
@@ -238,86 +286,142 @@ def _decode_points(
             extrinsic = _transform(
                 calibration.extrinsic.transform, f"{where}: laser {name} calibration extrinsic"
             )
-            xyz, pixels = range_image_to_points(
-                image[..., 0], extrinsic, inclinations, pixel_pose, frame_pose
-            )
-            channels = image.reshape(-1, 4)[pixels]
-            chunk = np.empty((len(pixels), len(POINT_FEATURES)), dtype=np.float32)
-            chunk[:, :3] = xyz
-            chunk[:, 3:] = channels[:, :3]  # range, intensity, elongation
-            chunks.append(chunk)
-            laser_ids.append(np.full(len(pixels), laser.name, dtype=np.uint8))
-            returns.append(np.full(len(pixels), return_index, dtype=np.uint8))
-            nlz.append(channels[:, 3] > 0)  # 1 in a no-label zone, -1 outside
-    if not chunks:
-        return np.zeros((0, len(POINT_FEATURES)), np.float32), *(
-            np.zeros(0, t) for t in (np.uint8, np.uint8, bool)
+            returns.append(RangeImageReturn(laser.name, return_index, image, extrinsic, inclinations, pixel_pose))
+    return points_from_returns(returns, frame_pose)
+
+
+def check_pixel_pose(image: np.ndarray, pixel_pose: np.ndarray, where: str) -> None:
+    """Raise a ValueError naming ``where`` unless the (H, W, 6) ``pixel_pose`` covers the (H, W, C) ``image``."""
+    if pixel_pose.shape[:2] != image.shape[:2]:
+        raise ValueError(
+            f"{where}: range image is {image.shape[0]}x{image.shape[1]} but its pixel pose is "
+            f"{pixel_pose.shape[0]}x{pixel_pose.shape[1]}"
         )
-    return np.concatenate(chunks), np.concatenate(laser_ids), np.concatenate(returns), np.concatenate(nlz)
+
+
+@dataclass
+class StoredLabels:
+    """A frame's 3D labels as the dataset stores them, whatever the format (v1 ``Label`` protos, v2
+    ``lidar_box`` / ``lidar_hkp`` columns, ``Objects`` files), before :func:`label_fields` selects and
+    converts them.
+
+    Attributes:
+        types: (K,) int64 ``Label.Type``.
+        boxes: (K, 9) float64 (center_x, center_y, center_z, length, width, height, heading, speed_x, speed_y).
+        num_points: (K,) int64 ``num_lidar_points_in_box``.
+        human_difficulty: (K,) int64 ``detection_difficulty_level`` (0 = UNKNOWN / unset).
+        ids: K object ids.
+        keypoints: per object ``(types (J,) int, locations (J, 3) float64, occluded (J,) bool)`` of its
+            laser keypoints (J = 0 for none).
+    """
+
+    types: np.ndarray
+    boxes: np.ndarray
+    num_points: np.ndarray
+    human_difficulty: np.ndarray
+    ids: list[str]
+    keypoints: list[tuple[np.ndarray, np.ndarray, np.ndarray]]
+
+
+def label_fields(stored: StoredLabels, where: str, keep_empty_boxes: bool = False) -> dict[str, np.ndarray]:
+    """The label fields of :class:`WaymoFrame` (``boxes``, ``labels``, ``num_points``, ``difficulty``,
+    ``track_ids``, ``keypoints``, ``keypoint_visibility``) from ``stored``, by the rules of the module
+    docstring; ``where`` names the frame in error messages."""
+    keep = [
+        i
+        for i, kind in enumerate(stored.types.tolist())
+        if kind in _CLASS_OF_TYPE and (keep_empty_boxes or stored.num_points[i] > 0)
+    ]
+    k, slots = len(keep), _keypoint_slots()
+    boxes = stored.boxes[keep].astype(np.float32).reshape(k, 9)
+    keypoints = np.zeros((k, len(KEYPOINT_NAMES), 3), dtype=np.float32)
+    visibility = np.zeros((k, len(KEYPOINT_NAMES)), dtype=bool)
+    labelled = np.zeros((k, len(KEYPOINT_NAMES)), dtype=bool)
+    for i, index in enumerate(keep):
+        for kind, location, occluded in zip(*stored.keypoints[index]):
+            slot = slots.get(int(kind))
+            if slot is None:
+                continue
+            if labelled[i, slot]:
+                raise ValueError(f"{where}: object {stored.ids[index]!r} labels keypoint type {kind} twice")
+            keypoints[i, slot] = location
+            labelled[i, slot] = True
+            visibility[i, slot] = not occluded
+    # A heading just below pi can round onto pi in float32; keep [-pi, pi).
+    boxes[boxes[:, 6] >= np.float32(np.pi), 6] -= np.float32(2 * np.pi)
+
+    num_points = stored.num_points[keep].astype(np.int64)
+    human = stored.human_difficulty[keep].astype(np.int64)
+    difficulty = np.where(np.isin(human, (1, 2)), human, np.where(num_points <= LEVEL_2_MAX_POINTS, 2, 1))
+    return {
+        "boxes": boxes,
+        "labels": np.array([_CLASS_OF_TYPE[int(stored.types[i])] for i in keep], dtype=np.int64),
+        "num_points": num_points,
+        "difficulty": difficulty.astype(np.int64),
+        "track_ids": np.array([track_id(stored.ids[i]) for i in keep], dtype=np.int64),
+        "keypoints": keypoints,
+        "keypoint_visibility": visibility,
+    }
+
+
+def stored_labels(labels: Sequence[Any]) -> StoredLabels:
+    """:class:`StoredLabels` of ``label_pb2.Label`` messages (``Frame.laser_labels``, ``Object.object``)."""
+    k = len(labels)
+    boxes = np.zeros((k, 9), dtype=np.float64)
+    keypoints = []
+    for i, label in enumerate(labels):
+        b, m = label.box, label.metadata
+        boxes[i] = (b.center_x, b.center_y, b.center_z, b.length, b.width, b.height, b.heading, m.speed_x, m.speed_y)
+        points = label.laser_keypoints.keypoint
+        keypoints.append(
+            (
+                np.array([p.type for p in points], dtype=np.int64),
+                np.array(
+                    [(p.keypoint_3d.location_m.x, p.keypoint_3d.location_m.y, p.keypoint_3d.location_m.z) for p in points],
+                    dtype=np.float64,
+                ).reshape(-1, 3),
+                np.array([p.keypoint_3d.visibility.is_occluded for p in points], dtype=bool),
+            )
+        )
+    return StoredLabels(
+        types=np.array([label.type for label in labels], dtype=np.int64),
+        boxes=boxes,
+        num_points=np.array([label.num_lidar_points_in_box for label in labels], dtype=np.int64),
+        human_difficulty=np.array([label.detection_difficulty_level for label in labels], dtype=np.int64),
+        ids=[label.id for label in labels],
+        keypoints=keypoints,
+    )
 
 
 def decode_frame(frame: Any, where: str = "frame", keep_empty_boxes: bool = False) -> WaymoFrame:
     """Convert a ``dataset_pb2.Frame`` to a :class:`WaymoFrame`; ``where`` names it in error messages."""
     where = f"{where} ({frame.context.name}@{frame.timestamp_micros})"
     ego_pose = _transform(frame.pose.transform, f"{where}: pose")
-    points, laser_id, return_index, no_label_zone = _decode_points(frame, ego_pose, where)
+    points = _decode_points(frame, ego_pose, where)
+    labels = label_fields(stored_labels(frame.laser_labels), where, keep_empty_boxes)
+    return make_frame(frame.context.name, frame.timestamp_micros, ego_pose, points, labels)
 
-    labels = [
-        label
-        for label in frame.laser_labels
-        if label.type in _CLASS_OF_TYPE and (keep_empty_boxes or label.num_lidar_points_in_box > 0)
-    ]
-    k, slots = len(labels), _keypoint_slots()
-    boxes = np.zeros((k, 9), dtype=np.float32)
-    keypoints = np.zeros((k, len(KEYPOINT_NAMES), 3), dtype=np.float32)
-    visibility = np.zeros((k, len(KEYPOINT_NAMES)), dtype=bool)
-    labelled = np.zeros((k, len(KEYPOINT_NAMES)), dtype=bool)
-    for i, label in enumerate(labels):
-        b, m = label.box, label.metadata
-        boxes[i] = (
-            b.center_x,
-            b.center_y,
-            b.center_z,
-            b.length,
-            b.width,
-            b.height,
-            b.heading,
-            m.speed_x,
-            m.speed_y,
-        )
-        for keypoint in label.laser_keypoints.keypoint:
-            slot = slots.get(keypoint.type)
-            if slot is None:
-                continue
-            if labelled[i, slot]:
-                raise ValueError(f"{where}: object {label.id!r} labels keypoint type {keypoint.type} twice")
-            location = keypoint.keypoint_3d.location_m
-            keypoints[i, slot] = (location.x, location.y, location.z)
-            labelled[i, slot] = True
-            visibility[i, slot] = not keypoint.keypoint_3d.visibility.is_occluded
-    # A heading just below pi can round onto pi in float32; keep [-pi, pi).
-    boxes[boxes[:, 6] >= np.float32(np.pi), 6] -= np.float32(2 * np.pi)
 
-    num_points = np.array([label.num_lidar_points_in_box for label in labels], dtype=np.int64)
-    human = np.array([label.detection_difficulty_level for label in labels], dtype=np.int64)
-    difficulty = np.where(np.isin(human, (1, 2)), human, np.where(num_points <= LEVEL_2_MAX_POINTS, 2, 1))
+def make_frame(
+    context_name: str,
+    timestamp_micros: int,
+    ego_pose: np.ndarray,
+    points: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray],
+    labels: dict[str, np.ndarray],
+) -> WaymoFrame:
+    """A :class:`WaymoFrame` of :func:`points_from_returns`' output and :func:`label_fields`' output."""
+    xyz, laser_id, return_index, no_label_zone = points
     return WaymoFrame(
-        frame_id=f"{frame.context.name}_{frame.timestamp_micros}",
-        points=points,
-        boxes=boxes,
-        labels=np.array([_CLASS_OF_TYPE[label.type] for label in labels], dtype=np.int64),
-        num_points=num_points,
-        difficulty=difficulty.astype(np.int64),
-        track_ids=np.array([track_id(label.id) for label in labels], dtype=np.int64),
-        keypoints=keypoints,
-        keypoint_visibility=visibility,
+        frame_id=f"{context_name}_{timestamp_micros}",
+        points=xyz,
+        **labels,
         point_features=POINT_FEATURES,
         laser_id=laser_id,
         return_index=return_index,
         no_label_zone=no_label_zone,
-        timestamp=frame.timestamp_micros * 1e-6,
+        timestamp=timestamp_micros * 1e-6,
         ego_pose=ego_pose,
-        context_name=frame.context.name,
+        context_name=context_name,
     )
 
 
