@@ -267,21 +267,33 @@ def gaussian_focal_loss(prob: torch.Tensor, target: torch.Tensor, alpha: float =
     return pos + neg
 
 
-def draw_gaussian(heatmap: torch.Tensor, cx: int, cy: int, radius: int) -> None:
-    """Raise ``heatmap`` (nx, ny) in place to a Gaussian (sigma = (2r + 1) / 6, peak 1 at (cx, cy)) over
-    the (2r + 1)^2 cells around it; values below float64 eps of the peak count as 0."""
-    nx, ny = heatmap.shape
-    x0, x1 = max(cx - radius, 0), min(cx + radius + 1, nx)
-    y0, y1 = max(cy - radius, 0), min(cy + radius + 1, ny)
-    if x0 >= x1 or y0 >= y1:
+def draw_gaussians(
+    heatmap: torch.Tensor, channels: torch.Tensor, cx: torch.Tensor, cy: torch.Tensor, radius: torch.Tensor
+) -> None:
+    """Raise ``heatmap`` in place to each box's Gaussian, CenterNet's way.
+
+    Box k contributes ``exp(-(dx^2 + dy^2) / (2 sigma^2))``, sigma = (2 r + 1) / 6, computed in
+    float64, over the cells within ``r`` of its centre along x and along y (a square) and inside the
+    map; values below float64's eps (of the peak, 1) count as 0. Each cell keeps its maximum.
+
+    Args:
+        heatmap: (C, nx, ny) float.
+        channels, cx, cy, radius: (G,) int64: each box's channel, centre cell and radius in cells.
+    """
+    if radius.numel() == 0:
         return
-    sigma = (2 * radius + 1) / 6
-    dx = torch.arange(x0 - cx, x1 - cx, dtype=torch.float64)[:, None]
-    dy = torch.arange(y0 - cy, y1 - cy, dtype=torch.float64)[None, :]
-    g = torch.exp(-(dx * dx + dy * dy) / (2 * sigma * sigma))
-    g[g < torch.finfo(torch.float64).eps] = 0  # the peak is 1
-    patch = heatmap[x0:x1, y0:y1]
-    torch.maximum(patch, g.to(heatmap), out=patch)
+    _, nx, ny = heatmap.shape
+    reach = int(radius.max())
+    offsets = torch.arange(-reach, reach + 1, device=heatmap.device)
+    dx, dy = offsets[None, :, None], offsets[None, None, :]
+    r = radius[:, None, None]
+    sigma = (2 * r + 1).double() / 6
+    g = torch.exp(-(dx * dx + dy * dy).double() / (2 * sigma * sigma))  # (G, D, D)
+    g[g < torch.finfo(torch.float64).eps] = 0
+    x, y = cx[:, None, None] + dx, cy[:, None, None] + dy
+    inside = (dx.abs() <= r) & (dy.abs() <= r) & (x >= 0) & (x < nx) & (y >= 0) & (y < ny)
+    index = (channels[:, None, None] * nx + x) * ny + y
+    heatmap.view(-1).scatter_reduce_(0, index[inside], g[inside].to(heatmap.dtype), reduce="amax")
 
 
 class TransFusionHead(nn.Module):
@@ -575,19 +587,20 @@ class TransFusionHead(nn.Module):
             positive[i, pos] = True
             codes[i, pos] = self.encode_boxes(gt[matched], pred)
             matched_iou[i] = result.iou.clamp(0.0, 1.0)
-            for box, channel in zip(gt, gt_channel.tolist()):
-                self._draw_box(heatmap[i, channel], box, pred)
+            draw_gaussians(heatmap[i], gt_channel, *self._gaussian_centres_and_radii(gt, pred))
         return TransFusionTargets(labels, positive, codes, matched_iou, heatmap)
 
-    def _draw_box(self, heatmap: torch.Tensor, box: torch.Tensor, pred: TransFusionPredictions) -> None:
-        """Draw one box's Gaussian on its class's (nx, ny) target map."""
-        width = box[3] / pred.voxel_xy[0] / pred.stride
-        length = box[4] / pred.voxel_xy[1] / pred.stride
-        radius = max(self.min_radius, int(gaussian_radius(length.view(-1), width.view(-1), self.gaussian_overlap)[0]))
-        cx = (box[0] - pred.point_cloud_range[0]) / pred.voxel_xy[0] / pred.stride
-        cy = (box[1] - pred.point_cloud_range[1]) / pred.voxel_xy[1] / pred.stride
-        center = torch.stack([cx, cy]).to(torch.int32).tolist()  # truncation, as the reference
-        draw_gaussian(heatmap, center[0], center[1], radius)
+    def _gaussian_centres_and_radii(
+        self, boxes: torch.Tensor, pred: TransFusionPredictions
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(G,) int64 centre cells (x, y), truncated towards zero as the reference, and Gaussian radii
+        (CenterNet's for the box's size in cells, truncated, at least ``min_radius``) of (G, >=7) boxes."""
+        width = boxes[:, 3] / pred.voxel_xy[0] / pred.stride
+        length = boxes[:, 4] / pred.voxel_xy[1] / pred.stride
+        radius = gaussian_radius(length, width, self.gaussian_overlap).long().clamp(min=self.min_radius)
+        cx = (boxes[:, 0] - pred.point_cloud_range[0]) / pred.voxel_xy[0] / pred.stride
+        cy = (boxes[:, 1] - pred.point_cloud_range[1]) / pred.voxel_xy[1] / pred.stride
+        return cx.to(torch.int32).long(), cy.to(torch.int32).long(), radius
 
     def loss(
         self,
@@ -641,16 +654,14 @@ class TransFusionHead(nn.Module):
             self.bbox_weight * bbox_loss,
             self.iou_weight * iou_loss,
         )
-        per_frame = [
-            targets.matched_iou[i][positive[i]].sum() / max(int(positive[i].sum()), 1) for i in range(len(positive))
-        ]
+        per_frame = (targets.matched_iou * positive).sum(1) / positive.sum(1).clamp(min=1)
         return TransFusionLosses(
             total=sum(terms),
             heatmap=terms[0].detach(),
             classification=terms[1].detach(),
             regression=terms[2].detach(),
             iou=terms[3].detach(),
-            matched_iou=torch.stack(per_frame).mean() if per_frame else logits.new_zeros(()),
+            matched_iou=per_frame.mean(),
             num_positives=int(positive.sum()),
         )
 
