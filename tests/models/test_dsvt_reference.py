@@ -126,6 +126,15 @@ def test_cells_are_found_in_float32():
     assert cells == {c for _, c in coords} and cells != {k for k, _ in coords}
 
 
+def test_pillar_encoder_masks_z_with_both_bounds_included():
+    grid = VoxelGrid((0.3, 0.3, 8.0), (-54.0, -54.0, -5.0, 54.0, 54.0, 3.0))
+    z = torch.tensor([-5.5, -5.0, 0.0, 3.0, 3.25])
+    points = torch.stack([torch.arange(5.0), torch.zeros(5), z, torch.zeros(5), torch.zeros(5)], dim=1)
+    batch = PointBatch(points, torch.zeros(5, dtype=torch.long), 1)
+    kept = [len(DynamicPillarVFE(grid, 5, (8,), mask_z=mask).eval()(batch)) for mask in (True, False)]
+    assert kept == [3, 5]
+
+
 def _dsvt_state_numbers(backbone):
     state = backbone.state_dict()
     return sum(p.numel() for p in backbone.parameters()), len(state), sum(v.numel() for v in state.values())
@@ -307,7 +316,7 @@ def test_encoders_match_the_reference(reference, scans, pillar, with_distance, a
     pts[border, :2] = torch.floor((pts[border, :2] - low) / size) * size + low
     points = PointBatch(pts, scans.batch_index, scans.batch_size)
     ref = _reference_vfe(reference, name, grid, (16, 32), with_distance, absolute)
-    ours = ours_cls(grid, 5, (16, 32), with_distance=with_distance, use_absolute_xyz=absolute)
+    ours = ours_cls(grid, 5, (16, 32), with_distance=with_distance, use_absolute_xyz=absolute, mask_z=False)
     _load_from_reference(ours, _randomize(ref, 5))
     for train in (False, True):
         ref.train(train)
@@ -368,7 +377,7 @@ def test_detector_front_matches_the_reference(reference, scans, case):
     width = settings["channels"][0]
     vfe_name = "DynamicVoxelVFE" if case == "voxel" else "DynamicPillarVFE"
     ref_vfe = _reference_vfe(reference, vfe_name, grid, (width, width))
-    ours_vfe = (DynamicVoxelVFE if case == "voxel" else DynamicPillarVFE)(grid, 5, (width, width))
+    ours_vfe = (DynamicVoxelVFE if case == "voxel" else DynamicPillarVFE)(grid, 5, (width, width), mask_z=False)
     _load_from_reference(ours_vfe, _randomize(ref_vfe, 6))
     ref = reference["DSVT"](model_cfg=reference["attr"](_reference_dsvt_config(settings, grid.grid_size)))
     ours = DSVTReferenceBackbone(width, **settings)

@@ -15,8 +15,9 @@ What makes these exact rather than close (each checked against the reference):
 
 - Cell indices are ``floor((p - range_min) / voxel_size)`` in float32 (the reference's float32
   range and size tensors), not voxsparse's float64 rule: a point on a cell border can fall on the
-  other side. A point is kept iff every index lies in ``[0, grid_size)`` (x, y only for pillars:
-  the pillar encoder keeps every z; the reference filters z in its data pipeline, if at all).
+  other side. A point is kept iff every index lies in ``[0, grid_size)`` (x, y only for pillars).
+  The reference pillar encoder keeps every z; its data pipeline drops z outside the range when
+  configured (the DSVT repository's ``MASK_Z``, both bounds inclusive), which ``mask_z`` does here.
 - Centre offsets are formed with the reference's operations and constants: the float32-rounded
   range minimum, the offset ``voxel_size / 2 + range_min`` in float64 (numpy 1.x promotion of the
   reference's float32 range), applied to float32 coordinates one operation at a time.
@@ -103,6 +104,7 @@ class _DynamicPFNEncoder(nn.Module):
         with_distance: bool = False,
         use_absolute_xyz: bool = True,
         tanh_columns: Sequence[int] = (),
+        mask_z: bool = True,
     ) -> None:
         super().__init__()
         if in_channels < 3 or not layer_channels:
@@ -116,6 +118,7 @@ class _DynamicPFNEncoder(nn.Module):
         self.with_distance = with_distance
         self.use_absolute_xyz = use_absolute_xyz
         self.tanh_columns = tuple(int(c) for c in tanh_columns)
+        self.mask_z = mask_z
         if any(not 3 <= c < in_channels for c in self.tanh_columns):
             raise ValueError(f"{type(self).__name__}.tanh_columns: feature columns in [3, {in_channels}), "
                              f"got {list(self.tanh_columns)}")
@@ -140,7 +143,11 @@ class _DynamicPFNEncoder(nn.Module):
         size = torch.tensor(self.grid.voxel_size[:axes], dtype=torch.float32, device=p.device)
         extent = torch.tensor(self.grid.grid_size[:axes], device=p.device)
         index = torch.floor((p[:, :axes] - low) / size).int()
-        kept = ((index >= 0) & (index < extent)).all(dim=1).nonzero().squeeze(1)
+        kept = ((index >= 0) & (index < extent)).all(dim=1)
+        if self._pillar and self.mask_z:
+            z_low, z_high = (float(v) for v in np.asarray(self.grid.point_cloud_range[2::3], dtype=np.float32))
+            kept &= (p[:, 2] >= z_low) & (p[:, 2] <= z_high)
+        kept = kept.nonzero().squeeze(1)
         p, index, batch = p.index_select(0, kept), index.index_select(0, kept), points.batch_index.index_select(0, kept)
         zeros = torch.zeros_like(batch)
         z = zeros if self._pillar else index[:, 2].long()
@@ -175,7 +182,7 @@ class _DynamicPFNEncoder(nn.Module):
         return [KeyPair(name, name) for name in self.state_dict()]
 
     def extra_repr(self) -> str:
-        return (f"in_channels={self.in_channels}, tanh_columns={self.tanh_columns}, "
+        return (f"in_channels={self.in_channels}, tanh_columns={self.tanh_columns}, mask_z={self.mask_z}, "
                 f"use_absolute_xyz={self.use_absolute_xyz}, "
                 f"with_distance={self.with_distance}, grid={self.grid}")
 
@@ -195,9 +202,12 @@ class DynamicPillarVFE(_DynamicPFNEncoder):
             this to intensity and elongation (``POINTS_TANH_DIM: [3, 4]``), so a model given raw Waymo
             values computes what the reference computes from its loader's (numpy's tanh there,
             torch's here: equal to about one float32 ulp).
+        mask_z: also drop points with z outside ``[z_min, z_max]`` (bounds included), as the DSVT
+            repository's data pipeline does with ``MASK_Z`` (its nuScenes config); False keeps every z,
+            as OpenPCDet's encoder (the voxel encoder ignores this: its cells bound z).
 
     ``forward``: ``PointBatch`` (N, in_channels) → ``SparseVoxels`` (M, layer_channels[-1]) with
-    coords (b, 0, y, x), points outside the x / y range dropped.
+    coords (b, 0, y, x), points outside the x / y range (and with ``mask_z`` the z range) dropped.
     """
 
     _pillar = True
