@@ -432,3 +432,58 @@ def test_head_trains_and_decodes_without_the_checkout(kernel_size, iou):
         assert set(d.labels.tolist()) <= {0, 1, 2}
     empty = SparseBEV(bev.coords[:0], bev.features[:0], bev.spatial_shape, 8, grid, 2)
     assert [len(d) for d in head.decode(head(empty))] == [0, 0]
+
+
+# ---------------------------------------------------------------- the model configs
+
+MODEL_CONFIGS = {  # config -> (dataset config, OpenPCDet config, backbone and head parameters)
+    "voxelnext_nuscenes": ("nuscenes", CASES["nuscenes"][0], 7_368_720, 612_678),
+    "voxelnext_waymo": ("waymo", CASES["waymo"][0], 30_458_912, None),
+    "voxelnext_argo2": ("synthetic", "tools/cfgs/argo2_models/cbgs_voxel01_voxelnext.yaml", 7_368_288, None),
+}
+
+
+@pytest.mark.parametrize("name", sorted(MODEL_CONFIGS))
+def test_model_config_builds_the_reference_architecture(name):
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+    from tool_runs import compose_config
+
+    dataset, reference, backbone_parameters, head_parameters = MODEL_CONFIGS[name]
+    cfg = compose_config("train", [f"model={name}", f"dataset={dataset}"]).model
+    model = instantiate(cfg)
+    assert sum(p.numel() for p in model.backbone.parameters()) == backbone_parameters
+    if head_parameters is not None:
+        assert sum(p.numel() for p in model.head.parameters()) == head_parameters
+    for part in (model.voxel_encoder, model.backbone, model.head):
+        assert {p.ours for p in part.openpcdet_keys()} == set(part.state_dict())
+    assert model.voxel_encoder.quantization == "float32" and model.voxel_encoder.max_points_per_voxel > 0
+    assert model.backbone.input_shape(model.grid)[0] == model.grid.spatial_shape[0] + 1
+
+    root = os.environ.get("VOXSPARSE_OPENPCDET")
+    if not root:
+        return
+    # Every setting mirrors the OpenPCDet config (with its dataset config's data processor).
+    full = yaml.safe_load((Path(root) / reference).read_text())
+    base = yaml.safe_load((Path(root) / "tools" / full["DATA_CONFIG"]["_BASE_CONFIG_"]).read_text())
+    data = {**base, **full["DATA_CONFIG"]}
+    voxelizer = {p["NAME"]: p for p in data["DATA_PROCESSOR"]}["transform_points_to_voxels"]
+    encoder = model.voxel_encoder
+    assert list(encoder.grid.voxel_size) == voxelizer["VOXEL_SIZE"]
+    assert list(encoder.grid.point_cloud_range) == [float(v) for v in data["POINT_CLOUD_RANGE"]]
+    assert encoder.max_points_per_voxel == voxelizer["MAX_POINTS_PER_VOXEL"]
+    assert (encoder.max_voxels_train, encoder.max_voxels) == (voxelizer["MAX_NUMBER_OF_VOXELS"]["train"],
+                                                               voxelizer["MAX_NUMBER_OF_VOXELS"]["test"])
+    assert list(model.point_convention.features[:3]) == ["x", "y", "z"]
+    assert encoder.in_channels == len(data["POINT_FEATURE_ENCODING"]["used_feature_list"])
+    bb = full["MODEL"].get("BACKBONE_3D", {})
+    expected = reference_backbone_options(bb.get("CHANNELS", (16, 32, 64, 128, 128)), bb.get("OUT_CHANNEL", 128),
+                                          bb.get("SPCONV_KERNEL_SIZES", (3, 3, 3, 3)))
+    ours = OmegaConf.to_container(cfg.backbone, resolve=True)
+    assert {k: tuple(v) if isinstance(v, list) else v for k, v in ours.items() if k in expected} == expected
+    head = full["MODEL"]["DENSE_HEAD"]
+    expected = head_options(head, head["SHARED_CONV_CHANNEL"], full["CLASS_NAMES"])
+    ours = OmegaConf.to_container(cfg.head, resolve=True)
+    for key in set(expected) - {"in_channels", "num_classes", "class_names"}:
+        assert ours.get(key) == expected[key], key
+    assert set(model.class_names) == set(full["CLASS_NAMES"])
