@@ -39,10 +39,14 @@ Class order: the heatmap channels follow ``channel_classes`` (the reference's CL
 its weights load unchanged); labels in and out follow ``class_names`` (the model's). The two must be
 permutations of one another.
 
-Differences from the reference, all at inputs the reference configs never produce: it indexes keys
-and targets with ``nx`` where ``ny`` belongs and needs square maps (nuScenes: 180 x 180), this head
-takes any shape; it fails on a frame without ground truth, this head treats every proposal as
-background there; it needs 128 hidden channels, this head any width.
+Differences from the reference. At inputs its configs never produce: it indexes keys and targets
+with ``nx`` where ``ny`` belongs and so needs square maps (nuScenes: 180 x 180), this head takes any
+shape; it fails on a frame without ground truth, this head treats every proposal as background
+there; it needs 128 hidden channels, this head any width. Box overlaps (matching cost, IoU target,
+NMS) are exact here (float64 polygons), float32 with a 1 cm corner margin in its CUDA kernels.
+Detections come sorted by score (the reference keeps proposal order), and the proposals' classes
+travel in the predictions instead of in the module. In eval mode the key position embedding, a
+pointwise map there, is computed once per cell and gathered, rather than once per key.
 """
 
 from __future__ import annotations
