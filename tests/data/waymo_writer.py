@@ -19,10 +19,13 @@ into one pixel only the nearest is; :class:`WrittenPixels` says which were. Labe
 from __future__ import annotations
 
 import os
+import sys
+import types
 import zlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -46,8 +49,10 @@ __all__ = [
     "WrittenPixels",
     "build_frame",
     "example_frame_spec",
+    "official_v2",
     "waymo_lasers",
     "write_frames",
+    "write_v2_segment",
 ]
 
 #: ``label_pb2.Label.Type`` values.
@@ -79,7 +84,8 @@ class ObjectSpec:
     """One ``laser_labels`` entry. ``box`` (7,) (center x, y, z, length, width, height, heading) in
     the vehicle frame; ``speed`` (speed_x, speed_y) m/s; ``difficulty`` the human
     ``detection_difficulty_level`` (0 = UNKNOWN); ``keypoints`` (14, 3) in ``KEYPOINT_NAMES`` order
-    with ``keypoint_state`` (14,) 0 = not labelled, 1 = occluded, 2 = visible, or None for none."""
+    with ``keypoint_state`` (14,) 0 = not labelled, 1 = occluded, 2 = visible, or None for none;
+    ``accel`` (accel_x, accel_y) m/s^2 (the dataset always sets it)."""
 
     waymo_type: int
     box: np.ndarray
@@ -88,6 +94,7 @@ class ObjectSpec:
     difficulty: int = 0
     keypoints: np.ndarray | None = None
     keypoint_state: np.ndarray | None = None
+    accel: tuple[float, float] = (0.0, 0.0)
 
 
 @dataclass
@@ -285,6 +292,7 @@ def _add_labels(frame: Any, objects: Sequence[ObjectSpec], points: np.ndarray) -
             float, obj.box
         )
         label.metadata.speed_x, label.metadata.speed_y = map(float, obj.speed)
+        label.metadata.accel_x, label.metadata.accel_y = map(float, obj.accel)
         label.detection_difficulty_level = obj.difficulty
         label.num_lidar_points_in_box = int(count)
         if obj.keypoints is None:
@@ -407,3 +415,158 @@ def example_frame_spec(
         ego_velocity=(8.0, 0.3),
         yaw_rate=0.15,
     )
+
+
+# ---------------------------------------------------------------- Waymo Open Dataset v2 (parquet)
+
+
+def official_v2() -> SimpleNamespace:
+    """The official v2 component schemas (``waymo_open_dataset/v2``: ``component``, ``column_types`` and
+    ``perception/{base,context,pose,box,keypoints,lidar}``) and v1 extractors (``perception/compat_v1``:
+    ``context``, ``pose``, ``box``, ``keypoints``), as modules.
+
+    The package's ``__init__`` imports dask and pandas and ``perception/lidar.py`` imports TensorFlow (for a
+    ``.tensor`` property only), none of which is installed here: the files are executed by path under their
+    own module names, with a placeholder for ``tensorflow`` while ``lidar.py`` runs. Nothing stays in
+    ``sys.modules``, so other code still sees the package as it is. Raises ImportError (pyarrow or the
+    package missing).
+    """
+    import importlib.util
+    import pyarrow  # noqa: F401  (the schemas need it)
+
+    spec = importlib.util.find_spec("waymo_open_dataset")
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError("waymo-open-dataset-tf-2-12-0 is not installed")
+    root = Path(list(spec.submodule_search_locations)[0]) / "v2"
+    added: dict[str, types.ModuleType] = {}
+
+    def package(name: str, folder: Path) -> None:
+        module = types.ModuleType(name)
+        module.__path__ = [str(folder)]
+        added[name] = sys.modules[name] = module
+
+    def load(name: str, path: Path) -> types.ModuleType:
+        module_spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(module_spec)
+        added[name] = sys.modules[name] = module
+        module_spec.loader.exec_module(module)
+        parent, _, leaf = name.rpartition(".")
+        setattr(sys.modules[parent], leaf, module)
+        return module
+
+    names = {}
+    saved = {name: sys.modules.get(name) for name in ("tensorflow",)}
+    try:
+        package("waymo_open_dataset.v2", root)
+        package("waymo_open_dataset.v2.perception", root / "perception")
+        package("waymo_open_dataset.v2.perception.compat_v1", root / "perception" / "compat_v1")
+        for name in ("component", "column_types", "typing_utils"):
+            names[name] = load(f"waymo_open_dataset.v2.{name}", root / f"{name}.py")
+        if saved["tensorflow"] is None:
+            placeholder = types.ModuleType("tensorflow")
+            placeholder.Tensor = object
+            sys.modules["tensorflow"] = placeholder
+        for name in ("base", "context", "pose", "box", "keypoints", "lidar", "camera_image"):
+            names[name] = load(f"waymo_open_dataset.v2.perception.{name}", root / "perception" / f"{name}.py")
+        for name in ("interfaces", "context", "pose", "box", "keypoints"):
+            names[f"compat_{name}"] = load(
+                f"waymo_open_dataset.v2.perception.compat_v1.{name}", root / "perception" / "compat_v1" / f"{name}.py"
+            )
+    finally:
+        for name in added:
+            sys.modules.pop(name, None)
+        for name, module in saved.items():
+            if module is None:
+                sys.modules.pop(name, None)
+            else:
+                sys.modules[name] = module
+    return SimpleNamespace(**names)
+
+
+#: v2 component folder -> official component class name (in :func:`official_v2`'s modules).
+V2_COMPONENTS = {
+    "lidar": ("lidar", "LiDARComponent"),
+    "lidar_pose": ("lidar", "LiDARPoseComponent"),
+    "lidar_calibration": ("context", "LiDARCalibrationComponent"),
+    "vehicle_pose": ("pose", "VehiclePoseComponent"),
+    "lidar_box": ("box", "LiDARBoxComponent"),
+    "lidar_hkp": ("keypoints", "LiDARHumanKeypointsComponent"),
+}
+
+
+def v2_components(frames: Sequence[Any], v2: SimpleNamespace | None = None) -> dict[str, list[Any]]:
+    """The v2 components of a segment's v1 ``Frame`` messages, component folder -> component objects.
+
+    Calibrations, vehicle poses, boxes and keypoints come from the official v1-to-v2 extractors
+    (``compat_v1``). Range images are built as the official ``compat_v1/lidar.py`` builds them
+    (``lidar_utils.parse_range_image``: the decompressed ``MatrixFloat``'s flat data and dims), which
+    needs TensorFlow to run itself.
+    """
+    v2 = v2 or official_v2()
+    dataset_pb2 = _protos()[0]
+    out: dict[str, list[Any]] = {name: [] for name in V2_COMPONENTS}
+    first = frames[0]
+    for calibration in first.context.laser_calibrations:
+        src = v2.compat_interfaces.LiDARCalibrationComponentSrc(frame=first, lidar_calibration=calibration)
+        out["lidar_calibration"].extend(v2.compat_context.LiDARCalibrationComponentExtractor()(src))
+
+    def image(kind, compressed: bytes):
+        if not compressed:
+            return None
+        matrix = dataset_pb2.MatrixFloat.FromString(zlib.decompress(compressed))
+        return kind(values=list(matrix.data), shape=list(matrix.shape.dims))
+
+    for frame in frames:
+        src = v2.compat_interfaces.FrameComponentSrc(frame=frame)
+        out["vehicle_pose"].extend(v2.compat_pose.VehiclePoseFrameExtractor()(src))
+        for label in frame.laser_labels:
+            src = v2.compat_interfaces.LiDARLabelComponentSrc(frame=frame, lidar_label=label)
+            out["lidar_box"].extend(v2.compat_box.LiDARBoxComponentExtractor()(src))
+            out["lidar_hkp"].extend(v2.compat_keypoints.LiDARHumanKeypointsFrameExtractor()(src))
+        for laser in frame.lasers:
+            key = v2.base.LaserKey(
+                segment_context_name=frame.context.name,
+                frame_timestamp_micros=frame.timestamp_micros,
+                laser_name=laser.name,
+            )
+            returns = [image(v2.lidar.RangeImage, r.range_image_compressed) for r in (laser.ri_return1, laser.ri_return2)]
+            if returns != [None, None]:
+                out["lidar"].append(v2.lidar.LiDARComponent(key, *returns))
+            pose = image(v2.lidar.PoseRangeImage, laser.ri_return1.range_image_pose_compressed)
+            if pose is not None:
+                out["lidar_pose"].append(v2.lidar.LiDARPoseComponent(key, pose))
+    return out
+
+
+def write_v2_segment(
+    split_dir: str | os.PathLike,
+    frames: Sequence[Any],
+    rows_per_group: int | dict[str, int] = 3,
+    skip: Sequence[str] = (),
+    v2: SimpleNamespace | None = None,
+) -> dict[str, Path]:
+    """Write a segment's v1 ``Frame`` messages as v2 parquet components,
+    ``<split_dir>/<component>/<context name>.parquet``, each table with its official schema
+    (``Component.schema()``) and rows flattened as ``Component.to_flatten_dict()`` does.
+
+    ``rows_per_group``: parquet row-group size (a number, or per component; small by default so a
+    frame's rows straddle row groups); ``skip``: components not to write. Returns component -> path.
+    """
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    v2 = v2 or official_v2()
+    components = v2_components(frames, v2)
+    context = frames[0].context.name
+    paths = {}
+    for name, (module, cls) in V2_COMPONENTS.items():
+        if name in skip:
+            continue
+        schema = getattr(getattr(v2, module), cls).schema()
+        table = pa.Table.from_pylist([c.to_flatten_dict() for c in components[name]], schema=schema)
+        size = rows_per_group if isinstance(rows_per_group, int) else rows_per_group.get(name, 3)
+        path = Path(split_dir) / name / f"{context}.parquet"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        pq.write_table(table, path, row_group_size=size)
+        paths[name] = path
+    return paths

@@ -1,5 +1,10 @@
-"""``tools/prepare_data.py waymo``: TFRecord segments of the ``training``, ``validation`` and
-``testing`` folders under ``--root``, prepared as the splits ``train``, ``val`` and ``test``."""
+"""``tools/prepare_data.py waymo``: the segments of the ``training``, ``validation`` and ``testing``
+folders under ``--root``, prepared as the splits ``train``, ``val`` and ``test``.
+
+``--format v1`` (the default): TFRecord files ``<folder>/*.tfrecord``. ``--format v2``: parquet
+components ``<folder>/<component>/<context name>.parquet`` (:mod:`voxsparse.data.waymo.v2`), one
+segment (all its components) per unit of work, streamed frame by frame.
+"""
 
 from __future__ import annotations
 
@@ -28,13 +33,26 @@ def waymo_frames(path: str) -> Iterator:
     return read_frames(path)
 
 
+def waymo_v2_frames(task: tuple[str, str]) -> Iterator:
+    """The frames of one Waymo v2 segment, ``task = (split folder, context name)`` (a ``prepare`` factory)."""
+    from voxsparse.data.waymo.v2 import read_segment
+
+    return read_segment(*task)
+
+
 def _task_key(path: Path) -> str:
     stem = path.name.removesuffix(".tfrecord")
     return re.sub(r"[^A-Za-z0-9._-]", "_", stem)
 
 
 def add_prepare_arguments(parser: argparse.ArgumentParser) -> None:
-    """No options of its own; ``--root`` holds the ``training`` / ``validation`` / ``testing`` folders."""
+    """``--format v1|v2``; ``--root`` holds the ``training`` / ``validation`` / ``testing`` folders."""
+    parser.add_argument(
+        "--format",
+        choices=("v1", "v2"),
+        default="v1",
+        help="v1: TFRecord segments (default); v2: parquet components <folder>/<component>/<segment>.parquet",
+    )
     parser.set_defaults(root="data/waymo/raw", out="data/prepared/waymo")
 
 
@@ -47,8 +65,10 @@ def preparation_splits(args: argparse.Namespace) -> list[PreparationSplit]:
         else {}
     )
     splits = args.splits or list(found)
+    v2 = getattr(args, "format", "v1") == "v2"
     if not splits:
-        raise SystemExit(f"--root {root}: no {'/'.join(WAYMO_SPLITS)} folder of .tfrecord files found")
+        what = "v2 component folders" if v2 else ".tfrecord files"
+        raise SystemExit(f"--root {root}: no {'/'.join(WAYMO_SPLITS)} folder of {what} found")
     missing = [s for s in splits if s not in found]
     if missing:
         raise SystemExit(f"--splits {missing}: no matching folder under {root} (expected {WAYMO_SPLITS})")
@@ -59,8 +79,17 @@ def preparation_splits(args: argparse.Namespace) -> list[PreparationSplit]:
             raise SystemExit(f"{folder}: no .tfrecord files")
         return {_task_key(f): str(f) for f in files}
 
-    config = {"dataset": "waymo", "format": "v1-tfrecord"}
+    def v2_tasks(folder: Path) -> dict[str, tuple[str, str]]:
+        from voxsparse.data.waymo.v2 import segment_names
+
+        names = segment_names(folder)
+        if not names:
+            raise SystemExit(f"{folder}: no lidar/*.parquet files (Waymo v2 components)")
+        return {re.sub(r"[^A-Za-z0-9._-]", "_", name): (str(folder), name) for name in names}
+
+    config = {"dataset": "waymo", "format": "v2-parquet" if v2 else "v1-tfrecord"}
+    factory, make_tasks = (waymo_v2_frames, v2_tasks) if v2 else (waymo_frames, tasks)
     return [
-        PreparationSplit(split, waymo_frames, lambda folder=found[split]: tasks(folder), CLASS_NAMES, config)
+        PreparationSplit(split, factory, lambda folder=found[split]: make_tasks(folder), CLASS_NAMES, config)
         for split in splits
     ]
