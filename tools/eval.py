@@ -2,12 +2,13 @@
 
     python tools/eval.py checkpoint=outputs/voxelnext_small/<run>/last.pth
     python tools/eval.py predictions=outputs/voxelnext_small/<run>/predictions.pt [missing_frames=miss]
+    python tools/eval.py gt=validation_gt.bin predictions=predictions.bin    # Waymo Objects files
 
 The metric suite is the one the dataset config names in ``evaluation`` (``waymo``: AP / APH per
 class and per range bin at LEVEL_1 and LEVEL_2). Writes ``predictions.pt`` (checkpoint mode) and
 ``metrics.json`` (every number; null where a metric has nothing to measure) to the run directory
 and logs the tables. A predictions file is scored without building the model; the rules for its
-class names and frames are in ``voxsparse.engine.evaluate``.
+class names and frames are in ``voxsparse.engine.evaluate``; ``gt=`` scores Waymo ``.bin`` files alone.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from voxsparse.engine.evaluate import (
     metric_suite,
     report,
     score_model_predictions,
+    score_waymo_files,
 )
 from voxsparse.engine.inference import DatasetPredictions, predict_dataset
 from voxsparse.evaluation.predictions_io import load_predictions, save_predictions
@@ -45,6 +47,7 @@ class EvalOptions:
 
     checkpoint: str | None = None
     predictions: str | None = None
+    gt: str | None = None
     missing_frames: str = "error"
     device: str = "auto"
     batch_size: int = 4
@@ -67,6 +70,11 @@ def _from_predictions_file(opts: EvalOptions, cfg: DictConfig) -> DatasetPredict
 @tool("eval")
 def main(cfg: DictConfig) -> None:
     opts = parse_options(cfg, EvalOptions)
+    if opts.gt is not None:  # two Waymo .bin files: no dataset, no model
+        if opts.checkpoint is not None:
+            raise ValueError("gt=PATH scores a predictions=PATH .bin file, not a checkpoint")
+        report(score_waymo_files(opts.gt, opts.predictions), HydraConfig.get().runtime.output_dir)
+        return
     check_types(cfg.dataset, "dataset")
     if (opts.checkpoint is None) == (opts.predictions is None):
         raise ValueError("give exactly one of checkpoint=PATH or predictions=PATH")

@@ -16,6 +16,10 @@ frame id:
 - a frame id listed twice: ``ValueError``;
 - frames in the file but not in the split are ignored, so a subset of frames can be scored.
 
+Waymo ``Objects`` files (``tools/eval.py gt=<.bin> predictions=<.bin>``): :func:`score_waymo_files`
+scores them as they are, frames matched by (context name, timestamp) (the rules are in
+``voxsparse.evaluation.waymo_submission``).
+
 Box width, NaN/inf and out-of-range values are checked when the file is read
 (``voxsparse.evaluation.predictions_io``) and when scored (``voxsparse.evaluation.detection``).
 """
@@ -210,3 +214,16 @@ def report(result: SuiteResult, output_dir: str | Path) -> dict[str, Any]:
     text = json.dumps(content, indent=2, allow_nan=False).encode()
     atomic_write(Path(output_dir) / "metrics.json", lambda f: f.write(text))
     return content
+
+
+def score_waymo_files(gt: str | Path, predictions: str | Path | None) -> SuiteResult:
+    """Waymo AP / APH of a predictions ``Objects`` ``.bin`` against a ground-truth ``.bin``.
+
+    Raises:
+        ValueError: no predictions file, or a file that is not a serialized ``Objects``.
+    """
+    from voxsparse.evaluation.waymo_submission import read_objects, score_objects
+
+    if predictions is None or Path(predictions).suffix != ".bin":
+        raise ValueError(f"gt={gt}: give predictions=PATH, a Waymo Objects .bin file (got {predictions})")
+    return score_objects(read_objects(gt), read_objects(predictions), f"predictions file {predictions}")
