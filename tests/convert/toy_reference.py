@@ -93,25 +93,27 @@ def toy_input(seed: int = 1) -> SparseConvTensor:
     return SparseConvTensor(torch.randn(300, 4, generator=gen), coords, SHAPE, 1)
 
 
-def as_written_by(state: dict[str, torch.Tensor], version: str) -> dict[str, torch.Tensor]:
+def as_written_by(state: dict[str, torch.Tensor], version: str, conv_keys=None) -> dict[str, torch.Tensor]:
     """A spconv 2.2 state dict as ``version`` ("1.x", "2.0", "2.1", "2.2") stored the same computation.
 
     A kernel of more than one cell is permuted (1.x: (*k, Cin, Cout); 2.0: (*k, Cout, Cin); 2.1: KRSC
     up to 32 cells, (*k, Cout, Cin) above). Every version multiplied a one-cell kernel by its data
-    read as (Cin, Cout), so those keep their data and only change shape.
+    read as (Cin, Cout), so those keep their data and only change shape. ``conv_keys``: the sparse
+    convolution weights (default: every 5-D tensor).
     """
     out = {}
     for key, w in state.items():
-        if w.ndim != 5:
+        if (w.ndim != 5) if conv_keys is None else (key not in conv_keys):
             out[key] = w.clone()
             continue
         cout, *kernel, cin = w.shape
-        one_cell = kernel == [1, 1, 1]
+        n = len(kernel)
+        one_cell = torch.Size(kernel).numel() == 1
         rskc = version == "2.0" or (version == "2.1" and torch.Size(kernel).numel() > 32)
         if version == "1.x":
-            out[key] = w.reshape(1, 1, 1, cin, cout).clone() if one_cell else w.permute(1, 2, 3, 4, 0).contiguous()
+            out[key] = w.reshape(*kernel, cin, cout).clone() if one_cell else w.permute(*range(1, n + 1), n + 1, 0).contiguous()
         elif rskc:
-            out[key] = w.reshape(1, 1, 1, cout, cin).clone() if one_cell else w.permute(1, 2, 3, 0, 4).contiguous()
+            out[key] = w.reshape(*kernel, cout, cin).clone() if one_cell else w.permute(*range(1, n + 1), 0, n + 1).contiguous()
         else:
             out[key] = w.clone()
     return out

@@ -24,11 +24,13 @@ class ReferenceConfig:
         yaml: the model yaml, relative to the checkout.
         reduced: dotted yaml keys -> values for a reduced-width reference
             (:func:`voxsparse.benchmark.openpcdet.load_reference_config`).
+        ours_reduced: the Hydra overrides that build ``configs/model/<name>.yaml`` as ``reduced``.
     """
 
     checkout: str
     yaml: str
     reduced: dict = field(default_factory=dict)
+    ours_reduced: tuple[str, ...] = ()
 
 
 _VOXELNEXT_REDUCED = {
@@ -45,6 +47,11 @@ _DSVT_REDUCED = {
 }
 
 
+def _voxelnext_ours(point_cloud_range: list[float]) -> tuple[str, ...]:
+    return ("model.backbone.channels=[8,8,16,16,16,16]", "model.backbone.out_channels=16",
+            f"model.voxel_encoder.grid.point_cloud_range={point_cloud_range}")
+
+
 def _per_stage(stages: int) -> dict:
     return {
         "MODEL.BACKBONE_3D.INPUT_LAYER.d_model": [16] * stages,
@@ -59,13 +66,16 @@ def _per_stage(stages: int) -> dict:
 REFERENCE_CONFIGS: dict[str, ReferenceConfig] = {
     "voxelnext_nuscenes": ReferenceConfig(
         "OpenPCDet", "tools/cfgs/nuscenes_models/cbgs_voxel0075_voxelnext.yaml", {
-            **_VOXELNEXT_REDUCED, "DATA_CONFIG.POINT_CLOUD_RANGE": [-19.2, -19.2, -5.0, 19.2, 19.2, 3.0]}),
+            **_VOXELNEXT_REDUCED, "DATA_CONFIG.POINT_CLOUD_RANGE": [-19.2, -19.2, -5.0, 19.2, 19.2, 3.0]},
+        _voxelnext_ours([-19.2, -19.2, -5.0, 19.2, 19.2, 3.0])),
     "voxelnext_waymo": ReferenceConfig(
         "OpenPCDet", "tools/cfgs/waymo_models/voxelnext_ioubranch_large.yaml", {
-            **_VOXELNEXT_REDUCED, "DATA_CONFIG.POINT_CLOUD_RANGE": [-25.6, -25.6, -2.0, 25.6, 25.6, 4.0]}),
+            **_VOXELNEXT_REDUCED, "DATA_CONFIG.POINT_CLOUD_RANGE": [-25.6, -25.6, -2.0, 25.6, 25.6, 4.0]},
+        _voxelnext_ours([-25.6, -25.6, -2.0, 25.6, 25.6, 4.0])),
     "voxelnext_argo2": ReferenceConfig(
         "OpenPCDet", "tools/cfgs/argo2_models/cbgs_voxel01_voxelnext.yaml", {
-            **_VOXELNEXT_REDUCED, "DATA_CONFIG.POINT_CLOUD_RANGE": [-25.6, -25.6, -4.0, 25.6, 25.6, 4.0]}),
+            **_VOXELNEXT_REDUCED, "DATA_CONFIG.POINT_CLOUD_RANGE": [-25.6, -25.6, -4.0, 25.6, 25.6, 4.0]},
+        _voxelnext_ours([-25.6, -25.6, -4.0, 25.6, 25.6, 4.0])),
     # VoxelResBackBone8x has fixed widths (16-32-64-128): the dense parts are narrowed and the range
     # cut to 36 m (a 60 x 60 BEV map).
     "centerpoint_nuscenes": ReferenceConfig(

@@ -17,7 +17,7 @@ The reverse direction writes OpenPCDet's layout with spconv >= 2.2 weights, so a
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,6 +38,7 @@ from voxsparse.convert.spconv_layout import (
 )
 from voxsparse.engine.build import build_model
 from voxsparse.engine.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from voxsparse.engine.cli import CONFIG_DIR
 from voxsparse.models.keys import KeyPair, ReferenceNamed, TensorKind
 from voxsparse.utils.io import FileFormatError, atomic_write, read_torch_file
 
@@ -252,24 +253,53 @@ def ours_to_openpcdet(
     return out
 
 
-def model_from_config(model_config: Mapping[str, Any]) -> nn.Module:
+def model_config(name: str, dataset: str | None = None, overrides: Sequence[str] = ()) -> dict[str, Any]:
+    """``configs/model/<name>.yaml`` composed as ``tools/train.py`` composes it, as a plain resolved dict.
+
+    Args:
+        name: the model config.
+        dataset: the dataset config whose class names the model takes; None: the one named by the
+            model name's last word where ``configs/dataset/`` has it (``voxelnext_nuscenes`` ->
+            ``nuscenes``), else the training default.
+        overrides: further Hydra overrides (``model.head.score_threshold=0.2``).
+
+    Raises:
+        ValueError: no such model or dataset config.
+    """
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    if not (CONFIG_DIR / "model" / f"{name}.yaml").is_file():
+        known = sorted(p.stem for p in (CONFIG_DIR / "model").glob("*.yaml"))
+        raise ValueError(f"no model config {name!r}; configs/model has {known}")
+    if dataset is None:
+        suffix = name.rsplit("_", 1)[-1]
+        dataset = suffix if (CONFIG_DIR / "dataset" / f"{suffix}.yaml").is_file() else None
+    choices = [f"model={name}"] + ([f"dataset={dataset}"] if dataset else [])
+    with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose("train", overrides=[*choices, *overrides])
+    return OmegaConf.to_container(cfg.model, resolve=True)
+
+
+def model_from_config(config: Mapping[str, Any]) -> nn.Module:
     """The voxsparse model of a plain (resolved) model config, built through the allow-list."""
-    return build_model(model_config)
+    return build_model(config)
 
 
 def convert_from_openpcdet(
-    src: str | os.PathLike, dst: str | os.PathLike, model_config: Mapping[str, Any], layout: SpconvLayout | None = None
+    src: str | os.PathLike, dst: str | os.PathLike, config: Mapping[str, Any], layout: SpconvLayout | None = None
 ) -> ConversionReport:
-    """Convert the OpenPCDet checkpoint ``src`` into a voxsparse checkpoint ``dst`` for ``model_config``.
+    """Convert the OpenPCDet checkpoint ``src`` into a voxsparse checkpoint ``dst`` for the model config
+    ``config`` (:func:`model_config`).
 
     The checkpoint holds the converted weights, OpenPCDet's epoch and iteration, and ``{"model":
-    model_config}`` as its config; the model loads them strictly before anything is written.
+    config}`` as its config; the model loads them strictly before anything is written.
     """
     source = read_openpcdet_checkpoint(src)
-    model = model_from_config(model_config)
+    model = model_from_config(config)
     state, report = openpcdet_to_ours(model, source.model_state, layout, f"OpenPCDet checkpoint {src}")
     model.load_state_dict(state, strict=True)
-    save_checkpoint(Checkpoint(state, source.epoch or 0, source.it or 0, {"model": dict(model_config)}), dst)
+    save_checkpoint(Checkpoint(state, source.epoch or 0, source.it or 0, {"model": dict(config)}), dst)
     return report
 
 
