@@ -24,6 +24,7 @@ import yaml
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
+from voxsparse.data.waymo import CLASS_NAMES as WAYMO_CLASSES
 from voxsparse.models.backbones.dsvt import DSVTReferenceBackbone
 from voxsparse.models.backbones.dsvt_partition import REFERENCE_AXES, reference_stage_partition
 from voxsparse.models.voxel_encoders import DynamicPillarVFE, DynamicVoxelVFE
@@ -167,13 +168,18 @@ def _model_config(name: str):
 
 
 def test_waymo_voxel_config_is_the_reference_architecture():
-    cfg = _model_config("dsvt_voxel_waymo")
-    vfe = instantiate(cfg.voxel_encoder)
+    with initialize_config_dir(str(CONFIGS), version_base="1.3"):
+        model = instantiate(compose(overrides=["+model=dsvt_voxel_waymo", "+dataset=waymo"]).model)
+    vfe, backbone = model.voxel_encoder, model.backbone
     assert isinstance(vfe, DynamicVoxelVFE) and vfe.grid.grid_size == (468, 468, 32)
-    backbone = instantiate(cfg.backbone)(in_channels=vfe.out_channels)
     assert isinstance(backbone, DSVTReferenceBackbone)
-    assert _dsvt_state_numbers(backbone)[0] == 3_133_824
     assert backbone.stage_shapes(vfe.grid.spatial_shape)[-1] == (1, 468, 468)
+    # OpenPCDet's detector for waymo_models/dsvt_voxel.yaml: parameters per part and in all, and its
+    # checkpoint keys (its model_state has one more, the detector's global_step counter).
+    counts = [sum(p.numel() for p in part.parameters()) for part in (vfe, backbone, model.neck, model.head)]
+    assert counts == [38_496, 3_133_824, 5_479_680, 450_188] and sum(counts) == 9_102_188
+    pairs = model.openpcdet_keys()
+    assert len({p.theirs for p in pairs}) == len(pairs) == len(model.state_dict()) == 411
 
 
 # ---------------------------------------------------------------------------------------------
@@ -435,7 +441,8 @@ def _default_dtype(dtype):
 
 @needs_openpcdet
 def test_waymo_voxel_config_mirrors_the_reference_yaml():
-    ref = yaml.safe_load((Path(OPENPCDET) / "tools/cfgs/waymo_models/dsvt_voxel.yaml").read_text())["MODEL"]
+    full = yaml.safe_load((Path(OPENPCDET) / "tools/cfgs/waymo_models/dsvt_voxel.yaml").read_text())
+    ref = full["MODEL"]
     cfg = _model_config("dsvt_voxel_waymo")
     vfe, bb = ref["VFE"], ref["BACKBONE_3D"]
     enc = cfg.voxel_encoder
@@ -452,6 +459,29 @@ def test_waymo_voxel_config_mirrors_the_reference_yaml():
     assert [[s, n] for s, n in zip(b.set_size, b.blocks)] == bb["set_info"]
     assert list(b.channels) == bb["d_model"] and b.activation == bb["activation"] and b.dropout == bb["dropout"]
     assert [b.num_heads] * 4 == bb["nhead"] and [b.ffn_channels] * 4 == bb["dim_feedforward"]
+    neck, bev = cfg.neck, ref["BACKBONE_2D"]
+    assert [list(neck[k]) for k in ("layer_nums", "layer_strides", "num_filters", "upsample_strides",
+                                    "num_upsample_filters")] == [bev[k.upper()] for k in (
+        "layer_nums", "layer_strides", "num_filters", "upsample_strides", "num_upsample_filters")]
+    head, dense = cfg.head, ref["DENSE_HEAD"]
+    post, nms = dense["POST_PROCESSING"], dense["POST_PROCESSING"]["NMS_CONFIG"]
+    assert [list(g) for g in head.class_names_each_head] == dense["CLASS_NAMES_EACH_HEAD"]
+    assert dict(head.separate_heads) == dense["SEPARATE_HEAD_CFG"]["HEAD_DICT"]
+    assert list(head.head_order) == dense["SEPARATE_HEAD_CFG"]["HEAD_ORDER"]
+    assert (head.shared_conv_channels, head.use_bias_before_norm, head.num_hm_conv, head.bn_eps, head.bn_momentum) == (
+        dense["SHARED_CONV_CHANNEL"], dense["USE_BIAS_BEFORE_NORM"], dense["NUM_HM_CONV"], dense["BN_EPS"], dense["BN_MOM"])
+    target, weights = dense["TARGET_ASSIGNER_CONFIG"], dense["LOSS_CONFIG"]["LOSS_WEIGHTS"]
+    assert (head.feature_map_stride, head.num_max_objs, head.gaussian_overlap, head.min_radius) == (
+        target["FEATURE_MAP_STRIDE"], target["NUM_MAX_OBJS"], target["GAUSSIAN_OVERLAP"], target["MIN_RADIUS"])
+    assert (head.cls_weight, head.loc_weight, list(head.code_weights), head.iou_reg_loss) == (
+        weights["cls_weight"], weights["loc_weight"], weights["code_weights"], dense["IOU_REG_LOSS"])
+    assert (head.score_threshold, list(head.post_center_limit_range), head.max_obj_per_sample) == (
+        post["SCORE_THRESH"], post["POST_CENTER_LIMIT_RANGE"], post["MAX_OBJ_PER_SAMPLE"])
+    # The per-class lists follow the reference's CLASS_NAMES, which is the Waymo classes' order here too.
+    assert full["CLASS_NAMES"] == list(WAYMO_CLASSES)
+    assert post["USE_IOU_TO_RECTIFY_SCORE"] and list(head.iou_rectifier) == post["IOU_RECTIFIER"]
+    assert (head.nms_type, list(head.nms_threshold), list(head.nms_pre_max_size), list(head.nms_post_max_size)) == (
+        nms["NMS_TYPE"], nms["NMS_THRESH"], nms["NMS_PRE_MAXSIZE"], nms["NMS_POST_MAXSIZE"])
 
 
 @needs_openpcdet
