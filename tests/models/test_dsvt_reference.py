@@ -428,6 +428,29 @@ def test_detector_front_matches_the_reference(reference, scans, case):
         torch.testing.assert_close(ours.state_dict()[pair.ours], ref.state_dict()[pair.theirs])
 
 
+@needs_openpcdet
+def test_backbone_options_match_the_reference(reference):
+    """normalize_pos, ReLU and plain windows that are not at offset 0, float64 evaluation."""
+    settings = _reduced(VOXEL_CASE[1], 16, num_heads=2, ffn_channels=24, set_size=[9, 7, 6, 5],
+                        shifts=[[[1, 2, 0], [6, 6, 0]], [[0, 0, 0], [3, 9, 1]], [[0, 0, 0], [6, 6, 0]],
+                                [[5, 0, 0], [11, 0, 0]]])
+    cfg = _reference_dsvt_config(settings, (48, 48, 32))
+    cfg["INPUT_LAYER"]["normalize_pos"] = True
+    cfg["activation"] = "relu"
+    ref = reference["DSVT"](model_cfg=reference["attr"](cfg)).double().eval()
+    ours = DSVTReferenceBackbone(16, **settings, normalize_pos=True, activation="relu").double().eval()
+    _load_from_reference(ours, _randomize(ref, 10))
+    gen = torch.Generator().manual_seed(11)
+    coords = _random_coords(1500, (32, 48, 48), 2, gen)
+    feats = torch.randn(len(coords), 16, generator=gen, dtype=torch.float64)
+    grid = VoxelGrid((0.5, 0.5, 0.1875), (0.0, 0.0, -2.0, 24.0, 24.0, 4.0))
+    with torch.no_grad(), _default_dtype(torch.float64):
+        batch = ref({"voxel_features": feats, "voxel_coords": coords.long()})
+    with torch.no_grad():
+        bev = ours(SparseVoxels(coords, feats, grid, 2))
+    _assert_same_cells(bev.coords, bev.features, batch["voxel_coords"], batch["voxel_features"], 1e-12, "options")
+
+
 @contextlib.contextmanager
 def _default_dtype(dtype):
     """The reference forms its position inputs in the default dtype."""
