@@ -18,8 +18,8 @@ a stage has two window partitions, the plain one and a shifted one (by default l
 factor, as in the paper's hybrid window partition); consecutive blocks alternate them.
 
 :func:`reference_stage_partition` builds the sets exactly as the reference implementation does
-(OpenPCDet's ``DSVTInputLayer.get_set_single_shift``), for :class:`~voxsparse.models.backbones.dsvt.
-DSVTReferenceBackbone`: a window of ``n`` voxels gets ``s = ceil(n / set_size)`` sets of exactly
+(OpenPCDet's ``DSVTInputLayer.get_set_single_shift``), for
+:class:`~voxsparse.models.backbones.dsvt.DSVTReferenceBackbone`: a window of ``n`` voxels gets ``s = ceil(n / set_size)`` sets of exactly
 ``set_size`` slots; slot ``t`` (``0 <= t < s * set_size``, over the window's sets in order) holds
 the voxel of rank ``floor(t n / (s set_size))``, so voxels repeat to fill the slots and a voxel can
 lie in two consecutive sets. A repeat inside a set is masked as a key; each voxel's output is read
