@@ -104,6 +104,31 @@ def test_full_size_parameters_and_keys_equal_the_reference():
     assert model.neck.out_channels == 512 and model.backbone.out_channels == 256
 
 
+
+def test_detector_trains_and_predicts_through_the_neck():
+    """SparseDetector with a neck: backbone -> dense 2D neck -> dense head, losses and decoding."""
+    torch.manual_seed(0)
+    model = _model([*OURS_SMALL, "model.head.max_obj_per_sample=100"])
+    gen = torch.Generator().manual_seed(1)
+    points, boxes, labels = [], [], []
+    for _ in range(2):  # two compact objects: few voxels at every stride (fast on the CPU)
+        b = _boxes(gen, 2, 9.0)
+        xyz = b[:, None, :3] + 0.2 * torch.randn(2, 150, 3, generator=gen)
+        points.append(torch.cat([xyz.reshape(-1, 3), 255 * torch.rand(300, 1, generator=gen), torch.zeros(300, 1)], 1))
+        boxes.append(b)
+        labels.append(torch.randint(0, 10, (2,), generator=gen))
+    batch = PointBatch.from_frames(points)
+    losses = model.train()(batch, [_annotations(b, l) for b, l in zip(boxes, labels)])
+    assert all(getattr(losses, n).ndim == 0 for n in ("total", "heatmap", "regression"))
+    losses.total.backward()
+    assert model.neck.blocks[0][1].weight.grad is not None
+    with torch.no_grad():
+        detections = model.eval().predict(batch)
+    assert len(detections) == 2
+    for found in detections:
+        assert 0 < len(found) <= 6 * 83 and found.boxes.tensor.shape[1] == 9  # at most 83 per group
+        assert torch.all(found.scores[:-1] >= found.scores[1:]) and torch.all(found.scores > 0.1)
+
 def test_height_compression_is_the_dense_view():
     """OpenPCDet views the dense (B, C, D, H, W) output as (B, C * D, H, W)."""
     gen = torch.Generator().manual_seed(0)
@@ -266,7 +291,7 @@ def _scene(seed: int, frames: int = 2):
     for _ in range(frames):
         n = 9000
         xyz = torch.rand(n, 3, generator=gen) * torch.tensor([23.8, 23.8, 7.8]) + torch.tensor([-11.9, -11.9, -4.9])
-        xyz[:3000, 2] = -1.7 + 0.05 * torch.randn(3000, generator=gen)  # a ground: voxels of many points
+        xyz[: n // 3, 2] = -1.7 + 0.05 * torch.randn(n // 3, generator=gen)  # a ground: voxels of many points
         feats = torch.cat([torch.randint(0, 256, (n, 1), generator=gen).float(), 0.05 * torch.randint(0, 10, (n, 1), generator=gen)], 1)
         points.append(torch.cat([xyz, feats], 1))
         boxes.append(_boxes(gen, 16, 10.0))
