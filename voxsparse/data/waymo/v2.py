@@ -78,15 +78,14 @@ _KEYPOINT_FIELDS = (
 )  # fmt: skip
 
 
-def _pyarrow() -> tuple[Any, Any, Any]:
-    """``(pyarrow, pyarrow.compute, pyarrow.parquet)``, or an ImportError saying how to install them."""
+def _pyarrow() -> tuple[Any, Any]:
+    """``(pyarrow, pyarrow.parquet)``, or an ImportError saying how to install them."""
     try:
         import pyarrow
-        import pyarrow.compute
         import pyarrow.parquet
     except ImportError as error:
         raise ImportError(INSTALL_HINT_V2) from error
-    return pyarrow, pyarrow.compute, pyarrow.parquet
+    return pyarrow, pyarrow.parquet
 
 
 class _ComponentFile:
@@ -94,8 +93,8 @@ class _ComponentFile:
     groups that hold the frame's rows (``key.frame_timestamp_micros``), the last frame's row groups kept."""
 
     def __init__(self, path: Path, columns: Sequence[str]):
-        pyarrow, self._compute, parquet = _pyarrow()
-        self._compute_concat = pyarrow.concat_tables
+        pyarrow, parquet = _pyarrow()
+        self._concat = pyarrow.concat_tables
         self.path = path
         self.file = parquet.ParquetFile(path)
         names = set(self.file.schema_arrow.names)
@@ -127,8 +126,10 @@ class _ComponentFile:
             starts = np.cumsum([0, *sizes])
             self._cached.update({g: table.slice(starts[i], sizes[i]) for i, g in enumerate(new)})
         self._cached = {g: self._cached[g] for g in groups}
-        table = self._compute_concat([self._cached[g] for g in groups])
-        return table.filter(self._compute.equal(table.column(_TIMESTAMP), timestamp))
+        table = self._concat([self._cached[g] for g in groups])
+        stamps = table.column(_TIMESTAMP).to_numpy()
+        # Row groups aligned with frames need no copy.
+        return table if (stamps == timestamp).all() else table.take(np.flatnonzero(stamps == timestamp))
 
 
 def _matrix(values: Any, shape: Any, channels: int, where: str) -> np.ndarray | None:
@@ -212,7 +213,7 @@ def _calibrations(path: Path) -> dict[int, tuple[np.ndarray, Any, float, float]]
     columns = [_LASER] + [
         _CALIBRATION + f for f in ("extrinsic.transform", "beam_inclination.values", "beam_inclination.min", "beam_inclination.max")
     ]
-    parquet = _pyarrow()[2]
+    parquet = _pyarrow()[1]
     table = parquet.read_table(path, columns=columns)
     out = {}
     for laser, extrinsic, values, low, high in zip(*(table.column(c).to_pylist() for c in columns)):
