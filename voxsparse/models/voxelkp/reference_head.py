@@ -260,7 +260,12 @@ class VoxelKPReferenceHead(VoxelNeXtReferenceHead):
             return (values[rows] * slot - goal * slot).abs().sum(dim=(0, 1)) / num
 
         prob = out["hm"].float().sigmoid().clamp(HEATMAP_CLAMP, 1 - HEATMAP_CLAMP)
-        heatmap = focal_loss_centernet(prob, target.heatmap, counts[0]) * self.cls_weight
+        # The authors pair row i of the predictions with row i of the frames' targets concatenated
+        # frame by frame: the same cell only where the cells are grouped by frame, which spconv's
+        # regular conv before the head does not guarantee. Reproduced.
+        batch = pred.coords[:, 0].long()
+        by_frame = torch.cat([torch.nonzero(batch == b).squeeze(1) for b in range(pred.batch_size)])
+        heatmap = focal_loss_centernet(prob, target.heatmap[by_frame], counts[0]) * self.cls_weight
         code = torch.cat([out[name] for name in self.head_order], dim=1).float()
         regression = (l1(code, target.boxes) * self.code_weights).sum() * self.loc_weight
         valid = target.mask.bool()
