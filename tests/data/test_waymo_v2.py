@@ -13,11 +13,18 @@ import pytest
 pq = pytest.importorskip("pyarrow.parquet")
 dataset_pb2 = pytest.importorskip("waymo_open_dataset.dataset_pb2")
 
-from waymo_writer import build_frame, example_frame_spec, official_v2, waymo_lasers, write_frames, write_v2_segment  # noqa: E402
+from waymo_writer import (
+    build_frame,
+    example_frame_spec,
+    official_v2,
+    waymo_lasers,
+    write_frames,
+    write_v2_segment,
+)
 
-from voxsparse.constants import KEYPOINT_NAMES  # noqa: E402
-from voxsparse.data.waymo import read_frames, read_segment, segment_names  # noqa: E402
-from voxsparse.data.waymo.classes import KEYPOINT_TYPES  # noqa: E402
+from voxsparse.constants import KEYPOINT_NAMES
+from voxsparse.data.waymo import read_frames, read_segment, segment_names
+from voxsparse.data.waymo.classes import KEYPOINT_TYPES
 
 CONTEXT = "10017090168044687777_6380_000_6400_000"
 STAMPS = [1_550_000_000_000_000 + 100_000 * i for i in range(3)]
@@ -79,9 +86,10 @@ def test_official_schema_columns_are_what_the_files_hold(segment, v2):
     schema = pq.read_schema(split / "lidar" / f"{CONTEXT}.parquet")
     assert schema.names == v2.lidar.LiDARComponent.schema().names
     assert "[LiDARComponent].range_image_return1.values" in schema.names  # uncompressed range images
-    assert "[LiDARHumanKeypointsComponent].lidar_keypoints[*].type" in pq.read_schema(
-        split / "lidar_hkp" / f"{CONTEXT}.parquet"
-    ).names
+    assert (
+        "[LiDARHumanKeypointsComponent].lidar_keypoints[*].type"
+        in pq.read_schema(split / "lidar_hkp" / f"{CONTEXT}.parquet").names
+    )
 
 
 def test_reads_only_the_columns_and_row_groups_it_needs(segment, monkeypatch):
@@ -145,7 +153,9 @@ def test_missing_component_and_wrong_files_are_clear_errors(segment, tmp_path, v
     paths = write_v2_segment(tmp_path / "b", frames[:1], v2=v2)
     # A box file where the lidar file should be.
     paths["lidar"].write_bytes(paths["lidar_box"].read_bytes())
-    with pytest.raises(ValueError, match=r"lidar/.*: no column 'key.laser_name' \(is it a Waymo v2 lidar file\?\)"):
+    with pytest.raises(
+        ValueError, match=r"lidar/.*: no column 'key.laser_name' \(is it a Waymo v2 lidar file\?\)"
+    ):
         next(read_segment(tmp_path / "b", CONTEXT))
 
 
@@ -166,7 +176,9 @@ def test_prepare_data_waymo_v2_equals_v1(segment, tmp_path):
     (tmp_path / "v1" / "training" / tfrecord.name).symlink_to(tfrecord)
     common = ["--workers", "1", "--quiet", "--gt-database"]
     prepare_data(["waymo", "--root", str(tmp_path / "v1"), "--out", str(tmp_path / "out1"), *common])
-    prepare_data(["waymo", "--format", "v2", "--root", str(split.parent), "--out", str(tmp_path / "out2"), *common])
+    prepare_data(
+        ["waymo", "--format", "v2", "--root", str(split.parent), "--out", str(tmp_path / "out2"), *common]
+    )
     one, two = PreparedDataset(tmp_path / "out1", "train"), PreparedDataset(tmp_path / "out2", "train")
     assert len(one) == len(two) == 3
     for i in range(3):

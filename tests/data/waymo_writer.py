@@ -432,12 +432,13 @@ def official_v2() -> SimpleNamespace:
     package missing).
     """
     import importlib.util
+
     import pyarrow  # noqa: F401  (the schemas need it)
 
     spec = importlib.util.find_spec("waymo_open_dataset")
     if spec is None or not spec.submodule_search_locations:
         raise ImportError("waymo-open-dataset-tf-2-12-0 is not installed")
-    root = Path(list(spec.submodule_search_locations)[0]) / "v2"
+    root = Path(next(iter(spec.submodule_search_locations))) / "v2"
     added: dict[str, types.ModuleType] = {}
 
     def package(name: str, folder: Path) -> None:

@@ -21,17 +21,19 @@ import torch
 
 metrics_pb2 = pytest.importorskip("waymo_open_dataset.protos.metrics_pb2")
 
-from voxsparse.engine.evaluate import report, score_waymo_files  # noqa: E402
-from voxsparse.evaluation.detection import FrameGroundTruth, evaluate_detection_levels  # noqa: E402
-from voxsparse.evaluation.suites import GroupedResult  # noqa: E402
-from voxsparse.evaluation.waymo_submission import (  # noqa: E402
+from voxsparse.engine.evaluate import report, score_waymo_files
+from voxsparse.evaluation.detection import FrameGroundTruth, evaluate_detection_levels
+from voxsparse.evaluation.suites import GroupedResult
+from voxsparse.evaluation.waymo_submission import (
+    SubmissionInfo,
     frame_key,
     objects_from_detections,
     read_objects,
     score_objects,
+    submission_from_objects,
     write_objects,
 )
-from voxsparse.structures import Boxes3D, Detections3D  # noqa: E402
+from voxsparse.structures import Boxes3D, Detections3D
 
 ROOT = Path(__file__).resolve().parents[2]
 NAMES = ["Vehicle", "Pedestrian", "Cyclist"]
@@ -56,7 +58,11 @@ def scene(seed: int = 0):
         labels = rng.integers(0, 3, n)
         centre = np.stack([rng.uniform(-70, 70, n), rng.uniform(-70, 70, n), rng.uniform(0, 2, n)], axis=1)
         boxes = np.concatenate(
-            [centre, np.array([SIZES[int(c)] for c in labels]).reshape(n, 3), rng.uniform(-np.pi, np.pi, (n, 1))],
+            [
+                centre,
+                np.array([SIZES[int(c)] for c in labels]).reshape(n, 3),
+                rng.uniform(-np.pi, np.pi, (n, 1)),
+            ],
             axis=1,
         )
         points = rng.choice([0, 3, 5, 6, 40], n)
@@ -85,11 +91,18 @@ def scene(seed: int = 0):
         )
         # Predictions: most objects found with a perturbed box, plus false positives.
         hit = rng.uniform(size=n) < 0.8
-        noise = np.concatenate([rng.normal(0, 0.15, (n, 3)), rng.normal(0, 0.05, (n, 3)), rng.normal(0, 0.2, (n, 1))], 1)
+        noise = np.concatenate(
+            [rng.normal(0, 0.15, (n, 3)), rng.normal(0, 0.05, (n, 3)), rng.normal(0, 0.2, (n, 1))], 1
+        )
         fp = 3
         fp_labels = rng.integers(0, 3, fp)
         fp_boxes = np.concatenate(
-            [rng.uniform(-60, 60, (fp, 2)), np.ones((fp, 1)), np.array([SIZES[int(c)] for c in fp_labels]), np.zeros((fp, 1))],
+            [
+                rng.uniform(-60, 60, (fp, 2)),
+                np.ones((fp, 1)),
+                np.array([SIZES[int(c)] for c in fp_labels]),
+                np.zeros((fp, 1)),
+            ],
             axis=1,
         )
         pred_boxes = np.concatenate([(boxes + noise)[hit], fp_boxes]).astype(np.float32)
@@ -121,7 +134,9 @@ def test_written_objects_read_back_by_the_official_protos(tmp_path):
         torch.tensor([2]),
         track_ids=torch.tensor([42]),
     )
-    path = write_objects(tmp_path / "preds.bin", objects_from_detections(FRAMES + ["ctx_7"], found + [with_speed], NAMES))
+    path = write_objects(
+        tmp_path / "preds.bin", objects_from_detections(FRAMES + ["ctx_7"], found + [with_speed], NAMES)
+    )
     official = metrics_pb2.Objects.FromString(path.read_bytes())
     entries = list(official.objects)
     assert len(entries) == sum(len(d) for d in found) + 1
@@ -131,16 +146,38 @@ def test_written_objects_read_back_by_the_official_protos(tmp_path):
         part = entries[start : start + len(dets)]
         start += len(dets)
         assert all(e.context_name == context and e.frame_timestamp_micros == stamp for e in part)
-        np.testing.assert_array_equal(np.array([e.score for e in part], dtype=np.float32), dets.scores.numpy())
+        np.testing.assert_array_equal(
+            np.array([e.score for e in part], dtype=np.float32), dets.scores.numpy()
+        )
         box = np.array([[getattr(e.object.box, k) for k in (
             "center_x", "center_y", "center_z", "length", "width", "height", "heading")] for e in part])  # fmt: skip
         np.testing.assert_array_equal(box, dets.boxes.tensor.numpy().astype(np.float64))
         assert [e.object.type for e in part] == [WAYMO_TYPE[int(c)] for c in dets.labels]
     last = entries[-1]
-    assert (last.context_name, last.frame_timestamp_micros, last.object.type, last.object.id) == ("ctx", 7, 4, "42")
+    assert (last.context_name, last.frame_timestamp_micros, last.object.type, last.object.id) == (
+        "ctx",
+        7,
+        4,
+        "42",
+    )
     assert (last.object.metadata.speed_x, last.object.metadata.speed_y) == (3.0, -1.0)
     with pytest.raises(ValueError, match=r"class names \['Truck'\] have no Waymo object type"):
         objects_from_detections(FRAMES[:1], found[:1], ["Vehicle", "Truck", "Cyclist"])
+
+
+def test_submission_wraps_the_objects_with_the_method_metadata(tmp_path):
+    submission_pb2 = pytest.importorskip("waymo_open_dataset.protos.submission_pb2")
+    _, _, found = scene()
+    objects = objects_from_detections(FRAMES, found, NAMES)
+    info = SubmissionInfo("me@example.com", "voxelnext", ["A. Author"], "Lab", latency_second=0.05)
+    path = write_objects(tmp_path / "submission.bin", submission_from_objects(objects, info))
+    official = submission_pb2.Submission.FromString(path.read_bytes())
+    assert official.task == submission_pb2.Submission.DETECTION_3D
+    assert official.sensor_type == submission_pb2.Submission.LIDAR_ALL
+    assert (official.account_name, official.unique_method_name, list(official.authors)) == (
+        "me@example.com", "voxelnext", ["A. Author"])  # fmt: skip
+    assert list(official.object_types) == [1, 2, 4] and official.latency_second == pytest.approx(0.05)
+    assert official.inference_results == objects
 
 
 def same(a, b) -> bool:

@@ -18,6 +18,10 @@ rules of the v1 reader (:func:`voxsparse.data.waymo.frame.label_fields`: signs a
 boxes without points dropped, LEVEL_2 when unlabelled and at most 5 points).
 
 Frame ids are voxsparse's Waymo frame ids, ``"<context_name>_<timestamp_micros>"``.
+
+For the submission server the ``Objects`` go into a ``Submission`` message (``submission.proto``)
+with the method's metadata (:class:`SubmissionInfo`, :func:`submission_from_objects`), the message
+the official ``create_submission`` tool writes; the server takes a ``.tar.gz`` of such files.
 """
 
 from __future__ import annotations
@@ -44,12 +48,14 @@ from voxsparse.utils.io import atomic_write
 __all__ = [
     "TYPE_OF_CLASS",
     "SubmissionFrames",
+    "SubmissionInfo",
     "frame_key",
     "ground_truth_from_objects",
     "objects_from_detections",
     "predictions_from_objects",
     "read_objects",
     "score_objects",
+    "submission_from_objects",
     "write_objects",
 ]
 
@@ -101,7 +107,9 @@ def objects_from_detections(
         labels = found.labels.detach().cpu().numpy()
         ids = None if found.track_ids is None else found.track_ids.detach().cpu().numpy()
         for i in range(len(boxes)):
-            entry = objects.objects.add(context_name=context, frame_timestamp_micros=stamp, score=float(scores[i]))
+            entry = objects.objects.add(
+                context_name=context, frame_timestamp_micros=stamp, score=float(scores[i])
+            )
             label = entry.object
             box = label.box
             box.center_x, box.center_y, box.center_z, box.length, box.width, box.height, box.heading = (
@@ -115,8 +123,57 @@ def objects_from_detections(
     return objects
 
 
+@dataclass
+class SubmissionInfo:
+    """What a ``Submission`` says of the method besides its results (``submission.proto``'s fields).
+
+    ``task``: a ``Submission.Task`` name (DETECTION_3D, TRACKING_3D, ...); ``sensor_type``: a
+    ``Submission.SensorType`` name (LIDAR_ALL: all five LiDARs); the frame counts: past / future frames
+    the method used besides the current one; ``latency_second``: the measured latency, if any.
+    """
+
+    account_name: str
+    unique_method_name: str
+    authors: Sequence[str] = ()
+    affiliation: str = ""
+    description: str = ""
+    method_link: str = ""
+    task: str = "DETECTION_3D"
+    sensor_type: str = "LIDAR_ALL"
+    number_past_frames_exclude_current: int = 0
+    number_future_frames_exclude_current: int = 0
+    object_types: Sequence[str] = ("Vehicle", "Pedestrian", "Cyclist")
+    latency_second: float | None = None
+
+
+def submission_from_objects(objects: Any, info: SubmissionInfo) -> Any:
+    """A ``submission_pb2.Submission`` holding ``objects`` (``inference_results``) and ``info``."""
+    try:
+        from waymo_open_dataset.protos import submission_pb2
+    except ImportError as error:
+        raise ImportError(INSTALL_HINT) from error
+    kind = submission_pb2.Submission
+    submission = kind(
+        task=kind.Task.Value(info.task),
+        account_name=info.account_name,
+        unique_method_name=info.unique_method_name,
+        authors=list(info.authors),
+        affiliation=info.affiliation,
+        description=info.description,
+        method_link=info.method_link,
+        sensor_type=kind.SensorType.Value(info.sensor_type),
+        number_past_frames_exclude_current=info.number_past_frames_exclude_current,
+        number_future_frames_exclude_current=info.number_future_frames_exclude_current,
+        object_types=[TYPE_OF_CLASS[name] for name in info.object_types],
+    )
+    if info.latency_second is not None:
+        submission.latency_second = info.latency_second
+    submission.inference_results.CopyFrom(objects)
+    return submission
+
+
 def write_objects(path: str | os.PathLike, objects: Any) -> Path:
-    """Write a ``metrics_pb2.Objects`` as a ``.bin`` file (atomically)."""
+    """Write a ``metrics_pb2.Objects`` (or any message, e.g. a ``Submission``) as a ``.bin`` file (atomically)."""
     data = objects.SerializeToString()
     return atomic_write(path, lambda f: f.write(data))
 
@@ -149,7 +206,9 @@ def ground_truth_from_objects(objects: Any, keep_empty_boxes: bool = False) -> d
     for frame_id, entries in _by_frame(objects).items():
         fields = label_fields(stored_labels([e.object for e in entries]), frame_id, keep_empty_boxes)
         out[frame_id] = FrameGroundTruth(
-            torch.from_numpy(fields["boxes"]), torch.from_numpy(fields["labels"]), torch.from_numpy(fields["difficulty"])
+            torch.from_numpy(fields["boxes"]),
+            torch.from_numpy(fields["labels"]),
+            torch.from_numpy(fields["difficulty"]),
         )
     return out
 
@@ -163,7 +222,10 @@ def predictions_from_objects(objects: Any, source: str = "predictions") -> dict[
         kept = [e for e in entries if e.object.type in class_of_type]
         other += len(entries) - len(kept)
         boxes = np.array(
-            [(b.center_x, b.center_y, b.center_z, b.length, b.width, b.height, b.heading) for b in (e.object.box for e in kept)],
+            [
+                (b.center_x, b.center_y, b.center_z, b.length, b.width, b.height, b.heading)
+                for b in (e.object.box for e in kept)
+            ],
             dtype=np.float32,
         ).reshape(-1, 7)
         out[frame_id] = FramePredictions(
@@ -195,7 +257,9 @@ def score_objects(ground_truth: Any, predictions: Any, source: str = "prediction
     """
     truth, found = ground_truth_from_objects(ground_truth), predictions_from_objects(predictions, source)
     frame_ids = sorted(set(truth) | set(found))
-    empty_truth = FrameGroundTruth(torch.zeros(0, 9), torch.zeros(0, dtype=torch.int64), torch.zeros(0, dtype=torch.int64))
+    empty_truth = FrameGroundTruth(
+        torch.zeros(0, 9), torch.zeros(0, dtype=torch.int64), torch.zeros(0, dtype=torch.int64)
+    )
     nothing = FramePredictions(torch.zeros(0, 7), torch.zeros(0), torch.zeros(0, dtype=torch.int64))
     frames = SubmissionFrames(
         frame_ids, [found.get(f, nothing) for f in frame_ids], [truth.get(f, empty_truth) for f in frame_ids]

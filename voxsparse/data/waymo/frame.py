@@ -263,7 +263,7 @@ def _decode_points(
                 raise ValueError(f"{at}: no laser calibration for it in context.laser_calibrations")
             calibration = calibrations[laser.name]
             image = _matrix(range_image.range_image_compressed, 4, f"{at}.range_image_compressed")
-            height, width = image.shape[:2]
+            height = image.shape[0]
             pixel_pose = None
             if laser.name == TOP_LASER:
                 if top_pose is None:
@@ -286,7 +286,9 @@ def _decode_points(
             extrinsic = _transform(
                 calibration.extrinsic.transform, f"{where}: laser {name} calibration extrinsic"
             )
-            returns.append(RangeImageReturn(laser.name, return_index, image, extrinsic, inclinations, pixel_pose))
+            returns.append(
+                RangeImageReturn(laser.name, return_index, image, extrinsic, inclinations, pixel_pose)
+            )
     return points_from_returns(returns, frame_pose)
 
 
@@ -371,13 +373,26 @@ def stored_labels(labels: Sequence[Any]) -> StoredLabels:
     keypoints = []
     for i, label in enumerate(labels):
         b, m = label.box, label.metadata
-        boxes[i] = (b.center_x, b.center_y, b.center_z, b.length, b.width, b.height, b.heading, m.speed_x, m.speed_y)
+        boxes[i] = (
+            b.center_x,
+            b.center_y,
+            b.center_z,
+            b.length,
+            b.width,
+            b.height,
+            b.heading,
+            m.speed_x,
+            m.speed_y,
+        )
         points = label.laser_keypoints.keypoint
         keypoints.append(
             (
                 np.array([p.type for p in points], dtype=np.int64),
                 np.array(
-                    [(p.keypoint_3d.location_m.x, p.keypoint_3d.location_m.y, p.keypoint_3d.location_m.z) for p in points],
+                    [
+                        (p.keypoint_3d.location_m.x, p.keypoint_3d.location_m.y, p.keypoint_3d.location_m.z)
+                        for p in points
+                    ],
                     dtype=np.float64,
                 ).reshape(-1, 3),
                 np.array([p.keypoint_3d.visibility.is_occluded for p in points], dtype=bool),

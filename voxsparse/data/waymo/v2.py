@@ -51,7 +51,9 @@ from voxsparse.data.waymo.range_image import LASER_NAMES, TOP_LASER, row_inclina
 
 __all__ = ["INSTALL_HINT_V2", "REQUIRED_COMPONENTS", "read_segment", "segment_names"]
 
-INSTALL_HINT_V2 = 'reading Waymo v2 parquet files needs pyarrow: pip install -e ".[waymo-v2]" (pyarrow>=14,<23)'
+INSTALL_HINT_V2 = (
+    'reading Waymo v2 parquet files needs pyarrow: pip install -e ".[waymo-v2]" (pyarrow>=14,<23)'
+)
 
 #: Components every segment must have (``lidar_box`` and ``lidar_hkp`` are optional).
 REQUIRED_COMPONENTS = ("lidar", "lidar_calibration", "vehicle_pose", "lidar_pose")
@@ -139,7 +141,9 @@ def _matrix(values: Any, shape: Any, channels: int, where: str) -> np.ndarray | 
     dims = tuple(shape.as_py() or ())
     data = values.values.to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
     if len(dims) != 3 or dims[2] != channels or data.size != int(np.prod(dims)):
-        raise ValueError(f"{where}: expected an (H, W, {channels}) image, got shape {dims} with {data.size} values")
+        raise ValueError(
+            f"{where}: expected an (H, W, {channels}) image, got shape {dims} with {data.size} values"
+        )
     return data.reshape(dims)
 
 
@@ -172,19 +176,30 @@ def read_segment(
             timestamp, field).
     """
     split_dir = Path(split_dir)
-    paths = {name: split_dir / name / f"{context_name}.parquet" for name in (*REQUIRED_COMPONENTS, "lidar_box", "lidar_hkp")}
+    paths = {
+        name: split_dir / name / f"{context_name}.parquet"
+        for name in (*REQUIRED_COMPONENTS, "lidar_box", "lidar_hkp")
+    }
     for name in REQUIRED_COMPONENTS:
         if not paths[name].is_file():
             raise FileNotFoundError(f"Waymo v2 segment {context_name}: no {name} component {paths[name]}")
     lidar = _ComponentFile(
         paths["lidar"], [_LASER, *(_LIDAR.format(r, f) for r in (1, 2) for f in ("values", "shape"))]
     )
-    lidar_pose = _ComponentFile(paths["lidar_pose"], [_LASER, _LIDAR_POSE.format("values"), _LIDAR_POSE.format("shape")])
+    lidar_pose = _ComponentFile(
+        paths["lidar_pose"], [_LASER, _LIDAR_POSE.format("values"), _LIDAR_POSE.format("shape")]
+    )
     vehicle_pose = _ComponentFile(paths["vehicle_pose"], [_CONTEXT, _POSE])
     boxes = (
         _ComponentFile(
             paths["lidar_box"],
-            [_OBJECT, *(_BOX + f for f in (*_BOX_FIELDS, "type", "num_lidar_points_in_box", "difficulty_level.detection"))],
+            [
+                _OBJECT,
+                *(
+                    _BOX + f
+                    for f in (*_BOX_FIELDS, "type", "num_lidar_points_in_box", "difficulty_level.detection")
+                ),
+            ],
         )
         if paths["lidar_box"].is_file()
         else None
@@ -211,7 +226,13 @@ def read_segment(
 def _calibrations(path: Path) -> dict[int, tuple[np.ndarray, Any, float, float]]:
     """LaserName -> (extrinsic (4, 4), beam inclinations or None, inclination min, max)."""
     columns = [_LASER] + [
-        _CALIBRATION + f for f in ("extrinsic.transform", "beam_inclination.values", "beam_inclination.min", "beam_inclination.max")
+        _CALIBRATION + f
+        for f in (
+            "extrinsic.transform",
+            "beam_inclination.values",
+            "beam_inclination.min",
+            "beam_inclination.max",
+        )
     ]
     parquet = _pyarrow()[1]
     table = parquet.read_table(path, columns=columns)
@@ -228,7 +249,9 @@ def _returns(
     rows = lidar.rows(timestamp)
     lasers = rows.column(_LASER).to_pylist()
     if len(set(lasers)) != len(lasers) or not set(lasers) <= set(LASER_NAMES):
-        raise ValueError(f"{where}: lasers {sorted(lasers)}: expected distinct names among {sorted(LASER_NAMES)}")
+        raise ValueError(
+            f"{where}: lasers {sorted(lasers)}: expected distinct names among {sorted(LASER_NAMES)}"
+        )
     returns = []
     for row, laser in enumerate(lasers):
         name = LASER_NAMES[laser]
@@ -236,7 +259,9 @@ def _returns(
         for return_index in (0, 1):
             field = _LIDAR.format(return_index + 1, "{}")
             at = f"{where}: laser {name} {field.format('values')}"
-            image = _matrix(rows.column(field.format("values"))[row], rows.column(field.format("shape"))[row], 4, at)
+            image = _matrix(
+                rows.column(field.format("values"))[row], rows.column(field.format("shape"))[row], 4, at
+            )
             if image is None:
                 continue
             if laser not in calibrations:
