@@ -18,15 +18,16 @@ lidar_box           boxes, type, speed, num_lidar_points_in_box, difficulty     
 lidar_hkp           laser keypoints (types, locations, occlusion) by object id  one per frame x human
 ==================  ==========================================================  =====================
 
-``lidar_box`` and ``lidar_hkp`` may be absent (the test split has no labels; few segments have
+``lidar_box`` and ``lidar_hkp`` may be absent (the test split has no labels; only some segments have
 keypoints); the others are required. Each frame is converted exactly as the v1 reader converts the
 same frame (the shared :func:`~voxsparse.data.waymo.frame.points_from_returns` and
 :func:`~voxsparse.data.waymo.frame.label_fields`): the records are identical.
 
 Reading is streamed: a component file is opened once per segment and its key column indexed; a
 frame then reads only the columns it needs of only the row groups that hold its rows (a frame's
-range images are ~10 MB of the ~2 GB lidar file of a segment), keeping the row groups of the last
-frame read, so a file written in time order is read once.
+range images are ~21 MB uncompressed: TOP 64x2650 and four 200x600 images, two returns, four
+float32 channels), keeping the row groups of the last frame read, so a file written in time order
+is read once.
 """
 
 from __future__ import annotations
