@@ -392,9 +392,10 @@ def nms_bev_greedy(boxes: torch.Tensor, scores: torch.Tensor, thresh: float, pre
                    axis_aligned: bool = False, **kwargs) -> tuple[torch.Tensor, None]:
     """Torch stand-in for OpenPCDet's compiled ``iou3d_nms_utils.nms_gpu`` (and ``nms_normal_gpu``).
 
-    Its wrapper's steps: sort by score descending (``scores.sort``, as theirs), keep the first
-    ``pre_maxsize``, then greedily keep each box not yet suppressed and suppress every later box whose
-    BEV IoU with it exceeds ``thresh``. IoU is :func:`voxsparse.ops.boxes.bev_iou` (exact, float64
+    Its wrapper's steps: sort by score descending, keep the first ``pre_maxsize``, then greedily keep
+    each box not yet suppressed and suppress every later box whose BEV IoU with it exceeds
+    ``thresh``. Equal scores keep their input order (a stable sort): OpenPCDet's unstable CUDA sort
+    leaves their order open, and untrained weights give many equal scores. IoU is :func:`voxsparse.ops.boxes.bev_iou` (exact, float64
     internally); the CUDA kernel clips polygons in float32 and counts corners up to 1 cm outside a box
     as inside, so pairs within rounding of ``thresh`` may be decided differently.
 
@@ -409,7 +410,7 @@ def nms_bev_greedy(boxes: torch.Tensor, scores: torch.Tensor, thresh: float, pre
     """
     from voxsparse.ops.boxes import bev_iou
 
-    order = scores.sort(0, descending=True)[1]
+    order = scores.sort(dim=0, descending=True, stable=True)[1]
     if pre_maxsize is not None:
         order = order[:pre_maxsize]
     candidates = boxes[order, :7].float()
