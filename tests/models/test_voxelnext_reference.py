@@ -487,3 +487,23 @@ def test_model_config_builds_the_reference_architecture(name):
     for key in set(expected) - {"in_channels", "num_classes", "class_names"}:
         assert ours.get(key) == expected[key], key
     assert set(model.class_names) == set(full["CLASS_NAMES"])
+
+
+@pytest.mark.parametrize("kernel_size", [1, 3])
+def test_fused_head_decodes_the_same(kernel_size):
+    from voxsparse.models.fusion import fuse_for_inference
+
+    torch.manual_seed(1)
+    grid = CASES["nuscenes"][1]
+    head = VoxelNeXtReferenceHead(8, 10, NUSCENES_NAMES, NUSCENES_GROUPS, kernel_size=kernel_size)
+    randomize(head, 2)
+    head.eval()
+    bev = _bev(9, 8, grid, cells=120)
+    fused = fuse_for_inference(head)
+    assert not any(isinstance(m, torch.nn.BatchNorm1d) for m in fused.modules())
+    with torch.no_grad():
+        expected, got = head.decode(head(bev)), fused.decode(fused(bev))
+    for e, g in zip(expected, got):
+        assert len(e) == len(g) > 0 and e.labels.tolist() == g.labels.tolist()
+        torch.testing.assert_close(g.scores, e.scores, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(g.boxes.tensor, e.boxes.tensor, rtol=1e-4, atol=1e-4)

@@ -50,6 +50,7 @@ import torch
 from torch import nn
 
 from voxsparse.models.backbones.voxelnext import biases_after_conv_on_cpu
+from voxsparse.models.fusion import fuse_conv_bn
 from voxsparse.models.heads.center_head import gaussian_radius
 from voxsparse.models.heads.center_reference import (
     HEATMAP_CLAMP,
@@ -132,6 +133,22 @@ class _Hidden(nn.Module):
         else:
             out = self.conv(x.replace_feature(features)).features
         return self.relu(self.norm(out))
+
+    @torch.no_grad()
+    def fuse_(self) -> None:
+        """Fold the eval-mode BatchNorm into the conv (inference only; see
+        :func:`voxsparse.models.fusion.fuse_for_inference`)."""
+        if not isinstance(self.conv, nn.Linear):
+            self.norm, self.relu = fuse_conv_bn(self.conv, self.norm, self.relu)
+            return
+        scale = self.norm.weight / torch.sqrt(self.norm.running_var + self.norm.eps)
+        shift = self.norm.bias - self.norm.running_mean * scale
+        if self.conv.bias is not None:
+            shift = shift + self.conv.bias * scale
+        fused = nn.Linear(self.conv.in_features, self.conv.out_features).to(self.conv.weight)
+        fused.weight.copy_(self.conv.weight * scale[:, None])
+        fused.bias.copy_(shift)
+        self.conv, self.norm = fused, nn.Identity()
 
 
 class _Branch(nn.Module):
