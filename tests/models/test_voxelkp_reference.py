@@ -2,8 +2,9 @@
 code computes (github.com/shijianjian/VoxelKP, ``kp_effv2next4_voxelnext_iou_aug_bev_channel.yaml``).
 
 On synthetic scans with keypoint-labelled humans, at reduced widths with random weights and
-BatchNorm statistics, in float32 eval mode: backbone BEV, head outputs, targets (heatmap, box code,
-keypoints), every loss term and the decoded boxes and keypoints, against
+BatchNorm statistics, in float32: backbone BEV in eval and in training mode (batch statistics), and
+in eval mode head outputs, targets (heatmap, box code, keypoints), every loss term and the decoded
+boxes and keypoints, against
 
 - the authors' modules, executed by path from a checkout (``VOXSPARSE_VOXELKP``; skipped without);
 - a fixture recorded from them (``tests/parity/fixtures/voxelkp_reference.pt``), always. Written by
@@ -273,7 +274,13 @@ def record(root: Path, seed: int = 0) -> dict:
             pred = {k: v.clone() for k, v in head.heads_list[0](x).items()}
             decoded = head.generate_predicted_boxes(voxels.batch_size, [dict(pred)], x.indices, x.spatial_shape)
         targets, losses = _authors_targets_and_losses(head, dict(pred), x, annotations)
+    # Training mode: BatchNorm on batch statistics (the selective kernels' squeeze over the 2 frames).
+    backbone.train()
+    with torch.no_grad(), harness._reference_patches(torch.device("cpu")):
+        trained = backbone({"voxel_features": voxels.features, "voxel_coords": voxels.coords.int(),
+                            "batch_size": voxels.batch_size})["encoded_spconv_tensor"]
     return {
+        "bev_train": {"coords": trained.indices.long(), "features": trained.features},
         "state_spec": spec, "seed": seed,
         "voxel_coords": voxels.coords, "voxel_features": voxels.features,
         "annotations": [{"boxes": a.boxes.tensor, "labels": a.labels, "keypoints": a.keypoints,
@@ -340,6 +347,12 @@ def compare(rec: dict) -> dict[str, float]:
         mine, theirs = _rows(bev.coords), _rows(expected["coords"])
         assert torch.equal(bev.coords.long()[mine], expected["coords"][theirs]), "BEV cells differ"
         gaps["bev"] = _close(bev.features[mine], expected["features"][theirs], what="BEV features")
+        backbone.train()
+        trained, recorded = backbone(voxels), rec["bev_train"]
+        backbone.eval()
+        mine, theirs = _rows(trained.coords), _rows(recorded["coords"])
+        assert torch.equal(trained.coords.long()[mine], recorded["coords"][theirs]), "BEV cells differ (training)"
+        gaps["bev_train"] = _close(trained.features[mine], recorded["features"][theirs], what="BEV features (training)")
         # The head on the reference's cells in the reference's order: outputs and targets align by row.
         bev = SparseBEV(expected["coords"].int(), expected["features"], tuple(expected["shape"]), 8, GRID,
                         len(rec["annotations"]))

@@ -72,10 +72,9 @@ def same_keys(module: nn.Module) -> list[KeyPair]:
 
 def frame_means(features: torch.Tensor, batch: torch.Tensor, batch_size: int) -> torch.Tensor:
     """(B, C) mean of each frame's rows of (M, C) ``features`` (``batch``: (M,) frame of each row);
-    NaN for a frame without rows, as the reference's mean of nothing."""
-    sums = features.new_zeros(batch_size, features.shape[1]).index_add_(0, batch, features)
-    counts = torch.bincount(batch, minlength=batch_size).to(features.dtype)
-    return sums / counts[:, None]
+    NaN for a frame without rows. ``torch.mean`` per frame, as the reference: its rounding matters,
+    since in training the squeeze's BatchNorm normalises over just the B frame means."""
+    return torch.stack([features[batch == b].mean(dim=0) for b in range(batch_size)])
 
 
 class SelectiveKernelConv(spnn.SparseModule):
