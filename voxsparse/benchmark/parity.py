@@ -208,48 +208,106 @@ def _diff(ours: torch.Tensor, theirs: torch.Tensor) -> tuple[float, float]:
     return absolute / max(float(theirs.abs().max()), 1e-12), absolute
 
 
-def _shape(t: torch.Tensor) -> str:
-    return "x".join(map(str, t.shape))
-
-
-def _sorted_rows(coords: torch.Tensor, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rows ordered by their integer coordinates (lexicographic)."""
-    coords = coords.long().cpu()
+def _sorted_rows(coords: torch.Tensor, features: torch.Tensor) -> dict:
+    """``{"coords", "features"}`` with rows ordered by their integer coordinates (lexicographic)."""
+    coords = coords.detach().long().cpu()
     key = torch.zeros(len(coords), dtype=torch.int64)
     for column in coords.t():
         key = key * (int(column.max()) + 1 if len(column) else 1) + column
     order = key.argsort()
-    return coords[order], features.detach().cpu()[order]
+    return {"coords": coords[order].int(), "features": features.detach().float().cpu()[order]}
 
 
-def compare_rows(name: str, ours_coords, ours_features, their_coords, their_features) -> StageDiff:
-    """Sparse outputs compared row by row after ordering both by coordinates."""
-    oc, of = _sorted_rows(ours_coords, ours_features)
-    tc, tf = _sorted_rows(their_coords, their_features)
-    sizes = (f"{len(oc)} rows x {of.shape[1]}", f"{len(tc)} rows x {tf.shape[1]}")
-    if oc.shape != tc.shape or not torch.equal(oc, tc) or of.shape != tf.shape:
-        return StageDiff(name, *sizes, None, None, False, "different coordinates or widths")
-    return StageDiff(name, *sizes, *_diff(of, tf))
+def _cells(dense: torch.Tensor, occupied_only: bool) -> dict:
+    """A dense (B, C, H, W) map as rows of cells (b, y, x): the occupied ones (any channel non-zero)
+    or all of them."""
+    dense = dense.detach().cpu()
+    mask = dense.abs().amax(1) > 0 if occupied_only else torch.ones(dense.shape[0], *dense.shape[2:], dtype=torch.bool)
+    coords = mask.nonzero()
+    return _sorted_rows(coords, dense.permute(0, 2, 3, 1)[mask])
 
 
-def compare_dense(name: str, ours: torch.Tensor, theirs: torch.Tensor) -> StageDiff:
-    if ours.shape != theirs.shape:
-        return StageDiff(name, _shape(ours), _shape(theirs), None, None, False, "different shapes")
-    return StageDiff(name, _shape(ours), _shape(theirs), *_diff(ours, theirs))
+#: Names of the compared stages, in pipeline order.
+VOXELS, BEV, DENSE_BEV = "voxel features (vfe)", "BEV features (backbone_3d / map_to_bev)", "2D BEV features (backbone_2d)"
+
+
+def reference_stages(stages: dict) -> dict[str, dict]:
+    """The reference's stages (:attr:`ReferenceOutput.stages`) as rows of ``{"coords", "features"}``
+    under the names voxsparse's stages are compared by: voxels (b, z, y, x), BEV cells (b, y, x:
+    its 2D sparse tensor, its pillars or the occupied cells of its dense map), and every cell of
+    its 2D backbone's map."""
+    out = {}
+    vfe, backbone, to_bev = stages.get("vfe", {}), stages.get("backbone_3d", {}), stages.get("map_to_bev_module", {})
+    coords = vfe.get("voxel_coords", stages["input"].get("voxel_coords"))
+    if "voxel_features" in vfe and coords is not None:
+        out[VOXELS] = _sorted_rows(coords, vfe["voxel_features"])
+    encoded = backbone.get("encoded_spconv_tensor")
+    if encoded is not None and encoded["indices"].shape[1] == 3:
+        out[BEV] = _sorted_rows(encoded["indices"], encoded["features"])
+    elif "pillar_features" in backbone and "voxel_coords" in backbone:
+        out[BEV] = _sorted_rows(backbone["voxel_coords"][:, [0, 2, 3]], backbone["pillar_features"])
+    elif "spatial_features" in to_bev:
+        out[BEV] = _cells(to_bev["spatial_features"], occupied_only=True)
+    if "spatial_features_2d" in stages.get("backbone_2d", {}):
+        out[DENSE_BEV] = _cells(stages["backbone_2d"]["spatial_features_2d"], occupied_only=False)
+    return out
+
+
+def our_stages(voxels: SparseVoxels, bev, neck: DenseBEV | None) -> dict[str, dict]:
+    """voxsparse's stages in the form of :func:`reference_stages`."""
+    out = {VOXELS: _sorted_rows(voxels.coords, voxels.features)}
+    out[BEV] = _cells(bev.features, True) if isinstance(bev, DenseBEV) else _sorted_rows(bev.coords, bev.features)
+    if neck is not None:
+        out[DENSE_BEV] = _cells(neck.features, occupied_only=False)
+    return out
+
+
+def shrink_rows(rows: dict, max_values: int = 24576, samples: int = 384, seed: int = 0) -> dict:
+    """Rows cut down for a small fixture: all coordinates, features of ``samples`` rows drawn at random
+    (``"sample"``: their indices) and each column's sum and sum of magnitudes over every row
+    (float64). Rows of at most ``max_values`` feature values are kept whole."""
+    features = rows["features"]
+    if features.numel() <= max_values:
+        return rows
+    pick = torch.randperm(len(features), generator=torch.Generator().manual_seed(seed))[:samples].sort().values
+    return {"coords": rows["coords"], "sample": pick, "features": features[pick],
+            "column_sums": features.double().sum(0), "column_magnitudes": features.double().abs().sum(0)}
+
+
+def compare_stage(name: str, ours: dict, theirs: dict) -> StageDiff:
+    """Rows of one stage: same coordinates, then features (all, or the reference's sampled rows and
+    its column sums, a column's sum difference taken relative to its sum of magnitudes)."""
+    oc, tc = ours["coords"], theirs["coords"]
+    sizes = (f"{len(oc)} rows x {ours['features'].shape[1]}", f"{len(tc)} rows x {theirs['features'].shape[1]}")
+    if oc.shape != tc.shape or not torch.equal(oc.long(), tc.long()):
+        return StageDiff(name, *sizes, None, None, False, "different coordinates")
+    if "sample" not in theirs:
+        if ours["features"].shape != theirs["features"].shape:
+            return StageDiff(name, *sizes, None, None, False, "different widths")
+        return StageDiff(name, *sizes, *_diff(ours["features"], theirs["features"]))
+    rel, absolute = _diff(ours["features"][theirs["sample"]], theirs["features"])
+    sums = (ours["features"].double().sum(0) - theirs["column_sums"]).abs()
+    rel = max(rel, float((sums / theirs["column_magnitudes"].clamp(min=1e-12)).max()))
+    return StageDiff(name, *sizes, rel, absolute, note=f"{len(theirs['sample'])} rows and column sums")
+
+
+def reference_boxes(final_box_dicts: Sequence[dict], reference_classes: Sequence[str]) -> list[dict]:
+    """Decoded boxes per frame as plain data: ``boxes`` (K, 7 | 9), ``scores`` (K,), ``classes`` (names)."""
+    return [{"boxes": f["pred_boxes"].detach().float().cpu(), "scores": f["pred_scores"].detach().float().cpu(),
+             "classes": [reference_classes[i - 1] for i in f["pred_labels"].tolist()]} for f in final_box_dicts]
 
 
 def compare_boxes(ours: Sequence[Detections3D], theirs: Sequence[dict], class_names: Sequence[str],
-                  reference_classes: Sequence[str], tolerance: float = 1e-4) -> StageDiff:
-    """Decoded boxes of every frame as sets: each reference box (its values, score and class) is
-    matched to the nearest of ours with that class (largest absolute difference of box values and
-    score); unmatched or farther than ``tolerance`` counts as a mismatch. The heading is compared
-    modulo 2 pi."""
+                  tolerance: float = 1e-4) -> StageDiff:
+    """Decoded boxes of every frame as sets: each reference box (:func:`reference_boxes`: its
+    values, score and class) is matched to the nearest of ours with that class (largest absolute
+    difference of box values and score, the heading modulo 2 pi); a box left unmatched, or matched
+    farther than ``tolerance``, is a mismatch."""
     worst, count_ours, count_theirs, matched = 0.0, 0, 0, True
     for frame_ours, frame_theirs in zip(ours, theirs):
         names = [class_names[i] for i in frame_ours.labels.tolist()]
-        their_names = [reference_classes[i - 1] for i in frame_theirs["pred_labels"].tolist()]
         a = torch.cat([frame_ours.boxes.tensor, frame_ours.scores[:, None]], 1).double().cpu()
-        b = torch.cat([frame_theirs["pred_boxes"], frame_theirs["pred_scores"][:, None]], 1).double().cpu()
+        b = torch.cat([frame_theirs["boxes"], frame_theirs["scores"][:, None]], 1).double().cpu()
         count_ours, count_theirs = count_ours + len(a), count_theirs + len(b)
         if len(a) != len(b) or a.shape[1:] != b.shape[1:]:
             matched = False
@@ -257,95 +315,74 @@ def compare_boxes(ours: Sequence[Detections3D], theirs: Sequence[dict], class_na
         distance = (a[:, None, :] - b[None, :, :]).abs()
         distance[..., 6] = torch.remainder(distance[..., 6] + torch.pi, 2 * torch.pi).sub(torch.pi).abs()
         distance = distance.amax(-1)
-        same_class = torch.tensor([[n == m for m in their_names] for n in names], dtype=torch.bool).reshape(distance.shape)
-        distance = torch.where(same_class, distance, torch.inf)
+        same = torch.tensor([[n == m for m in frame_theirs["classes"]] for n in names], dtype=torch.bool)
+        distance = torch.where(same.reshape(distance.shape), distance, torch.inf)
         taken = torch.zeros(len(a), dtype=torch.bool)
-        for j in distance.min(0).values.argsort().tolist():  # closest pairs first
+        for j in distance.min(0).values.argsort().tolist() if len(a) else []:  # closest pairs first
             row = torch.where(taken, torch.inf, distance[:, j])
-            i = int(row.argmin()) if len(row) else -1
-            if i < 0 or not torch.isfinite(row[i]):
+            i = int(row.argmin())
+            if not torch.isfinite(row[i]):
                 matched = False
                 break
             taken[i] = True
             worst = max(worst, float(row[i]))
-    scale = max((float(f["pred_boxes"].abs().max()) for f in theirs if len(f["pred_boxes"])), default=1.0)
+    scale = max((float(f["boxes"].abs().max()) for f in theirs if len(f["boxes"])), default=1.0)
     ok = matched and worst <= tolerance
     return StageDiff("decoded boxes (as sets)", f"{count_ours} boxes", f"{count_theirs} boxes", worst / scale, worst,
-                     ok, "" if ok else f"unmatched or farther than {tolerance}")
+                     ok, "" if ok else f"unmatched, or farther than {tolerance}")
 
 
-def _bev_rows(name: str, bev, stages: dict) -> StageDiff | None:
-    """Our backbone's BEV against the reference's: its 2D sparse tensor, its pillars, or its dense map."""
-    backbone, to_bev = stages.get("backbone_3d", {}), stages.get("map_to_bev_module", {})
-    if isinstance(bev, DenseBEV):
-        return compare_dense(name, bev.features, to_bev["spatial_features"]) if "spatial_features" in to_bev else None
-    encoded = backbone.get("encoded_spconv_tensor")
-    if encoded is not None and encoded["indices"].shape[1] == 3:
-        return compare_rows(name, bev.coords, bev.features, encoded["indices"], encoded["features"])
-    if "pillar_features" in backbone and "voxel_coords" in backbone:
-        coords = backbone["voxel_coords"][:, [0, 2, 3]]
-        return compare_rows(name, bev.coords, bev.features, coords, backbone["pillar_features"])
-    if "spatial_features" in to_bev:
-        dense = to_bev["spatial_features"]
-        c = bev.coords.long().cpu()
-        gathered = dense.cpu()[c[:, 0], :, c[:, 1], c[:, 2]]
-        occupied = int((dense.abs().amax(1) > 0).sum())
-        row = compare_rows(name, bev.coords, bev.features, bev.coords, gathered)
-        if occupied > len(c):
-            row.matched, row.note = False, f"the reference has {occupied} non-zero cells"
-        row.theirs = f"{occupied} cells of {'x'.join(map(str, dense.shape))}"
-        return row
-    return None
+def reference_record(reference: ReferenceDetector, inputs: ParityInput) -> dict:
+    """What the reference computes on ``inputs``, as plain data: ``stages`` (:func:`reference_stages`,
+    eval mode), ``boxes`` (:func:`reference_boxes`) and, where ``inputs`` has boxes, ``loss`` (the
+    training loss, training mode) with ``loss_terms`` (its head's named terms)."""
+    reference.eval()
+    with torch.no_grad():
+        output = reference(inputs.reference_points)
+    record = {"stages": reference_stages(output.stages),
+              "boxes": reference_boxes(output.final_box_dicts, reference.class_names)}
+    if len(inputs.gt_boxes):
+        reference.train()
+        output = reference(inputs.reference_points, [inputs.gt_boxes])
+        reference.eval()
+        record["loss"] = float(output.loss.detach())
+        record["loss_terms"] = {k: float(v) for k, v in (output.tb_dict or {}).items()
+                                if isinstance(v, (int, float)) or (isinstance(v, torch.Tensor) and v.numel() == 1)}
+    return record
 
 
-def stage_rows(stages: dict, voxels: SparseVoxels, bev, neck: DenseBEV | None) -> list[StageDiff]:
-    """Ours beside the reference's stages (:attr:`ReferenceOutput.stages`) where both have them."""
-    rows = []
-    vfe = stages.get("vfe", {})
-    features = vfe.get("voxel_features")
-    coords = vfe.get("voxel_coords", stages["input"].get("voxel_coords"))
-    if features is not None and coords is not None:
-        rows.append(compare_rows("voxel features (vfe)", voxels.coords, voxels.features, coords, features))
-    row = _bev_rows("BEV features (backbone_3d / map_to_bev)", bev, stages)
-    if row is not None:
-        rows.append(row)
-    their_neck = stages.get("backbone_2d", {}).get("spatial_features_2d")
-    if neck is not None and their_neck is not None:
-        rows.append(compare_dense("2D BEV features (backbone_2d)", neck.features, their_neck))
-    return rows
+def compare_to_record(model: SparseDetector, inputs: ParityInput, record: dict, box_tolerance: float = 1e-4) -> ParityResult:
+    """``model`` on ``inputs`` against a :func:`reference_record` (live, or read from a fixture):
+    each stage the record holds, the decoded boxes and the training loss."""
+    result = ParityResult()
+    device = next(model.parameters()).device
+    points = PointBatch.from_frames([inputs.points.to(device)])
+    model.eval()
+    with torch.no_grad():
+        voxels = model.voxel_encoder(points)
+        bev = model.backbone(voxels)
+        neck = None if model.neck is None else model.neck(bev)
+        detections = model.head.decode(model.head(bev if neck is None else neck))
+    ours = our_stages(voxels, bev, neck)
+    for name, theirs in record["stages"].items():
+        if name in ours:
+            result.rows.append(compare_stage(name, ours[name], theirs))
+    result.rows.append(compare_boxes(detections, record["boxes"], model.class_names, box_tolerance))
+    if "loss" in record:
+        model.train()
+        loss = float(model.loss(points, [inputs.annotations.to(device)]).total.detach())
+        model.eval()
+        result.rows.append(StageDiff("training loss (total)", f"{loss:.6g}", f"{record['loss']:.6g}",
+                                     *_diff(torch.tensor(loss), torch.tensor(record["loss"]))))
+    return result
 
 
 def compare(reference: ReferenceDetector, model: SparseDetector, inputs: ParityInput,
             box_tolerance: float = 1e-4) -> ParityResult:
     """Both detectors on one frame: every stage both expose, the decoded boxes (eval mode), and the
     training loss with ``inputs``' boxes (training mode: BatchNorm on batch statistics on both sides).
-
-    The two must hold the same weights (:func:`voxsparse.convert.openpcdet.openpcdet_to_ours`) and
-    live on one device.
-    """
-    result = ParityResult()
-    device = next(model.parameters()).device
-    points = PointBatch.from_frames([inputs.points.to(device)])
-    reference.eval()
-    model.eval()
-    with torch.no_grad():
-        theirs = reference(inputs.reference_points)
-        voxels = model.voxel_encoder(points)
-        bev = model.backbone(voxels)
-        neck = None if model.neck is None else model.neck(bev)
-        detections = model.head.decode(model.head(bev if neck is None else neck))
-    result.rows += stage_rows(theirs.stages, voxels, bev, neck)
-    result.rows.append(compare_boxes(detections, theirs.final_box_dicts, model.class_names, reference.class_names,
-                                     box_tolerance))
-    reference.train()
-    model.train()
-    their_loss = reference(inputs.reference_points, [inputs.gt_boxes]).loss
-    ours = model.loss(points, [inputs.annotations.to(device)]).total
-    result.rows.append(StageDiff("training loss (total)", f"{float(ours.detach()):.6g}", f"{float(their_loss.detach()):.6g}",
-                                 *_diff(ours, their_loss)))
-    reference.eval()
-    model.eval()
-    return result
+    The two must hold the same weights (:func:`voxsparse.convert.openpcdet.openpcdet_to_ours`)."""
+    return compare_to_record(model, inputs, reference_record(reference, inputs), box_tolerance)
 
 
 def _in_range(xyz: torch.Tensor, point_cloud_range: Sequence[float]) -> torch.Tensor:
@@ -354,7 +391,7 @@ def _in_range(xyz: torch.Tensor, point_cloud_range: Sequence[float]) -> torch.Te
 
 
 def parity_input(model: SparseDetector, reference: ReferenceDetector, points: torch.Tensor | None = None,
-                 seed: int = 0) -> ParityInput:
+                 seed: int = 0, max_points: int | None = None) -> ParityInput:
     """One frame for :func:`compare`.
 
     Args:
@@ -364,6 +401,7 @@ def parity_input(model: SparseDetector, reference: ReferenceDetector, points: to
             conform`); None: the synthetic world's frame ``seed``, its free columns zero, with its
             labelled boxes and 200 extra points in the top voxel layer of the range (where a grid
             padded in z differs from one that is not).
+        max_points: the synthetic frame cut to this many of its points, drawn at random (small fixtures).
 
     Points are cut to the range (half-open, so no point lies on the border that one side includes);
     boxes are those of the synthetic frame whose class the reference knows (by name) and whose centre
@@ -380,6 +418,8 @@ def parity_input(model: SparseDetector, reference: ReferenceDetector, points: to
         frame = generate_frame(seed)
         points = with_features(torch.from_numpy(frame.points), width)
         gen = torch.Generator().manual_seed(seed)
+        if max_points is not None and len(points) > max_points:
+            points = points[torch.randperm(len(points), generator=gen)[:max_points].sort().values]
         top = torch.rand(200, width, generator=gen)
         low, high = torch.tensor(pc_range[:3]), torch.tensor(pc_range[3:])
         top[:, :3] = low + (high - low) * top[:, :3]
