@@ -432,6 +432,13 @@ def test_head_trains_and_decodes_without_the_checkout(kernel_size, iou):
         assert set(d.labels.tolist()) <= {0, 1, 2}
     empty = SparseBEV(bev.coords[:0], bev.features[:0], bev.spatial_shape, 8, grid, 2)
     assert [len(d) for d in head.decode(head(empty))] == [0, 0]
+    first = int((bev.coords[:, 0] == 0).sum())  # frame 1 without cells
+    half = SparseBEV(bev.coords[:first], bev.features[:first], bev.spatial_shape, 8, grid, 2)
+    assert len(head.decode(head(half))[0]) > 0 and len(head.decode(head(half))[1]) == 0
+    head.train()
+    annotations = _annotations(8, grid, 3, boxes=6, velocity=False)
+    assert torch.isfinite(head.loss(head(half), annotations).total)
+    assert head.loss(head(empty), annotations).total == 0
 
 
 # ---------------------------------------------------------------- the model configs

@@ -401,7 +401,8 @@ class VoxelNeXtReferenceHead(nn.Module):
             rows = frame_rows.gather(1, t.inds)  # (B, num_max_objs) rows of each slot's cell in pred
             code = torch.cat([out[name] for name in self.head_order], dim=1).float()
             slot_mask = t.mask[..., None].float()
-            l1 = (code[rows] * slot_mask - t.boxes * slot_mask).abs().sum(dim=(0, 1))
+            at_slots = code[rows] if len(code) else code.new_zeros(*rows.shape, code.shape[1])  # no cells: 0
+            l1 = (at_slots * slot_mask - t.boxes * slot_mask).abs().sum(dim=(0, 1))
             reg = l1 / counts[num_groups + g].clamp(min=1.0)
             reg_total = reg_total + (reg * self.code_weights).sum() * self.loc_weight
             if self.with_iou:
