@@ -340,7 +340,7 @@ def test_nuscenes_preset_builds_a_training_set_from_prepared_data(clean):
             "dataset.val_split=tiny_val",
         ]
     )
-    assert cfg.model.head.with_velocity and cfg.trainer.epochs == 20
+    assert "vel" in cfg.model.head.separate_heads and cfg.trainer.epochs == 20
     train = instantiate(cfg.dataset.train)
     assert cfg.model.voxel_encoder.in_channels == len(train.source.point_features) == 5
     augmentations = [instantiate(t) for t in cfg.dataset.augmentations]
