@@ -276,7 +276,8 @@ def shrink_rows(rows: dict, max_values: int = 24576, samples: int = 384, seed: i
 
 def compare_stage(name: str, ours: dict, theirs: dict) -> StageDiff:
     """Rows of one stage: same coordinates, then features (all, or the reference's sampled rows and
-    its column sums, a column's sum difference taken relative to its sum of magnitudes)."""
+    its column sums, the largest sum difference taken relative to the largest column's sum of
+    magnitudes)."""
     oc, tc = ours["coords"], theirs["coords"]
     sizes = (f"{len(oc)} rows x {ours['features'].shape[1]}", f"{len(tc)} rows x {theirs['features'].shape[1]}")
     if oc.shape != tc.shape or not torch.equal(oc.long(), tc.long()):
@@ -287,7 +288,7 @@ def compare_stage(name: str, ours: dict, theirs: dict) -> StageDiff:
         return StageDiff(name, *sizes, *_diff(ours["features"], theirs["features"]))
     rel, absolute = _diff(ours["features"][theirs["sample"]], theirs["features"])
     sums = (ours["features"].double().sum(0) - theirs["column_sums"]).abs()
-    rel = max(rel, float((sums / theirs["column_magnitudes"].clamp(min=1e-12)).max()))
+    rel = max(rel, float(sums.max()) / max(float(theirs["column_magnitudes"].max()), 1e-12))
     return StageDiff(name, *sizes, rel, absolute, note=f"{len(theirs['sample'])} rows and column sums")
 
 
@@ -346,7 +347,8 @@ def reference_record(reference: ReferenceDetector, inputs: ParityInput) -> dict:
         output = reference(inputs.reference_points, [inputs.gt_boxes])
         reference.eval()
         record["loss"] = float(output.loss.detach())
-        record["loss_terms"] = {k: float(v) for k, v in (output.tb_dict or {}).items()
+        record["loss_terms"] = {k: float(v.detach() if isinstance(v, torch.Tensor) else v)
+                                for k, v in (output.tb_dict or {}).items()
                                 if isinstance(v, (int, float)) or (isinstance(v, torch.Tensor) and v.numel() == 1)}
     return record
 
