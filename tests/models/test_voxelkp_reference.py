@@ -472,6 +472,29 @@ def test_forward_loss_and_decode_shapes_without_the_checkout():
         assert set(det.labels.tolist()) <= {0}
 
 
+def test_paper_config_builds_a_keypoint_detector_that_trains_and_predicts():
+    from hydra import compose, initialize_config_dir
+    from hydra.utils import instantiate
+
+    overrides = ["backbone.channels=[8,8,16,16,16]", "backbone.out_channels=16",
+                 f"voxel_encoder.grid.point_cloud_range=[{','.join(map(str, RANGE))}]",
+                 f"head.post_center_limit_range=[{','.join(map(str, RANGE))}]", "head.score_threshold=0.0"]
+    with initialize_config_dir(config_dir=str(Path(__file__).parents[2] / "configs" / "model"), version_base=None):
+        cfg = compose(config_name="voxelkp_waymo_reference", overrides=overrides)
+    model = instantiate(cfg)
+    assert model.class_names == CLASSES and model.keypoint_labels == (0, 1)
+    assert model.voxel_encoder.tanh_columns == (3,) and model.point_convention.features[3:] == ("intensity", "elongation")
+    points, annotations = scans(thin=1000)
+    losses = model.train().loss(points, annotations)
+    assert torch.isfinite(losses.total) and losses.bone >= 0
+    with torch.no_grad():
+        detections = model.eval().predict(points)
+    assert len(detections) == 2 and all(d.keypoints.shape[1:] == (14, 3) for d in detections)
+    pairs = model.openpcdet_keys()
+    assert sorted(p.ours for p in pairs) == sorted(model.state_dict())
+    assert {p.theirs.split(".")[0] for p in pairs} == {"backbone_3d", "dense_head"}
+
+
 def write_fixture(root: Path) -> None:
     rec = record(root)
     gaps = compare(rec)

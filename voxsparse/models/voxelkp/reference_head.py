@@ -114,8 +114,8 @@ class VoxelKPReferenceHead(VoxelNeXtReferenceHead):
         class_names: the model's classes, in label order.
         class_map: model class -> merged head class (``MAP_CLASS_NAMES``); every model class maps to
             the one merged class.
-        keypoint_labels: model labels that carry keypoints (as :class:`KeypointDetector` passes them);
-            the reference treats every class as human.
+        keypoint_labels: model labels that carry keypoints (as ``KeypointDetector`` passes them): every
+            class, as the reference estimates keypoints for all of them.
         separate_heads, kernel_size, num_hm_conv, bias_before_norm, cls_weight, loc_weight,
         num_max_objs, gaussian_overlap, min_radius, max_obj_per_sample, score_threshold,
         post_center_limit_range: as :class:`VoxelNeXtReferenceHead`.
@@ -168,6 +168,9 @@ class VoxelKPReferenceHead(VoxelNeXtReferenceHead):
                 or len(kp_visibility_code_weights) != NUM_KEYPOINTS:
             raise ValueError("code_weights takes 8 values, kp_code_weights and kp_visibility_code_weights "
                              f"{NUM_KEYPOINTS}")
+        if keypoint_labels and sorted(keypoint_labels) != list(range(num_classes)):
+            raise ValueError(f"keypoint_labels {list(keypoint_labels)}: the reference estimates keypoints for "
+                             f"every class (labels 0..{num_classes - 1})")
         heads = dict(VOXELKP_SEPARATE_HEADS if separate_heads is None else separate_heads)
         super().__init__(
             in_channels, 1, merged, [merged], heads, head_order=("dim", "rot"), kernel_size=kernel_size,
@@ -182,7 +185,6 @@ class VoxelKPReferenceHead(VoxelNeXtReferenceHead):
         self.head_order = ("center", "center_z", "dim", "rot")
         self.code_weights = torch.tensor(list(code_weights), dtype=torch.float32)  # a buffer of the base
         self.model_classes = model_classes
-        self.keypoint_labels = tuple(int(label) for label in keypoint_labels)
         # Model label -> 0 (the merged class); a detection is labelled the first model class mapped.
         self.group_class_labels = torch.tensor([model_classes.index(next(n for n in model_classes
                                                                           if class_map[n] == merged[0]))])
