@@ -53,6 +53,26 @@ def test_subm_conv_matches_dense_reference_with_two_threads(seed):
     assert torch.get_num_threads() == 2, "the backend must restore the thread count"
 
 
+@pytest.mark.parametrize("subm,act", [(True, "none"), (False, "none"), (True, "relu")])
+def test_eval_mode_bias_and_activation_on_cpu(subm, act):
+    """spconv's CPU kernel refuses a fused bias / activation (eval mode); the backend adds them after."""
+    import cumm.tensorview as tv
+
+    size = 12
+    coords, feats = _random_sparse(3, size, 300, 4)
+    cls = spnn.SubMConv3d if subm else spnn.SparseConv3d
+    conv = cls(4, 6, 3, padding=1, bias=True).eval()
+    torch.nn.init.normal_(conv.bias)
+    if act == "relu":
+        conv.act_type = tv.gemm.Activation.ReLU
+    out = conv(SparseConvTensor(feats, coords, [size] * 3, 1))
+    dense = F.conv3d(_dense(coords, feats, size), _weight_oidhw(conv), conv.bias.detach().double(), padding=1)
+    if act == "relu":
+        dense = dense.relu()
+    z, y, x = (out.indices[:, i].long() for i in (1, 2, 3))
+    torch.testing.assert_close(out.features.double(), dense[0, :, z, y, x].T, atol=1e-5, rtol=1e-5)
+
+
 def test_strided_conv_forward_and_backward_on_cpu():
     # Backward of a strided conv used to raise "Torch not compiled with CUDA enabled" on CPU torch.
     size = 16

@@ -9,7 +9,7 @@ Backends, chosen by the ``VOXSPARSE_SPARSE_BACKEND`` environment variable (defau
 - ``spconv-triton``: ``spconv_triton``, a Triton re-implementation with the same API (GPU only).
 - ``auto``: spconv if importable, else spconv-triton.
 
-Two repairs make spconv's CPU path usable, and both are applied at import:
+Three repairs make spconv's CPU path usable, all applied at import:
 
 1. spconv asks ``torch.cuda.current_stream()`` for every op, which raises on a CPU-only torch build
    ("Torch not compiled with CUDA enabled") in the backward of strided convolutions. We return
@@ -21,6 +21,10 @@ Two repairs make spconv's CPU path usable, and both are applied at import:
    leave the matrix products between them (``torch.mm``, thread-safe) on all threads: on a 2-core
    machine that makes a training step ~1.4x faster than single-threading whole ops. Forward and
    backward both call the kernels through the ``SpconvOps`` name in ``spconv.pytorch.ops``.
+3. In eval mode spconv fuses a conv's bias (and an activation set by fusion) into its kernel, which
+   its CPU build refuses ("cpu don't support act and bias"); reference architectures have biased
+   sparse convs. On the CPU we run the kernel without them and add the bias and apply the
+   activation afterwards: the same sum training mode computes.
 """
 
 from __future__ import annotations
@@ -100,12 +104,39 @@ class _SingleThreadedCpuKernels:
         return _single_threaded(attr) if name.endswith("_cpu") else attr
 
 
+def _bias_and_activation_after(indice_conv: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+    """``spconv.pytorch.ops.indice_conv`` that adds ``bias`` and applies ``act_type`` after the CPU
+    kernel instead of inside it (repair 3); CUDA calls pass through unchanged."""
+    import cumm.tensorview as tv
+
+    @functools.wraps(indice_conv)
+    def wrapper(features: torch.Tensor, *args: Any, bias: torch.Tensor | None = None,
+                act_alpha: float = 0.0, act_beta: float = 0.0,
+                act_type: Any = tv.gemm.Activation.None_, **kwargs: Any) -> torch.Tensor:
+        if features.is_cuda or (bias is None and act_type == tv.gemm.Activation.None_):
+            return indice_conv(features, *args, bias=bias, act_alpha=act_alpha, act_beta=act_beta,
+                               act_type=act_type, **kwargs)
+        out = indice_conv(features, *args, **kwargs)
+        if bias is not None:
+            out = out + bias
+        if act_type == tv.gemm.Activation.ReLU:
+            return torch.relu(out)
+        if act_type == tv.gemm.Activation.LeakyReLU:
+            return torch.nn.functional.leaky_relu(out, act_alpha)
+        if act_type != tv.gemm.Activation.None_:
+            raise NotImplementedError(f"spconv activation {act_type} after a CPU sparse conv")
+        return out
+
+    wrapper.bias_after_cpu_kernel = True  # type: ignore[attr-defined]
+    return wrapper
+
+
 def _current_stream_or_zero() -> int:
     return torch.cuda.current_stream().cuda_stream if torch.cuda.is_available() else 0
 
 
 def _patch_spconv() -> None:
-    """Apply the two CPU repairs described in the module docstring (idempotent)."""
+    """Apply the CPU repairs described in the module docstring (idempotent)."""
     cppcore = importlib.import_module("spconv.pytorch.cppcore")
     ops = importlib.import_module("spconv.pytorch.ops")
     # Every module that did `from cppcore import get_current_stream` holds its own reference.
@@ -116,6 +147,8 @@ def _patch_spconv() -> None:
     assert cppcore.get_current_stream is _current_stream_or_zero
     if not isinstance(ops.SpconvOps, _SingleThreadedCpuKernels):
         ops.SpconvOps = _SingleThreadedCpuKernels(ops.SpconvOps)
+    if not getattr(ops.indice_conv, "bias_after_cpu_kernel", False):
+        ops.indice_conv = _bias_and_activation_after(ops.indice_conv)
 
 
 def _load(name: str) -> ModuleType:
