@@ -44,7 +44,6 @@ from voxsparse.models.keys import TensorKind
 from voxsparse.models.voxel_encoders import MeanVFE
 from voxsparse.models.voxelkp.reference import VoxelKPReferenceBackbone, window_index
 from voxsparse.models.voxelkp.reference_head import VoxelKPReferenceHead
-from voxsparse.ops.sparse_backend import SparseConvTensor
 from voxsparse.structures import Annotations3D, Boxes3D, PointBatch, SparseBEV, SparseVoxels, VoxelGrid
 
 CONFIG = "tools/cfgs/waymo_models/kp_effv2next4_voxelnext_iou_aug_bev_channel.yaml"

@@ -47,7 +47,6 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 
 import torch
-from torch import nn
 
 from voxsparse.constants import KEYPOINT_NAMES
 from voxsparse.models.heads.center_reference import HEATMAP_CLAMP, diou_3d_axis_aligned, focal_loss_centernet
