@@ -28,8 +28,9 @@ EXTRAS = {
     # come from `pip install --no-deps waymo-open-dataset-tf-2-12-0==1.6.7`: with its dependencies that
     # wheel pins numpy==1.23.5 and TensorFlow 2.13, which pip cannot install beside numpy>=1.24.
     "waymo": ["google-crc32c>=1.5", "protobuf>=4.21"],
-    # Waymo v2 parquet components (voxsparse.data.waymo.v2): pyarrow only. pyarrow >= 23 needs numpy 2.
-    "waymo-v2": ["pyarrow>=14,<23"],
+    # Waymo v2 parquet components (voxsparse.data.waymo.v2): pyarrow, not the official wheel; the waymo
+    # extra's packages because the voxsparse.data.waymo package imports them. pyarrow >= 23 needs numpy 2.
+    "waymo-v2": ["pyarrow>=14,<23", "google-crc32c>=1.5", "protobuf>=4.21"],
     "test": ["pytest>=8", "shapely>=2.0", NUSCENES_DEVKIT, *NUSCENES_TRACKING, "google-crc32c>=1.5"],
 }
 

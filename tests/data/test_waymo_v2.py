@@ -7,6 +7,8 @@ TFRecord, and converted to v2 parquet files with the official v2 schemas and v1-
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 import pytest
 
@@ -143,6 +145,15 @@ def test_optional_components_may_be_absent(segment, tmp_path, v2):
     for a, b in zip(v1, read_segment(tmp_path / "test", CONTEXT)):
         np.testing.assert_array_equal(a.points, b.points)
         assert len(b) == 0 and b.boxes.shape == (0, 9)
+
+
+def test_reading_needs_no_official_package(segment, monkeypatch):
+    tfrecord, split, _ = segment
+    v1 = next(read_frames(tfrecord))
+    monkeypatch.setitem(sys.modules, "waymo_open_dataset", None)  # any import of it now fails
+    with pytest.raises(ImportError):
+        import waymo_open_dataset  # noqa: F401
+    assert_same_records(v1, next(read_segment(split, CONTEXT)))
 
 
 def test_missing_component_and_wrong_files_are_clear_errors(segment, tmp_path, v2):
