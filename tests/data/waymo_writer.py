@@ -14,6 +14,9 @@ point moved onto that pixel's ray: within ``range * pixel angle`` of the request
 Points outside a LiDAR's vertical field of view are not written, and of several points falling
 into one pixel only the nearest is; :class:`WrittenPixels` says which were. Labels carry
 ``num_lidar_points_in_box`` = the written points inside the box.
+
+:func:`write_v2_segment` writes the same frames as Waymo v2 parquet components with the official v2
+schemas and v1-to-v2 extractors (:func:`official_v2` loads them without TensorFlow or dask).
 """
 
 from __future__ import annotations

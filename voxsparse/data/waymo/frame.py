@@ -25,6 +25,11 @@ Labels, from ``Frame.laser_labels`` (``label.proto``):
   keypoint is visible when labelled and not ``is_occluded`` (Waymo's "fully visible", what its pose
   metrics score). An occluded keypoint keeps its location with visibility False; an unlabelled one is
   zeros with visibility False.
+
+The steps after decoding are format-neutral and shared with the v2 parquet reader
+(:mod:`voxsparse.data.waymo.v2`) and the ``Objects`` files of :mod:`voxsparse.evaluation.waymo_submission`:
+:class:`RangeImageReturn` -> :func:`points_from_returns`, :class:`StoredLabels` -> :func:`label_fields`,
+then :func:`make_frame`.
 """
 
 from __future__ import annotations
@@ -54,6 +59,7 @@ __all__ = [
     "RangeImageReturn",
     "StoredLabels",
     "WaymoFrame",
+    "as_transform",
     "check_pixel_pose",
     "decode_frame",
     "label_fields",
@@ -169,7 +175,8 @@ def _keypoint_slots() -> dict[int, int]:
     return {KEYPOINT_TYPES[name]: i for i, name in enumerate(KEYPOINT_NAMES)}
 
 
-def _transform(values: Any, where: str) -> np.ndarray:
+def as_transform(values: Any, where: str) -> np.ndarray:
+    """(4, 4) float64 of 16 row-major values; a ValueError naming ``where`` otherwise."""
     matrix = np.asarray(values, dtype=np.float64)
     if matrix.shape != (16,):
         raise ValueError(f"{where}: expected 16 values (a 4x4 row-major transform), got {matrix.shape[0]}")
@@ -283,7 +290,7 @@ def _decode_points(
                 height,
                 f"{where}: laser {name} calibration",
             )
-            extrinsic = _transform(
+            extrinsic = as_transform(
                 calibration.extrinsic.transform, f"{where}: laser {name} calibration extrinsic"
             )
             returns.append(
@@ -411,7 +418,7 @@ def stored_labels(labels: Sequence[Any]) -> StoredLabels:
 def decode_frame(frame: Any, where: str = "frame", keep_empty_boxes: bool = False) -> WaymoFrame:
     """Convert a ``dataset_pb2.Frame`` to a :class:`WaymoFrame`; ``where`` names it in error messages."""
     where = f"{where} ({frame.context.name}@{frame.timestamp_micros})"
-    ego_pose = _transform(frame.pose.transform, f"{where}: pose")
+    ego_pose = as_transform(frame.pose.transform, f"{where}: pose")
     points = _decode_points(frame, ego_pose, where)
     labels = label_fields(stored_labels(frame.laser_labels), where, keep_empty_boxes)
     return make_frame(frame.context.name, frame.timestamp_micros, ego_pose, points, labels)

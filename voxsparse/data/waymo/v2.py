@@ -43,6 +43,7 @@ from voxsparse.data.waymo.frame import (
     RangeImageReturn,
     StoredLabels,
     WaymoFrame,
+    as_transform,
     check_pixel_pose,
     label_fields,
     make_frame,
@@ -148,13 +149,6 @@ def _matrix(values: Any, shape: Any, channels: int, where: str) -> np.ndarray | 
     return data.reshape(dims)
 
 
-def _transform(values: Any, where: str) -> np.ndarray:
-    matrix = np.asarray(values, dtype=np.float64)
-    if matrix.shape != (16,):
-        raise ValueError(f"{where}: expected 16 values (a 4x4 row-major transform), got {matrix.size}")
-    return matrix.reshape(4, 4)
-
-
 def segment_names(split_dir: str | os.PathLike) -> list[str]:
     """The segments (context names) of a v2 split folder: the stems of ``lidar/*.parquet``, sorted."""
     return sorted(p.stem for p in (Path(split_dir) / "lidar").glob("*.parquet"))
@@ -217,7 +211,7 @@ def read_segment(
         if pose_rows.num_rows != 1:
             raise ValueError(f"{where}: {pose_rows.num_rows} rows in {vehicle_pose.path}, expected 1")
         context = pose_rows.column(_CONTEXT)[0].as_py()
-        ego_pose = _transform(pose_rows.column(_POSE)[0].as_py(), f"{where}: {vehicle_pose.path} {_POSE}")
+        ego_pose = as_transform(pose_rows.column(_POSE)[0].as_py(), f"{where}: {vehicle_pose.path} {_POSE}")
         returns = _returns(lidar, lidar_pose, calibrations, timestamp, where)
         stored = _stored_labels(boxes, keypoints, timestamp, where)
         labels = label_fields(stored, where, keep_empty_boxes)
@@ -239,7 +233,7 @@ def _calibrations(path: Path) -> dict[int, tuple[np.ndarray, Any, float, float]]
     table = parquet.read_table(path, columns=columns)
     out = {}
     for laser, extrinsic, values, low, high in zip(*(table.column(c).to_pylist() for c in columns)):
-        out[laser] = (_transform(extrinsic, f"{path}: laser {laser} extrinsic"), values, low, high)
+        out[laser] = (as_transform(extrinsic, f"{path}: laser {laser} extrinsic"), values, low, high)
     return out
 
 
