@@ -489,6 +489,10 @@ def test_paper_config_builds_a_keypoint_detector_that_trains_and_predicts():
     with torch.no_grad():
         detections = model.eval().predict(points)
     assert len(detections) == 2 and all(d.keypoints.shape[1:] == (14, 3) for d in detections)
+    empty = PointBatch.from_frames([points.points[:0], points.points[:0]])
+    with torch.no_grad():
+        assert [len(d) for d in model.predict(empty)] == [0, 0]
+        assert tuple(model.backbone(model.voxel_encoder(empty)).spatial_shape) == (24, 24)
     pairs = model.openpcdet_keys()
     assert sorted(p.ours for p in pairs) == sorted(model.state_dict())
     assert {p.theirs.split(".")[0] for p in pairs} == {"backbone_3d", "dense_head"}

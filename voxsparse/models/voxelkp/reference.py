@@ -126,6 +126,9 @@ class SelectiveKernelBlock(SparseBasicBlock):
         out = self.conv2(mid)
         return out.replace_feature(self._add_identity(out.features, x.features))
 
+    def forward_features(self, features: torch.Tensor, pairs: dict) -> torch.Tensor:
+        raise NotImplementedError("selective-kernel blocks run layer by layer only")
+
 
 class PointMLPResidual(spnn.SparseModule):
     """A stage's blocks plus a per-voxel MLP of their input (the authors' ``MLPResidual``):
@@ -258,6 +261,7 @@ class VoxelKPReferenceBackbone(nn.Module):
         c, k = list(channels), list(down_kernel_sizes)
         self.out_channels = out_channels
         self.bev_depth = tuple(int(d) for d in bev_depth)
+        self.down_kernel_sizes = tuple(int(size) for size in k)
         self.stem = spnn.SparseSequential(
             spnn.SubMConv3d(in_channels, c[0], 3, padding=1, bias=False, indice_key="subm1"), _norm(c[0]), nn.ReLU(),
         )
@@ -307,6 +311,9 @@ class VoxelKPReferenceBackbone(nn.Module):
         return [z + 1, y, x]
 
     def forward(self, voxels: SparseVoxels) -> SparseBEV:
+        if len(voxels) == 0:  # spconv cannot convolve an empty tensor; there is nothing to compute
+            return SparseBEV(voxels.coords.new_zeros(0, 3), voxels.features.new_zeros(0, self.out_channels),
+                             self._bev_shape(voxels.grid), self.stride, voxels.grid, voxels.batch_size)
         with biases_after_conv_on_cpu(self, voxels.features):
             x = SparseConvTensor(voxels.features, voxels.coords.int(), self.input_shape(voxels.grid),
                                  voxels.batch_size)
@@ -319,6 +326,13 @@ class VoxelKPReferenceBackbone(nn.Module):
             bev = self.bev_subm(self.bev_conv(bev))
         h, w = bev.spatial_shape
         return SparseBEV(bev.indices, bev.features, (h, w), self.stride, voxels.grid, voxels.batch_size)
+
+    def _bev_shape(self, grid: VoxelGrid) -> tuple[int, int]:
+        """(H, W) of the stride-8 grid: three stride-2 convs with padding ``k // 2``."""
+        _, h, w = self.input_shape(grid)
+        for k in self.down_kernel_sizes[:3]:
+            h, w = (h + 2 * (k // 2) - k) // 2 + 1, (w + 2 * (k // 2) - k) // 2 + 1
+        return h, w
 
     def bev_fusion(self, levels: Sequence[SparseConvTensor]) -> SparseConvTensor:
         """The stride-8, 16 and 32 voxels reduced over height and summed on the stride-8 BEV grid
@@ -351,6 +365,4 @@ class VoxelKPReferenceBackbone(nn.Module):
             for name, child in module.named_children():
                 inner = child.openpcdet_keys() if hasattr(child, "openpcdet_keys") else same_keys(child)
                 pairs += [KeyPair(f"{ours}{name}.{p.ours}", f"{theirs}{name}.{p.theirs}", p.kind) for p in inner]
-            pairs += [KeyPair(ours + key, theirs + key) for key in module.state_dict(keep_vars=True)
-                      if "." not in key]
         return pairs
