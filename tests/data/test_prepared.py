@@ -157,10 +157,11 @@ def test_resume_after_interruption_and_damage_equals_a_clean_run(tiny, clean, tm
     (split / "tasks" / f"{ids[2]}.json").unlink()
     with open(frames[ids[0]], "r+b") as f:
         f.truncate(os.path.getsize(frames[ids[0]]) // 2)
+    middle = os.path.getsize(frames[ids[1]]) // 2  # inside the points, the largest member
     with open(frames[ids[1]], "r+b") as f:
-        f.seek(600)
+        f.seek(middle)
         byte = f.read(1)
-        f.seek(600)
+        f.seek(middle)
         f.write(bytes([byte[0] ^ 0xFF]))
     with pytest.raises(ValueError, match=f"{ids[1]}.npz: unreadable"):
         read_frame(frames[ids[1]])
@@ -416,8 +417,8 @@ def test_prepare_data_dispatches_to_any_dataset_module(tmp_path, monkeypatch):
     prepared = PreparedDataset(out, "train")
     assert prepared.frame_ids[:2] == ["file0-0", "file0-1"] and list(prepared.class_names) == ["Thing"]
 
-    with pytest.raises(SystemExit, match="no module voxsparse.data.kitti or kitti"):
-        prepare_data.main(["kitti", "--root", "r", "--out", "o"])
+    with pytest.raises(SystemExit, match="no module voxsparse.data.no_such_dataset or no_such_dataset"):
+        prepare_data.main(["no_such_dataset", "--root", "r", "--out", "o"])
     with pytest.raises(SystemExit, match="cannot prepare data .*add_prepare_arguments, preparation_splits"):
         prepare_data.main(["voxsparse.data.sample", "--root", "r", "--out", "o"])
     with pytest.raises(SystemExit, match="give --root and --out"):

@@ -1,8 +1,9 @@
 """The GT database: the points inside every labelled box of a prepared split, for GT sampling.
 
 :func:`voxsparse.data.prepared.prepare` builds it in two steps. Each frame's worker writes a part,
-``gt_database/parts/<frame_id>.npz``, with the points inside each of the frame's boxes; once every
-frame is done, :func:`merge_parts` concatenates the parts into two files that training reads::
+``gt_database/parts/<frame_id>.npz``, with the points inside each of the frame's boxes (stored like
+the frame's points, :mod:`voxsparse.data.point_storage`); once every frame is done,
+:func:`merge_parts` concatenates the parts into two files that training reads::
 
     gt_database/points.npy    (P, C) float32: every object's points, object after object, in the
                               source frame's LiDAR coordinates (memory-mapped by GT sampling)
@@ -13,11 +14,19 @@ frame is done, :func:`merge_parts` concatenates the parts into two files that tr
 Objects with no point inside their box are left out. Points lie in the LiDAR frame of the frame
 they were cut from, so an object is pasted back where it was seen, at the range and viewing angle
 that produced its point pattern.
+
+Bounds: a part holds one frame's objects; the merge streams the parts twice (object fields into
+memory-mapped scratch files, then the points) and holds one part at a time, so its memory does not
+grow with the split (a Waymo training split has millions of objects). On disk the database takes
+the points inside boxes twice (compressed parts, float32 ``points.npy``): for Waymo about 1/10 of
+the prepared frames' points.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,12 +34,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from voxsparse.data.point_storage import decode_points, encode_points, write_npz
 from voxsparse.geometry import points_in_boxes
 from voxsparse.utils.io import atomic_write, read_arrays, write_arrays
 
 __all__ = ["GTDatabase", "GTPart", "cut_objects", "merge_parts", "read_part", "write_part"]
 
-_PART_KEYS = ("points", "counts", "boxes", "labels", "difficulty")
+_PART_KEYS = ("counts", "boxes", "labels", "difficulty")
 
 
 @dataclass
@@ -91,12 +101,14 @@ def cut_objects(frame) -> GTPart:
     )
 
 
-def write_part(path: str | os.PathLike, part: GTPart) -> None:
+def write_part(path: str | os.PathLike, part: GTPart, half: Sequence[bool] | None = None) -> None:
+    """Write ``part``; ``half`` (C,) marks the point columns stored as float16 (None: none)."""
     arrays = {k: getattr(part, k) for k in _PART_KEYS}
+    arrays.update(encode_points(part.points, [False] * part.points.shape[1] if half is None else half))
     if part.keypoints is not None:
         arrays["keypoints"] = part.keypoints
         arrays["keypoint_visibility"] = part.keypoint_visibility
-    write_arrays(path, arrays)
+    write_npz(path, arrays)
 
 
 def read_part(path: str | os.PathLike) -> GTPart:
@@ -109,6 +121,7 @@ def read_part(path: str | os.PathLike) -> GTPart:
         path,
         "GT database part",
         lambda arrays: GTPart(
+            points=decode_points(arrays),
             **{k: arrays[k] for k in _PART_KEYS},
             keypoints=arrays.get("keypoints"),
             keypoint_visibility=arrays.get("keypoint_visibility"),
@@ -122,7 +135,8 @@ def merge_parts(
     class_names: Sequence[str],
     point_features: Sequence[str],
 ) -> int:
-    """Concatenate ``directory/parts/<frame_id>.npz`` into ``points.npy`` and ``objects.npz``.
+    """Concatenate ``directory/parts/<frame_id>.npz`` into ``points.npy`` and ``objects.npz``, one
+    part in memory at a time (module docstring).
 
     Both files are written atomically; ``objects.npz`` (which names the points' layout) last.
 
@@ -130,54 +144,74 @@ def merge_parts(
         The number of objects in the database.
     """
     directory = Path(directory)
-    num_columns = len(point_features)
-    counts, boxes, labels, difficulty, frame_index = [], [], [], [], []
-    keypoints: list[tuple[np.ndarray, np.ndarray] | None] = []
-    for i, frame_id in enumerate(frame_ids):
-        # Only the small arrays are read here; points are streamed below.
-        with np.load(directory / "parts" / f"{frame_id}.npz", allow_pickle=False) as z:
-            keep = z["counts"] > 0
-            counts.append(z["counts"][keep])
-            boxes.append(z["boxes"][keep])
-            labels.append(z["labels"][keep])
-            difficulty.append(z["difficulty"][keep])
-            frame_index.append(np.full(int(keep.sum()), i, dtype=np.int64))
-            has = "keypoints" in z.files
-            keypoints.append((z["keypoints"][keep], z["keypoint_visibility"][keep]) if has else None)
-    counts_all = np.concatenate(counts) if counts else np.zeros(0, np.int64)
-    total = int(counts_all.sum())
-
-    def write_points(f) -> None:
-        header = {"descr": np.dtype("<f4").str, "fortran_order": False, "shape": (total, num_columns)}
-        np.lib.format.write_array_header_2_0(f, header)
-        for frame_id in frame_ids:
-            with np.load(directory / "parts" / f"{frame_id}.npz", allow_pickle=False) as z:
-                f.write(np.ascontiguousarray(z["points"], dtype="<f4").tobytes())
-
-    atomic_write(directory / "points.npy", write_points)
-    box_width = boxes[0].shape[1] if boxes else 9
-    objects = {
-        "offsets": np.concatenate([[0], np.cumsum(counts_all)]).astype(np.int64),
-        "boxes": np.concatenate(boxes) if boxes else np.zeros((0, box_width), np.float32),
-        "labels": np.concatenate(labels) if labels else np.zeros(0, np.int64),
-        "difficulty": np.concatenate(difficulty) if difficulty else np.zeros(0, np.int64),
-        "frame_index": np.concatenate(frame_index) if frame_index else np.zeros(0, np.int64),
-        "class_names": np.asarray(list(class_names), dtype=str),
-        "point_features": np.asarray(list(point_features), dtype=str),
+    parts = [directory / "parts" / f"{frame_id}.npz" for frame_id in frame_ids]
+    # Pass 1: the object counts and shapes, from the small members only.
+    kept, box_width, keypoint_shape = [], None, None
+    for path in parts:
+        with np.load(path, allow_pickle=False) as z:
+            kept.append(int((z["counts"] > 0).sum()))
+            box_width = box_width or z["boxes"].shape[1]
+            if keypoint_shape is None and "keypoints" in z.files:
+                keypoint_shape = z["keypoints"].shape[1:]
+    m = sum(kept)
+    fields = {
+        "counts": ((m,), np.int64),
+        "boxes": ((m, box_width or 9), np.float32),
+        "labels": ((m,), np.int64),
+        "difficulty": ((m,), np.int64),
+        "frame_index": ((m,), np.int64),
     }
-    if any(k is not None for k in keypoints):
-        # Frames without keypoints contribute objects whose keypoints are all absent.
-        shape = next(k for k in keypoints if k is not None)[0].shape[1:]
-        filled = [
-            k
-            if k is not None
-            else (np.zeros((len(c), *shape), np.float32), np.zeros((len(c), shape[0]), bool))
-            for k, c in zip(keypoints, counts)
-        ]
-        objects["keypoints"] = np.concatenate([k for k, _ in filled])
-        objects["keypoint_visibility"] = np.concatenate([v for _, v in filled])
-    write_arrays(directory / "objects.npz", objects)
-    return len(counts_all)
+    if keypoint_shape is not None:
+        # Frames without keypoints contribute objects whose keypoints are all absent (zeros).
+        fields["keypoints"] = ((m, *keypoint_shape), np.float32)
+        fields["keypoint_visibility"] = ((m, keypoint_shape[0]), np.bool_)
+
+    scratch = Path(tempfile.mkdtemp(dir=directory, prefix=".merge-"))
+    try:
+        out = {
+            name: np.lib.format.open_memmap(scratch / f"{name}.npy", mode="w+", dtype=dtype, shape=shape)
+            for name, (shape, dtype) in fields.items()
+        }
+        start = 0
+        for i, path in enumerate(parts):
+            stop = start + kept[i]
+            with np.load(path, allow_pickle=False) as z:
+                keep = z["counts"] > 0
+                for name in ("counts", "boxes", "labels", "difficulty"):
+                    out[name][start:stop] = z[name][keep]
+                out["frame_index"][start:stop] = i
+                if keypoint_shape is not None and "keypoints" in z.files:
+                    out["keypoints"][start:stop] = z["keypoints"][keep]
+                    out["keypoint_visibility"][start:stop] = z["keypoint_visibility"][keep]
+            start = stop
+        counts = out.pop("counts")
+        total = int(counts.sum())
+
+        # Pass 2: the points, part after part.
+        def write_points(f) -> None:
+            header = {"descr": np.dtype("<f4").str, "fortran_order": False, "shape": (total, len(point_features))}
+            np.lib.format.write_array_header_2_0(f, header)
+            for path in parts:
+                with np.load(path, allow_pickle=False) as z:
+                    f.write(np.ascontiguousarray(decode_points(z), dtype="<f4").tobytes())
+
+        atomic_write(directory / "points.npy", write_points)
+        offsets = np.lib.format.open_memmap(scratch / "offsets.npy", mode="w+", dtype=np.int64, shape=(m + 1,))
+        offsets[0] = 0
+        np.cumsum(counts, out=offsets[1:])
+        write_arrays(
+            directory / "objects.npz",
+            {
+                "offsets": offsets,
+                **out,
+                "class_names": np.asarray(list(class_names), dtype=str),
+                "point_features": np.asarray(list(point_features), dtype=str),
+            },
+        )
+        del out, counts, offsets
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return m
 
 
 @dataclass

@@ -5,8 +5,9 @@ One split of a prepared dataset, ``<root>/<split>/``::
 
     index.json                    the split's table of contents, written last (atomically): a split
                                   without it is incomplete and cannot be opened
-    frames/<frame_id>.npz         one frame (``np.savez``, uncompressed): points (N, C) float32,
-                                  boxes (K, 7 | 9) float32, labels / num_points / difficulty /
+    frames/<frame_id>.npz         one frame (deflated, :mod:`voxsparse.data.point_storage`): points
+                                  (N, C) (x, y, z float32, the other columns float32 or float16,
+                                  byte-shuffled), boxes (K, 7 | 9) float32, labels / num_points / difficulty /
                                   track_ids (K,) int64, optional keypoints (K, 14, 3) float32,
                                   keypoint_visibility (K, 14) bool, no_label_zone (N,) bool,
                                   and the frame id
@@ -15,7 +16,8 @@ One split of a prepared dataset, ``<root>/<split>/``::
     gt_database/                  optional, see :mod:`voxsparse.data.gt_database`
 
 Every file is written with :func:`voxsparse.utils.io.atomic_write`, so a killed run leaves complete
-files or none (plus temporary ``.<name>.*.tmp`` files, removed by the next run). A run first deletes
+files or none (plus temporary ``.<name>.*.tmp`` files, removed by the next run), and the same
+inputs give the same bytes whichever executor (:mod:`voxsparse.data.executors`) ran the task. A run first deletes
 ``index.json`` and the merged GT database, so an interrupted run never leaves a stale index; a
 rerun skips every task whose record and files read back complete and were made with the same
 settings (``config``), redoes the others, and writes the index again.
@@ -28,9 +30,9 @@ from __future__ import annotations
 
 import json
 import logging
-import multiprocessing
 import os
 import re
+import shutil
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -40,9 +42,11 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from voxsparse.data.executors import Executor, LocalExecutor, peak_rss_bytes
 from voxsparse.data.frame_record import FrameRecord
 from voxsparse.data.gt_database import cut_objects, merge_parts, read_part, write_part
-from voxsparse.utils.io import atomic_write, read_arrays, write_arrays
+from voxsparse.data.point_storage import POINT_KEYS, decode_points, encode_points, write_npz
+from voxsparse.utils.io import atomic_write, read_arrays
 from voxsparse.utils.progress import progress as progress_bar
 
 __all__ = [
@@ -62,7 +66,9 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 #: Bump when the layout changes: older splits are then refused (and re-prepared from scratch).
-FORMAT_VERSION = 1
+#: 2: frames deflated, points byte-shuffled with optional float16 columns (version 1 stored
+#: uncompressed float32 points, several times the size of the raw Waymo range images).
+FORMAT_VERSION = 2
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 _XYZ = ("x", "y", "z")
@@ -176,11 +182,25 @@ FRAME_ARRAYS = (
 )
 
 
-def _write_frame(path: Path, frame: PreparedFrame) -> None:
-    arrays = {k: getattr(frame, k) for k in FRAME_ARRAYS if getattr(frame, k) is not None}
+def _write_frame(path: Path, frame: PreparedFrame, half_features: Sequence[str] = ()) -> None:
+    """Write ``frame``; the point columns named in ``half_features`` are stored as float16."""
+    arrays = {k: getattr(frame, k) for k in FRAME_ARRAYS[1:] if getattr(frame, k) is not None}
+    arrays.update(encode_points(frame.points, [n in half_features for n in frame.point_features]))
     arrays["frame_id"] = np.asarray(frame.frame_id)
     arrays["point_features"] = np.asarray(frame.point_features)
-    write_arrays(path, arrays)
+    write_npz(path, arrays)
+
+
+def _frame_of(arrays: dict[str, np.ndarray]) -> PreparedFrame:
+    points = decode_points(arrays)
+    for key in POINT_KEYS:
+        arrays.pop(key)
+    return PreparedFrame(
+        frame_id=str(arrays.pop("frame_id")),
+        point_features=tuple(str(n) for n in arrays.pop("point_features")),
+        points=points,
+        **{k: arrays.get(k) for k in FRAME_ARRAYS[1:]},
+    )
 
 
 def read_frame(path: str | os.PathLike) -> PreparedFrame:
@@ -189,16 +209,7 @@ def read_frame(path: str | os.PathLike) -> PreparedFrame:
     Raises:
         ValueError: naming the file, when it is missing, truncated, corrupt or inconsistent.
     """
-    return read_arrays(
-        path,
-        "prepared frame",
-        lambda a: PreparedFrame(
-            frame_id=str(a.pop("frame_id")),
-            point_features=tuple(str(n) for n in a.pop("point_features")),
-            **{k: a.get(k) for k in FRAME_ARRAYS},
-        ),
-        remedy="rerun tools/prepare_data.py to rewrite it",
-    )
+    return read_arrays(path, "prepared frame", _frame_of, remedy="rerun tools/prepare_data.py to rewrite it")
 
 
 @dataclass(frozen=True)
@@ -312,6 +323,7 @@ class _Job:
     point_features: tuple[str, ...] | None
     config: dict[str, Any]
     gt_database: bool
+    half_features: tuple[str, ...] = ()
 
     @property
     def record_path(self) -> Path:
@@ -341,15 +353,30 @@ def _finished(job: _Job) -> dict | None:
     return record
 
 
-def _run(job: _Job) -> tuple[str, dict, bool]:
-    """Do one task (or find it done). Returns (key, record, skipped)."""
+@dataclass(frozen=True)
+class _Outcome:
+    """What a worker sends back for one task: small, whatever the task's size."""
+
+    key: str
+    record: dict
+    skipped: bool
+    peak_rss: int  # bytes, of the process that ran the task
+
+
+def _run(job: _Job) -> _Outcome:
+    """Do one task (or find it done), one frame in memory at a time."""
+    # Tasks run side by side: one thread each (torch ops in cut_objects) avoids oversubscription.
+    torch.set_num_threads(1)
     record = _finished(job)
     if record is not None:
-        return job.key, record, True
+        return _Outcome(job.key, record, True, peak_rss_bytes())
     try:
         entries, features = [], None
         for raw in job.factory(job.task):
             frame = PreparedFrame.from_frame(raw, job.point_features)
+            half = [n in job.half_features for n in frame.point_features]
+            if any(half):  # the GT database gets the values the frame file holds
+                frame.points[:, half] = frame.points[:, half].astype(np.float16)
             if len(frame.labels) and not 0 <= frame.labels.min() <= frame.labels.max() < job.num_classes:
                 raise ValueError(
                     f"frame {frame.frame_id!r}: labels must lie in [0, {job.num_classes}), got "
@@ -360,12 +387,13 @@ def _run(job: _Job) -> tuple[str, dict, bool]:
                     f"frame {frame.frame_id!r}: point_features {frame.point_features} != {features}"
                 )
             features = frame.point_features
-            _write_frame(job.split_dir / "frames" / f"{frame.frame_id}.npz", frame)
+            _write_frame(job.split_dir / "frames" / f"{frame.frame_id}.npz", frame, job.half_features)
             if job.gt_database:
                 write_part(
-                    job.split_dir / "gt_database" / "parts" / f"{frame.frame_id}.npz", cut_objects(frame)
+                    job.split_dir / "gt_database" / "parts" / f"{frame.frame_id}.npz", cut_objects(frame), half
                 )
             entries.append(asdict(FrameEntry.of(frame)))
+            del frame, raw  # before the next frame is decoded
     except Exception as exc:
         raise PrepareError(f"{job.split_dir.name} task {job.key!r}: {type(exc).__name__}: {exc}") from exc
     record = {
@@ -377,12 +405,7 @@ def _run(job: _Job) -> tuple[str, dict, bool]:
         "frames": entries,
     }
     atomic_write(job.record_path, lambda f: f.write(json.dumps(record).encode("utf-8")))
-    return job.key, record, False
-
-
-def _init_worker() -> None:
-    # Workers run side by side: one thread each (torch ops in cut_objects) avoids oversubscription.
-    torch.set_num_threads(1)
+    return _Outcome(job.key, record, False, peak_rss_bytes())
 
 
 @dataclass(frozen=True)
@@ -400,6 +423,7 @@ class PreparationSplit:
         tasks: builds the tasks (task key -> task) when the split's turn comes.
         class_names: what the frames' labels index.
         config: recorded in the split's index.
+        half_features: point columns stored as float16 (see :func:`prepare`).
     """
 
     split: str
@@ -407,6 +431,7 @@ class PreparationSplit:
     tasks: Callable[[], Mapping[str, Any]]
     class_names: Sequence[str]
     config: Mapping[str, Any]
+    half_features: Sequence[str] = ()
 
 
 def prepare(
@@ -421,6 +446,9 @@ def prepare(
     config: Mapping[str, Any] | None = None,
     gt_database: bool = False,
     progress: bool = True,
+    half_features: Sequence[str] = (),
+    executor: Executor | None = None,
+    stats: dict[str, Any] | None = None,
 ) -> PreparedIndex:
     """Convert a dataset split into the prepared layout (module docstring), resuming a previous run.
 
@@ -432,13 +460,20 @@ def prepare(
             Waymo segment path; the index lists their frames in this order.
         out_dir: the prepared dataset's root; the split goes to ``out_dir/split``.
         split: the split's name.
-        workers: processes; 1 runs in this process.
+        workers: processes of this machine; 1 runs in this process (ignored with ``executor``).
         class_names: what the frames' labels index.
         point_features: column names for frames that do not carry ``point_features``.
         config: JSON-able settings the frames depend on (e.g. the number of sweeps). A finished task
             recorded with other settings is redone.
         gt_database: also cut the points inside every box and build ``gt_database/``.
         progress: show a progress bar.
+        half_features: point columns stored as float16 (e.g. intensity: ~5e-4 relative precision,
+            half the bytes); x, y, z are always float32. Part of the settings: changing it redoes tasks.
+        executor: where the tasks run (:mod:`voxsparse.data.executors`: a process pool, a Ray
+            cluster); None: a :class:`~voxsparse.data.executors.LocalExecutor` of ``workers``.
+            Every executor writes the same files.
+        stats: if given, filled with ``peak_rss`` (bytes, the largest peak resident set of a process
+            that ran a task of this run, skipped tasks included), ``done`` and ``skipped`` (tasks).
 
     Returns:
         The index written to ``out_dir/split/index.json``.
@@ -453,7 +488,14 @@ def prepare(
         _check_name("task key", key)
     if workers < 1:
         raise ValueError(f"workers: expected >= 1, got {workers}")
-    config = json.loads(json.dumps(dict(config or {})))  # plain JSON types, compared with records
+    config = dict(config or {})
+    half_features = tuple(half_features)
+    if half_features:
+        unknown = {"x", "y", "z"} & set(half_features)
+        if unknown:
+            raise ValueError(f"half_features: x, y, z are always stored as float32, got {sorted(unknown)}")
+        config["half_features"] = sorted(half_features)
+    config = json.loads(json.dumps(config))  # plain JSON types, compared with records
     split_dir = Path(out_dir) / split
     split_dir.mkdir(parents=True, exist_ok=True)
     # No stale index or database may outlive this run if it is interrupted.
@@ -465,6 +507,8 @@ def prepare(
         stale.unlink(missing_ok=True)
     for tmp in split_dir.rglob(".*.tmp"):  # left by a killed run's atomic writes
         tmp.unlink(missing_ok=True)
+    for scratch in split_dir.glob("gt_database/.merge-*"):  # a killed GT database merge's
+        shutil.rmtree(scratch, ignore_errors=True)
 
     jobs = [
         _Job(
@@ -476,32 +520,32 @@ def prepare(
             None if point_features is None else tuple(point_features),
             config,
             gt_database,
+            half_features,
         )
         for key, task in tasks.items()
     ]
     records: dict[str, dict] = {}
-    skipped = 0
+    skipped = peak = 0
     bar = progress_bar(total=len(jobs), desc=f"prepare {split}", unit="task", enabled=progress)
     threads = torch.get_num_threads()
-    if workers == 1 or len(jobs) <= 1:
-        _init_worker()
-        results: Iterable[tuple[str, dict, bool]] = map(_run, jobs)
-        pool = None
-    else:
-        pool = multiprocessing.Pool(min(workers, len(jobs)), initializer=_init_worker)
-        results = pool.imap_unordered(_run, jobs)
+    own = executor is None
+    executor = executor or LocalExecutor(workers)
+    outcomes = executor.map_unordered(_run, jobs)
     try:
-        for key, record, was_skipped in results:
-            records[key] = record
-            skipped += was_skipped
+        for outcome in outcomes:
+            records[outcome.key] = outcome.record
+            skipped += outcome.skipped
+            peak = max(peak, outcome.peak_rss)
             bar.update()
             bar.set_postfix(skipped=skipped)
     finally:
         bar.close()
+        outcomes.close()
         torch.set_num_threads(threads)
-        if pool is not None:
-            pool.terminate()
-            pool.join()
+        if own:
+            executor.close()
+    if stats is not None:
+        stats.update(peak_rss=peak, done=len(jobs) - skipped, skipped=skipped)
     if skipped:
         log.info("prepare %s: %d of %d tasks were already done", split, skipped, len(jobs))
 
