@@ -66,7 +66,7 @@ _DSVT_OURS = ("model.voxel_encoder.layer_channels=[16,16]", "model.backbone.num_
 
 def _voxelnext_ours(point_cloud_range: list[float]) -> tuple[str, ...]:
     return ("model.backbone.channels=[8,8,16,16,16,16]", "model.backbone.out_channels=16",
-            f"model.voxel_encoder.grid.point_cloud_range={point_cloud_range}")
+            f"model.voxel_encoder.grid.point_cloud_range=[{','.join(map(str, point_cloud_range))}]")
 
 
 def _per_stage(stages: int) -> dict:
