@@ -16,7 +16,7 @@ import sys
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, Protocol
 
-__all__ = ["RAY_INSTALL_HINT", "Executor", "LocalExecutor", "RayExecutor", "peak_rss_bytes"]
+__all__ = ["RAY_INSTALL_HINT", "Executor", "GiB", "LocalExecutor", "RayExecutor", "peak_rss_bytes"]
 
 log = logging.getLogger(__name__)
 

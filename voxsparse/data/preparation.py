@@ -6,6 +6,10 @@ The first argument names the dataset module: a module of ``voxsparse.data`` by i
 waymo), else any importable module by its (dotted) name. The module gives its own options
 (``add_prepare_arguments``) and the splits to prepare (``preparation_splits``; see
 :class:`voxsparse.data.prepared.PreparationSplit`).
+
+``--executor local`` (the default) runs the units of work in ``--workers`` processes of this
+machine; ``--executor ray`` runs the same tasks on a Ray cluster (``--ray-address``, default a local
+instance of ``--workers`` CPUs), each reserving ``--ray-task-memory`` GiB, and writes the same files.
 """
 
 
@@ -19,18 +23,27 @@ import time
 from collections.abc import Sequence
 from types import ModuleType
 
+from voxsparse.data.executors import Executor, GiB, LocalExecutor, RayExecutor
 from voxsparse.data.prepared import PreparedIndex, prepare
 
 _HOOKS = ("add_prepare_arguments", "preparation_splits")
 
 
-def _summary(index: PreparedIndex, seconds: float, workers: int) -> str:
+def _summary(index: PreparedIndex, seconds: float, workers: int, stats: dict) -> str:
     n = len(index.frames)
     rate = n / seconds if seconds > 0 else float("inf")
     return (
         f"{index.split}: {n} frames in {seconds:.1f} s ({rate:.2f} frames/s, {rate / workers:.2f} frames/s per "
-        f"worker with {workers} worker(s)){'; GT database built' if index.gt_database else ''}"
+        f"worker with {workers} worker(s)); {stats['done']} task(s) done, {stats['skipped']} already done; "
+        f"peak RSS per worker {stats['peak_rss'] / 2**20:.0f} MiB{'; GT database built' if index.gt_database else ''}"
     )
+
+
+def build_executor(args: argparse.Namespace) -> Executor:
+    """The executor ``--executor`` names (a Ray connection is made here)."""
+    if args.executor == "local":
+        return LocalExecutor(args.workers)
+    return RayExecutor(args.ray_address, task_memory=int(args.ray_task_memory * GiB), num_cpus=args.workers)
 
 
 def _gt_splits(splits: Sequence[str], chosen: Sequence[str] | None) -> set[str]:
@@ -71,7 +84,26 @@ def build_parser(module: ModuleType | None = None, description: str | None = Non
     parser.add_argument("dataset", help="dataset module: nuscenes, waymo (voxsparse.data.<name>) or a dotted name")
     parser.add_argument("--root", help="raw dataset folder (default: the dataset's)")
     parser.add_argument("--out", help="prepared dataset folder (default: the dataset's)")
-    parser.add_argument("--workers", type=int, default=4, help="processes (default 4)")
+    parser.add_argument(
+        "--workers", type=int, default=4, help="processes (default 4); with --executor ray, a local instance's CPUs"
+    )
+    parser.add_argument(
+        "--executor",
+        choices=("local", "ray"),
+        default="local",
+        help="local: a process pool on this machine (default); ray: tasks on a Ray cluster (the ray extra)",
+    )
+    parser.add_argument(
+        "--ray-address",
+        help="Ray cluster to join (ray.init address: auto, host:6379, ray://host:10001); default a local instance",
+    )
+    parser.add_argument(
+        "--ray-task-memory",
+        type=float,
+        default=2.0,
+        metavar="GIB",
+        help="memory each Ray task reserves, GiB (default 2; a run prints its measured peak per worker)",
+    )
     parser.add_argument("--splits", nargs="+", help="splits to prepare (default: all of the dataset)")
     parser.add_argument(
         "--gt-database",
@@ -99,24 +131,36 @@ def main(argv: Sequence[str] | None = None, description: str | None = None) -> l
         raise SystemExit(f"--workers: expected >= 1, got {args.workers}")
     if args.root is None or args.out is None:
         raise SystemExit(f"dataset {args.dataset!r}: give --root and --out (the dataset module sets no default)")
+    if args.ray_task_memory <= 0:
+        raise SystemExit(f"--ray-task-memory: expected > 0 GiB, got {args.ray_task_memory}")
     plans = module.preparation_splits(args)
     gt_splits = _gt_splits([p.split for p in plans], args.gt_database)
     indices = []
-    for plan in plans:
-        start = time.perf_counter()
-        index = prepare(
-            plan.factory,
-            plan.tasks(),
-            args.out,
-            plan.split,
-            args.workers,
-            class_names=plan.class_names,
-            config=plan.config,
-            gt_database=plan.split in gt_splits,
-            progress=not args.quiet,
-        )
-        print(_summary(index, time.perf_counter() - start, args.workers))
-        indices.append(index)
+    try:
+        executor = build_executor(args)
+    except ImportError as exc:
+        raise SystemExit(f"--executor ray: {exc}") from None
+    try:
+        for plan in plans:
+            start, stats = time.perf_counter(), {}
+            index = prepare(
+                plan.factory,
+                plan.tasks(),
+                args.out,
+                plan.split,
+                class_names=plan.class_names,
+                config=plan.config,
+                gt_database=plan.split in gt_splits,
+                progress=not args.quiet,
+                half_features=plan.half_features,
+                keep_features=plan.keep_features,
+                executor=executor,
+                stats=stats,
+            )
+            print(_summary(index, time.perf_counter() - start, executor.parallelism, stats))
+            indices.append(index)
+    finally:
+        executor.close()
     return indices
 
 

@@ -28,6 +28,7 @@ Points are in the LiDAR frame (x forward, y left, z up, metres); boxes are
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -324,6 +325,7 @@ class _Job:
     config: dict[str, Any]
     gt_database: bool
     half_features: tuple[str, ...] = ()
+    keep_features: tuple[str, ...] | None = None
 
     @property
     def record_path(self) -> Path:
@@ -374,6 +376,11 @@ def _run(job: _Job) -> _Outcome:
         entries, features = [], None
         for raw in job.factory(job.task):
             frame = PreparedFrame.from_frame(raw, job.point_features)
+            columns = column_indices(frame.point_features, job.keep_features, f"frame {frame.frame_id!r}")
+            if columns is not None:
+                frame = dataclasses.replace(
+                    frame, points=np.ascontiguousarray(frame.points[:, columns]), point_features=job.keep_features
+                )
             half = [n in job.half_features for n in frame.point_features]
             if any(half):  # the GT database gets the values the frame file holds
                 frame.points[:, half] = frame.points[:, half].astype(np.float16)
@@ -424,6 +431,7 @@ class PreparationSplit:
         class_names: what the frames' labels index.
         config: recorded in the split's index.
         half_features: point columns stored as float16 (see :func:`prepare`).
+        keep_features: the point columns stored (see :func:`prepare`); None: all.
     """
 
     split: str
@@ -432,6 +440,7 @@ class PreparationSplit:
     class_names: Sequence[str]
     config: Mapping[str, Any]
     half_features: Sequence[str] = ()
+    keep_features: Sequence[str] | None = None
 
 
 def prepare(
@@ -447,6 +456,7 @@ def prepare(
     gt_database: bool = False,
     progress: bool = True,
     half_features: Sequence[str] = (),
+    keep_features: Sequence[str] | None = None,
     executor: Executor | None = None,
     stats: dict[str, Any] | None = None,
 ) -> PreparedIndex:
@@ -469,6 +479,8 @@ def prepare(
         progress: show a progress bar.
         half_features: point columns stored as float16 (e.g. intensity: ~5e-4 relative precision,
             half the bytes); x, y, z are always float32. Part of the settings: changing it redoes tasks.
+        keep_features: the point columns stored, by name, in this order (starting x, y, z); None:
+            every column of the frames. Part of the settings.
         executor: where the tasks run (:mod:`voxsparse.data.executors`: a process pool, a Ray
             cluster); None: a :class:`~voxsparse.data.executors.LocalExecutor` of ``workers``.
             Every executor writes the same files.
@@ -495,6 +507,11 @@ def prepare(
         if unknown:
             raise ValueError(f"half_features: x, y, z are always stored as float32, got {sorted(unknown)}")
         config["half_features"] = sorted(half_features)
+    if keep_features is not None:
+        keep_features = tuple(keep_features)
+        if keep_features[:3] != _XYZ:
+            raise ValueError(f"keep_features: must start with x, y, z, got {keep_features}")
+        config["features"] = list(keep_features)
     config = json.loads(json.dumps(config))  # plain JSON types, compared with records
     split_dir = Path(out_dir) / split
     split_dir.mkdir(parents=True, exist_ok=True)
@@ -521,6 +538,7 @@ def prepare(
             config,
             gt_database,
             half_features,
+            keep_features,
         )
         for key, task in tasks.items()
     ]
@@ -566,6 +584,8 @@ def prepare(
             )
     if features:
         names = features.pop()
+    elif keep_features is not None:
+        names = keep_features
     elif point_features is not None:
         names = tuple(point_features)
     else:

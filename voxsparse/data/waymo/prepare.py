@@ -4,6 +4,9 @@ folders under ``--root``, prepared as the splits ``train``, ``val`` and ``test``
 ``--format v1`` (the default): TFRecord files ``<folder>/*.tfrecord``. ``--format v2``: parquet
 components ``<folder>/<component>/<context name>.parquet`` (:mod:`voxsparse.data.waymo.v2`), one
 segment (all its components) per unit of work, streamed frame by frame.
+
+Stored point columns: ``--features`` (default :data:`DEFAULT_FEATURES`, what the Waymo model configs
+read; add ``range`` to keep it), float32 unless named in ``--half-features`` (float16).
 """
 
 from __future__ import annotations
@@ -15,6 +18,10 @@ from pathlib import Path
 
 from voxsparse.data.prepared import PreparationSplit
 from voxsparse.data.waymo.classes import CLASS_NAMES
+from voxsparse.data.waymo.frame import POINT_FEATURES
+
+#: The point columns prepared by default: what the Waymo model configs read (range is left out).
+DEFAULT_FEATURES = ("x", "y", "z", "intensity", "elongation")
 
 #: Waymo v1 folders -> prepared split names.
 WAYMO_SPLITS = {"training": "train", "validation": "val", "testing": "test"}
@@ -53,6 +60,19 @@ def add_prepare_arguments(parser: argparse.ArgumentParser) -> None:
         default="v1",
         help="v1: TFRecord segments (default); v2: parquet components <folder>/<component>/<segment>.parquet",
     )
+    parser.add_argument(
+        "--features",
+        nargs="+",
+        default=list(DEFAULT_FEATURES),
+        help=f"point columns to store, x y z first (default: {' '.join(DEFAULT_FEATURES)}; the reader also has range)",
+    )
+    parser.add_argument(
+        "--half-features",
+        nargs="*",
+        default=[],
+        metavar="NAME",
+        help="point columns stored as float16, e.g. intensity elongation (~5e-4 relative precision, smaller files)",
+    )
     parser.set_defaults(root="data/waymo/raw", out="data/prepared/waymo")
 
 
@@ -89,7 +109,14 @@ def preparation_splits(args: argparse.Namespace) -> list[PreparationSplit]:
 
     config = {"dataset": "waymo", "format": "v2-parquet" if v2 else "v1-tfrecord"}
     factory, make_tasks = (waymo_v2_frames, v2_tasks) if v2 else (waymo_frames, tasks)
+    features = tuple(getattr(args, "features", DEFAULT_FEATURES))
+    half = tuple(getattr(args, "half_features", ()))
+    unknown = sorted(set(features + half) - set(POINT_FEATURES))
+    if unknown:
+        raise SystemExit(f"--features / --half-features: {unknown} are not Waymo point columns {list(POINT_FEATURES)}")
     return [
-        PreparationSplit(split, factory, lambda folder=found[split]: make_tasks(folder), CLASS_NAMES, config)
+        PreparationSplit(
+            split, factory, lambda folder=found[split]: make_tasks(folder), CLASS_NAMES, config, half, features
+        )
         for split in splits
     ]
