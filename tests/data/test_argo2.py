@@ -1,0 +1,140 @@
+"""Argoverse 2 reader on a tiny log in the released format (tests/data/argo2_writer.py): what it reads
+is what ``av2``'s own loaders read from the same files; preparation through tools/prepare_data.py."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("av2")
+
+from tests.data.argo2_writer import (  # noqa: E402
+    Cuboid,
+    write_annotations,
+    write_calibration,
+    write_map,
+    write_poses,
+    write_sweep,
+)
+from voxsparse.data.argo2 import (  # noqa: E402
+    CLASS_NAMES,
+    category_to_name,
+    frame_id,
+    name_to_category,
+    parse_frame_id,
+    quaternion_yaw,
+    read_log,
+)
+from voxsparse.data.prepared import PreparedDataset  # noqa: E402
+
+LOG = "0b86f508-5df9-4a46-bc59-5b9536dbde9f"
+STAMPS = [315969629019741000, 315969629119752000, 315969629219760000]
+
+
+def write_log(split_dir: Path, log_id: str = LOG, seed: int = 0, labelled: bool = True) -> list[Cuboid]:
+    """Three sweeps, a moving ego, and cuboids of a few categories (one not evaluated, one without
+    interior points); returns the cuboids."""
+    rng = np.random.default_rng(seed)
+    log_dir = split_dir / log_id
+    cuboids = []
+    for i, stamp in enumerate(STAMPS):
+        xyz = rng.uniform([-60, -60, -2], [60, 60, 4], (400 + 50 * i, 3))
+        points = np.column_stack([xyz, rng.integers(0, 256, len(xyz))])
+        write_sweep(log_dir, stamp, points, rng)
+        cuboids += [
+            Cuboid(stamp, "a1", "REGULAR_VEHICLE", (10.0 + i, 2.0, 0.8, 4.5, 1.9, 1.6, 0.3 + 0.1 * i), 120),
+            Cuboid(stamp, "b2", "PEDESTRIAN", (-5.0, 3.0 - i, 0.9, 0.6, 0.7, 1.8, -2.9), 15),
+            Cuboid(stamp, "c3", "ANIMAL", (20.0, -4.0, 0.3, 0.8, 0.4, 0.5, 1.0), 4),  # not a detection class
+        ]
+    cuboids.append(Cuboid(STAMPS[1], "d4", "MOBILE_PEDESTRIAN_CROSSING_SIGN", (7.0, -8.0, 0.5, 0.5, 0.4, 1.0, 3.1), 0))
+    write_poses(log_dir, STAMPS, [0.1, 0.12, 0.15], np.array([[100.0, 50.0, 3.0], [101.0, 50.2, 3.0], [102.0, 50.5, 3.1]]))
+    write_calibration(log_dir)
+    write_map(log_dir, [(60, 0), (160, 0), (160, 100), (60, 100)])
+    if labelled:
+        write_annotations(log_dir, cuboids)
+    return cuboids
+
+
+def test_names_and_frame_ids():
+    from av2.evaluation import SensorCompetitionCategories
+
+    assert sorted(name_to_category(n) for n in CLASS_NAMES) == sorted(c.value for c in SensorCompetitionCategories)
+    assert all(category_to_name(name_to_category(n)) == n for n in CLASS_NAMES)
+    assert parse_frame_id(frame_id(LOG, STAMPS[0])) == (LOG, STAMPS[0])
+    with pytest.raises(ValueError, match="not an Argoverse 2 frame id"):
+        parse_frame_id("abc_12x")
+
+
+def test_quaternion_yaw_matches_av2():
+    from av2.geometry.geometry import mat_to_xyz, quat_to_mat
+
+    rng = np.random.default_rng(3)
+    q = rng.normal(size=(200, 4))
+    q[:100, 1:3] *= 0.05  # near yaw-only rotations, as cuboids are
+    q /= np.linalg.norm(q, axis=1, keepdims=True)
+    np.testing.assert_allclose(quaternion_yaw(q), mat_to_xyz(quat_to_mat(q))[:, 2], atol=1e-9)
+
+
+def test_reader_reads_what_av2_reads(tmp_path):
+    from av2.datasets.sensor.av2_sensor_dataloader import AV2SensorDataLoader
+    from av2.geometry.geometry import mat_to_xyz
+    from av2.structures.sweep import Sweep
+
+    write_log(tmp_path)
+    loader = AV2SensorDataLoader(data_dir=tmp_path, labels_dir=tmp_path)
+    frames = list(read_log(tmp_path, LOG))
+    assert [f.timestamp_ns for f in frames] == loader.get_ordered_log_lidar_timestamps(LOG) == STAMPS
+    tracks = {}
+    for frame in frames:
+        assert frame.frame_id == frame_id(LOG, frame.timestamp_ns) and frame.log_id == LOG
+        sweep = Sweep.from_feather(loader.get_lidar_fpath(LOG, frame.timestamp_ns))
+        assert frame.points.dtype == np.float32 and frame.point_features == ("x", "y", "z", "intensity")
+        np.testing.assert_array_equal(frame.points[:, :3], sweep.xyz.astype(np.float32))
+        np.testing.assert_array_equal(frame.points[:, 3], sweep.intensity.astype(np.float32))
+
+        pose = loader.get_city_SE3_ego(LOG, frame.timestamp_ns)
+        np.testing.assert_allclose(frame.city_from_ego.matrix(), pose.rotation, atol=1e-12)
+        np.testing.assert_allclose(frame.city_from_ego.translation, pose.translation, atol=1e-12)
+
+        cuboids = [c for c in loader.get_labels_at_lidar_timestamp(LOG, frame.timestamp_ns).cuboids
+                   if category_to_name(c.category) in CLASS_NAMES]  # fmt: skip
+        assert [CLASS_NAMES[i] for i in frame.labels] == [category_to_name(c.category) for c in cuboids]
+        expected = np.array(
+            [[*c.xyz_center_m, c.length_m, c.width_m, c.height_m, mat_to_xyz(c.dst_SE3_object.rotation)[2]] for c in cuboids]
+        )
+        np.testing.assert_allclose(frame.boxes, expected.astype(np.float32), atol=1e-6)
+        assert frame.difficulty.tolist() == [1] * len(cuboids)
+        for track, label in zip(frame.track_ids.tolist(), frame.labels.tolist()):
+            assert tracks.setdefault(track, label) == label  # one track, one class, across sweeps
+    assert frames[1].num_points.tolist() == [120, 15, 0] and len(tracks) == 3
+
+
+def test_unlabelled_log_and_missing_pose(tmp_path):
+    write_log(tmp_path, labelled=False)
+    frames = list(read_log(tmp_path, LOG))
+    assert [len(f.boxes) for f in frames] == [0, 0, 0]
+    write_poses(tmp_path / LOG, STAMPS[:2], [0.0, 0.0], np.zeros((2, 3)))
+    with pytest.raises(ValueError, match=f"no pose at sweep {STAMPS[2]}"):
+        list(read_log(tmp_path, LOG))
+
+
+def test_prepare(tmp_path):
+    from voxsparse.data.preparation import main
+
+    raw = tmp_path / "sensor"
+    write_log(raw / "train")
+    write_log(raw / "val", log_id="1c9b3a4e-0c6f-4f1e-9a0e-2d7a1f6a9b11", seed=1)
+    out = tmp_path / "prepared"
+    main(["argo2", "--root", str(raw), "--out", str(out), "--workers", "1", "--quiet"])
+    train = PreparedDataset(out, "train", min_points=1)
+    assert train.index.class_names == CLASS_NAMES and train.index.config["dataset"] == "argo2"
+    assert train.frame_ids == [frame_id(LOG, s) for s in STAMPS]
+    frames = list(read_log(raw / "train", LOG))
+    stored = train[1]
+    np.testing.assert_array_equal(stored.points, frames[1].points)  # intensity 0..255 is exact in float16
+    np.testing.assert_array_equal(stored.boxes, frames[1].boxes[:2])  # min_points=1 drops the empty sign
+    assert train.index.gt_database and len(PreparedDataset(out, "val")) == 3
+    with pytest.raises(SystemExit, match="Argoverse 2 splits are"):
+        main(["argo2", "--root", str(raw), "--out", str(out), "--splits", "training"])
