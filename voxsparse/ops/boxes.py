@@ -292,7 +292,9 @@ def nms_bev(
     The IoU is the exact one of :func:`bev_iou` (float64). OpenPCDet's kernel computes it in
     float32 and counts a corner of one box as inside the other up to 1 cm outside its edges, so its
     IoU can exceed the exact one by about (1 cm x the boxes' shared perimeter) / union; the kept
-    sets differ only for pairs whose IoU lies that close to the threshold.
+    sets differ only for pairs whose IoU lies that close to the threshold (against its CPU build,
+    on 300 random boxes of 0.3-4.3 m in a 30 m square: IoUs differ by at most 0.003, and 90 of 90
+    suppressions at thresholds 0.1, 0.2, 0.5 kept the same boxes).
 
     Args:
         boxes: (N, >=7) boxes, metres / radians (columns past the seventh are ignored).
