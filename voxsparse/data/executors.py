@@ -115,14 +115,14 @@ class RayExecutor:
             kwargs: dict[str, Any] = {"address": address, "logging_level": logging.WARNING}
             if address is None:
                 # A local instance's workers import what this process imports, from the same paths.
-                kwargs["num_cpus"] = num_cpus
+                kwargs.update(num_cpus=num_cpus, include_dashboard=False)
                 kwargs["runtime_env"] = {"env_vars": {"PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}}
             ray.init(**kwargs)
             self._owns = True
         cpus = int(ray.cluster_resources().get("CPU", 1))
         self.parallelism = max(1, int(cpus // task_cpus))
         self.max_in_flight = max_in_flight or 2 * self.parallelism
-        self._remote = ray.remote(_call).options(memory=int(task_memory), num_cpus=task_cpus, max_calls=1)
+        self._remote = ray.remote(memory=int(task_memory), num_cpus=task_cpus, max_calls=1)(_call)
 
     def map_unordered(self, fn: Callable[[Any], Any], items: Iterable[Any]) -> Iterator[Any]:
         ray = self._ray
