@@ -225,6 +225,18 @@ def test_targets_follow_the_reference_rules():
         torch.testing.assert_close(got.boxes[0], target, rtol=0, atol=2e-7)
 
 
+
+def test_frames_without_boxes_still_reach_every_parameter():
+    """No box in a group: its losses are 0 as the reference's, and DDP still sees every output used."""
+    grid = VoxelGrid((0.32, 0.32, 0.1875), (-10.24, -10.24, -2.0, 10.24, 10.24, 4.0))
+    head = ReferenceCenterHead(8, 10, NUSCENES, GROUPS, shared_conv_channels=8, **DSVT_HEAD)
+    pred = head(DenseBEV(torch.randn(2, 8, 16, 16), 1, grid))
+    empty = _annotations(torch.zeros(0, 7), torch.zeros(0, dtype=torch.int64))
+    losses = head.loss(pred, [empty, empty])
+    assert losses.regression == 0 and losses.iou == 0 and losses.iou_regression == 0 and losses.heatmap > 0
+    losses.total.backward()
+    assert all(p.grad is not None for p in head.parameters())
+
 def test_decoding_per_class_nms_and_rectified_scores():
     gen = torch.Generator().manual_seed(3)
     grid = VoxelGrid((0.32, 0.32, 0.1875), (-10.24, -10.24, -2.0, 10.24, 10.24, 4.0))

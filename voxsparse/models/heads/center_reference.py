@@ -436,6 +436,8 @@ class ReferenceCenterHead(nn.Module):
                         iou = iou_3d_aligned(boxes[selected][:, :7].detach(), target.gt_boxes[selected])
                     iou_pred = _gather(out["iou"].float(), target.inds)[selected].view(-1)
                     iou_total = iou_total + F.l1_loss(iou_pred, iou * 2 - 1, reduction="sum") / num.clamp(min=1e-4)
+                else:  # 0, as the reference's, but DDP sees the branch take part
+                    iou_total = iou_total + out["iou"].sum() * 0.0
                 if self.iou_reg_loss:
                     if selected.any():
                         diou = diou_3d_axis_aligned(boxes[selected][:, :7], target.gt_boxes[selected])
