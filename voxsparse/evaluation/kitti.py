@@ -116,51 +116,106 @@ def _image_overlap(a: np.ndarray, b: np.ndarray, criterion: str) -> np.ndarray:
         return np.where(inter > 0, inter / denominator, 0.0)
 
 
-def overlaps(gt: Sequence[KittiObjects], det: Sequence[KittiObjects], metric: str) -> list[np.ndarray]:
+@dataclass(frozen=True)
+class _Pairs:
+    """Every (ground truth, detection) pair of the same frame, as rows into the concatenated objects.
+
+    Attributes:
+        frame: (P,) frame of each pair; gt, det: (P,) rows of the concatenated ground truth / detections.
+        sizes: per frame (G, D).
+    """
+
+    frame: np.ndarray
+    gt: np.ndarray
+    det: np.ndarray
+    sizes: tuple[tuple[int, int], ...]
+
+    @classmethod
+    def of(cls, gt_counts: Sequence[int], det_counts: Sequence[int]) -> _Pairs:
+        g_count, d_count = np.asarray(gt_counts, np.int64), np.asarray(det_counts, np.int64)
+        per_frame = g_count * d_count
+        frame = np.repeat(np.arange(len(per_frame)), per_frame)
+        # Position of each pair inside its frame's (G, D) block, row-major.
+        local = np.arange(per_frame.sum()) - np.repeat(np.cumsum(per_frame) - per_frame, per_frame)
+        d_of = np.where(per_frame[frame] > 0, local % np.maximum(d_count[frame], 1), 0)
+        g_of = local // np.maximum(d_count[frame], 1)
+        g_rows = (np.cumsum(g_count) - g_count)[frame] + g_of
+        d_rows = (np.cumsum(d_count) - d_count)[frame] + d_of
+        return cls(frame, g_rows, d_rows, tuple(zip(g_count.tolist(), d_count.tolist())))
+
+    def split(self, values: np.ndarray) -> list[np.ndarray]:
+        """(P,) values -> per frame (G, D)."""
+        ends = np.cumsum([g * d for g, d in self.sizes])
+        return [v.reshape(g, d) for v, (g, d) in zip(np.split(values, ends[:-1]), self.sizes)]
+
+
+def overlaps(
+    gt: Sequence[KittiObjects], det: Sequence[KittiObjects], metric: str, floor: float = 0.0
+) -> list[np.ndarray]:
     """Per frame, the (G, D) float64 overlap (IoU) of every ground truth with every detection.
 
-    ``DontCare`` rows are 0 (they have no box to match). BEV and 3D pairs whose footprints' bounding
-    circles are apart are 0 without clipping polygons.
+    ``DontCare`` rows are 0 (they have no box to match). Pairs that cannot overlap by more than
+    ``floor`` are 0 without clipping polygons: BEV and 3D pairs whose footprints' axis-aligned
+    bounding rectangles (and vertical extents) bound their IoU at ``floor`` or less.
     """
     if metric not in METRICS:
         raise ValueError(f"metric {metric!r}: expected one of {METRICS}")
-    sizes = [(len(g), len(d)) for g, d in zip(gt, det)]
-    frame, gi, di = [], [], []
-    for f, (ng, nd) in enumerate(sizes):
-        if ng and nd:
-            g, d = np.meshgrid(np.arange(ng), np.arange(nd), indexing="ij")
-            frame.append(np.full(ng * nd, f))
-            gi.append(g.ravel())
-            di.append(d.ravel())
-    out = [np.zeros(s) for s in sizes]
-    if not frame:
-        return out
-    frame_of, g_of, d_of = (np.concatenate(v) for v in (frame, gi, di))
-    g_off = np.cumsum([0] + [s[0] for s in sizes])[:-1]
-    d_off = np.cumsum([0] + [s[1] for s in sizes])[:-1]
-    g_rows, d_rows = g_off[frame_of] + g_of, d_off[frame_of] + d_of
+    pairs = _Pairs.of([len(g) for g in gt], [len(d) for d in det])
+    if len(pairs.frame) == 0:
+        return pairs.split(np.zeros(0))
     gt_names = np.array([n.lower() for objects in gt for n in objects.names])
-    keep = gt_names[g_rows] != _DONTCARE
-    values = np.zeros(len(g_rows))
+    keep = gt_names[pairs.gt] != _DONTCARE
+    values = np.zeros(len(pairs.frame))
     if metric == "bbox":
         gb = np.concatenate([o.bbox for o in gt])
         db = np.concatenate([o.bbox for o in det])
-        values[keep] = _image_overlap(db[d_rows[keep]], gb[g_rows[keep]], "iou")
-    else:
-        gb = torch.cat([_footprints(o) for o in gt]).numpy()
-        db = torch.cat([_footprints(o) for o in det]).numpy()
-        a, b = gb[g_rows], db[d_rows]
-        reach = 0.5 * (np.hypot(a[:, 3], a[:, 4]) + np.hypot(b[:, 3], b[:, 4]))
-        near = keep & (np.hypot(a[:, 0] - b[:, 0], a[:, 1] - b[:, 1]) <= reach + 1e-6)
-        iou = bev_iou_aligned if metric == "bev" else iou_3d_aligned
-        if near.any():
-            values[near] = iou(torch.from_numpy(b[near]), torch.from_numpy(a[near])).numpy()
-    start = 0
-    for f, (ng, nd) in enumerate(sizes):
-        if ng and nd:
-            out[f] = values[start : start + ng * nd].reshape(ng, nd)
-            start += ng * nd
-    return out
+        values[keep] = _image_overlap(db[pairs.det[keep]], gb[pairs.gt[keep]], "iou")
+        return pairs.split(values)
+    a = torch.cat([_footprints(o) for o in gt]).numpy()[pairs.gt[keep]]
+    b = torch.cat([_footprints(o) for o in det]).numpy()[pairs.det[keep]]
+    # Upper bound of the IoU: the intersection of the footprints lies in that of their bounding rectangles.
+    half_a, half_b = _half_extents(a), _half_extents(b)
+    w = np.minimum(a[:, 0] + half_a[:, 0], b[:, 0] + half_b[:, 0]) - np.maximum(a[:, 0] - half_a[:, 0], b[:, 0] - half_b[:, 0])
+    h = np.minimum(a[:, 1] + half_a[:, 1], b[:, 1] + half_b[:, 1]) - np.maximum(a[:, 1] - half_a[:, 1], b[:, 1] - half_b[:, 1])
+    inter = np.clip(w, 0, None) * np.clip(h, 0, None)
+    size_a, size_b = a[:, 3] * a[:, 4], b[:, 3] * b[:, 4]
+    if metric == "3d":
+        top = np.minimum(a[:, 2] + 0.5 * a[:, 5], b[:, 2] + 0.5 * b[:, 5])
+        bottom = np.maximum(a[:, 2] - 0.5 * a[:, 5], b[:, 2] - 0.5 * b[:, 5])
+        inter = inter * np.clip(top - bottom, 0, None)
+        size_a, size_b = size_a * a[:, 5], size_b * b[:, 5]
+    inter = np.minimum(inter, np.minimum(size_a, size_b))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        bound = np.where(inter > 0, inter / (size_a + size_b - inter), 0.0)
+    near = bound > floor
+    iou = bev_iou_aligned if metric == "bev" else iou_3d_aligned
+    found = np.zeros(len(a))
+    if near.any():
+        found[near] = iou(torch.from_numpy(b[near]), torch.from_numpy(a[near])).numpy()
+    values[keep] = found
+    return pairs.split(values)
+
+
+def _half_extents(boxes: np.ndarray) -> np.ndarray:
+    """(K, 2) half sizes along x and y of the axis-aligned rectangles around (K, 7) footprints."""
+    c, s = np.abs(np.cos(boxes[:, 6])), np.abs(np.sin(boxes[:, 6]))
+    half_l, half_w = 0.5 * boxes[:, 3], 0.5 * boxes[:, 4]
+    return np.column_stack([half_l * c + half_w * s, half_l * s + half_w * c]) + 1e-9
+
+
+def _dontcare_cover(gt: Sequence[KittiObjects], det: Sequence[KittiObjects]) -> np.ndarray:
+    """(sum D,) for every detection, the largest share of its image box inside one DontCare region of its frame."""
+    pairs = _Pairs.of([len(g) for g in gt], [len(d) for d in det])
+    cover = np.zeros(sum(len(d) for d in det))
+    if len(pairs.frame) == 0:
+        return cover
+    gt_names = np.array([n.lower() for objects in gt for n in objects.names])
+    dc = gt_names[pairs.gt] == _DONTCARE
+    gb = np.concatenate([o.bbox for o in gt])
+    db = np.concatenate([o.bbox for o in det])
+    share = _image_overlap(db[pairs.det[dc]], gb[pairs.gt[dc]], "a")
+    np.maximum.at(cover, pairs.det[dc], share)
+    return cover
 
 
 # --- matching ----------------------------------------------------------------------------------
@@ -206,7 +261,7 @@ def _pad(rows: list[np.ndarray], fill: float, dtype: Any, width: int) -> np.ndar
 
 
 def _chunk(
-    frames: range, overlap: list[np.ndarray], ignored_gt: list[np.ndarray], ignored_det: list[np.ndarray],
+    frames: Sequence[int], overlap: list[np.ndarray], ignored_gt: list[np.ndarray], ignored_det: list[np.ndarray],
     scores: list[np.ndarray], dontcare: list[np.ndarray],
 ) -> _Frames:  # fmt: skip
     """The frames of ``frames``, only the rows that take part (ignored value != -1), padded."""
@@ -278,8 +333,10 @@ def _precision(
 ) -> np.ndarray:  # fmt: skip
     """(41,) interpolated precision of one class, level and metric."""
     num_gt = int(sum((g == 0).sum() for g in ignored_gt))
+    # Frames are independent: chunks of frames with similar numbers of detections pad least.
+    order = np.argsort([int((d != -1).sum()) for d in ignored_det], kind="stable")
     chunks = [
-        _chunk(range(s, min(s + _FRAMES_PER_CHUNK, len(overlap))), overlap, ignored_gt, ignored_det, scores, dontcare)
+        _chunk(order[s : s + _FRAMES_PER_CHUNK], overlap, ignored_gt, ignored_det, scores, dontcare)
         for s in range(0, len(overlap), _FRAMES_PER_CHUNK)
     ]
     found = np.concatenate([_true_positive_scores(c, min_overlap) for c in chunks] + [np.zeros(0)])
@@ -355,30 +412,60 @@ class KittiAP:
         return out
 
 
-def _ignored(
-    gt: KittiObjects, det: KittiObjects, name: str, level: int, min_overlap: float
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Step 1 of the module docstring for one frame: (G,) ignored_gt, (D,) ignored_det, and the
-    (D,) detections that cover a DontCare region (image boxes)."""
-    cls = name.lower()
-    names = np.array([n.lower() for n in gt.names], dtype=object)
-    height = gt.bbox[:, 3] - gt.bbox[:, 1]
-    outside = (
-        (gt.occluded > MAX_OCCLUSION[level]) | (gt.truncated > MAX_TRUNCATION[level]) | (height <= MIN_HEIGHT[level])
-    )
-    same = names == cls
-    neighbour = names == NEIGHBOURS.get(cls, None)
-    ignored_gt = np.where(same & ~outside, 0, np.where(neighbour | same, 1, -1)).astype(np.int64)
-    det_names = np.array([n.lower() for n in det.names], dtype=object)
-    det_height = np.trunc(np.abs(det.bbox[:, 1] - det.bbox[:, 3]))
-    ignored_det = np.where(det_height < MIN_HEIGHT[level], 1, np.where(det_names == cls, 0, -1)).astype(np.int64)
-    dc = gt.bbox[names == _DONTCARE]
-    if len(dc) and len(det):
-        pairs = _image_overlap(np.repeat(det.bbox, len(dc), 0), np.tile(dc, (len(det), 1)), "a")
-        dontcare = (pairs.reshape(len(det), len(dc)) > min_overlap).any(1)
-    else:
-        dontcare = np.zeros(len(det), dtype=bool)
-    return ignored_gt, ignored_det, dontcare
+@dataclass(frozen=True)
+class _Flat:
+    """Ground truth and detections of every frame, concatenated (what step 1 reads).
+
+    Attributes:
+        gt_names, det_names: lower-case types; gt_height: 2D box heights; occluded, truncated: the
+        ground truth's; det_height: detection box heights truncated to whole pixels; cover: each
+        detection's largest share inside a DontCare region; gt_ends, det_ends: where frames end.
+    """
+
+    gt_names: np.ndarray
+    gt_height: np.ndarray
+    occluded: np.ndarray
+    truncated: np.ndarray
+    det_names: np.ndarray
+    det_height: np.ndarray
+    cover: np.ndarray
+    gt_ends: np.ndarray
+    det_ends: np.ndarray
+
+    @classmethod
+    def of(cls, gt: Sequence[KittiObjects], det: Sequence[KittiObjects]) -> _Flat:
+        def cat(values: list[np.ndarray], width: int = 0) -> np.ndarray:
+            return np.concatenate(values) if values else np.zeros((0, width) if width else 0)
+
+        gt_box = cat([o.bbox for o in gt], 4).reshape(-1, 4)
+        det_box = cat([o.bbox for o in det], 4).reshape(-1, 4)
+        return cls(
+            gt_names=np.array([n.lower() for o in gt for n in o.names], dtype=object),
+            gt_height=gt_box[:, 3] - gt_box[:, 1],
+            occluded=cat([o.occluded for o in gt]),
+            truncated=cat([o.truncated for o in gt]),
+            det_names=np.array([n.lower() for o in det for n in o.names], dtype=object),
+            det_height=np.trunc(np.abs(det_box[:, 1] - det_box[:, 3])),
+            cover=_dontcare_cover(gt, det),
+            gt_ends=np.cumsum([len(o) for o in gt])[:-1],
+            det_ends=np.cumsum([len(o) for o in det])[:-1],
+        )
+
+    def ignored(self, name: str, level: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        """Step 1 of the module docstring: per frame, (G,) ``ignored_gt`` and (D,) ``ignored_det``."""
+        cls = name.lower()
+        outside = (
+            (self.occluded > MAX_OCCLUSION[level])
+            | (self.truncated > MAX_TRUNCATION[level])
+            | (self.gt_height <= MIN_HEIGHT[level])
+        )
+        same = self.gt_names == cls
+        neighbour = self.gt_names == NEIGHBOURS.get(cls, "")
+        ignored_gt = np.where(same & ~outside, 0, np.where(neighbour | same, 1, -1)).astype(np.int64)
+        ignored_det = np.where(
+            self.det_height < MIN_HEIGHT[level], 1, np.where(self.det_names == cls, 0, -1)
+        ).astype(np.int64)
+        return np.split(ignored_gt, self.gt_ends), np.split(ignored_det, self.det_ends)
 
 
 def evaluate_kitti(
@@ -415,16 +502,18 @@ def evaluate_kitti(
     scores = [np.zeros(0) if d.score is None else d.score for d in det]
     precision = np.zeros((len(metrics), len(class_names), 3, NUM_SAMPLE_POINTS))
     num_gt = np.zeros((len(class_names), 3), np.int64)
-    for m, metric in enumerate(metrics):
-        over = overlaps(gt, det, metric)
-        for c, name in enumerate(class_names):
-            for level in range(3):
-                parts = [_ignored(g, d, name, level, table[name]) for g, d in zip(gt, det)]
-                ignored_gt = [p[0] for p in parts]
-                dontcare = [p[2] if metric == "bbox" else np.zeros_like(p[2]) for p in parts]
-                num_gt[c, level] = sum(int((i == 0).sum()) for i in ignored_gt)
+    floor = min((table[n] for n in class_names), default=0.0)
+    over = {metric: overlaps(gt, det, metric, floor) for metric in metrics}
+    flat = _Flat.of(gt, det)
+    nowhere = [np.zeros(len(d), dtype=bool) for d in det]
+    for c, name in enumerate(class_names):
+        covered = np.split(flat.cover > table[name], flat.det_ends)
+        for level in range(3):
+            ignored_gt, ignored_det = flat.ignored(name, level)
+            num_gt[c, level] = sum(int((i == 0).sum()) for i in ignored_gt)
+            for m, metric in enumerate(metrics):
                 precision[m, c, level] = _precision(
-                    over, ignored_gt, [p[1] for p in parts], scores, dontcare, table[name]
+                    over[metric], ignored_gt, ignored_det, scores, covered if metric == "bbox" else nowhere, table[name]
                 )
     return KittiAP(tuple(class_names), tuple(metrics), {n: float(table[n]) for n in class_names}, precision, num_gt)
 
