@@ -67,17 +67,17 @@ def openpcdet_root() -> Path:
 
 @pytest.fixture
 def ours_and_voxels():
-    """Our dsvt_voxel_waymo backbone and 1,500 voxels in one 60 x 60 x 32 corner of its grid (a few
-    dozen per window, so windows hold several sets)."""
+    """Our dsvt_voxel_waymo backbone and 1,500 voxels of 192 features (its voxel encoder's width) in
+    one 60 x 60 x 32 corner of its grid (a few dozen per window, so windows hold several sets)."""
     with initialize_config_dir(str(ROOT / "configs"), version_base="1.3"):
         cfg = compose(overrides=["+model=dsvt_voxel_waymo"]).model
     grid = instantiate(cfg.voxel_encoder.grid)
     torch.manual_seed(0)
-    backbone = instantiate(cfg.backbone)(in_channels=4).eval()
+    backbone = instantiate(cfg.backbone)(in_channels=192).eval()
     gen = torch.Generator().manual_seed(1)
     flat = torch.randperm(32 * 60 * 60, generator=gen)[:1500]
     coords = torch.stack([torch.zeros_like(flat), flat // 3600, 200 + flat // 60 % 60, 200 + flat % 60], dim=1).int()
-    return backbone, SparseVoxels(coords, torch.randn(len(coords), 4, generator=gen), grid, 1)
+    return backbone, SparseVoxels(coords, torch.randn(len(coords), 192, generator=gen), grid, 1)
 
 
 def _batch(voxels: SparseVoxels) -> dict:
