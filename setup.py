@@ -31,6 +31,10 @@ EXTRAS = {
     # Waymo v2 parquet components (voxsparse.data.waymo.v2): pyarrow, not the official wheel; the waymo
     # extra's packages because the voxsparse.data.waymo package imports them. pyarrow >= 23 needs numpy 2.
     "waymo-v2": ["pyarrow>=14,<23", "google-crc32c>=1.5", "protobuf>=4.21"],
+    # Argoverse 2 (voxsparse.data.argo2, voxsparse.evaluation.argo2): the official av2 package reads the
+    # feather files and computes the detection metric. Its dependencies would take numpy 2 and a
+    # pyarrow that needs it; numpy and pyarrow are pinned beside it so pip keeps numpy 1.
+    "argo2": ["av2==0.3.6", "numpy>=1.24,<2", "pyarrow>=14,<23"],
     "test": ["pytest>=8", "shapely>=2.0", NUSCENES_DEVKIT, *NUSCENES_TRACKING, "google-crc32c>=1.5"],
 }
 
