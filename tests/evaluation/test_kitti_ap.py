@@ -5,11 +5,17 @@ devkit computed from them (precision curves at full precision and the APs they p
 generator ``fixtures/kitti/make_kitti_ap_fixtures.py`` builds the devkits from their public source
 with g++ (its docstring gives the command). The 2020 devkit (40 recall points) must be matched on
 every curve; the 2017 devkit (11 points) on every case without a ground-truth box exactly at a
-minimum height (25 or 40 px), the one rule the two versions differ in.
+minimum height (25 or 40 px), the one rule the two versions differ in. With ``VOXSPARSE_OPENPCDET``
+naming an OpenPCDet checkout, R11 and R40 are also compared with its ``kitti_object_eval_python``
+loaded by path (numba's jit as plain Python, its CUDA rotated overlap replaced by voxsparse's).
 """
 
 from __future__ import annotations
 
+import importlib.util
+import os
+import sys
+import types
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -22,6 +28,7 @@ from voxsparse.data.kitti import KittiObjects, camera_boxes_to_lidar, image_boxe
 from voxsparse.engine.evaluate import metric_suite
 from voxsparse.evaluation import kitti as kitti_ap
 from voxsparse.evaluation.kitti import METRICS, evaluate_kitti, score_thresholds
+from voxsparse.ops.boxes import bev_iou
 from voxsparse.structures import Boxes3D, Detections3D
 
 FIXTURE = Path(__file__).parent / "fixtures" / "kitti" / "kitti_ap_devkit.pt"
@@ -139,3 +146,67 @@ def test_suite_scores_perfect_detections(tmp_path):
         d.boxes.tensor[:, 0] += 1.0
     moved = suite(SimpleNamespace(frame_ids=frame_ids, detections=detections, annotations=[None] * len(frame_ids)), dataset)
     assert moved.ap_r40[2, 0, 1] < 50.0
+
+
+@pytest.fixture
+def openpcdet_eval(monkeypatch):
+    """OpenPCDet's ``kitti_object_eval_python/eval.py`` loaded by path from ``VOXSPARSE_OPENPCDET``:
+    numba's ``jit`` is the identity (plain Python), and its CUDA rotated overlap is replaced by
+    voxsparse's exact one in its box convention (x, z, l, w, angle; corners rotated by -angle)."""
+    root = os.environ.get("VOXSPARSE_OPENPCDET")
+    if not root:
+        pytest.skip("set VOXSPARSE_OPENPCDET to an OpenPCDet checkout to compare with its KITTI evaluation")
+    package = "pcdet.datasets.kitti.kitti_object_eval_python"
+    folder = Path(root) / package.replace(".", "/")
+    parts = package.split(".")
+    for i in range(1, len(parts) + 1):
+        stub = types.ModuleType(".".join(parts[:i]))
+        stub.__path__ = [str(Path(root).joinpath(*parts[:i]))]
+        monkeypatch.setitem(sys.modules, stub.__name__, stub)
+
+    def jit(*args, **kwargs):
+        return args[0] if args and callable(args[0]) else (lambda f: f)
+
+    monkeypatch.setitem(sys.modules, "numba", types.SimpleNamespace(jit=jit, prange=range))
+
+    def rotate_iou(boxes, query_boxes, criterion=-1):
+        def ours(b):
+            b = torch.as_tensor(np.asarray(b, np.float64))
+            zero = torch.zeros(len(b), dtype=torch.float64)
+            return torch.stack([b[:, 0], b[:, 1], zero, b[:, 2], b[:, 3], zero + 1, -b[:, 4]], 1)
+
+        a, q = ours(boxes), ours(query_boxes)
+        iou = bev_iou(a, q).numpy()
+        area_a, area_q = (a[:, 3] * a[:, 4]).numpy()[:, None], (q[:, 3] * q[:, 4]).numpy()[None, :]
+        inter = iou * (area_a + area_q) / (1 + iou)
+        return {-1: iou, 0: inter / area_a, 1: inter / area_q, 2: inter}[criterion]
+
+    rotate = types.ModuleType(f"{package}.rotate_iou")
+    rotate.rotate_iou_gpu_eval = rotate_iou
+    monkeypatch.setitem(sys.modules, rotate.__name__, rotate)
+    spec = importlib.util.spec_from_file_location(f"{package}.eval", folder / "eval.py")
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, module)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _openpcdet_anno(o: KittiObjects) -> dict:
+    anno = {"name": np.array(o.names), "truncated": o.truncated, "occluded": o.occluded, "alpha": o.alpha,
+            "bbox": o.bbox, "dimensions": o.dimensions[:, [2, 0, 1]], "location": o.location,
+            "rotation_y": o.rotation_y, "score": np.zeros(len(o)) if o.score is None else o.score}  # fmt: skip
+    return anno
+
+
+def test_matches_openpcdet_evaluation(cases, openpcdet_eval):
+    """R11 and R40 as OpenPCDet's Python evaluation computes them (every second case, for time)."""
+    min_overlaps = np.array([[[0.7, 0.5, 0.5]] * 3])  # (1, metrics, classes)
+    largest = 0.0
+    for case, gt, det, result in cases[::2]:
+        theirs = openpcdet_eval.do_eval(
+            [_openpcdet_anno(g) for g in gt], [_openpcdet_anno(d) for d in det], [0, 1, 2], min_overlaps
+        )
+        for m in range(len(METRICS)):
+            for ours, reference in ((result.ap_r11[m], theirs[m][:, :, 0]), (result.ap_r40[m], theirs[4 + m][:, :, 0])):
+                largest = max(largest, float(np.abs(ours - reference).max()))
+    assert largest < 1e-9
