@@ -210,3 +210,12 @@ def test_matches_openpcdet_evaluation(cases, openpcdet_eval):
             for ours, reference in ((result.ap_r11[m], theirs[m][:, :, 0]), (result.ap_r40[m], theirs[4 + m][:, :, 0])):
                 largest = max(largest, float(np.abs(ours - reference).max()))
     assert largest < 1e-9
+
+
+def test_results_files_round_trip(cases, tmp_path):
+    """Detections written as results files read back as the devkit reads them, and score the same."""
+    case, gt, det, result = cases[1]
+    ids = [f"{i:06d}" for i in range(len(det))]
+    kitti_ap.write_results(tmp_path, ids, det)
+    back = [parse_labels((tmp_path / f"{i}.txt").read_text()) for i in ids]
+    np.testing.assert_array_equal(evaluate_kitti(gt, back, CLASSES).precision, result.precision)

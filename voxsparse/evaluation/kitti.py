@@ -54,6 +54,7 @@ from voxsparse.data.kitti import (
     MAX_TRUNCATION,
     MIN_HEIGHT,
     KittiObjects,
+    format_labels,
     image_boxes,
     image_size,
     lidar_boxes_to_camera,
@@ -73,6 +74,7 @@ __all__ = [
     "kitti",
     "overlaps",
     "score_thresholds",
+    "write_results",
 ]
 
 #: Evaluated overlaps: image boxes, bird's-eye view, 3D.
@@ -548,6 +550,17 @@ def detections_to_objects(
         rotation_y=rotation_y,
         score=np.asarray(scores, np.float64),
     )
+
+
+def write_results(folder: str | Path, frame_ids: Sequence[str], objects: Sequence[KittiObjects]) -> None:
+    """One results file ``<folder>/<frame id>.txt`` per frame, in the format of the benchmark's server
+    and devkit (label fields and a score; an empty file for a frame without detections)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    for frame_id, frame in zip(frame_ids, objects, strict=True):
+        if len(frame) and frame.score is None:
+            raise ValueError(f"frame {frame_id!r}: detections without scores")
+        (folder / f"{frame_id}.txt").write_text(format_labels(frame), encoding="utf-8")
 
 
 def kitti(predictions: Any, dataset: Mapping) -> KittiAP:
