@@ -18,8 +18,6 @@ from typing import Any, Protocol
 
 __all__ = ["RAY_INSTALL_HINT", "Executor", "GiB", "LocalExecutor", "RayExecutor", "peak_rss_bytes"]
 
-log = logging.getLogger(__name__)
-
 RAY_INSTALL_HINT = 'the Ray executor needs Ray: pip install -e ".[ray]" (ray>=2.9) on every machine of the cluster'
 
 GiB = 1 << 30
@@ -122,7 +120,9 @@ class RayExecutor:
         cpus = int(ray.cluster_resources().get("CPU", 1))
         self.parallelism = max(1, int(cpus // task_cpus))
         self.max_in_flight = max_in_flight or 2 * self.parallelism
-        self._remote = ray.remote(memory=int(task_memory), num_cpus=task_cpus, max_calls=1)(_call)
+        # A task whose worker process dies is run again (its files are written atomically, so a
+        # rerun only replaces complete files with identical ones).
+        self._remote = ray.remote(memory=int(task_memory), num_cpus=task_cpus, max_calls=1, max_retries=3)(_call)
 
     def map_unordered(self, fn: Callable[[Any], Any], items: Iterable[Any]) -> Iterator[Any]:
         ray = self._ray

@@ -16,6 +16,7 @@ Points are stored by :func:`encode_points` and read back by :func:`decode_points
 
 from __future__ import annotations
 
+import io
 import os
 import zipfile
 from collections.abc import Mapping, Sequence
@@ -40,13 +41,14 @@ def write_npz(path: str | os.PathLike, arrays: Mapping[str, np.ndarray], compres
     the speed."""
 
     def write(f) -> None:
-        with zipfile.ZipFile(f, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=compresslevel) as zf:
+        with zipfile.ZipFile(f, "w", compression=zipfile.ZIP_DEFLATED) as zf:
             for name, value in arrays.items():
                 info = zipfile.ZipInfo(f"{name}.npy", date_time=_EPOCH)
-                info.compress_type = zipfile.ZIP_DEFLATED
                 info.external_attr = 0o644 << 16
-                with zf.open(info, "w", force_zip64=True) as member:
-                    np.lib.format.write_array(member, np.asanyarray(value), allow_pickle=False)
+                member = io.BytesIO()
+                np.lib.format.write_array(member, np.asanyarray(value), allow_pickle=False)
+                # writestr is the public way to set a member's level (ZipFile.open would deflate at 6).
+                zf.writestr(info, member.getbuffer(), zipfile.ZIP_DEFLATED, compresslevel)
 
     return atomic_write(path, write)
 
