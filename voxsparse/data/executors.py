@@ -98,7 +98,7 @@ class RayExecutor:
     def __init__(
         self,
         address: str | None = None,
-        task_memory: int = 2 * GiB,
+        task_memory: int = GiB,
         task_cpus: float = 1,
         num_cpus: int | None = None,
         max_in_flight: int | None = None,

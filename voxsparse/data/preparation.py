@@ -100,9 +100,9 @@ def build_parser(module: ModuleType | None = None, description: str | None = Non
     parser.add_argument(
         "--ray-task-memory",
         type=float,
-        default=2.0,
+        default=1.0,
         metavar="GIB",
-        help="memory each Ray task reserves, GiB (default 2; a run prints its measured peak per worker)",
+        help="memory each Ray task reserves, GiB (default 1; a run prints its measured peak per worker)",
     )
     parser.add_argument("--splits", nargs="+", help="splits to prepare (default: all of the dataset)")
     parser.add_argument(
