@@ -46,7 +46,7 @@ from torch import nn
 from voxsparse.models.heads.center_head import gaussian_radius
 from voxsparse.models.keys import KeyPair
 from voxsparse.ops.boxes import class_agnostic_nms, class_specific_nms, iou_3d_aligned
-from voxsparse.structures import Annotations3D, Boxes3D, DenseBEV, Detections3D, VoxelGrid
+from voxsparse.structures import Annotations3D, Boxes3D, DenseBEV, Detections3D, SparseBEV, VoxelGrid
 
 #: CenterPoint's nuScenes outputs: name -> (channels, convs), in the order the regression code takes.
 DEFAULT_SEPARATE_HEADS = {
@@ -306,7 +306,11 @@ class ReferenceCenterHead(nn.Module):
         self.nms_score_threshold = nms_score_threshold
 
     # --- forward ---------------------------------------------------------------------------------
-    def forward(self, bev: DenseBEV) -> DenseCenterPredictions:
+    def forward(self, bev: DenseBEV | SparseBEV) -> DenseCenterPredictions:
+        """Outputs at every cell of ``bev`` (B, in_channels, H, W); a sparse BEV is scattered to a
+        dense map first (zeros at empty cells), as OpenPCDet's map-to-BEV modules do."""
+        if isinstance(bev, SparseBEV):
+            bev = DenseBEV.from_sparse(bev)
         if self.feature_map_stride is not None and bev.stride != self.feature_map_stride:
             raise ValueError(f"{type(self).__name__}: feature_map_stride {self.feature_map_stride} but the map is at stride {bev.stride}")
         x = self.shared_conv(bev.features)
