@@ -32,7 +32,9 @@ class Cuboid:
 
 def _write(path: Path, columns: dict[str, np.ndarray], dtypes: dict[str, str]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    table = pd.DataFrame({name: np.asarray(columns[name]).astype(object if t == "str" else t) for name, t in dtypes.items()})
+    table = pd.DataFrame(
+        {name: np.asarray(columns[name]).astype(object if t == "str" else t) for name, t in dtypes.items()}
+    )
     feather.write_feather(table, path)
 
 
@@ -74,7 +76,10 @@ def write_calibration(log_dir: Path) -> None:
     names = ["up_lidar", "down_lidar"]
     columns = {"sensor_name": np.asarray(names, object), "qw": np.ones(2), "qx": np.zeros(2), "qy": np.zeros(2),
                "qz": np.zeros(2), "tx_m": np.full(2, 1.35), "ty_m": np.zeros(2), "tz_m": np.array([1.9, 1.6])}  # fmt: skip
-    dtypes = {"sensor_name": "str", **{k: "float64" for k in ("qw", "qx", "qy", "qz", "tx_m", "ty_m", "tz_m")}}
+    dtypes = {
+        "sensor_name": "str",
+        **{k: "float64" for k in ("qw", "qx", "qy", "qz", "tx_m", "ty_m", "tz_m")},
+    }
     _write(log_dir / "calibration" / "egovehicle_SE3_sensor.feather", columns, dtypes)
 
 

@@ -10,7 +10,7 @@ import pytest
 
 pytest.importorskip("av2")
 
-from tests.data.argo2_writer import (  # noqa: E402
+from tests.data.argo2_writer import (
     Cuboid,
     write_annotations,
     write_calibration,
@@ -18,7 +18,7 @@ from tests.data.argo2_writer import (  # noqa: E402
     write_poses,
     write_sweep,
 )
-from voxsparse.data.argo2 import (  # noqa: E402
+from voxsparse.data.argo2 import (
     CLASS_NAMES,
     category_to_name,
     frame_id,
@@ -27,7 +27,7 @@ from voxsparse.data.argo2 import (  # noqa: E402
     quaternion_yaw,
     read_log,
 )
-from voxsparse.data.prepared import PreparedDataset  # noqa: E402
+from voxsparse.data.prepared import PreparedDataset
 
 LOG = "0b86f508-5df9-4a46-bc59-5b9536dbde9f"
 STAMPS = [315969629019741000, 315969629119752000, 315969629219760000]
@@ -48,8 +48,15 @@ def write_log(split_dir: Path, log_id: str = LOG, seed: int = 0, labelled: bool 
             Cuboid(stamp, "b2", "PEDESTRIAN", (-5.0, 3.0 - i, 0.9, 0.6, 0.7, 1.8, -2.9), 15),
             Cuboid(stamp, "c3", "ANIMAL", (20.0, -4.0, 0.3, 0.8, 0.4, 0.5, 1.0), 4),  # not a detection class
         ]
-    cuboids.append(Cuboid(STAMPS[1], "d4", "MOBILE_PEDESTRIAN_CROSSING_SIGN", (7.0, -8.0, 0.5, 0.5, 0.4, 1.0, 3.1), 0))
-    write_poses(log_dir, STAMPS, [0.1, 0.12, 0.15], np.array([[100.0, 50.0, 3.0], [101.0, 50.2, 3.0], [102.0, 50.5, 3.1]]))
+    cuboids.append(
+        Cuboid(STAMPS[1], "d4", "MOBILE_PEDESTRIAN_CROSSING_SIGN", (7.0, -8.0, 0.5, 0.5, 0.4, 1.0, 3.1), 0)
+    )
+    write_poses(
+        log_dir,
+        STAMPS,
+        [0.1, 0.12, 0.15],
+        np.array([[100.0, 50.0, 3.0], [101.0, 50.2, 3.0], [102.0, 50.5, 3.1]]),
+    )
     write_calibration(log_dir)
     write_map(log_dir, [(60, 0), (160, 0), (160, 100), (60, 100)])
     if labelled:
@@ -60,7 +67,9 @@ def write_log(split_dir: Path, log_id: str = LOG, seed: int = 0, labelled: bool 
 def test_names_and_frame_ids():
     from av2.evaluation import SensorCompetitionCategories
 
-    assert sorted(name_to_category(n) for n in CLASS_NAMES) == sorted(c.value for c in SensorCompetitionCategories)
+    assert sorted(name_to_category(n) for n in CLASS_NAMES) == sorted(
+        c.value for c in SensorCompetitionCategories
+    )
     assert all(category_to_name(name_to_category(n)) == n for n in CLASS_NAMES)
     assert parse_frame_id(frame_id(LOG, STAMPS[0])) == (LOG, STAMPS[0])
     with pytest.raises(ValueError, match="not an Argoverse 2 frame id"):
@@ -102,7 +111,10 @@ def test_reader_reads_what_av2_reads(tmp_path):
                    if category_to_name(c.category) in CLASS_NAMES]  # fmt: skip
         assert [CLASS_NAMES[i] for i in frame.labels] == [category_to_name(c.category) for c in cuboids]
         expected = np.array(
-            [[*c.xyz_center_m, c.length_m, c.width_m, c.height_m, mat_to_xyz(c.dst_SE3_object.rotation)[2]] for c in cuboids]
+            [
+                [*c.xyz_center_m, c.length_m, c.width_m, c.height_m, mat_to_xyz(c.dst_SE3_object.rotation)[2]]
+                for c in cuboids
+            ]
         )
         np.testing.assert_allclose(frame.boxes, expected.astype(np.float32), atol=1e-6)
         assert frame.difficulty.tolist() == [1] * len(cuboids)
@@ -138,3 +150,31 @@ def test_prepare(tmp_path):
     assert train.index.gt_database and len(PreparedDataset(out, "val")) == 3
     with pytest.raises(SystemExit, match="Argoverse 2 splits are"):
         main(["argo2", "--root", str(raw), "--out", str(out), "--splits", "training"])
+
+
+def test_preset_builds_a_training_set_from_prepared_frames(tmp_path):
+    from hydra import compose, initialize_config_dir
+    from hydra.utils import instantiate
+
+    from voxsparse.data.dataset import DetectionDataset
+    from voxsparse.data.preparation import main
+
+    write_log(tmp_path / "sensor" / "train")
+    main(["argo2", "--root", str(tmp_path / "sensor"), "--out", str(tmp_path / "prepared"), "--splits", "train",
+          "--workers", "1", "--quiet", "--gt-database"])  # fmt: skip
+    root = Path(__file__).resolve().parents[2] / "configs"
+    with initialize_config_dir(str(root), version_base="1.3"):
+        cfg = compose(
+            "train", overrides=["experiment=voxelnext_argo2", f"dataset.root={tmp_path / 'prepared'}"]
+        )
+    assert tuple(cfg.dataset.class_names) == tuple(cfg.model.class_names) == CLASS_NAMES
+    assert cfg.dataset.evaluation == "voxsparse.evaluation.argo2.argo2" and cfg.trainer.epochs == 6
+    train = instantiate(cfg.dataset.train)
+    augmentations = [instantiate(t) for t in cfg.dataset.augmentations]
+    # OpenPCDet's recipe: no GT sampling, a mirror across the x axis only, then shuffled points.
+    assert augmentations[0].flip_probability == 0.5 and augmentations[0].flip_x_probability == 0.0
+    assert [type(a).__name__ for a in augmentations] == ["GlobalAugment", "ShufflePoints"]
+    data = DetectionDataset(train, cfg.model.voxel_encoder.grid.point_cloud_range, augmentations)
+    sample = data[1]
+    assert sample.points.shape[1] == cfg.model.voxel_encoder.in_channels == 4
+    assert sorted(sample.annotations.labels.tolist()) == [0, 1]  # the sign without points is not trained on

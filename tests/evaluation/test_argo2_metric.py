@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -17,7 +18,7 @@ import torch
 
 pytest.importorskip("av2")
 
-from tests.data.argo2_writer import (  # noqa: E402
+from tests.data.argo2_writer import (
     Cuboid,
     write_annotations,
     write_calibration,
@@ -25,15 +26,15 @@ from tests.data.argo2_writer import (  # noqa: E402
     write_poses,
     write_sweep,
 )
-from voxsparse.data.argo2 import CLASS_NAMES, frame_id, name_to_category  # noqa: E402
-from voxsparse.evaluation.argo2 import (  # noqa: E402
+from voxsparse.data.argo2 import CLASS_NAMES, frame_id, name_to_category
+from voxsparse.evaluation.argo2 import (
     DETECTION_COLUMNS,
     annotations_table,
     argo2,
     detections_table,
     evaluate_argo2,
 )
-from voxsparse.structures import Boxes3D, Detections3D  # noqa: E402
+from voxsparse.structures import Boxes3D, Detections3D
 
 ROOT = Path(__file__).resolve().parents[2]
 LOGS = ["2f1a7c3e-55e1-4b1d-9a63-0c3f1e2d4b5a", "9d0e8b47-3c2a-4f6e-8b1d-7a5c6e4f3d21"]
@@ -51,7 +52,9 @@ class _Predictions:
 def _random_boxes(rng: np.random.Generator, n: int) -> np.ndarray:
     """(n, 7) boxes over the whole range: some beyond 200 m, some outside the drivable area."""
     xy = rng.uniform(-230, 230, (n, 2))
-    return np.column_stack([xy, rng.uniform(-1, 2, n), rng.uniform(0.4, 12, (n, 3)), rng.uniform(-np.pi, np.pi, n)])
+    return np.column_stack(
+        [xy, rng.uniform(-1, 2, n), rng.uniform(0.4, 12, (n, 3)), rng.uniform(-np.pi, np.pi, n)]
+    )
 
 
 def write_split(root: Path, seed: int = 0) -> dict[str, list[Cuboid]]:
@@ -67,13 +70,24 @@ def write_split(root: Path, seed: int = 0) -> dict[str, list[Cuboid]]:
             write_sweep(log_dir, stamp, np.column_stack([xyz, rng.integers(0, 256, 300)]), rng)
             boxes = _random_boxes(rng, 14)
             frame = [
-                Cuboid(stamp, f"t{j}", CATEGORIES[j % len(CATEGORIES)], tuple(b), int(rng.integers(0, 3) * rng.integers(1, 50)))
+                Cuboid(
+                    stamp,
+                    f"t{j}",
+                    CATEGORIES[j % len(CATEGORIES)],
+                    tuple(b),
+                    int(rng.integers(0, 3) * rng.integers(1, 50)),
+                )
                 for j, b in enumerate(boxes)
             ]
             by_frame[frame_id(log_id, stamp)] = frame
             cuboids += frame
         # Ego poses turn and move; the drivable area covers part of the sweeps' surroundings only.
-        write_poses(log_dir, stamps, [0.2 * i + k for i in range(4)], np.array([[1000.0 + 3 * i, 500.0, 10.0] for i in range(4)]))
+        write_poses(
+            log_dir,
+            stamps,
+            [0.2 * i + k for i in range(4)],
+            np.array([[1000.0 + 3 * i, 500.0, 10.0] for i in range(4)]),
+        )
         write_calibration(log_dir)
         write_map(log_dir, [(900, 400), (1150, 400), (1150, 560), (900, 560)])
         write_annotations(log_dir, cuboids)
@@ -84,7 +98,9 @@ def _detections(rng: np.random.Generator, cuboids: list[Cuboid]) -> Detections3D
     """Ground truth of the classes moved by up to ~3 m, resized and turned, plus false positives."""
     gt = np.array([c.box for c in cuboids if c.category != "ANIMAL"])
     labels = [CLASS_NAMES.index(c.category.lower().capitalize()) for c in cuboids if c.category != "ANIMAL"]
-    moved = gt + np.column_stack([rng.normal(0, 1.2, (len(gt), 2)), rng.normal(0, 0.2, (len(gt), 4)), rng.normal(0, 0.6, len(gt))])
+    moved = gt + np.column_stack(
+        [rng.normal(0, 1.2, (len(gt), 2)), rng.normal(0, 0.2, (len(gt), 4)), rng.normal(0, 0.6, len(gt))]
+    )
     extra = _random_boxes(rng, 5)
     boxes = np.concatenate([moved, extra])
     boxes[:, 3:6] = np.abs(boxes[:, 3:6]) + 0.1
@@ -97,7 +113,7 @@ def _detections(rng: np.random.Generator, cuboids: list[Cuboid]) -> Detections3D
     )
 
 
-def _reference_dts(frame_ids, detections) -> "pd.DataFrame":  # noqa: F821
+def _reference_dts(frame_ids, detections) -> Any:
     """The detections table built with av2's cuboid structures (rotation matrix -> quaternion)."""
     import pandas as pd
     from av2.geometry.geometry import mat_to_quat, xyz_to_mat
@@ -107,12 +123,32 @@ def _reference_dts(frame_ids, detections) -> "pd.DataFrame":  # noqa: F821
     rows = []
     for frame, det in zip(frame_ids, detections):
         log_id, _, stamp = frame.rpartition("_")
-        for box, score, label in zip(det.boxes.tensor.double().numpy(), det.scores.double().numpy(), det.labels.numpy()):
+        for box, score, label in zip(
+            det.boxes.tensor.double().numpy(), det.scores.double().numpy(), det.labels.numpy()
+        ):
             pose = SE3(rotation=xyz_to_mat(np.array([0.0, 0.0, box[6]])), translation=box[:3])
-            c = Av2Cuboid(pose, length_m=box[3], width_m=box[4], height_m=box[5], timestamp_ns=int(stamp),
-                           category=name_to_category(CLASS_NAMES[label]))
+            c = Av2Cuboid(
+                pose,
+                length_m=box[3],
+                width_m=box[4],
+                height_m=box[5],
+                timestamp_ns=int(stamp),
+                category=name_to_category(CLASS_NAMES[label]),
+            )
             q = mat_to_quat(c.dst_SE3_object.rotation)
-            rows.append([*c.xyz_center_m, c.length_m, c.width_m, c.height_m, *q, score, log_id, c.timestamp_ns, c.category])
+            rows.append(
+                [
+                    *c.xyz_center_m,
+                    c.length_m,
+                    c.width_m,
+                    c.height_m,
+                    *q,
+                    score,
+                    log_id,
+                    c.timestamp_ns,
+                    c.category,
+                ]
+            )
     return pd.DataFrame(rows, columns=list(DETECTION_COLUMNS))
 
 
@@ -137,7 +173,9 @@ def test_detections_table_matches_av2_structures():
         if ours[c].dtype == object:
             assert ours[c].tolist() == ref[c].tolist(), c
         else:
-            np.testing.assert_allclose(ours[c].to_numpy(np.float64), ref[c].to_numpy(np.float64), rtol=0, atol=1e-12)
+            np.testing.assert_allclose(
+                ours[c].to_numpy(np.float64), ref[c].to_numpy(np.float64), rtol=0, atol=1e-12
+            )
     q = ["qw", "qx", "qy", "qz"]
     np.testing.assert_allclose(quat_to_mat(ours[q].to_numpy()), quat_to_mat(ref[q].to_numpy()), atol=1e-12)
     assert ours["timestamp_ns"].dtype == np.int64
@@ -174,8 +212,13 @@ def test_suite_equals_av2_evaluate(val_split):
     ours = argo2(_Predictions(frame_ids, detections), {**DATASET, "raw_root": str(root)})
     gts = read_all_annotations(root, "val")
     categories = sorted(set(gts["category"]) & {name_to_category(n) for n in CLASS_NAMES})
-    cfg = DetectionCfg(categories=tuple(categories), dataset_dir=root / "val", max_range_m=200.0, eval_only_roi_instances=True)
-    dts_ref, gts_ref, metrics = evaluate(_reference_dts(frame_ids, detections), gts, cfg, n_jobs=1)
+    cfg = DetectionCfg(
+        categories=tuple(categories),
+        dataset_dir=root / "val",
+        max_range_m=200.0,
+        eval_only_roi_instances=True,
+    )
+    _, gts_ref, metrics = evaluate(_reference_dts(frame_ids, detections), gts, cfg, n_jobs=1)
     pd.testing.assert_frame_equal(ours.metrics, metrics)
     # The case exercises the metric: some matches, and pruning by range and region of interest.
     assert 0 < ours.metrics.loc["AVERAGE_METRICS", "AP"] < 1
@@ -191,7 +234,9 @@ def test_suite_equals_av2_evaluate(val_split):
     gts = gts[[(a, int(b)) in evaluated for a, b in zip(gts["log_id"], gts["timestamp_ns"])]]
     categories = sorted(set(gts["category"]) & {name_to_category(n) for n in CLASS_NAMES})
     cfg = DetectionCfg(categories=tuple(categories), max_range_m=150.0, eval_only_roi_instances=False)
-    _, _, metrics = evaluate(_reference_dts(frame_ids[:3], detections[:3]), gts.reset_index(drop=True), cfg, n_jobs=1)
+    _, _, metrics = evaluate(
+        _reference_dts(frame_ids[:3], detections[:3]), gts.reset_index(drop=True), cfg, n_jobs=1
+    )
     pd.testing.assert_frame_equal(ours.metrics, metrics)
     with pytest.raises(ValueError, match="needs dataset_dir"):
         evaluate_argo2(metrics, metrics, categories, roi_only=True)
@@ -209,10 +254,19 @@ def test_eval_tool_on_prepared_split(val_split, tmp_path):
     assert val.frame_ids == frame_ids
     # The prepared boxes with interior points as detections: every evaluated cuboid is found exactly.
     detections = [
-        Detections3D(Boxes3D(torch.from_numpy(f.boxes)), torch.linspace(0.9, 0.1, len(f.boxes)), torch.from_numpy(f.labels))
+        Detections3D(
+            Boxes3D(torch.from_numpy(f.boxes)),
+            torch.linspace(0.9, 0.1, len(f.boxes)),
+            torch.from_numpy(f.labels),
+        )
         for f in val
     ]
-    save_predictions(tmp_path / "preds.pt", PredictionsFile(frame_ids, detections, list(CLASS_NAMES), (-200.0, -200.0, -20.0, 200.0, 200.0, 20.0)))
+    save_predictions(
+        tmp_path / "preds.pt",
+        PredictionsFile(
+            frame_ids, detections, list(CLASS_NAMES), (-200.0, -200.0, -20.0, 200.0, 200.0, 20.0)
+        ),
+    )
     run = subprocess.run(
         [sys.executable, "tools/eval.py", "dataset=argo2", f"predictions={tmp_path / 'preds.pt'}",
          f"dataset.root={out}", f"dataset.raw_root={root}", "dataset.eval_workers=1", f"hydra.run.dir={tmp_path / 'eval'}"],

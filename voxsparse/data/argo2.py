@@ -102,7 +102,7 @@ ANNOTATION_COLUMNS: dict[str, str] = {
     "ty_m": "float32", "tz_m": "float32", "num_interior_pts": "int64",
 }  # fmt: skip
 #: A cuboid's parameters in the order ``av2`` evaluates them (``av2.structures.cuboid.ORDERED_CUBOID_COL_NAMES``).
-CUBOID_COLUMNS: tuple[str, ...] = ("tx_m", "ty_m", "tz_m", "length_m", "width_m", "height_m", "qw", "qx", "qy", "qz")
+CUBOID_COLUMNS: tuple[str, ...] = ("tx_m", "ty_m", "tz_m", "length_m", "width_m", "height_m", "qw", "qx", "qy", "qz")  # fmt: skip
 
 INSTALL_HINT = 'Argoverse 2 needs the argo2 extra: pip install -e ".[argo2]" (av2 0.3.6)'
 
@@ -326,12 +326,16 @@ def preparation_splits(args: argparse.Namespace) -> list[PreparationSplit]:
     def tasks(split: str) -> dict[str, _LogTask]:
         ids = log_ids(root / split)
         if not ids:
-            raise SystemExit(f"{root / split}: no logs (<log_id>/sensors/lidar/) found (data/README.md, Argoverse 2)")
+            raise SystemExit(
+                f"{root / split}: no logs (<log_id>/sensors/lidar/) found (data/README.md, Argoverse 2)"
+            )
         return {i: _LogTask(str(root / split), i) for i in ids}
 
     config = {"dataset": "argo2"}
     # Intensities are integers 0 .. 255, which float16 holds exactly.
     return [
-        PreparationSplit(split, argo2_frames, lambda split=split: tasks(split), CLASS_NAMES, config, ("intensity",))
+        PreparationSplit(
+            split, argo2_frames, lambda split=split: tasks(split), CLASS_NAMES, config, ("intensity",)
+        )
         for split in splits
     ]

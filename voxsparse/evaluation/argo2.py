@@ -65,7 +65,9 @@ def _pandas() -> Any:
     return pandas
 
 
-def detections_table(frame_ids: Sequence[str], detections: Sequence[Detections3D], class_names: Sequence[str]) -> Any:
+def detections_table(
+    frame_ids: Sequence[str], detections: Sequence[Detections3D], class_names: Sequence[str]
+) -> Any:
     """``av2``'s detections table (a pandas DataFrame, columns :data:`DETECTION_COLUMNS`).
 
     Args:
@@ -126,7 +128,9 @@ class Argo2Metrics:
     roi_only: bool
 
     def table(self) -> str:
-        scope = f"within {self.max_range_m:g} m" + (", in the map's region of interest" if self.roi_only else "")
+        scope = f"within {self.max_range_m:g} m" + (
+            ", in the map's region of interest" if self.roi_only else ""
+        )
         shown = self.metrics.copy()
         shown.index = [category_to_name(c) if c != _AVERAGE else "mean" for c in shown.index]
         return f"Argoverse 2 detection (av2), {scope}\n{shown.to_string()}"
@@ -171,7 +175,9 @@ def evaluate_argo2(
     except ImportError as exc:
         raise ImportError(f"{INSTALL_HINT} ({exc})") from exc
     if roi_only and dataset_dir is None:
-        raise ValueError("roi_only: the region of interest needs dataset_dir (the split folder with each log's map/)")
+        raise ValueError(
+            "roi_only: the region of interest needs dataset_dir (the split folder with each log's map/)"
+        )
     cfg = DetectionCfg(
         categories=tuple(sorted(categories)),
         dataset_dir=None if dataset_dir is None else Path(dataset_dir),
