@@ -150,7 +150,7 @@ def test_default_features_read_back_and_the_output_is_measured(raw, clean, capsy
             f"(output / raw {frame_bytes / raw_bytes:.3f}) over {points} points"
         )
     # Measured 17.1 B/point on these small range images (16.4 on full-size ones); the version-1
-    # layout stored all six columns uncompressed, 24.
+    # layout stored all six columns uncompressed and the no-label-zone flags, 25.
     assert frame_bytes / points < 18
 
 
