@@ -178,3 +178,87 @@ def test_preset_builds_a_training_set_from_prepared_frames(tmp_path):
     sample = data[1]
     assert sample.points.shape[1] == cfg.model.voxel_encoder.in_channels == 4
     assert sorted(sample.annotations.labels.tolist()) == [0, 1]  # the sign without points is not trained on
+
+
+@pytest.fixture
+def openpcdet_argo2(monkeypatch):
+    """OpenPCDet's Argoverse 2 dataset module, loaded by path with a stub ``DatasetTemplate``."""
+    import importlib.util
+    import os
+    import sys
+    import types
+
+    root = os.environ.get("VOXSPARSE_OPENPCDET")
+    if not root:
+        pytest.skip("set VOXSPARSE_OPENPCDET to an OpenPCDet checkout to compare with it")
+    base = Path(root) / "pcdet" / "datasets"
+    for name, path in [("pcdet", base.parent), ("pcdet.datasets", base), ("pcdet.datasets.argo2", base / "argo2"),
+                       ("pcdet.datasets.argo2.argo2_utils", base / "argo2" / "argo2_utils")]:  # fmt: skip
+        stub = types.ModuleType(name)
+        stub.__path__ = [str(path)]
+        monkeypatch.setitem(sys.modules, name, stub)
+    # so3.py scripts its functions with TorchScript, which fails on the installed kornia; run them eagerly.
+    import torch
+
+    monkeypatch.setattr(torch.jit, "script", lambda fn: fn)
+    template = types.ModuleType("pcdet.datasets.dataset")
+    template.DatasetTemplate = (
+        object  # only the module-level functions and a method that ignores self are used
+    )
+    monkeypatch.setitem(sys.modules, "pcdet.datasets.dataset", template)
+    module = None
+    for name, path in [("pcdet.datasets.argo2.argo2_utils.so3", "argo2_utils/so3.py"),
+                       ("pcdet.datasets.argo2.argo2_utils.constants", "argo2_utils/constants.py"),
+                       ("pcdet.datasets.argo2.argo2_dataset", "argo2_dataset.py")]:  # fmt: skip
+        spec = importlib.util.spec_from_file_location(name, base / "argo2" / path)
+        module = importlib.util.module_from_spec(spec)
+        monkeypatch.setitem(sys.modules, name, module)
+        spec.loader.exec_module(module)
+    return module
+
+
+def test_frames_match_openpcdet(openpcdet_argo2, tmp_path):
+    """OpenPCDet's conversion of the same sweeps: its .bin points, its info boxes of the classes it
+    trains on (cuboids with interior points), and its detections-to-av2 cuboids."""
+    import torch
+    from av2.utils.io import read_feather
+
+    from voxsparse.evaluation.argo2 import detections_table
+    from voxsparse.structures import Boxes3D, Detections3D
+
+    write_log(tmp_path / "val")
+    (tmp_path / "out" / "training" / "velodyne").mkdir(parents=True)
+    log_dir = tmp_path / "val" / LOG
+    annotations = read_feather(log_dir / "annotations.feather")
+    for i, frame in enumerate(read_log(tmp_path / "val", LOG)):
+        stamp = frame.timestamp_ns
+        index = f"1000{i:03d}"
+        info = openpcdet_argo2.process_and_save_frame(
+            str(log_dir / "sensors" / "lidar" / f"{stamp}.feather"), annotations[annotations["timestamp_ns"] == stamp],
+            {f"{LOG}/{stamp}": index}, LOG, str(tmp_path / "out"), True,
+        )  # fmt: skip
+        points = np.fromfile(tmp_path / "out" / "training" / "velodyne" / f"{index}.bin", np.float32).reshape(
+            -1, 4
+        )
+        np.testing.assert_array_equal(frame.points, points)
+        annos = info["annos"]
+        kept = np.array([n in CLASS_NAMES for n in annos["name"]])
+        theirs = np.column_stack([annos["location"], annos["dimensions"], annos["rotation_y"]])[kept]
+        ours = frame.num_points > 0
+        assert [CLASS_NAMES[k] for k in frame.labels[ours]] == list(annos["name"][kept])
+        np.testing.assert_allclose(frame.boxes[ours], theirs.astype(np.float32), atol=2e-6)
+
+        detections = Detections3D(
+            Boxes3D(torch.from_numpy(frame.boxes)),
+            torch.ones(len(frame.boxes)),
+            torch.from_numpy(frame.labels),
+        )
+        table = detections_table([frame.frame_id], [detections], CLASS_NAMES)
+        cuboids = openpcdet_argo2.Argo2Dataset.lidar_box_to_argo2(None, frame.boxes).double().numpy()
+        np.testing.assert_allclose(
+            table[
+                ["tx_m", "ty_m", "tz_m", "length_m", "width_m", "height_m", "qw", "qx", "qy", "qz"]
+            ].to_numpy(),
+            cuboids,
+            atol=1e-6,
+        )

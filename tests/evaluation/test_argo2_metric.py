@@ -202,7 +202,33 @@ def val_split(tmp_path_factory):
     return root, frame_ids, [_detections(rng, by_frame[f]) for f in frame_ids]
 
 
-def test_suite_equals_av2_evaluate(val_split):
+@pytest.fixture
+def in_process_pool(monkeypatch):
+    """av2's evaluate always starts a pool of spawned processes (each imports av2 again); here the
+    same calls run in this process (tools/eval.py below runs the real pool)."""
+    import itertools
+    import types
+
+    import av2.evaluation.detection.eval as av2_eval
+
+    class Pool:
+        def __init__(self, processes=None):
+            pass
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def starmap(self, fn, args):
+            return list(itertools.starmap(fn, args))
+
+    context = types.SimpleNamespace(Pool=Pool)
+    monkeypatch.setattr(av2_eval, "mp", types.SimpleNamespace(get_context=lambda method: context))
+
+
+def test_suite_equals_av2_evaluate(val_split, in_process_pool):
     import pandas as pd
     from av2.evaluation.detection.eval import evaluate
     from av2.evaluation.detection.utils import DetectionCfg
