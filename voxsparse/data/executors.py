@@ -137,8 +137,15 @@ class RayExecutor:
                 if not pending:
                     return
                 done, pending = ray.wait(pending, num_returns=1)
-                # A task's exception is raised here as an instance of its own class (and RayTaskError).
-                yield ray.get(done[0])
+                try:
+                    result = ray.get(done[0])
+                except ray.exceptions.RayTaskError as exc:
+                    # The task's own exception, as a local run raises it (not Ray's wrapper and its
+                    # remote traceback).
+                    if isinstance(exc.cause, Exception):
+                        raise exc.cause from None
+                    raise
+                yield result
         finally:
             for ref in pending:
                 ray.cancel(ref, force=True)
