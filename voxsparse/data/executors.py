@@ -112,9 +112,10 @@ class RayExecutor:
         if not ray.is_initialized():
             kwargs: dict[str, Any] = {"address": address, "logging_level": logging.WARNING}
             if address is None:
-                # A local instance's workers import what this process imports, from the same paths.
-                kwargs.update(num_cpus=num_cpus, include_dashboard=False)
-                kwargs["runtime_env"] = {"env_vars": {"PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}}
+                # A local instance's workers import what this process imports, from the same paths
+                # ("" is this process's working directory, which a worker does not share).
+                path = os.pathsep.join(os.path.abspath(p or os.curdir) for p in sys.path)
+                kwargs.update(num_cpus=num_cpus, include_dashboard=False, runtime_env={"env_vars": {"PYTHONPATH": path}})
             ray.init(**kwargs)
             self._owns = True
         cpus = int(ray.cluster_resources().get("CPU", 1))
