@@ -124,8 +124,8 @@ def test_suite_comes_from_the_dataset_config():
         metric_suite({"evaluation": "kitti"})
     with pytest.raises(ValueError, match=r"dataset\.evaluation='os\.system'"):
         metric_suite({"evaluation": "os.system"})  # nothing outside voxsparse.evaluation is imported
-    with pytest.raises(ValueError, match="no metric suite module voxsparse.evaluation.kitti"):
-        metric_suite({"evaluation": "voxsparse.evaluation.kitti.suite"})
+    with pytest.raises(ValueError, match="no metric suite module voxsparse.evaluation.lidar_x"):
+        metric_suite({"evaluation": "voxsparse.evaluation.lidar_x.suite"})
     with pytest.raises(ValueError, match="has no metric suite function 'kitti'"):
         metric_suite({"evaluation": "voxsparse.evaluation.suites.kitti"})
     with pytest.raises(ValueError, match="no 'evaluation' key"):
