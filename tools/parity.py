@@ -1,7 +1,8 @@
 """A voxsparse reference config beside the OpenPCDet (or DSVT repository) detector it reproduces.
 
     python tools/parity.py --openpcdet /path/to/OpenPCDet --model voxelnext_nuscenes
-    python tools/parity.py --openpcdet /path/to/OpenPCDet --model centerpoint_nuscenes --device cuda --points scan.bin
+    python tools/parity.py --openpcdet /path/to/OpenPCDet --model centerpoint_nuscenes --device cuda \
+        --points sweep.pcd.bin --format nuscenes
     python tools/parity.py --openpcdet /path/to/DSVT --model dsvt_pillar_nuscenes --reduced
 
 The reference is built from the checkout's yaml at full size (``--reduced``: the reduced widths of
@@ -31,12 +32,14 @@ def main() -> None:
     parser.add_argument("--model", required=True, choices=sorted(REFERENCE_CONFIGS), help="the voxsparse config")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--points", type=Path, help="a point file (.bin .npy .pcd .ply) instead of the synthetic frame")
+    parser.add_argument("--format", help="the point file's layout (nuscenes, waymo, kitti, ...), as tools/predict.py")
     parser.add_argument("--reduced", action="store_true", help="both models at reduced width")
     parser.add_argument("--seed", type=int, default=0, help="weights, statistics and synthetic frame")
     parser.add_argument("--tolerance", type=float, default=1e-4, help="largest relative difference accepted")
     args = parser.parse_args()
     try:
-        result, report = run_parity(args.model, args.openpcdet, args.device, args.points, args.reduced, args.seed)
+        result, report = run_parity(args.model, args.openpcdet, args.device, args.points, args.reduced, args.seed,
+                                    args.format)
     except USER_ERRORS as exc:
         if os.environ.get("VOXSPARSE_DEBUG"):
             raise

@@ -493,11 +493,14 @@ def reference_pair(name: str, root: Path, reduced: bool = False, device: str | t
 
 
 def run_parity(name: str, root: Path, device: str | torch.device = "cpu", points_file: Path | None = None,
-               reduced: bool = False, seed: int = 0) -> tuple[ParityResult, ConversionReport]:
+               reduced: bool = False, seed: int = 0, points_format: str | None = None
+               ) -> tuple[ParityResult, ConversionReport]:
     """What ``tools/parity.py`` does: :func:`reference_pair`, then :func:`compare` on a real scan
-    (``points_file``, read and conformed to the model's point convention) or the synthetic frame."""
+    (``points_file`` in ``points_format`` (:data:`voxsparse.data.pointfile.POINT_FORMATS`), read and
+    conformed to the model's point convention) or the synthetic frame."""
     from voxsparse.data.pointfile import conform, read_points
 
     reference, model, report = reference_pair(name, root, reduced, device, seed)
-    points = None if points_file is None else torch.from_numpy(conform(read_points(points_file), model.point_convention))
+    points = None if points_file is None else torch.from_numpy(
+        conform(read_points(points_file, points_format), model.point_convention))
     return compare(reference, model, parity_input(model, reference, points, seed)), report
