@@ -1,7 +1,8 @@
 """Preparation at scale on a multi-segment Waymo v1 fixture (real protos) with dense range images:
 the process pool and a local Ray instance write byte-identical files, a run killed with SIGKILL
-resumes to exactly a clean run's files (no duplicate, torn or temporary file), and the output size
-and peak RSS per worker are measured.
+resumes to exactly a clean run's files (no duplicate, torn or temporary file), Ray resumes an
+interrupted process-pool run to the same files, and the output size and peak RSS per worker are
+measured.
 
 ``python tests/data/test_prepare_scale.py [SEGMENTS] [FRAMES]`` measures the same on full-size range
 images (TOP 64 x 2650, four 200 x 600 short-range LiDARs): times, peak RSS per worker, bytes per
@@ -10,7 +11,9 @@ point and output / raw for the default and the float16 features.
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -168,15 +171,28 @@ def test_half_features_store_float16(raw, clean, tmp_path):
     assert size["half"] < 0.85 * size["full"]
 
 
-def test_process_pool_and_local_ray_write_identical_files(tmp_path):
+def test_local_ray_resumes_a_process_pool_run_to_identical_files(tmp_path, capsys):
     pytest.importorskip("ray", reason='the Ray executor needs the ray extra (pip install -e ".[ray]")')
     # Two one-frame segments: on two busy cores a local Ray instance starts in ~15 s, and each task's
     # fresh worker process imports torch in ~10 s.
     write_dense_segments(tmp_path / "raw" / "training", segments=2, frames=1, lasers=waymo_lasers(**SMALL_LASERS))
     prepare_data(command(tmp_path / "raw", tmp_path / "local", "--workers", "2"))
+    # An interrupted process-pool run: no index, one segment unrecorded with a torn frame, a temporary.
+    shutil.copytree(tmp_path / "local", tmp_path / "ray")
+    split = tmp_path / "ray" / "train"
+    (split / "index.json").unlink()
+    record = min((split / "tasks").glob("*.json"))
+    (frame_id,) = [f["frame_id"] for f in json.loads(record.read_text())["frames"]]
+    record.unlink()
+    torn = split / "frames" / f"{frame_id}.npz"
+    torn.write_bytes(torn.read_bytes()[:1000])
+    (split / "frames" / f".{frame_id}.npz.x1y2.tmp").write_bytes(b"partial")
+    capsys.readouterr()
+
     (index,) = prepare_data(
         command(tmp_path / "raw", tmp_path / "ray", "--executor", "ray", "--workers", "2", "--ray-task-memory", "0.5")
     )
+    assert "1 task(s) done, 1 already done" in capsys.readouterr().out
     assert len(index.frames) == 2 and index.gt_database
     assert files(tmp_path / "ray") == files(tmp_path / "local")
 
