@@ -5,21 +5,21 @@ One split of a prepared dataset, ``<root>/<split>/``::
 
     index.json                    the split's table of contents, written last (atomically): a split
                                   without it is incomplete and cannot be opened
-    frames/<frame_id>.npz         one frame (deflated, :mod:`voxsparse.data.point_storage`): points
-                                  (N, C) (x, y, z float32, the other columns float32 or float16,
-                                  byte-shuffled), boxes (K, 7 | 9) float32, labels / num_points / difficulty /
-                                  track_ids (K,) int64, optional keypoints (K, 14, 3) float32,
-                                  keypoint_visibility (K, 14) bool, no_label_zone (N,) bool,
-                                  and the frame id
+    frames/<frame_id>.npz         one frame (deflated, :mod:`voxsparse.data.point_storage`):
+                                  points (N, C) (x, y, z float32, the other columns float32 or
+                                  float16, byte-shuffled), boxes (K, 7 | 9) float32, labels /
+                                  num_points / difficulty / track_ids (K,) int64, optional
+                                  keypoints (K, 14, 3) float32, keypoint_visibility (K, 14) bool,
+                                  no_label_zone (N,) bool, and the frame id
     tasks/<task_key>.json         one finished unit of work (a nuScenes sample, a Waymo segment) and
                                   the frames it wrote: what makes a run resumable
     gt_database/                  optional, see :mod:`voxsparse.data.gt_database`
 
 Every file is written with :func:`voxsparse.utils.io.atomic_write`, so a killed run leaves complete
 files or none (plus temporary ``.<name>.*.tmp`` files, removed by the next run), and the same
-inputs give the same bytes whichever executor (:mod:`voxsparse.data.executors`) ran the task. A run first deletes
-``index.json`` and the merged GT database, so an interrupted run never leaves a stale index; a
-rerun skips every task whose record and files read back complete and were made with the same
+inputs give the same bytes whichever executor (:mod:`voxsparse.data.executors`) ran the task. A
+run first deletes ``index.json`` and the merged GT database, so an interrupted run never leaves a
+stale index; a rerun skips every task whose record and files read back complete and were made with the same
 settings (``config``), redoes the others, and writes the index again.
 
 Points are in the LiDAR frame (x forward, y left, z up, metres); boxes are
@@ -68,7 +68,7 @@ log = logging.getLogger(__name__)
 
 #: Bump when the layout changes: older splits are then refused (and re-prepared from scratch).
 #: 2: frames deflated, points byte-shuffled with optional float16 columns (version 1 stored
-#: uncompressed float32 points, several times the size of the raw Waymo range images).
+#: uncompressed float32 points: 1.6 times the size of dense raw Waymo LiDAR data).
 FORMAT_VERSION = 2
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
@@ -183,9 +183,12 @@ FRAME_ARRAYS = (
 )
 
 
+_NOT_POINTS = tuple(k for k in FRAME_ARRAYS if k != "points")  # points are stored encoded
+
+
 def _write_frame(path: Path, frame: PreparedFrame, half_features: Sequence[str] = ()) -> None:
     """Write ``frame``; the point columns named in ``half_features`` are stored as float16."""
-    arrays = {k: getattr(frame, k) for k in FRAME_ARRAYS[1:] if getattr(frame, k) is not None}
+    arrays = {k: getattr(frame, k) for k in _NOT_POINTS if getattr(frame, k) is not None}
     arrays.update(encode_points(frame.points, [n in half_features for n in frame.point_features]))
     arrays["frame_id"] = np.asarray(frame.frame_id)
     arrays["point_features"] = np.asarray(frame.point_features)
@@ -200,7 +203,7 @@ def _frame_of(arrays: dict[str, np.ndarray]) -> PreparedFrame:
         frame_id=str(arrays.pop("frame_id")),
         point_features=tuple(str(n) for n in arrays.pop("point_features")),
         points=points,
-        **{k: arrays.get(k) for k in FRAME_ARRAYS[1:]},
+        **{k: arrays.get(k) for k in _NOT_POINTS},
     )
 
 
