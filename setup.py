@@ -35,7 +35,12 @@ EXTRAS = {
     # feather files and computes the detection metric. Its dependencies would take numpy 2 and a
     # pyarrow that needs it; numpy and pyarrow are pinned beside it so pip keeps numpy 1.
     "argo2": ["av2==0.3.6", "numpy>=1.24,<2", "pyarrow>=14,<23"],
-    "test": ["pytest>=8", "shapely>=2.0", NUSCENES_DEVKIT, *NUSCENES_TRACKING, "google-crc32c>=1.5"],
+    # Dataset preparation on a Ray cluster (tools/prepare_data.py --executor ray); on every node.
+    "ray": ["ray>=2.9"],
+    # CI runs the readers, metrics and executors of every dataset, so the test extra carries their
+    # packages (the Waymo protos excepted: see the waymo extra).
+    "test": ["pytest>=8", "shapely>=2.0", NUSCENES_DEVKIT, *NUSCENES_TRACKING, "google-crc32c>=1.5", "protobuf>=4.21",
+             "pyarrow>=14,<23", "ray>=2.9", "av2==0.3.6"],
 }
 
 setup(

@@ -39,7 +39,6 @@ from voxsparse.data.synthetic.actors import CLASS_NAMES as SYNTHETIC_CLASSES
 from voxsparse.data.synthetic.frame import generate_frame
 from voxsparse.data.synthetic.lidar import LidarConfig
 from voxsparse.data.synthetic.scene import SceneConfig
-from voxsparse.models.backbones.voxelnext import biases_after_conv_on_cpu
 from voxsparse.models.keys import TensorKind
 from voxsparse.models.voxel_encoders import MeanVFE
 from voxsparse.models.voxelkp.reference import VoxelKPReferenceBackbone, window_index
@@ -265,13 +264,11 @@ def record(root: Path, seed: int = 0) -> dict:
     points, annotations = scans()
     voxels = voxelize(points)
     with torch.no_grad(), harness._reference_patches(torch.device("cpu")):
-        with biases_after_conv_on_cpu(backbone, voxels.features):
-            batch = backbone({"voxel_features": voxels.features, "voxel_coords": voxels.coords.int(),
-                              "batch_size": voxels.batch_size})
+        batch = backbone({"voxel_features": voxels.features, "voxel_coords": voxels.coords.int(),
+                          "batch_size": voxels.batch_size})
         x = batch["encoded_spconv_tensor"]
-        with biases_after_conv_on_cpu(head, x.features):
-            pred = {k: v.clone() for k, v in head.heads_list[0](x).items()}
-            decoded = head.generate_predicted_boxes(voxels.batch_size, [dict(pred)], x.indices, x.spatial_shape)
+        pred = {k: v.clone() for k, v in head.heads_list[0](x).items()}
+        decoded = head.generate_predicted_boxes(voxels.batch_size, [dict(pred)], x.indices, x.spatial_shape)
         targets, losses = _authors_targets_and_losses(head, dict(pred), x, annotations)
     # Training mode: BatchNorm on batch statistics (the selective kernels' squeeze over the 2 frames).
     backbone.train()

@@ -21,7 +21,7 @@ import torch
 import yaml
 
 from voxsparse.benchmark.openpcdet import _attr_dict, load_openpcdet_voxelnext
-from voxsparse.models.backbones.voxelnext import VoxelNeXtBackbone, biases_after_conv_on_cpu
+from voxsparse.models.backbones.voxelnext import VoxelNeXtBackbone
 from voxsparse.models.heads.voxelnext_reference import DEFAULT_SEPARATE_HEADS as DEFAULT_HEADS
 from voxsparse.models.heads.voxelnext_reference import VoxelNeXtReferenceHead
 from voxsparse.models.keys import KeyPair, TensorKind
@@ -202,7 +202,7 @@ def test_vfe_and_backbone_match_openpcdet():
         load_reference_weights(ours, theirs.state_dict(), ours.openpcdet_keys())
         theirs.eval(), ours.eval()
         # spconv's CPU build runs their biased convs only with the bias added after the kernel.
-        with torch.no_grad(), biases_after_conv_on_cpu(theirs, ref_features):
+        with torch.no_grad():
             out = theirs({"voxel_features": ref_features, "voxel_coords": ref_coords.int(),
                           "batch_size": points.batch_size})["encoded_spconv_tensor"]
             expected = _sorted_rows(out.indices, out.features)
@@ -363,7 +363,7 @@ def test_head_matches_openpcdet(case, monkeypatch):
     theirs.eval(), ours.eval()
     bev = _bev(5, channels, grid)
     x = SparseConvTensor(bev.features, bev.coords, list(bev.spatial_shape), bev.batch_size)
-    with torch.no_grad(), biases_after_conv_on_cpu(theirs, bev.features):
+    with torch.no_grad():
         their_pred = [head(x) for head in theirs.heads_list]
         pred = ours(bev)
     for mine, their in zip(pred.groups, their_pred):

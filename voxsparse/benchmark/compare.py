@@ -25,7 +25,8 @@ import torch
 
 from voxsparse.benchmark.openpcdet import OpenPCDetVoxelNeXt, build_openpcdet_dsvt, load_openpcdet_voxelnext
 from voxsparse.benchmark.stages import count_parameters, fp16_autocast
-from voxsparse.models.backbones.dsvt import DSVTBackbone
+from voxsparse.convert.openpcdet import ours_to_openpcdet
+from voxsparse.models.backbones.dsvt import DSVTReferenceBackbone
 from voxsparse.models.detectors.sparse_detector import SparseDetector
 from voxsparse.models.fusion import fuse_for_inference
 from voxsparse.ops.sparse_utils import linear_keys
@@ -79,10 +80,10 @@ def compare_with_openpcdet(
         NeedsCuda: a VoxelNeXt model on the CPU.
     """
     device = voxels.features.device
-    if isinstance(model.backbone, DSVTBackbone):
+    if isinstance(model.backbone, DSVTReferenceBackbone):
         return compare_dsvt(model.backbone, voxels, root, device, alternation, train=train)
     if device.type != "cuda":
-        # OpenPCDet's residual convs have biases, which spconv's CPU kernels refuse in eval mode.
+        # OpenPCDet's VoxelNeXt head places its constants with .cuda().
         raise NeedsCuda("OpenPCDet's VoxelNeXt backbone cannot run inference on the CPU")
     return compare_voxelnext(model, voxels, points, root, alternation, train=train)
 
@@ -245,7 +246,7 @@ def max_abs_diff(a: SparseBEV, b: SparseBEV) -> float:
 
 
 def compare_dsvt(
-    ours_backbone: DSVTBackbone,
+    ours_backbone: DSVTReferenceBackbone,
     voxels: SparseVoxels,
     root: Path,
     device: torch.device,
@@ -256,28 +257,33 @@ def compare_dsvt(
 
     Forward rows run without grad, in fp32 and (CUDA only: CPU fp16 kernels are no deployment path)
     under fp16 autocast; with ``train``, forward + backward of the summed output in both precisions.
-    Both backbones are moved to ``device``; ours is left in the mode it came in. OpenPCDet's backbone
-    gets a fixed random (M, 192) feature per voxel in place of its 192-channel VFE output, on the
-    same coordinates.
+    Both backbones are moved to ``device``; ours is left in the mode it came in. OpenPCDet's gets our
+    weights (through the checkpoint converter) and both the same voxels and features, so their
+    outputs are compared too.
 
     Args:
         ours_backbone: ``build_model("dsvt_voxel_waymo").backbone``.
         voxels: our voxel encoder's output on the 468 x 468 x 32 grid: coords (M, 4) int32
-            (b, z, y, x), features (M, C).
+            (b, z, y, x), features (M, 192).
         root: an OpenPCDet checkout.
 
     Returns:
-        Parameter counts, output pillar counts of both and whether their (b, y, x) cells agree,
-        and ``timings``: name -> ``dataclasses.asdict(Timing)``.
+        Parameter counts, output pillar counts of both, whether their (b, y, x) cells agree and the
+        largest difference of their features relative to the largest feature, and ``timings``:
+        name -> ``dataclasses.asdict(Timing)``.
     """
-    theirs = build_openpcdet_dsvt(root).to(device).eval()
+    theirs = build_openpcdet_dsvt(root)
+    state = ours_to_openpcdet(ours_backbone, ours_backbone.state_dict())
+    state.pop("global_step")
+    theirs.load_state_dict(state)  # our weights in theirs: the outputs must agree
+    theirs = theirs.to(device).eval()
     was_training = ours_backbone.training
     ours = ours_backbone.to(device).eval()
     voxels = voxels.to(device)
     layer = theirs.input_layer
     if list(layer.sparse_shape) != list(voxels.grid.grid_size):
         raise ValueError(f"voxels on a {voxels.grid.grid_size} grid, OpenPCDet's DSVT expects {layer.sparse_shape}")
-    features = torch.randn(len(voxels), layer.d_model[0], generator=torch.Generator().manual_seed(0)).to(device)
+    features = voxels.features
 
     def run_ours() -> torch.Tensor:
         return ours(voxels).features
@@ -293,8 +299,13 @@ def compare_dsvt(
         bev = ours(voxels)
         out = run_theirs_dict()
     shape = (voxels.batch_size, *bev.spatial_shape)
-    their_cells = torch.sort(linear_keys(out["voxel_coords"][:, [0, 2, 3]], shape)).values
-    our_cells = torch.sort(linear_keys(bev.coords, shape)).values
+    their_cells, their_order = torch.sort(linear_keys(out["voxel_coords"][:, [0, 2, 3]], shape))
+    our_cells, our_order = torch.sort(linear_keys(bev.coords, shape))
+    same_pillars = torch.equal(our_cells, their_cells)
+    difference = None
+    if same_pillars:
+        theirs_features = out["pillar_features"][their_order]
+        difference = float((bev.features[our_order] - theirs_features).abs().max() / theirs_features.abs().max())
 
     precisions = {"fp32": False} | ({"fp16 autocast": True} if device.type == "cuda" else {})
     runners = {"ours": run_ours, "OpenPCDet": run_theirs}
@@ -323,15 +334,10 @@ def compare_dsvt(
         "openpcdet": str(root),
         "voxels": len(voxels),
         "ours_backbone_parameters": count_parameters(ours),
-        "ours_input_projection_parameters": count_parameters(ours.input_proj),
         "openpcdet_backbone_parameters": count_parameters(theirs),
-        "parameters_note": (
-            "ours: the whole DSVTBackbone, its input projection (Linear + LayerNorm from the voxel "
-            "encoder's channels to 192) included; OpenPCDet: DSVT's position-embedding MLPs, blocks, "
-            "residual norms and pooling, without the VFE that makes its 192 input channels"
-        ),
         "ours_bev_cells": len(bev),
         "openpcdet_pillars": len(out["pillar_features"]),
-        "same_pillars": torch.equal(our_cells, their_cells),
+        "same_pillars": same_pillars,
+        "max_relative_difference": difference,
         "timings": _as_json(timings),
     }

@@ -118,17 +118,24 @@ def _matmul_attention(
 
 
 class PositionEmbedding(nn.Module):
-    """Learned embedding of a voxel's in-window position (x, y[, z] in [-1, 1]): Linear, LN, ReLU, Linear."""
+    """Learned embedding of a voxel's in-window position (x, y[, z]): Linear, norm, ReLU, Linear.
 
-    def __init__(self, dims: int, channels: int) -> None:
+    ``norm="layer"`` (our design: positions in [-1, 1], so the MLP can run once per distinct place);
+    ``"batch"`` is the reference's BatchNorm1d, which sees every voxel's position in training.
+    """
+
+    def __init__(self, dims: int, channels: int, norm: str = "layer") -> None:
         super().__init__()
+        norm_layer = {"layer": nn.LayerNorm, "batch": nn.BatchNorm1d}[norm](channels)
         self.mlp = nn.Sequential(
-            nn.Linear(dims, channels), nn.LayerNorm(channels), nn.ReLU(inplace=True),
-            nn.Linear(channels, channels),
+            nn.Linear(dims, channels), norm_layer, nn.ReLU(inplace=True), nn.Linear(channels, channels),
         )
 
     def forward(self, position: torch.Tensor) -> torch.Tensor:
         return self.mlp(position)
+
+    def openpcdet_keys(self) -> list[KeyPair]:
+        return [KeyPair(k, "position_embedding_head." + k.removeprefix("mlp.")) for k in self.state_dict()]
 
 
 class SetAttentionLayer(nn.Module):
@@ -463,23 +470,6 @@ class DSVTBackbone(nn.Module):
 # modules as the authors' repository), for the reference configurations and their checkpoints.
 
 
-class ReferencePositionEmbedding(nn.Module):
-    """The reference's learned position embedding: Linear, BatchNorm1d, ReLU, Linear (input x, y[, z])."""
-
-    def __init__(self, dims: int, channels: int) -> None:
-        super().__init__()
-        self.mlp = nn.Sequential(
-            nn.Linear(dims, channels), nn.BatchNorm1d(channels), nn.ReLU(inplace=True),
-            nn.Linear(channels, channels),
-        )
-
-    def forward(self, position: torch.Tensor) -> torch.Tensor:
-        return self.mlp(position)
-
-    def openpcdet_keys(self) -> list[KeyPair]:
-        return [KeyPair(k, "position_embedding_head." + k.removeprefix("mlp.")) for k in self.state_dict()]
-
-
 def _packed_projection(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, part: slice) -> torch.Tensor:
     """Rows ``part`` of a packed (3C, C) query / key / value projection applied to ``x``."""
     return F.linear(x, weight[part], bias[part])
@@ -505,7 +495,7 @@ class ReferenceSetAttentionLayer(nn.Module):
         self.channels = channels
         self.num_heads = num_heads
         self.dropout = dropout
-        self.pos_embed = ReferencePositionEmbedding(pos_dims, channels)
+        self.pos_embed = PositionEmbedding(pos_dims, channels, norm="batch")
         self.in_proj_weight = nn.Parameter(torch.empty(3 * channels, channels))
         self.in_proj_bias = nn.Parameter(torch.zeros(3 * channels))
         self.out_proj = nn.Linear(channels, channels)

@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from voxsparse.models.backbones.voxelnext import SparseBasicBlock, biases_after_conv_on_cpu
+from voxsparse.models.backbones.voxelnext import SparseBasicBlock
 from voxsparse.models.keys import KeyPair, TensorKind
 from voxsparse.ops.sparse_backend import SparseConvTensor, spnn
 from voxsparse.ops.sparse_plan import is_sparse_conv
@@ -116,8 +116,7 @@ class VoxelResBackBone8x(nn.Module):
             return SparseBEV(coords, voxels.features.new_zeros(0, self.out_channels), (h, w), STRIDE,
                              voxels.grid, voxels.batch_size)
         x = SparseConvTensor(voxels.features, voxels.coords.int(), self.input_shape(voxels.grid), voxels.batch_size)
-        with biases_after_conv_on_cpu(self, voxels.features):
-            out = self.conv_out(self.conv4(self.conv3(self.conv2(self.conv1(self.conv_input(x))))))
+        out = self.conv_out(self.conv4(self.conv3(self.conv2(self.conv1(self.conv_input(x))))))
         return height_compression(out.indices, out.features, (d, h, w), voxels.grid, voxels.batch_size)
 
     def openpcdet_keys(self) -> list[KeyPair]:

@@ -34,27 +34,6 @@ from voxsparse.ops.sparse_utils import sum_rows, unique_coords
 from voxsparse.structures import SparseBEV, SparseVoxels, VoxelGrid
 
 
-@contextmanager
-def biases_after_conv_on_cpu(module: nn.Module, features: torch.Tensor) -> Iterator[None]:
-    """Within the block, ``module``'s sparse convs with a bias run on CPU features in eval mode too.
-
-    spconv adds an eval-mode conv's bias inside its kernel, which its CPU build refuses ("cpu don't
-    support act and bias"); in training mode it adds the bias after the kernel, the same sum. So on
-    the CPU, in eval mode, those convs are switched to training mode for the call (on a spconv conv
-    that changes nothing else on the CPU) and switched back.
-    """
-    convs = [] if features.is_cuda else [
-        m for m in module.modules() if is_sparse_conv(m) and m.bias is not None and not m.training
-    ]
-    for conv in convs:
-        conv.training = True
-    try:
-        yield
-    finally:
-        for conv in convs:
-            conv.training = False
-
-
 class SparseBasicBlock(spnn.SparseModule):
     """Residual block of two submanifold 3x3(x3) convolutions that keep the active set.
 
@@ -294,10 +273,9 @@ class VoxelNeXtBackbone(nn.Module):
     def forward(self, voxels: SparseVoxels) -> SparseBEV:
         if len(voxels) == 0:  # spconv cannot convolve an empty tensor; there is nothing to compute
             return self._empty_output(voxels)
-        if self.index_first and self._plain() and index_first_supported() and self._index_first_runs(voxels):
+        if self.index_first and self._plain() and index_first_supported():
             return self._forward_index_first(voxels)
-        with biases_after_conv_on_cpu(self, voxels.features):
-            return self._forward_layer_by_layer(voxels)
+        return self._forward_layer_by_layer(voxels)
 
     def _forward_layer_by_layer(self, voxels: SparseVoxels) -> SparseBEV:
         x = SparseConvTensor(voxels.features, voxels.coords.int(), self.input_shape(voxels.grid), voxels.batch_size)
@@ -330,13 +308,6 @@ class VoxelNeXtBackbone(nn.Module):
         """True when nothing beyond VoxelNeXt's layers runs (subclasses such as VoxelKP's add per-stage
         blocks and a BEV encoding, which the index-first path does not know)."""
         return type(self)._run_stages is VoxelNeXtBackbone._run_stages and self.bev_encoding is None
-
-    def _index_first_runs(self, voxels: SparseVoxels) -> bool:
-        """False for CPU inference with conv biases (``block_bias``, ``bev_subm_bias``): spconv's CPU
-        inference kernel, which the index-first path calls, takes no bias; layer by layer runs then."""
-        if voxels.features.is_cuda or torch.is_grad_enabled():
-            return True
-        return not any(getattr(m, "bias", None) is not None for m in self.modules() if is_sparse_conv(m))
 
     def _forward_index_first(self, voxels: SparseVoxels) -> SparseBEV:
         """Stage by stage: the stage's index pairs (on the side stream), then its feature kernels."""

@@ -49,7 +49,6 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from voxsparse.models.backbones.voxelnext import biases_after_conv_on_cpu
 from voxsparse.models.fusion import fuse_conv_bn
 from voxsparse.models.heads.center_head import gaussian_radius
 from voxsparse.models.heads.center_reference import (
@@ -297,8 +296,7 @@ class VoxelNeXtReferenceHead(nn.Module):
         x = None
         if self.kernel_size > 1 and len(bev):
             x = SparseConvTensor(features, bev.coords.int(), list(bev.spatial_shape), bev.batch_size)
-        with biases_after_conv_on_cpu(self, features):
-            groups = [{name: branch(features, x) for name, branch in group.items()} for group in self.groups]
+        groups = [{name: branch(features, x) for name, branch in group.items()} for group in self.groups]
         return SparseCenterPredictions(bev.coords, groups, tuple(bev.spatial_shape), bev.stride, bev.grid,
                                        bev.batch_size)
 

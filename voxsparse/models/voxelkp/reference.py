@@ -43,7 +43,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from voxsparse.models.backbones.voxelnext import SparseBasicBlock, biases_after_conv_on_cpu
+from voxsparse.models.backbones.voxelnext import SparseBasicBlock
 from voxsparse.models.keys import KeyPair, TensorKind
 from voxsparse.models.voxelkp.box_attention import grouped_attention
 from voxsparse.ops.sparse_backend import SparseConvTensor, spnn
@@ -314,16 +314,14 @@ class VoxelKPReferenceBackbone(nn.Module):
         if len(voxels) == 0:  # spconv cannot convolve an empty tensor; there is nothing to compute
             return SparseBEV(voxels.coords.new_zeros(0, 3), voxels.features.new_zeros(0, self.out_channels),
                              self._bev_shape(voxels.grid), self.stride, voxels.grid, voxels.batch_size)
-        with biases_after_conv_on_cpu(self, voxels.features):
-            x = SparseConvTensor(voxels.features, voxels.coords.int(), self.input_shape(voxels.grid),
-                                 voxels.batch_size)
-            x = self.stem(x)
-            outputs = []
-            for stage in self.stages:
-                x = stage(x)
-                outputs.append(x)
-            bev = self.bev_fusion(outputs[3:])
-            bev = self.bev_subm(self.bev_conv(bev))
+        x = SparseConvTensor(voxels.features, voxels.coords.int(), self.input_shape(voxels.grid), voxels.batch_size)
+        x = self.stem(x)
+        outputs = []
+        for stage in self.stages:
+            x = stage(x)
+            outputs.append(x)
+        bev = self.bev_fusion(outputs[3:])
+        bev = self.bev_subm(self.bev_conv(bev))
         h, w = bev.spatial_shape
         return SparseBEV(bev.indices, bev.features, (h, w), self.stride, voxels.grid, voxels.batch_size)
 
