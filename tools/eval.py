@@ -19,7 +19,7 @@ from pathlib import Path
 
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 import voxsparse
 from voxsparse.data.dataset import DetectionDataset
@@ -75,7 +75,8 @@ def main(cfg: DictConfig) -> None:
             raise ValueError("gt=PATH scores a predictions=PATH .bin file, not a checkpoint")
         report(score_waymo_files(opts.gt, opts.predictions), HydraConfig.get().runtime.output_dir)
         return
-    check_types(cfg.dataset, "dataset")
+    # Augmentations are training's (they may name trainer.* keys, which eval has not).
+    check_types(OmegaConf.masked_copy(cfg.dataset, [k for k in cfg.dataset if k != "augmentations"]), "dataset")
     if (opts.checkpoint is None) == (opts.predictions is None):
         raise ValueError("give exactly one of checkpoint=PATH or predictions=PATH")
     if opts.missing_frames not in MISSING_FRAME_RULES:

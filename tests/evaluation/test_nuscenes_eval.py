@@ -364,6 +364,18 @@ def test_evaluate_rejects_a_submission_missing_samples(tiny, tmp_path):
 # --- the devkit's metrics ---------------------------------------------------------------------
 
 
+def test_no_detections_score_zero(tiny, tmp_path):
+    """The devkit cannot read a submission without boxes; the score is its own for nothing detected."""
+    info, nusc = tiny
+    tokens = [t for scene in info.sample_tokens for t in scene]
+    nothing = Detections3D(Boxes3D(torch.zeros(0, 9)), torch.zeros(0), torch.zeros(0, dtype=torch.int64))
+    path = tmp_path / "results.json"
+    export_submission([nothing] * len(tokens), tokens, CLASSES, lidar_to_global_from_nusc(nusc), path=path)
+    metrics = evaluate_nuscenes(nusc, path, "tiny_val", tmp_path / "eval")
+    assert metrics.mAP == 0.0 and metrics.NDS == 0.0
+    assert all(m.ap == 0.0 for m in metrics.per_class.values())
+
+
 def test_perfect_predictions_score_one(tiny, tmp_path):
     metrics = _export_and_eval(tiny, tmp_path)
     assert metrics.mAP == pytest.approx(1.0, abs=1e-9)
