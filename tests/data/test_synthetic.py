@@ -325,18 +325,19 @@ def _into_box_frames(prims, boxes: np.ndarray):
 
 @pytest.mark.parametrize("speed", [0.5, 1.2, 1.8])
 def test_a_walker_is_front_back_asymmetric(speed):
-    """Over one stride, a walker's forearms come up in front of the shoulders and the swinging shins
-    trail behind the hips, as in a real gait: the cues that tell its front from its back. (A stride
-    mirrored front to back would put the wrists behind the shoulders and the ankles ahead.)"""
+    """Over one stride, a walker's bent elbows carry the wrists in front of the shoulders, the flexing
+    swing knee puts the knees ahead of the hip-ankle line and the shins trailing behind the hips, as
+    in a real gait: cues that tell its front from its back in a scan. (A stride mirrored front to
+    back would flip every sign.)"""
     model = PedestrianModel(Body(1.75, 1.0, 0.3, 0.3), speed, 0.4, (0.0, 0.0, 0.0, 0.0), 0.1, False)
     amplitude = min(0.32, 0.1 + 0.12 * speed)
     period = 4 * (model.body.thigh + model.body.shin) * np.sin(amplitude) / speed
     joints = np.stack([model.shape(t).keypoints for t in np.linspace(0.0, period, 24, endpoint=False)])
     x = {name: joints[:, [KEYPOINT_NAMES.index(f"{side}_{name}") for side in ("left", "right")], 0]
          for name in ("wrist", "shoulder", "hip", "knee", "ankle")}
-    assert (x["wrist"] - x["shoulder"]).mean() > 0.09
-    assert (x["ankle"] - x["hip"]).mean() < -0.10
-    assert (x["knee"] - 0.5 * (x["hip"] + x["ankle"])).mean() > 0.05
+    assert (x["wrist"] - x["shoulder"]).mean() > 0.06
+    assert (x["ankle"] - x["hip"]).mean() < -0.06
+    assert (x["knee"] - 0.5 * (x["hip"] + x["ankle"])).mean() > 0.03
 
 
 def test_boxes_in_lidar_frame_sit_on_the_ground(frame):
@@ -374,8 +375,7 @@ def test_class_counts_sizes_and_no_overlaps():
             boxes = states.boxes
             dims = {label: boxes[states.labels == label, 3:6] for label in range(3)}
             assert np.all((dims[0] >= (3.8, 1.7, 1.4)) & (dims[0] <= (7.0, 2.5, 3.0)))
-            # A fast walker's box is symmetric about the pelvis around its trailing swing foot.
-            assert np.all((dims[1] >= (0.3, 0.4, 1.45)) & (dims[1] <= (1.1, 0.9, 1.95)))
+            assert np.all((dims[1] >= (0.3, 0.4, 1.45)) & (dims[1] <= (1.0, 0.9, 1.95)))
             assert np.all((dims[2] >= (1.5, 0.5, 1.5)) & (dims[2] <= (1.95, 0.8, 1.9)))
             polys = [_polygon(b[[0, 1, 3, 4, 6]]) for b in boxes]
             for i in range(len(polys)):

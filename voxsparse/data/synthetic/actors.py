@@ -195,13 +195,10 @@ class PedestrianModel:
     """A walking (``speed`` > 0) or standing person.
 
     Walking follows a simple gait: the thighs swing in anti-phase (amplitude growing with speed, at
-    most 18 degrees), the swinging knee flexes up to 60 degrees (its shin trails behind the knee),
-    the arms swing against the legs with the elbow bent 20 degrees at the back of the swing and up
-    to about 40 degrees at its front (the forearm comes up in front of the body), the torso leans
-    slightly forward and the pelvis rises and falls so one foot is always on the ground. These
-    front/back asymmetries of a real gait are what lets a scan tell a walker's front from its back.
-    The gait frequency makes the stride match the speed. A standing person holds a fixed stance
-    (feet ``stance`` apart, arms in ``arm_pose``). ``backpack`` adds a box on the back.
+    most 18 degrees), the swinging knee flexes, the arms swing against the legs, the torso leans
+    slightly forward and the pelvis rises and falls so one foot is always on the ground. The gait
+    frequency makes the stride match the speed. A standing person holds a fixed stance (feet
+    ``stance`` apart, arms in ``arm_pose``). ``backpack`` adds a box on the back.
     """
 
     body: Body
@@ -219,9 +216,9 @@ class PedestrianModel:
             stride = 4 * (body.thigh + body.shin) * np.sin(a)  # two steps
             phi = self.phase + 2 * np.pi * self.speed * t / stride
             thigh = (a * np.sin(phi), -a * np.sin(phi))
-            flex = (1.05 * max(0.0, np.cos(phi)), 1.05 * max(0.0, -np.cos(phi)))
+            flex = (0.6 * max(0.0, np.cos(phi)), 0.6 * max(0.0, -np.cos(phi)))
             arm = (-0.8 * thigh[0], -0.8 * thigh[1])
-            elbow = tuple(0.35 + 1.5 * max(0.0, x) for x in arm)
+            elbow = tuple(0.3 + 0.3 * max(0.0, x) for x in arm)
         else:
             thigh, flex = (self.stance, -self.stance), (0.03, 0.03)
             arm, elbow = self.arm_pose[:2], self.arm_pose[2:]
