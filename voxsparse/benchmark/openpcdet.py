@@ -711,9 +711,11 @@ class ReferenceDetector(nn.Module):
             self._voxelizers[mode] = PointToVoxel(
                 vsize_xyz=self.voxel_size, coors_range_xyz=self.point_cloud_range.tolist(),
                 num_point_features=self.num_point_features, max_num_voxels=voxel_cfg["MAX_NUMBER_OF_VOXELS"][mode],
-                max_num_points_per_voxel=voxel_cfg["MAX_POINTS_PER_VOXEL"], device=self.device,
+                max_num_points_per_voxel=voxel_cfg["MAX_POINTS_PER_VOXEL"], device=torch.device("cpu"),
             )
-        voxels, coords, counts = self._voxelizers[mode](torch.from_numpy(points).to(self.device))
+        # On the CPU, as OpenPCDet's data loader runs it: there a voxel keeps its first points in
+        # order; spconv's CUDA version keeps whichever its atomics let in first.
+        voxels, coords, counts = self._voxelizers[mode](torch.from_numpy(points))
         return voxels.cpu().numpy(), coords.cpu().numpy(), counts.cpu().numpy()
 
     def forward(self, points, gt_boxes=None) -> ReferenceOutput:

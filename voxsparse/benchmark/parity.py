@@ -497,9 +497,13 @@ def run_parity(name: str, root: Path, device: str | torch.device = "cpu", points
                ) -> tuple[ParityResult, ConversionReport]:
     """What ``tools/parity.py`` does: :func:`reference_pair`, then :func:`compare` on a real scan
     (``points_file`` in ``points_format`` (:data:`voxsparse.data.pointfile.POINT_FORMATS`), read and
-    conformed to the model's point convention) or the synthetic frame."""
+    conformed to the model's point convention) or the synthetic frame. On CUDA, products run in
+    strict fp32 on both sides (TF32 off), so differences are the models', not the arithmetic's."""
     from voxsparse.data.pointfile import conform, read_points
 
+    if torch.device(device).type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
     reference, model, report = reference_pair(name, root, reduced, device, seed)
     points = None if points_file is None else torch.from_numpy(
         conform(read_points(points_file, points_format), model.point_convention))
