@@ -104,8 +104,12 @@ def test_two_ranks_step_like_one_process_with_the_global_batch(single_step, two_
     synced = two_ranks["steps"][True]
     for kind in ("grads", "state"):  # state: weights after the AdamW step, and BatchNorm statistics
         for name, expected in single[kind].items():
+            # Summation order differs between one process and two: errors are relative to the
+            # tensor's scale (the control below differs by > 1e-2 of it).
+            scale = expected.abs().max().item() if expected.is_floating_point() and expected.numel() else 0.0
             torch.testing.assert_close(
-                synced[kind][name], expected, rtol=1e-4, atol=1e-6, msg=lambda m, key=f"{kind} {name}": f"{key}: {m}"
+                synced[kind][name], expected, rtol=1e-4, atol=max(1e-6, 1e-4 * scale),
+                msg=lambda m, key=f"{kind} {name}": f"{key}: {m}",
             )
     # Control: with each rank's own BatchNorm statistics the step differs, so the check above can fail.
     plain = two_ranks["steps"][False]
