@@ -1,5 +1,6 @@
 """Convert a raw dataset into the prepared layout (``voxsparse.data.prepared``) and build the GT
-database of its training split. Parallel over ``--workers`` processes, resumable: rerun the same
+database of its training split. Parallel over ``--workers`` processes or a Ray cluster
+(``--executor ray``), resumable: rerun the same
 command after an interruption and finished work is skipped.
 
     python tools/prepare_data.py nuscenes --root data/nuscenes --version v1.0-mini \\

@@ -15,7 +15,14 @@ from shapely.geometry import Polygon
 from voxsparse.data.gt_database import GTDatabase
 from voxsparse.data.prepared import PreparedDataset, PreparedFrame, prepare
 from voxsparse.data.sample import Sample
-from voxsparse.data.transforms import Faded, GlobalAugment, GlobalTranslate, GTSampling, RangeFilter, ShufflePoints
+from voxsparse.data.transforms import (
+    Faded,
+    GlobalAugment,
+    GlobalTranslate,
+    GTSampling,
+    RangeFilter,
+    ShufflePoints,
+)
 
 CLASSES = ("Vehicle", "Pedestrian", "Cyclist")
 SIZES = {0: (4.5, 1.9, 1.6), 1: (0.8, 0.8, 1.8), 2: (1.8, 0.7, 1.7)}

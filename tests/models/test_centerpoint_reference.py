@@ -27,7 +27,15 @@ from voxsparse.models.heads.center_reference import ReferenceCenterHead
 from voxsparse.models.necks.bev_backbone import BaseBEVBackbone, BaseBEVResBackbone
 from voxsparse.ops.boxes import nms_bev
 from voxsparse.ops.sparse_backend import SparseConvTensor
-from voxsparse.structures import Annotations3D, Boxes3D, DenseBEV, PointBatch, SparseBEV, SparseVoxels, VoxelGrid
+from voxsparse.structures import (
+    Annotations3D,
+    Boxes3D,
+    DenseBEV,
+    PointBatch,
+    SparseBEV,
+    SparseVoxels,
+    VoxelGrid,
+)
 
 torch.set_num_threads(2)
 

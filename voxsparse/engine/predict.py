@@ -18,7 +18,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from voxsparse.data.pointfile import POINT_FILE_SUFFIXES, PointCloud, PointFileError, conform, feature_mismatch
+from voxsparse.data.pointfile import (
+    POINT_FILE_SUFFIXES,
+    PointCloud,
+    PointFileError,
+    conform,
+    feature_mismatch,
+)
 from voxsparse.structures import Detections3D, PointBatch
 from voxsparse.utils.io import atomic_write
 

@@ -34,7 +34,6 @@ each rank's own counts; one process is the same).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -386,7 +385,7 @@ class ReferenceCenterHead(nn.Module):
     def _draw_gaussians(heatmap: torch.Tensor, labels: torch.Tensor, cx: torch.Tensor, cy: torch.Tensor, r: torch.Tensor) -> None:
         """Max a Gaussian of radius r (sigma (2r + 1) / 6, computed in float64) around each cell into
         ``heatmap`` (C, H, W) in place, clipped to the map."""
-        c, h, w = heatmap.shape
+        _, h, w = heatmap.shape
         reach = int(r.max())
         offsets = torch.arange(-reach, reach + 1, device=heatmap.device)
         oy, ox = torch.meshgrid(offsets, offsets, indexing="ij")
@@ -488,7 +487,7 @@ class ReferenceCenterHead(nn.Module):
     ) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
         """(boxes, scores, labels, query cell centres) per frame of one class group after NMS."""
         heat = out["hm"].float().sigmoid()
-        b, c, h, w = heat.shape
+        b, _, h, w = heat.shape
         k = min(self.max_obj_per_sample, h * w)  # the reference fails on maps of fewer cells
         # OpenPCDet's _topk: the best k cells of each class, then the best k of those.
         class_scores, class_inds = torch.topk(heat.flatten(2, 3), k)
