@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -269,6 +270,38 @@ def _per_stage(value, num_stages: int, name: str) -> list:
     return [tuple(int(v) for v in item) if not isinstance(item, (int, float)) else item for item in items]
 
 
+@dataclass(frozen=True)
+class _StageSettings:
+    """A DSVT configuration's per-stage settings, one entry per stage (``hybrid``: one (x, y, z))."""
+
+    channels: list[int]
+    blocks: list[int]
+    heads: list[int]
+    ffn: list[int]
+    set_size: list[int]
+    windows: list[tuple[int, int, int]]
+    hybrid: tuple[int, ...]
+
+
+def _stage_settings(channels, blocks, num_heads, ffn_channels, set_size, window_shape, hybrid_factor) -> _StageSettings:
+    """The per-stage arguments both DSVT backbones take, expanded (:func:`_per_stage`) and checked."""
+    widths = [int(c) for c in ([channels] if isinstance(channels, int) else channels)]
+    n = len(widths)
+    windows = [tuple(int(v) for v in w) for w in _per_stage(window_shape, n, "window_shape")]
+    hybrid = tuple(int(v) for v in hybrid_factor)
+    if any(len(w) != 3 or min(w) < 1 for w in windows) or len(hybrid) != 3 or min(hybrid) < 1:
+        raise ValueError(f"window_shape {windows} and hybrid_factor {hybrid} need 3 positive values each")
+    return _StageSettings(
+        widths,
+        [int(b) for b in _per_stage(blocks, n, "blocks")],
+        [int(h) for h in _per_stage(num_heads, n, "num_heads")],
+        [int(f) for f in _per_stage(ffn_channels, n, "ffn_channels")],
+        [int(v) for v in _per_stage(set_size, n, "set_size")],
+        windows,
+        hybrid,
+    )
+
+
 class DSVTBackbone(nn.Module):
     """Dynamic Sparse Voxel Transformer over ``SparseVoxels``, output ``SparseBEV``.
 
@@ -319,16 +352,15 @@ class DSVTBackbone(nn.Module):
         use_checkpoint: bool = False,
     ) -> None:
         super().__init__()
-        channels_list = [int(c) for c in ([channels] if isinstance(channels, int) else channels)]
+        settings = _stage_settings(channels, blocks, num_heads, ffn_channels, set_size, window_shape, hybrid_factor)
+        channels_list, heads, ffn, windows, hybrid = (
+            settings.channels, settings.heads, settings.ffn, settings.windows, settings.hybrid
+        )
         n = len(channels_list)
         self.num_stages = n
         self.channels = channels_list
-        self.blocks_per_stage = [int(b) for b in _per_stage(blocks, n, "blocks")]
-        heads = [int(h) for h in _per_stage(num_heads, n, "num_heads")]
-        ffn = [int(f) for f in _per_stage(ffn_channels, n, "ffn_channels")]
-        self.set_size = [int(s) for s in _per_stage(set_size, n, "set_size")]
-        windows = _per_stage(window_shape, n, "window_shape")
-        hybrid = tuple(int(v) for v in hybrid_factor)
+        self.blocks_per_stage = settings.blocks
+        self.set_size = settings.set_size
         if window_shift is None:
             shifts = [(w[0] // 2, w[1] // 2, 0) for w in windows]
         else:
@@ -340,8 +372,6 @@ class DSVTBackbone(nn.Module):
             raise ValueError(f"pool_stride: each must be (s, s, sz) with s, sz >= 1, got {self.pool_stride}")
         if bev_stride < 1 or bev_stride & (bev_stride - 1):
             raise ValueError(f"bev_stride must be a power of two, got {bev_stride}")
-        if any(len(w) != 3 or min(w) < 1 for w in windows) or len(hybrid) != 3 or min(hybrid) < 1:
-            raise ValueError(f"window_shape {windows} and hybrid_factor {hybrid} need 3 positive values each")
 
         # The window partitions (shape, shift) each stage uses, and which one each block uses:
         # blocks alternate plain / shifted, counted over the whole backbone as in the reference.
@@ -668,19 +698,18 @@ class DSVTReferenceBackbone(nn.Module):
         use_checkpoint: bool = False,
     ) -> None:
         super().__init__()
-        widths = [int(c) for c in ([channels] if isinstance(channels, int) else channels)]
+        settings = _stage_settings(channels, blocks, num_heads, ffn_channels, set_size, window_shape, hybrid_factor)
+        widths, heads, ffn, windows, hybrid = (
+            settings.channels, settings.heads, settings.ffn, settings.windows, settings.hybrid
+        )
         n = len(widths)
         if len(set(widths)) != 1 or in_channels != widths[0]:
             raise ValueError(f"DSVTReferenceBackbone: in_channels {in_channels} and every stage width {widths} "
                              "must be equal (the reference has no projection between them)")
         self.num_stages = n
         self.channels = widths
-        self.blocks_per_stage = [int(b) for b in _per_stage(blocks, n, "blocks")]
-        heads = [int(h) for h in _per_stage(num_heads, n, "num_heads")]
-        ffn = [int(f) for f in _per_stage(ffn_channels, n, "ffn_channels")]
-        self.set_size = [int(s) for s in _per_stage(set_size, n, "set_size")]
-        windows = _per_stage(window_shape, n, "window_shape")
-        hybrid = tuple(int(v) for v in hybrid_factor)
+        self.blocks_per_stage = settings.blocks
+        self.set_size = settings.set_size
         shift_pairs = [[tuple(int(v) for v in shift) for shift in stage] for stage in shifts]
         if len(shift_pairs) != n or any(len(p) != 2 or any(len(s) != 3 for s in p) for p in shift_pairs):
             raise ValueError(f"shifts: expected per stage two (x, y, z) shifts, got {shifts}")
@@ -689,7 +718,7 @@ class DSVTReferenceBackbone(nn.Module):
             raise ValueError(f"pool_stride: expected {n - 1} (sx, sy, sz) strides >= 1, got {self.pool_stride}")
         self._windows = []
         for s in range(n):
-            plain = tuple(int(v) for v in windows[s])
+            plain = windows[s]
             pair = [plain, tuple(w * f for w, f in zip(plain, hybrid))]
             for w, shift in zip(pair, shift_pairs[s]):
                 if not all(0 <= sh < wi for sh, wi in zip(shift, w)):
