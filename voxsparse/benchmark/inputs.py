@@ -52,8 +52,15 @@ def make_points(num_points: int, num_features: int, seed: int = 0) -> torch.Tens
     return with_features(points[:num_points], num_features)
 
 
-def make_points_for_voxels(num_voxels: int, grid: VoxelGrid, num_features: int, seed: int = 0) -> torch.Tensor:
-    """(N, num_features) float32 whose dynamic voxelization on ``grid`` has about ``num_voxels`` voxels.
+def make_points_for_voxels(
+    num_voxels: int, grid: VoxelGrid, num_features: int, seed: int = 0,
+    count: Callable[[torch.Tensor], int] | None = None,
+) -> torch.Tensor:
+    """(N, num_features) float32 whose voxelization on ``grid`` has ``num_voxels`` voxels (fewer
+    only where 64 merged scans do not fill that many).
+
+    ``count(points (N, num_features)) -> voxels`` is the voxelization that counts, e.g. a model's own
+    voxel encoder (whose quantization and range rules may differ); default: dynamic voxelization.
 
     One synthetic street seen from one spot fills only its corridor (~20k pillars of 0.32 m), so
     scans of successive seeds, each turned by the golden angle and moved along a sunflower spiral
@@ -63,7 +70,8 @@ def make_points_for_voxels(num_voxels: int, grid: VoxelGrid, num_features: int, 
     """
 
     def voxels(points: torch.Tensor) -> int:
-        return len(dynamic_voxelize(PointBatch.from_frames([points]), grid))
+        points = with_features(points, num_features)
+        return count(points) if count is not None else len(dynamic_voxelize(PointBatch.from_frames([points]), grid))
 
     lidar = LidarConfig(beams=64, azimuth_resolution=0.1)
     x0, y0, _, x1, y1, _ = grid.point_cloud_range
@@ -119,9 +127,12 @@ def load_or_make_frames(path: Path | None, batch: int, make: Callable[[], list[t
 
 def synthetic_voxels(model: SparseDetector, num_voxels: int) -> SparseVoxels:
     """``model``'s voxel encoder output (no grad) on one synthetic frame of about ``num_voxels`` voxels."""
-    points = make_points_for_voxels(num_voxels, model.grid, model.voxel_encoder.in_channels)
-    with torch.no_grad():
-        return model.voxel_encoder(PointBatch.from_frames([points]))
+    def encode(points: torch.Tensor) -> SparseVoxels:
+        with torch.no_grad():
+            return model.voxel_encoder(PointBatch.from_frames([points]))
+
+    width = model.voxel_encoder.in_channels
+    return encode(make_points_for_voxels(num_voxels, model.grid, width, count=lambda p: len(encode(p))))
 
 
 def dummy_annotations(device: torch.device | str) -> Annotations3D:

@@ -636,19 +636,6 @@ class ReferenceDetector(nn.Module):
                          class_names=self.class_names, predict_boxes_when_training=False, **common)
         return module
 
-    def train(self, mode: bool = True) -> ReferenceDetector:
-        """As ``nn.Module.train``; on the CPU, spconv convolutions with a bias stay in training mode,
-        where spconv adds the bias after the product: in eval mode it fuses the bias into its GEMM,
-        which its CPU path refuses ("cpu don't support act and bias"). The two compute the same."""
-        super().train(mode)
-        if self.device.type == "cpu":
-            from spconv.pytorch.conv import SparseConvolution
-
-            for module in self.modules():
-                if isinstance(module, SparseConvolution) and module.bias is not None:
-                    module.training = True
-        return self
-
     def batch(self, points, gt_boxes=None) -> dict:
         """OpenPCDet's batch dict for frames of points (and boxes in training).
 
