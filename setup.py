@@ -37,10 +37,15 @@ EXTRAS = {
     "argo2": ["av2==0.3.6", "numpy>=1.24,<2", "pyarrow>=14,<23"],
     # Dataset preparation on a Ray cluster (tools/prepare_data.py --executor ray); on every node.
     "ray": ["ray>=2.9"],
+    # ONNX export and its check (tools/export.py format=onnx): torch.onnx's exporter needs onnxscript.
+    "export": ["onnx>=1.16", "onnxruntime>=1.18", "onnxscript>=0.2"],
+    # Recorded drives (ROS 1/ROS 2 bags, MCAP) read and written without a ROS installation.
+    "bags": ["rosbags>=0.10", "mcap>=1.2"],
     # CI runs the readers, metrics and executors of every dataset, so the test extra carries their
     # packages (the Waymo protos excepted: see the waymo extra).
     "test": ["pytest>=8", "shapely>=2.0", NUSCENES_DEVKIT, *NUSCENES_TRACKING, "google-crc32c>=1.5", "protobuf>=4.21",
-             "pyarrow>=14,<23", "ray>=2.9", "av2==0.3.6"],
+             "pyarrow>=14,<23", "ray>=2.9", "av2==0.3.6", "onnx>=1.16", "onnxruntime>=1.18", "onnxscript>=0.2",
+             "rosbags>=0.10", "mcap>=1.2"],
 }
 
 setup(
