@@ -5,6 +5,7 @@
     python tools/benchmark.py --model dsvt_pillar_waymo --device cuda --voxels 100000   # Waymo scale
     python tools/benchmark.py ... --json bench.json     # also write the numbers as JSON
     python tools/benchmark.py ... --input cloud.pt      # reuse one input across runs (written if absent)
+    python tools/benchmark.py ... --scan LIDAR_TOP.pcd.bin --sweeps 10   # real scan geometry, 10 sweeps
     python tools/benchmark.py --model voxelnext_nuscenes --device cuda --voxels 153782 \
         --compare /path/to/OpenPCDet --train           # ours and OpenPCDet's backbone, same input
     python tools/benchmark.py --model dsvt_voxel_waymo --device cuda --voxels 100000 --compare /path/to/OpenPCDet
@@ -53,6 +54,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=1, help="frames per batch (different scans of the same size)")
     parser.add_argument("--voxels", type=int, help="size the input by its voxel count instead of --points")
     parser.add_argument("--input", type=Path, help="points file: reused when it exists, else written (same input across runs)")
+    parser.add_argument("--scan", type=Path, help="a real scan file, aggregated as --sweeps sweeps of a moving ego, as the input")
+    parser.add_argument("--sweeps", type=int, default=1, help="sweeps of --scan (each 0.75 m further back, 0.05 s older)")
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--amp", action="store_true", help="float16 autocast (CUDA only)")

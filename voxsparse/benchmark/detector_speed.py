@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from voxsparse.benchmark.compare import Alternation, compare_with_openpcdet
-from voxsparse.benchmark.inputs import load_or_make_frames, synthetic_frames
+from voxsparse.benchmark.inputs import load_or_make_frames, scan_sweeps, synthetic_frames
 from voxsparse.benchmark.stages import (
     TRAIN_STEP,
     build_model,
@@ -35,6 +35,8 @@ class BenchmarkOptions:
         points: points per frame, unless ``voxels`` sizes the frames by their voxel count instead.
         batch: frames per batch (different scans of the same size).
         input: a frames file, reused when it exists, else written (the same input across runs).
+        scan, sweeps: a real scan file aggregated as ``sweeps`` sweeps of a moving ego instead of
+            the synthetic frame (:func:`~voxsparse.benchmark.inputs.scan_sweeps`); batch 1.
         repeats, warmup: timed and untimed calls per row.
         amp: float16 autocast (CUDA only). tf32: fp32 products on TF32 tensor cores.
         train: also time forward+backward.
@@ -48,6 +50,8 @@ class BenchmarkOptions:
     batch: int = 1
     voxels: int | None = None
     input: Path | None = None
+    scan: Path | None = None
+    sweeps: int = 1
     repeats: int = 15
     warmup: int = 3
     amp: bool = False
@@ -71,8 +75,11 @@ def run_benchmark(options: BenchmarkOptions) -> dict:
     torch.backends.cudnn.benchmark = True
     model = build_model(options.model).to(device).eval()
     num_features = model.voxel_encoder.in_channels
-    clouds = load_or_make_frames(options.input, options.batch, lambda: synthetic_frames(
-        options.batch, model.grid, num_features, options.points, options.voxels))
+    if options.scan is not None:
+        clouds = [scan_sweeps(options.scan, options.sweeps, num_features)] * options.batch
+    else:
+        clouds = load_or_make_frames(options.input, options.batch, lambda: synthetic_frames(
+            options.batch, model.grid, num_features, options.points, options.voxels))
     points = PointBatch.from_frames([c.to(device) for c in clouds])
     amp = options.amp and device.type == "cuda"
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from voxsparse.data.pointfile import read_points
 from voxsparse.data.synthetic import LidarConfig, generate_frame
 from voxsparse.models.detectors.sparse_detector import SparseDetector
 from voxsparse.ops.voxelize import dynamic_voxelize
@@ -104,6 +105,28 @@ def synthetic_frames(
         if num_voxels else make_points(num_points, num_features, seed=FRAME_SEED_STRIDE * i)
         for i in range(batch)
     ]
+
+
+def scan_sweeps(path: Path, sweeps: int, num_features: int, ego_step: float = 0.75, sweep_interval: float = 0.05) -> torch.Tensor:
+    """(sweeps * N, num_features) float32: a real scan (any file :func:`~voxsparse.data.pointfile.read_points`
+    reads) repeated as ``sweeps`` aggregated sweeps of a moving ego, as nuScenes' multi-sweep input.
+
+    Sweep ``k`` is the scan moved ``k * ego_step`` m back along x (0.75 m: 15 m/s at 20 Hz) with a time
+    lag of ``k * sweep_interval`` s in column 4 (x, y, z, intensity, time lag; then cut or padded to
+    ``num_features``). The geometry of each sweep is the real sensor's, so voxel occupancy and points
+    per voxel are those of real scans, which the synthetic world does not reproduce.
+    """
+    if sweeps < 1:
+        raise ValueError(f"sweeps must be >= 1, got {sweeps}")
+    scan = torch.from_numpy(read_points(path).points[:, :4].copy())
+    if scan.shape[1] < 4:
+        scan = with_features(scan, 4)
+    moved = []
+    for k in range(sweeps):
+        sweep = torch.cat([scan, torch.full((len(scan), 1), k * sweep_interval)], dim=1)
+        sweep[:, 0] -= k * ego_step
+        moved.append(sweep)
+    return with_features(torch.cat(moved), num_features)
 
 
 def load_or_make_frames(path: Path | None, batch: int, make: Callable[[], list[torch.Tensor]]) -> list[torch.Tensor]:

@@ -24,10 +24,18 @@ def fp16_autocast(enabled: bool) -> torch.autocast:
     return torch.autocast("cuda", dtype=torch.float16, enabled=enabled)
 
 
+def dataset_for(model: str) -> str:
+    """The dataset config a model config is made for: the ``configs/dataset/`` name its own name
+    contains (``voxelnext_nuscenes`` -> ``nuscenes``), else ``synthetic``. Reference configs group
+    their dataset's classes, so they only build with that dataset's class names."""
+    names = sorted(p.stem for p in (Path(CONFIG_DIR) / "dataset").glob("*.yaml"))
+    return next((n for n in names if n != "synthetic" and n in model.split("_")), "synthetic")
+
+
 def build_model(name: str) -> SparseDetector:
-    """Instantiate ``configs/model/<name>.yaml`` with the synthetic dataset's classes."""
+    """Instantiate ``configs/model/<name>.yaml`` with the class names of its dataset (:func:`dataset_for`)."""
     with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
-        cfg = compose("train", overrides=[f"model={name}"])
+        cfg = compose("train", overrides=[f"model={name}", f"dataset={dataset_for(name)}"])
     return instantiate(cfg.model)
 
 
