@@ -275,6 +275,50 @@ def test_generic_frames_round_trip_with_selection_and_filters(tmp_path):
     assert db.keypoints is not None and len(db) == len(db.keypoints)
 
 
+def test_quantized_columns_reach_frames_index_and_gt_database_alike(tmp_path):
+    from voxsparse.data.point_storage import stored_points
+
+    steps = {"x": 2.0**-9, "y": 2.0**-9, "z": 2.0**-9}
+    kwargs = dict(class_names=("V", "P", "C"), gt_database=True, progress=False)
+    index = prepare(segment, {"seg0": "seg0"}, tmp_path, "q", half_features=["intensity"], quantize=steps, **kwargs)
+    assert index.version == 3 and index.config["quantize"] == steps and index.config["half_features"] == ["intensity"]
+    ds, db = PreparedDataset(tmp_path, "q"), GTDatabase.load(tmp_path / "q" / "gt_database")
+    cut = []
+    for frame, raw in zip(ds, segment("seg0")):
+        want = stored_points(raw.points, [False] * 4 + [True], [2.0**-9] * 3 + [0, 0])
+        np.testing.assert_array_equal(frame.points, want)
+        assert np.abs(frame.points[:, :3] - raw.points[:, :3]).max() <= 2.0**-10
+        cut += [want[inside_box(want, box)] for box in frame.boxes]
+    # The GT database holds exactly the stored values of the points inside each box.
+    got = [db.object_points(i) for i in range(len(db))]
+    assert [len(c) for c in cut if len(c)] == [len(g) for g in got]
+    for c, g in zip([c for c in cut if len(c)], got):
+        np.testing.assert_array_equal(g, c)
+
+    with pytest.raises(ValueError, match=r"quantize: steps must be finite and > 0"):
+        prepare(segment, {"seg0": "seg0"}, tmp_path, "bad", half_features=["intensity"], quantize={"intensity": 0.1}, **kwargs)
+    with pytest.raises(PrepareError, match=r"quantize names \['elongation'\]"):
+        prepare(segment, {"seg0": "seg0"}, tmp_path, "bad", quantize={"elongation": 0.1}, **kwargs)
+
+
+def test_a_version_2_split_still_reads_and_version_1_is_refused(tmp_path):
+    from voxsparse.data.point_storage import write_npz
+
+    prepare(segment, {"seg0": "seg0"}, tmp_path, "old", class_names=("V", "P", "C"), progress=False)
+    split = tmp_path / "old"
+    for path in (split / "frames").iterdir():  # rewrite as version 2 did: no quantized members
+        with np.load(path) as z:
+            arrays = {k: z[k] for k in z.files if k not in ("points_q", "points_step")}
+        write_npz(path, arrays)
+    index = json.loads((split / "index.json").read_text())
+    (split / "index.json").write_text(json.dumps({**index, "version": 2}))
+    for frame, raw in zip(PreparedDataset(tmp_path, "old"), segment("seg0")):
+        np.testing.assert_array_equal(frame.points, raw.points)
+    (split / "index.json").write_text(json.dumps({**index, "version": 1}))
+    with pytest.raises(ValueError, match=r"format version 1, this code reads \[2, 3\]\); rerun tools/prepare_data.py"):
+        PreparedDataset(tmp_path, "old")
+
+
 def test_a_model_class_order_relabels_by_name(tmp_path):
     prepare(segment, {"seg0": "seg0"}, tmp_path, "s", class_names=("V", "P", "C"), progress=False)
     stored = PreparedDataset(tmp_path, "s")

@@ -430,6 +430,7 @@ def test_prepare_data_waymo_reads_back_the_decoded_frames(tmp_path):
 
     from voxsparse.data.preparation import main as prepare_data
     from voxsparse.data.prepared import PreparedDataset
+    from voxsparse.data.waymo.prepare import XYZ_STEP
 
     lasers = waymo_lasers(top=(32, 600), side=(16, 100))
     segments = {"segment-a": (0, 1), "segment-b": (2,)}
@@ -447,7 +448,9 @@ def test_prepare_data_waymo_reads_back_the_decoded_frames(tmp_path):
         got = prepared[i]
         want = expected[got.frame_id]
         columns = [want.point_features.index(name) for name in got.point_features]
-        np.testing.assert_allclose(got.points, want.points[:, columns], atol=1e-4)
+        # The default storage: x, y, z within half of XYZ_STEP, intensity and elongation as float16.
+        np.testing.assert_allclose(got.points[:, :3], want.points[:, :3], rtol=0, atol=XYZ_STEP / 2)
+        np.testing.assert_array_equal(got.points[:, 3:], want.points[:, columns[3:]].astype(np.float16).astype(np.float32))
         np.testing.assert_allclose(got.boxes, want.boxes, atol=1e-4)
         for field in ("labels", "num_points", "difficulty", "track_ids", "keypoint_visibility"):
             np.testing.assert_array_equal(getattr(got, field), getattr(want, field), err_msg=field)

@@ -101,10 +101,13 @@ def cut_objects(frame) -> GTPart:
     )
 
 
-def write_part(path: str | os.PathLike, part: GTPart, half: Sequence[bool] | None = None) -> None:
-    """Write ``part``; ``half`` (C,) marks the point columns stored as float16 (None: none)."""
+def write_part(
+    path: str | os.PathLike, part: GTPart, half: Sequence[bool] | None = None, steps: Sequence[float] | None = None
+) -> None:
+    """Write ``part``; ``half`` (C,) marks the point columns stored as float16 (None: none), ``steps``
+    (C,) the quantization steps (None or 0: not quantized; :func:`~voxsparse.data.point_storage.encode_points`)."""
     arrays = {k: getattr(part, k) for k in _PART_KEYS}
-    arrays.update(encode_points(part.points, [False] * part.points.shape[1] if half is None else half))
+    arrays.update(encode_points(part.points, [False] * part.points.shape[1] if half is None else half, steps))
     if part.keypoints is not None:
         arrays["keypoints"] = part.keypoints
         arrays["keypoint_visibility"] = part.keypoint_visibility

@@ -154,6 +154,7 @@ def main(argv: Sequence[str] | None = None, description: str | None = None) -> l
                 progress=not args.quiet,
                 half_features=plan.half_features,
                 keep_features=plan.keep_features,
+                quantize=plan.quantize,
                 executor=executor,
                 stats=stats,
             )

@@ -6,8 +6,8 @@ One split of a prepared dataset, ``<root>/<split>/``::
     index.json                    the split's table of contents, written last (atomically): a split
                                   without it is incomplete and cannot be opened
     frames/<frame_id>.npz         one frame (deflated, :mod:`voxsparse.data.point_storage`):
-                                  points (N, C) (x, y, z float32, the other columns float32 or
-                                  float16, byte-shuffled), boxes (K, 7 | 9) float32, labels /
+                                  points (N, C) (each column float32, float16 or quantized to a
+                                  fixed step, byte-shuffled), boxes (K, 7 | 9) float32, labels /
                                   num_points / difficulty / track_ids (K,) int64, optional
                                   keypoints (K, 14, 3) float32, keypoint_visibility (K, 14) bool,
                                   no_label_zone (N,) bool, and the frame id
@@ -46,12 +46,13 @@ from torch.utils.data import Dataset
 from voxsparse.data.executors import Executor, LocalExecutor, peak_rss_bytes
 from voxsparse.data.frame_record import FrameRecord
 from voxsparse.data.gt_database import cut_objects, merge_parts, read_part, write_part
-from voxsparse.data.point_storage import POINT_KEYS, decode_points, encode_points, write_npz
+from voxsparse.data.point_storage import POINT_KEYS, decode_points, encode_points, stored_points, write_npz
 from voxsparse.utils.io import atomic_write, read_arrays
 from voxsparse.utils.progress import progress as progress_bar
 
 __all__ = [
     "FORMAT_VERSION",
+    "READ_VERSIONS",
     "FrameEntry",
     "PreparationSplit",
     "PrepareError",
@@ -66,10 +67,15 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-#: Bump when the layout changes: older splits are then refused (and re-prepared from scratch).
+#: Bump when the layout changes: splits of a version not in :data:`READ_VERSIONS` are refused, and
+#: a rerun of ``tools/prepare_data.py`` re-prepares every task of an older version.
 #: 2: frames deflated, points byte-shuffled with optional float16 columns (version 1 stored
 #: uncompressed float32 points: 1.6 times the size of dense raw Waymo LiDAR data).
-FORMAT_VERSION = 2
+#: 3: optional quantized point columns (fixed step, delta-coded), e.g. Waymo's x, y, z to 2**-9 m.
+FORMAT_VERSION = 3
+
+#: The versions :func:`read_index` (and the frame reader) accept: version 2 files are a subset of 3's.
+READ_VERSIONS = (2, 3)
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 _XYZ = ("x", "y", "z")
@@ -186,10 +192,21 @@ FRAME_ARRAYS = (
 _NOT_POINTS = tuple(k for k in FRAME_ARRAYS if k != "points")  # points are stored encoded
 
 
-def _write_frame(path: Path, frame: PreparedFrame, half_features: Sequence[str] = ()) -> None:
-    """Write ``frame``; the point columns named in ``half_features`` are stored as float16."""
+def _point_codecs(
+    point_features: Sequence[str], half_features: Sequence[str], quantize: Mapping[str, float]
+) -> tuple[list[bool], list[float]]:
+    """``half`` (C,) and ``steps`` (C,) of :func:`~voxsparse.data.point_storage.encode_points` for
+    these columns."""
+    return [n in half_features for n in point_features], [float(quantize.get(n, 0.0)) for n in point_features]
+
+
+def _write_frame(
+    path: Path, frame: PreparedFrame, half_features: Sequence[str] = (), quantize: Mapping[str, float] | None = None
+) -> None:
+    """Write ``frame``; the point columns named in ``half_features`` are stored as float16, those in
+    ``quantize`` as multiples of their step."""
     arrays = {k: getattr(frame, k) for k in _NOT_POINTS if getattr(frame, k) is not None}
-    arrays.update(encode_points(frame.points, [n in half_features for n in frame.point_features]))
+    arrays.update(encode_points(frame.points, *_point_codecs(frame.point_features, half_features, quantize or {})))
     arrays["frame_id"] = np.asarray(frame.frame_id)
     arrays["point_features"] = np.asarray(frame.point_features)
     write_npz(path, arrays)
@@ -198,7 +215,7 @@ def _write_frame(path: Path, frame: PreparedFrame, half_features: Sequence[str] 
 def _frame_of(arrays: dict[str, np.ndarray]) -> PreparedFrame:
     points = decode_points(arrays)
     for key in POINT_KEYS:
-        arrays.pop(key)
+        arrays.pop(key, None)
     return PreparedFrame(
         frame_id=str(arrays.pop("frame_id")),
         point_features=tuple(str(n) for n in arrays.pop("point_features")),
@@ -280,8 +297,8 @@ def read_index(root: str | os.PathLike, split: str) -> PreparedIndex:
         )
     try:
         raw = json.loads(path.read_text(encoding="utf-8"))
-        if raw.get("version") != FORMAT_VERSION:
-            raise ValueError(f"format version {raw.get('version')}, this code reads {FORMAT_VERSION}")
+        if raw.get("version") not in READ_VERSIONS:
+            raise ValueError(f"format version {raw.get('version')}, this code reads {list(READ_VERSIONS)}")
         return PreparedIndex(
             split=raw["split"],
             class_names=tuple(raw["class_names"]),
@@ -329,6 +346,7 @@ class _Job:
     gt_database: bool
     half_features: tuple[str, ...] = ()
     keep_features: tuple[str, ...] | None = None
+    quantize: tuple[tuple[str, float], ...] = ()
 
     @property
     def record_path(self) -> Path:
@@ -384,9 +402,12 @@ def _run(job: _Job) -> _Outcome:
                 frame = dataclasses.replace(
                     frame, points=np.ascontiguousarray(frame.points[:, columns]), point_features=job.keep_features
                 )
-            half = [n in job.half_features for n in frame.point_features]
-            if any(half):  # the GT database gets the values the frame file holds
-                frame.points[:, half] = frame.points[:, half].astype(np.float16)
+            unknown = sorted({name for name, _ in job.quantize} - set(frame.point_features))
+            if unknown:
+                raise ValueError(f"frame {frame.frame_id!r}: quantize names {unknown}, not among {frame.point_features}")
+            half, steps = _point_codecs(frame.point_features, job.half_features, dict(job.quantize))
+            if any(half) or any(steps):  # the index and the GT database see the values the frame file holds
+                frame = dataclasses.replace(frame, points=stored_points(frame.points, half, steps))
             if len(frame.labels) and not 0 <= frame.labels.min() <= frame.labels.max() < job.num_classes:
                 raise ValueError(
                     f"frame {frame.frame_id!r}: labels must lie in [0, {job.num_classes}), got "
@@ -397,10 +418,10 @@ def _run(job: _Job) -> _Outcome:
                     f"frame {frame.frame_id!r}: point_features {frame.point_features} != {features}"
                 )
             features = frame.point_features
-            _write_frame(job.split_dir / "frames" / f"{frame.frame_id}.npz", frame, job.half_features)
+            _write_frame(job.split_dir / "frames" / f"{frame.frame_id}.npz", frame, job.half_features, dict(job.quantize))
             if job.gt_database:
                 write_part(
-                    job.split_dir / "gt_database" / "parts" / f"{frame.frame_id}.npz", cut_objects(frame), half
+                    job.split_dir / "gt_database" / "parts" / f"{frame.frame_id}.npz", cut_objects(frame), half, steps
                 )
             entries.append(asdict(FrameEntry.of(frame)))
             del frame, raw  # before the next frame is decoded
@@ -435,6 +456,7 @@ class PreparationSplit:
         config: recorded in the split's index.
         half_features: point columns stored as float16 (see :func:`prepare`).
         keep_features: the point columns stored (see :func:`prepare`); None: all.
+        quantize: point columns stored quantized, name -> step (see :func:`prepare`); None: none.
     """
 
     split: str
@@ -444,6 +466,7 @@ class PreparationSplit:
     config: Mapping[str, Any]
     half_features: Sequence[str] = ()
     keep_features: Sequence[str] | None = None
+    quantize: Mapping[str, float] | None = None
 
 
 def prepare(
@@ -460,6 +483,7 @@ def prepare(
     progress: bool = True,
     half_features: Sequence[str] = (),
     keep_features: Sequence[str] | None = None,
+    quantize: Mapping[str, float] | None = None,
     executor: Executor | None = None,
     stats: dict[str, Any] | None = None,
 ) -> PreparedIndex:
@@ -481,9 +505,12 @@ def prepare(
         gt_database: also cut the points inside every box and build ``gt_database/``.
         progress: show a progress bar.
         half_features: point columns stored as float16 (e.g. intensity: ~5e-4 relative precision,
-            half the bytes); x, y, z are always float32. Part of the settings: changing it redoes tasks.
+            half the bytes); never x, y, z. Part of the settings: changing it redoes tasks.
         keep_features: the point columns stored, by name, in this order (starting x, y, z); None:
             every column of the frames. Part of the settings.
+        quantize: point columns stored as multiples of a step, name -> step (e.g. ``{"x": 2**-9,
+            ...}`` metres): absolute error at most step / 2, delta-coded along the frame's point
+            order (:mod:`voxsparse.data.point_storage`). Not with ``half_features``. Part of the settings.
         executor: where the tasks run (:mod:`voxsparse.data.executors`: a process pool, a Ray
             cluster); None: a :class:`~voxsparse.data.executors.LocalExecutor` of ``workers``.
             Every executor writes the same files.
@@ -508,8 +535,14 @@ def prepare(
     if half_features:
         unknown = {"x", "y", "z"} & set(half_features)
         if unknown:
-            raise ValueError(f"half_features: x, y, z are always stored as float32, got {sorted(unknown)}")
+            raise ValueError(f"half_features: x, y, z are never stored as float16, got {sorted(unknown)}")
         config["half_features"] = sorted(half_features)
+    quantize = {str(k): float(v) for k, v in sorted((quantize or {}).items())}
+    if quantize:
+        bad = {k: v for k, v in quantize.items() if not (np.isfinite(v) and v > 0) or k in half_features}
+        if bad:
+            raise ValueError(f"quantize: steps must be finite and > 0, on columns not in half_features; got {bad}")
+        config["quantize"] = quantize
     if keep_features is not None:
         keep_features = tuple(keep_features)
         if keep_features[:3] != _XYZ:
@@ -542,6 +575,7 @@ def prepare(
             gt_database,
             half_features,
             keep_features,
+            tuple(quantize.items()),
         )
         for key, task in tasks.items()
     ]

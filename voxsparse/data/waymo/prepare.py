@@ -6,7 +6,11 @@ components ``<folder>/<component>/<context name>.parquet`` (:mod:`voxsparse.data
 segment (all its components) per unit of work, streamed frame by frame.
 
 Stored point columns: ``--features`` (default :data:`DEFAULT_FEATURES`, what the Waymo model configs
-read; add ``range`` to keep it), float32 unless named in ``--half-features`` (float16).
+read; add ``range`` to keep it). By default x, y, z are quantized to ``--xyz-step`` (:data:`XYZ_STEP`,
+2**-9 m: at most 0.98 mm from the reader's float32 values) and intensity and elongation stored as float16
+(``--half-features``, :data:`HALF_FEATURES`: the sensor's intensity has at most 8 significant bits,
+kept exactly, and its elongation 256 levels 5.9e-3 apart, moved by at most 2.5e-4); ``--xyz-step 0``
+and ``--half-features`` without names store them losslessly as float32.
 """
 
 from __future__ import annotations
@@ -22,6 +26,12 @@ from voxsparse.data.waymo.frame import POINT_FEATURES
 
 #: The point columns prepared by default: what the Waymo model configs read (range is left out).
 DEFAULT_FEATURES = ("x", "y", "z", "intensity", "elongation")
+
+#: Default quantization step of x, y, z (m): a power of two, so every stored value is exact in float32.
+XYZ_STEP = 2.0**-9
+
+#: Point columns stored as float16 by default.
+HALF_FEATURES = ("intensity", "elongation")
 
 #: Waymo v1 folders -> prepared split names.
 WAYMO_SPLITS = {"training": "train", "validation": "val", "testing": "test"}
@@ -69,9 +79,17 @@ def add_prepare_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--half-features",
         nargs="*",
-        default=[],
+        default=list(HALF_FEATURES),
         metavar="NAME",
-        help="point columns stored as float16, e.g. intensity elongation (~5e-4 relative precision, smaller files)",
+        help=f"point columns stored as float16 (~5e-4 relative precision; default: {' '.join(HALF_FEATURES)}; "
+        "no names: none)",
+    )
+    parser.add_argument(
+        "--xyz-step",
+        type=float,
+        default=XYZ_STEP,
+        metavar="METRES",
+        help=f"quantization step of x, y, z (error at most half of it; default {XYZ_STEP:g} = 2**-9); 0: lossless float32",
     )
     parser.set_defaults(root="data/waymo/raw", out="data/prepared/waymo")
 
@@ -110,13 +128,17 @@ def preparation_splits(args: argparse.Namespace) -> list[PreparationSplit]:
     config = {"dataset": "waymo", "format": "v2-parquet" if v2 else "v1-tfrecord"}
     factory, make_tasks = (waymo_v2_frames, v2_tasks) if v2 else (waymo_frames, tasks)
     features = tuple(getattr(args, "features", DEFAULT_FEATURES))
-    half = tuple(getattr(args, "half_features", ()))
-    unknown = sorted(set(features + half) - set(POINT_FEATURES))
+    half = tuple(n for n in getattr(args, "half_features", HALF_FEATURES) if n in features)
+    unknown = sorted(set(features + tuple(getattr(args, "half_features", ()))) - set(POINT_FEATURES))
     if unknown:
         raise SystemExit(f"--features / --half-features: {unknown} are not Waymo point columns {list(POINT_FEATURES)}")
+    step = float(getattr(args, "xyz_step", XYZ_STEP))
+    if not step >= 0:
+        raise SystemExit(f"--xyz-step: expected >= 0 metres, got {step}")
+    quantize = {name: step for name in ("x", "y", "z")} if step > 0 else None
     return [
         PreparationSplit(
-            split, factory, lambda folder=found[split]: make_tasks(folder), CLASS_NAMES, config, half, features
+            split, factory, lambda folder=found[split]: make_tasks(folder), CLASS_NAMES, config, half, features, quantize
         )
         for split in splits
     ]
