@@ -13,7 +13,8 @@ import torch
 
 from voxsparse.convert.openpcdet import openpcdet_to_ours, ours_to_openpcdet
 from voxsparse.models.backbones.scatterformer import ScatterFormerBackbone
-from voxsparse.structures import SparseVoxels, VoxelGrid
+from voxsparse.models.backbones.scatterformer_neck import CascadeDEDBackbone
+from voxsparse.structures import SparseBEV, SparseVoxels, VoxelGrid
 
 PARITY = Path(__file__).resolve().parents[1] / "parity"
 FIXTURE = PARITY / "fixtures" / "scatterformer_backbone.pt"
@@ -72,6 +73,23 @@ def _generator():
 def test_fixture_parity():
     record = torch.load(FIXTURE, weights_only=True)
     _check(record, _generator().loss_weights(record["train_features"].shape))
+
+
+def test_neck_fixture_parity():
+    record = torch.load(FIXTURE, weights_only=True)
+    cfg = _generator().NECK
+    neck = CascadeDEDBackbone(record["channels"], cfg["NUM_LAYERS"], cfg["NUM_SBB"], cfg["DOWN_STRIDES"],
+                              cfg["FEATURE_DIM"])
+    state, report = openpcdet_to_ours(neck, record["neck_state_dict"])
+    assert not report.unmapped
+    neck.load_state_dict(state)
+    x, y, _ = record["grid"]
+    bev = SparseBEV(record["eval_cells"], record["eval_features"], ((y - 1) // 2 + 1, (x - 1) // 2 + 1), 2,
+                    _grid(record["grid"]), 2)
+    with torch.no_grad():
+        out = neck.eval()(bev)
+    assert out.stride == 2
+    _close(out.features, record["neck_features"])
 
 
 def test_keys_round_trip():

@@ -21,7 +21,9 @@ Reduced size (32 channels, 4 heads, windows of 8 cells, a 48 x 40 x 15 grid), ra
 BatchNorm statistics; two frames of clustered voxels. The fixture (plain tensors, < 1 MB) holds the
 reference's state dict, the input voxels, its eval-mode output, its train-mode output and the
 gradient of a weighted sum of that output with respect to the input features, each output as
-(coords, features) sorted by coordinates. tests/models/test_scatterformer_parity.py checks voxsparse
+(coords, features) sorted by coordinates; and the neck of the configs, ``CascadeDEDBackbone``
+(2 blocks of 16 channels, random weights and statistics), with its eval-mode output on the dense
+map of the backbone's eval output. tests/models/test_scatterformer_parity.py checks voxsparse
 against it, and against the checkout when ``VOXSPARSE_SCATTERFORMER`` names one.
 """
 
@@ -48,6 +50,12 @@ SOURCES = {
     "pcdet.models.model_utils.scatterformer_utils": "pcdet/models/model_utils/scatterformer_utils.py",
     "pcdet.models.backbones_3d.scatterformer": "pcdet/models/backbones_3d/scatterformer.py",
 }
+NECK_SOURCES = {
+    "pcdet.models.backbones_2d.base_bev_backbone": "pcdet/models/backbones_2d/base_bev_backbone.py",
+    "pcdet.models.backbones_2d.bev_backbone_ded": "pcdet/models/backbones_2d/bev_backbone_ded.py",
+}
+#: The reduced neck: CascadeDEDBackbone's settings but 2 blocks of 16 channels.
+NECK = {"NUM_LAYERS": 2, "NUM_SBB": [2, 1, 1], "DOWN_STRIDES": [1, 2, 2], "FEATURE_DIM": 16}
 #: The reduced setting: grid (x, y, z) voxels, channels, window, voxel feature channels.
 GRID = (48, 40, 15)
 CHANNELS = 32
@@ -188,6 +196,24 @@ def build_reference(root: str | Path, seed: int = 0) -> nn.Module:
     return net
 
 
+def build_reference_neck(root: str | Path, seed: int = 0) -> nn.Module:
+    """The official ``CascadeDEDBackbone`` at :data:`NECK` size on the backbone's channels."""
+    module = _exec_sources(Path(root), NECK_SOURCES)
+    torch.manual_seed(seed)
+    net = module.CascadeDEDBackbone(_attr_dict(NECK), CHANNELS)
+    randomize_batchnorm(net, seed)
+    return net.eval()
+
+
+def bev_map(cells: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+    """(2, C, H, W) dense map of the backbone's output cells (OpenPCDet's HeightCompression of one z cell)."""
+    h, w = (GRID[1] - 1) // 2 + 1, (GRID[0] - 1) // 2 + 1
+    dense = features.new_zeros(2, h, w, features.shape[1])
+    cells = cells.long()
+    dense[cells[:, 0], cells[:, 1], cells[:, 2]] = features
+    return dense.permute(0, 3, 1, 2).contiguous()
+
+
 def parity_input(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Two frames of voxels in clusters (so convolutions and windows have neighbours): (M, 4) int32
     (b, z, y, x) sorted, (M, IN_CHANNELS) features."""
@@ -242,6 +268,11 @@ def main() -> None:
     record["eval_cells"], record["eval_features"], _ = run_reference(net, coords, features, train=False)
     record["train_cells"], record["train_features"], record["train_input_grad"] = run_reference(
         net, coords, features, train=True)
+    neck = build_reference_neck(root)
+    record["neck_state_dict"] = {k: v.clone() for k, v in neck.state_dict().items()}
+    with torch.no_grad():
+        bev = bev_map(record["eval_cells"], record["eval_features"])
+        record["neck_features"] = neck({"spatial_features": bev})["spatial_features_2d"]
     FIXTURE.parent.mkdir(parents=True, exist_ok=True)
     torch.save(record, FIXTURE)
     print(f"{FIXTURE}: {FIXTURE.stat().st_size / 1e6:.2f} MB, {len(coords)} voxels -> {len(record['eval_cells'])} cells")
