@@ -31,7 +31,7 @@ from voxsparse.ops.sparse_plan import (
 )
 from voxsparse.ops.sparse_plan import supported as index_first_supported
 from voxsparse.ops.sparse_utils import sum_rows, unique_coords
-from voxsparse.structures import SparseBEV, SparseVoxels, VoxelGrid
+from voxsparse.structures import Annotations3D, SparseBEV, SparseVoxels, VoxelGrid
 
 
 class SparseBasicBlock(spnn.SparseModule):
@@ -169,6 +169,10 @@ class VoxelNeXtBackbone(nn.Module):
         bn_momentum: momentum of the BatchNorms (except ``bev_subm``'s); see ``models/layers.py``.
         bev_subm_bias, bev_subm_eps, bev_subm_momentum: the last submanifold 2D conv's bias and its
             BatchNorm's settings (OpenPCDet's ``shared_conv``: a bias, PyTorch's defaults 1e-5, 0.1).
+        focal: ``(in_channels, out_channels, voxel_stride, indice_key) ->`` a focal sparse conv
+            (:class:`~voxsparse.models.backbones.focal.FocalSparseConv`, a Hydra partial) closing each
+            stage of ``focal_stages``; its importance loss is :meth:`auxiliary_losses`.
+        focal_stages: the stages (indices into ``channels``) a focal sparse conv closes; none by default.
 
     The defaults are voxsparse's design. OpenPCDet's ``VoxelResBackBone8xVoxelNeXt`` (whose
     parameters :meth:`openpcdet_keys` names) is ``channels = (*CHANNELS, CHANNELS[4])``, ``blocks``
@@ -202,8 +206,12 @@ class VoxelNeXtBackbone(nn.Module):
         bev_subm_bias: bool = False,
         bev_subm_eps: float = BN_EPS,
         bev_subm_momentum: float = BN_MOMENTUM,
+        focal: Callable[..., nn.Module] | None = None,
+        focal_stages: Sequence[int] = (),
     ) -> None:
         super().__init__()
+        if focal_stages and (focal is None or any(not 0 <= i < len(channels) for i in focal_stages)):
+            raise ValueError(f"focal_stages {tuple(focal_stages)}: expected stages of {len(channels)} and a focal factory")
         down_kernel_sizes = (3,) * (len(channels) - 1) if down_kernel_sizes is None else tuple(down_kernel_sizes)
         if len(down_kernel_sizes) != len(channels) - 1 or any(k < 1 or k % 2 == 0 for k in down_kernel_sizes):
             raise ValueError(f"down_kernel_sizes {down_kernel_sizes}: expected {len(channels) - 1} odd sizes, "
@@ -239,6 +247,12 @@ class VoxelNeXtBackbone(nn.Module):
             nn.BatchNorm1d(out_channels, eps=bev_subm_eps, momentum=bev_subm_momentum),
             nn.ReLU(inplace=True),
         )
+        # Focal sparse convs closing stages (by stage index), after the BatchNorm momentum above: they
+        # take the factory's settings.
+        self.focal = nn.ModuleDict({
+            str(i): focal(in_channels=channels[i], out_channels=channels[i], voxel_stride=2**i, indice_key=f"focal{i}")
+            for i in sorted(set(focal_stages))
+        })
         # Added to the voxel features before height compression (VoxelKP's spatial encoding); none here.
         self.bev_encoding: nn.Module | None = None
 
@@ -254,7 +268,7 @@ class VoxelNeXtBackbone(nn.Module):
     def openpcdet_keys(self) -> list[KeyPair]:
         """Every state-dict entry under its name in OpenPCDet's ``VoxelResBackBone8xVoxelNeXt``
         (relative to ``backbone_3d.``); only for the six-stage, stride-8 layout it has."""
-        if len(self.stages) != 6 or self.bev_stage != 3 or any(
+        if len(self.stages) != 6 or self.bev_stage != 3 or len(self.focal) or any(
             sum(isinstance(m, SparseBasicBlock) for m in stage) != 2 for stage in self.stages
         ):
             raise ValueError("openpcdet_keys: this backbone is not laid out as OpenPCDet's VoxelNeXt backbone "
@@ -270,7 +284,17 @@ class VoxelNeXtBackbone(nn.Module):
             pairs.append(KeyPair(key, prefixes[ours_prefix] + key[len(ours_prefix):], kind))
         return pairs
 
+    def auxiliary_losses(self, annotations: Sequence[Annotations3D]) -> dict[str, torch.Tensor]:
+        """``{"importance": ...}``, the focal sparse convs' importance loss of the last forward
+        (summed over layers), or ``{}`` without focal sparse convs."""
+        if not len(self.focal):
+            return {}
+        boxes = [a.boxes.tensor for a in annotations]
+        return {"importance": torch.stack([layer.importance_loss(boxes) for layer in self.focal.values()]).sum()}
+
     def forward(self, voxels: SparseVoxels) -> SparseBEV:
+        for layer in self.focal.values():  # no stale importance from an earlier batch
+            layer.last_importance = None
         if len(voxels) == 0:  # spconv cannot convolve an empty tensor; there is nothing to compute
             return self._empty_output(voxels)
         if self.index_first and self._plain() and index_first_supported():
@@ -307,7 +331,8 @@ class VoxelNeXtBackbone(nn.Module):
     def _plain(self) -> bool:
         """True when nothing beyond VoxelNeXt's layers runs (subclasses such as VoxelKP's add per-stage
         blocks and a BEV encoding, which the index-first path does not know)."""
-        return type(self)._run_stages is VoxelNeXtBackbone._run_stages and self.bev_encoding is None
+        return type(self)._run_stages is VoxelNeXtBackbone._run_stages and self.bev_encoding is None \
+            and not len(self.focal)
 
     def _forward_index_first(self, voxels: SparseVoxels) -> SparseBEV:
         """Stage by stage: the stage's index pairs (on the side stream), then its feature kernels."""
@@ -339,8 +364,10 @@ class VoxelNeXtBackbone(nn.Module):
     def _run_stages(self, x: SparseConvTensor, voxels: SparseVoxels) -> list[SparseConvTensor]:
         """Every stage's output, in order (subclasses add per-stage blocks here)."""
         outputs = []
-        for stage in self.stages:
+        for i, stage in enumerate(self.stages):
             x = stage(x)
+            if str(i) in self.focal:
+                x = self.focal[str(i)](x, voxels.grid)
             outputs.append(x)
         return outputs
 

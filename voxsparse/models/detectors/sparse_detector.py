@@ -7,6 +7,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
+from voxsparse.models.auxiliary import with_auxiliary_losses
 from voxsparse.models.heads.center_head import CenterPredictions, HeadLosses
 from voxsparse.models.keys import KeyPair, ReferenceNamed, prefixed
 from voxsparse.structures import Annotations3D, Detections3D, PointBatch, PointConvention
@@ -95,7 +96,11 @@ class SparseDetector(nn.Module):
         if annotations is None:
             return pred
         with torch.autocast(points.points.device.type, enabled=False):
-            return self.head.loss(pred, list(annotations), reduce_counts)
+            losses = self.head.loss(pred, list(annotations), reduce_counts)
+            backbone_losses = getattr(self.backbone, "auxiliary_losses", None)  # e.g. Focals Conv's importance
+            if backbone_losses is None:
+                return losses
+            return with_auxiliary_losses(losses, backbone_losses(list(annotations)))
 
     def loss(
         self,
@@ -103,7 +108,8 @@ class SparseDetector(nn.Module):
         annotations: Sequence[Annotations3D],
         reduce_counts: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> HeadLosses:
-        """The training losses of a batch (scalar tensors ``total``, ``heatmap``, ``regression``, ...)."""
+        """The training losses of a batch (scalar tensors ``total``, ``heatmap``, ``regression``, ...);
+        a backbone's ``auxiliary_losses`` (:mod:`voxsparse.models.auxiliary`) are added to ``total``."""
         return self(points, annotations, reduce_counts)
 
     def predict(self, points: PointBatch) -> list[Detections3D]:
