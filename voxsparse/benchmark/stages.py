@@ -51,7 +51,7 @@ def time_inference(
     (under CUDA fp16 autocast with ``amp``).
 
     Returns:
-        Timings of the rows "voxelize + VFE", "backbone", "head", "decode", "end to end"; the voxels
+        Timings of the rows "voxelize + VFE", "backbone", ("neck",) "head", "decode", "end to end"; the voxels
         and BEV cells of ``points``.
     """
     device = points.points.device
@@ -59,10 +59,13 @@ def time_inference(
     with torch.no_grad(), fp16_autocast(amp):
         voxels = model.voxel_encoder(points)
         bev = model.backbone(voxels)
-        preds = model.head(bev)
+        head_input = bev if model.neck is None else model.neck(bev)
+        preds = model.head(head_input)
         timings["voxelize + VFE"] = measure(lambda: model.voxel_encoder(points), device, repeats, warmup)
         timings["backbone"] = measure(lambda: model.backbone(voxels), device, repeats, warmup)
-        timings["head"] = measure(lambda: model.head(bev), device, repeats, warmup)
+        if model.neck is not None:
+            timings["neck"] = measure(lambda: model.neck(bev), device, repeats, warmup)
+        timings["head"] = measure(lambda: model.head(head_input), device, repeats, warmup)
         timings["decode"] = measure(lambda: model.head.decode(preds), device, repeats, warmup)
         timings["end to end"] = measure(lambda: model.predict(points), device, repeats, warmup)
     return timings, voxels, bev

@@ -45,6 +45,12 @@ def _relu_epilogue() -> object | None:
     return tv.gemm.Activation.ReLU
 
 
+def batch_norm_affine(bn: _BatchNorm) -> tuple[torch.Tensor, torch.Tensor]:
+    """(C,) scale and (C,) shift of eval-mode ``bn``: ``bn(x) = x * scale + shift`` per channel."""
+    scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+    return scale, bn.bias - bn.running_mean * scale
+
+
 @torch.no_grad()
 def fuse_conv_bn(conv: nn.Module, bn: _BatchNorm, relu: nn.Module | None) -> tuple[nn.Module, nn.Module | None]:
     """Fold eval-mode ``bn`` (and, on CUDA, ``relu``) into sparse ``conv`` in place.
@@ -58,9 +64,8 @@ def fuse_conv_bn(conv: nn.Module, bn: _BatchNorm, relu: nn.Module | None) -> tup
     weight = conv.weight
     if weight.shape[0] != bn.num_features:
         raise ValueError(f"fuse_conv_bn: conv weight {tuple(weight.shape)} is not (out={bn.num_features}, ..., in)")
-    scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+    scale, shift = batch_norm_affine(bn)
     weight.mul_(scale.view(-1, *([1] * (weight.ndim - 1))).to(weight.dtype))
-    shift = bn.bias - bn.running_mean * scale
     if conv.bias is not None:
         shift = shift + conv.bias * scale
     act = _relu_epilogue()

@@ -315,17 +315,20 @@ def nms_bev(
     limit = len(order) if post_max_size is None else min(post_max_size, len(order))
     if limit == 0:
         return order[:0]
-    overlaps = (bev_iou(boxes[order], boxes[order]) > iou_threshold).cpu().numpy()
+    ranked = boxes[order]
+    # Pairs (i, j), i ranked above j, that suppress; one host read.
+    above, below = torch.triu(bev_iou(ranked, ranked) > iou_threshold, diagonal=1).nonzero(as_tuple=True)
+    above, below = above.cpu().numpy(), below.cpu().numpy()
+    # Greedy in rank order, visiting only boxes that overlap a lower-ranked one: a box's fate is
+    # settled by the boxes above it, so the first `limit` survivors are what a loop that stops
+    # after `limit` kept boxes returns.
     removed = np.zeros(len(order), dtype=bool)
-    keep = []
-    for i in range(len(order)):
-        if removed[i]:
-            continue
-        keep.append(i)
-        if len(keep) == limit:
-            break
-        removed |= overlaps[i]
-    return order[torch.tensor(keep, dtype=torch.int64, device=order.device)]
+    starts = np.searchsorted(above, np.arange(len(order) + 1))
+    for i in np.unique(above):
+        if not removed[i]:
+            removed[below[starts[i]:starts[i + 1]]] = True
+    keep = np.flatnonzero(~removed)[:limit]
+    return order[torch.from_numpy(keep).to(order.device)]
 
 
 def class_agnostic_nms(

@@ -191,7 +191,7 @@ def _keys_of(
     return keys
 
 
-def _decode_keys(keys: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
+def decode_keys(keys: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
     """(M, 4) int32 coordinates of row-major ``keys`` over ``shape`` (b, z, y, x)."""
     columns = []
     for extent in reversed(shape[1:]):
@@ -210,7 +210,7 @@ def dynamic_voxelize(points: PointBatch, grid: VoxelGrid, quantization: str = "f
     # the sentinel, which also makes the out-of-range points' group index M.
     unique_keys, inverse, counts = torch.unique(keys, sorted=True, return_inverse=True, return_counts=True)
     m = unique_keys.shape[0] - 1
-    return DynamicVoxels(_decode_keys(unique_keys[:m], shape), inverse[:-1], counts[:m])
+    return DynamicVoxels(decode_keys(unique_keys[:m], shape), inverse[:-1], counts[:m])
 
 
 def voxelize_mean(points: PointBatch, grid: VoxelGrid, quantization: str = "float64") -> tuple[torch.Tensor, torch.Tensor]:

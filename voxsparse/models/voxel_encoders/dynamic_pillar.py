@@ -42,10 +42,12 @@ import numpy as np
 import torch
 from torch import nn
 
+from voxsparse.models.fusion import batch_norm_affine
 from voxsparse.models.keys import KeyPair
 from voxsparse.models.voxel_encoders.mean_vfe import _check_columns
 from voxsparse.ops.scatter import scatter_max, scatter_mean
 from voxsparse.ops.sparse_utils import linear_keys
+from voxsparse.ops.voxelize import decode_keys
 from voxsparse.structures import PointBatch, SparseVoxels, VoxelGrid
 
 # OpenPCDet's PFN BatchNorm (both the reference configs train with it).
@@ -86,8 +88,42 @@ class PFNLayer(nn.Module):
             return pooled
         return torch.cat([x, pooled[cell]], dim=1)
 
+    def affine(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(width, in_channels) weight and (width,) bias of the eval-mode Linear (+ BatchNorm)."""
+        bias = self.linear.bias if self.linear.bias is not None else torch.zeros_like(self.linear.weight[:, 0])
+        if self.norm is None:
+            return self.linear.weight, bias
+        scale, shift = batch_norm_affine(self.norm)
+        return self.linear.weight * scale[:, None], bias * scale + shift
+
     def openpcdet_keys(self) -> list[KeyPair]:
         return [KeyPair(name, name) for name in self.state_dict()]
+
+
+def _inference_layers(layers: Sequence[PFNLayer], x: torch.Tensor, cell: torch.Tensor, num_cells: int) -> torch.Tensor:
+    """The PFN layers in eval mode without grad, computing what ``layer(x, cell, M)`` in turn does
+    with less memory traffic: BatchNorm folded into the Linear; the next layer's Linear over
+    ``[x, pooled[cell]]`` split into ``x @ Wa`` per point plus ``pooled @ Wb`` per cell (no (N, 2C)
+    concatenation); and the last layer's max taken before adding its per-cell term and the ReLU,
+    since ``max_i relu(a_i + c) = relu(max_i a_i + c)`` (float addition and ReLU are monotonic),
+    so its (N, C) output is never formed. Equal to the layers up to float summation order.
+    """
+    pooled = None  # the previous layer's (M, C) maxima, which its points carry as their second half
+    for layer in layers:
+        weight, bias = layer.affine()
+        if pooled is None:
+            pre, cell_term = torch.addmm(bias, x, weight.T), None
+        else:
+            half = x.shape[1]
+            pre, cell_term = x @ weight[:, :half].T, torch.addmm(bias, pooled, weight[:, half:].T)
+        if layer.last_layer:
+            best = scatter_max(pre, cell, num_cells)
+            return layer.relu(best if cell_term is None else best.add_(cell_term))
+        if cell_term is not None:
+            pre.add_(cell_term.index_select(0, cell))
+        x = pre.clamp_(min=0)
+        pooled = scatter_max(x, cell, num_cells)
+    raise AssertionError("the last PFN layer returns")
 
 
 class _DynamicPFNEncoder(nn.Module):
@@ -171,11 +207,12 @@ class _DynamicPFNEncoder(nn.Module):
         if self.with_distance:
             parts.append(torch.norm(xyz, 2, dim=1, keepdim=True))
         x = torch.cat(parts, dim=-1)
-        for layer in self.pfn_layers:
-            x = layer(x, cell, num_cells)
-        out_coords = torch.empty(num_cells, 4, dtype=torch.int32, device=p.device)
-        out_coords[cell] = coords.int()
-        return SparseVoxels(out_coords, x, self.grid, points.batch_size)
+        if not self.training and not torch.is_grad_enabled():
+            x = _inference_layers(self.pfn_layers, x, cell, num_cells)
+        else:
+            for layer in self.pfn_layers:
+                x = layer(x, cell, num_cells)
+        return SparseVoxels(decode_keys(keys, shape), x, self.grid, points.batch_size)
 
     def openpcdet_keys(self) -> list[KeyPair]:
         """State-dict names relative to this module, as in OpenPCDet's ``vfe.`` (identical)."""
