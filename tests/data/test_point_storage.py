@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from voxsparse.data.point_storage import decode_points, encode_points, stored_points, write_npz
+from voxsparse.data.point_storage import _shuffle, decode_points, encode_points, stored_points, write_npz
 
 HALF = [False, False, False, True, True]
 
@@ -49,12 +49,21 @@ def test_quantized_scan_is_smaller_and_bytes_are_reproducible(tmp_path):
     assert write_npz(tmp_path / "c.npz", encode_points(points, HALF, [2.0**-9] * 3 + [0, 0])).read_bytes() == quantized
 
 
-def test_files_without_quantized_members_read_as_before():
+def earlier_layout(points: np.ndarray, half: list[bool]) -> dict[str, np.ndarray]:
+    """The members of a version-2 file: byte planes (itemsize, N, columns), no quantized columns."""
+    half = np.asarray(half)
+    return {
+        "points_f4": _shuffle(points[:, ~half]),
+        "points_f2": _shuffle(points[:, half].astype(np.float16)),
+        "points_half": half,
+    }
+
+
+def test_files_of_the_earlier_layout_read_as_before():
     points = scan(500)
-    members = encode_points(points, HALF)
-    earlier = {k: members[k] for k in ("points_f4", "points_f2", "points_half")}  # the version-2 layout
-    np.testing.assert_array_equal(decode_points(earlier), decode_points(members))
-    np.testing.assert_array_equal(decode_points(earlier)[:, :3], points[:, :3])
+    earlier = decode_points(earlier_layout(points, HALF))
+    np.testing.assert_array_equal(earlier, decode_points(encode_points(points, HALF)))
+    np.testing.assert_array_equal(earlier[:, :3], points[:, :3])
 
 
 def test_empty_and_all_quantized_frames_round_trip():

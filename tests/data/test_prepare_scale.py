@@ -270,32 +270,35 @@ def test_peak_rss_per_worker_is_reported_and_bounded(raw, tmp_path, capsys):
 
 
 def measure(segments: int = 3, frames: int = 4) -> None:
-    """Full-size measurement (module docstring)."""
+    """Full-size measurement on ``realistic`` frames (module docstring)."""
     import tempfile
 
     with tempfile.TemporaryDirectory(prefix="waymo_scale_") as tmp:
         root = Path(tmp)
         start = time.perf_counter()
-        write_dense_segments(root / "raw" / "training", segments, frames, waymo_lasers())
+        write_dense_segments(root / "raw" / "training", segments, frames, waymo_lasers(), realistic=True)
         print(f"wrote {segments} x {frames} full-size frames in {time.perf_counter() - start:.1f} s")
         raw_bytes = sum(p.stat().st_size for p in (root / "raw" / "training").glob("*.tfrecord"))
         runs = {
-            "default (float32)": ["--workers", "2"],
-            "float16 intensity, elongation": ["--workers", "2", "--half-features", "intensity", "elongation"],
+            "default (x, y, z to 2**-9 m, float16 intensity, elongation)": ["--workers", "1"],
+            "lossless (--xyz-step 0 --half-features)": ["--workers", "1", "--xyz-step", "0", "--half-features"],
             "default on local Ray": ["--workers", "2", "--executor", "ray", "--ray-task-memory", "2"],
         }
         for i, (name, extra) in enumerate(runs.items()):
+            if "Ray" in name and not os.environ.get("MEASURE_RAY"):
+                continue
             out = root / f"out{i}"
-            start = time.perf_counter()
+            start, cpu = time.perf_counter(), time.process_time()
             (index,) = prepare_data(command(root / "raw", out, *extra))
             seconds = time.perf_counter() - start
             frame_bytes = sum(p.stat().st_size for p in (out / "train" / "frames").iterdir())
             gt_bytes = sum(p.stat().st_size for p in (out / "train" / "gt_database").rglob("*") if p.is_file())
             points = sum(f.num_points for f in index.frames)
             print(
-                f"{name}: {seconds:.1f} s, {points / len(index.frames):.0f} points/frame, raw {raw_bytes / points:.2f} "
-                f"B/point, frames {frame_bytes / points:.2f} B/point, output / raw {frame_bytes / raw_bytes:.3f}, "
-                f"GT database {gt_bytes / 2**20:.1f} MiB"
+                f"{name}: {seconds:.1f} s ({seconds / len(index.frames):.2f} s/frame), "
+                f"{points / len(index.frames):.0f} points/frame, raw {raw_bytes / points:.2f} B/point, "
+                f"frames {frame_bytes / points:.2f} B/point ({frame_bytes / len(index.frames) / 1e3:.0f} kB/frame), "
+                f"output / raw LiDAR TFRecord {frame_bytes / raw_bytes:.3f}, GT database {gt_bytes / 2**20:.1f} MiB"
             )
 
 

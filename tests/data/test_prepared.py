@@ -302,14 +302,17 @@ def test_quantized_columns_reach_frames_index_and_gt_database_alike(tmp_path):
 
 
 def test_a_version_2_split_still_reads_and_version_1_is_refused(tmp_path):
-    from voxsparse.data.point_storage import write_npz
+    from test_point_storage import earlier_layout
+
+    from voxsparse.data.point_storage import POINT_KEYS, decode_points, write_npz
 
     prepare(segment, {"seg0": "seg0"}, tmp_path, "old", class_names=("V", "P", "C"), progress=False)
     split = tmp_path / "old"
-    for path in (split / "frames").iterdir():  # rewrite as version 2 did: no quantized members
+    for path in (split / "frames").iterdir():  # rewrite as version 2 did: planes (itemsize, N, C)
         with np.load(path) as z:
-            arrays = {k: z[k] for k in z.files if k not in ("points_q", "points_step")}
-        write_npz(path, arrays)
+            arrays = {k: z[k] for k in z.files if k not in POINT_KEYS}
+            points = decode_points(dict(z))
+        write_npz(path, {**arrays, **earlier_layout(points, [False] * points.shape[1])})
     index = json.loads((split / "index.json").read_text())
     (split / "index.json").write_text(json.dumps({**index, "version": 2}))
     for frame, raw in zip(PreparedDataset(tmp_path, "old"), segment("seg0")):

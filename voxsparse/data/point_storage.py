@@ -128,11 +128,11 @@ def encode_points(points: np.ndarray, half: Sequence[bool], steps: Sequence[floa
     counts = _quantize(points[:, q], steps[q])
     deltas = np.diff(counts, axis=0, prepend=np.zeros((1, counts.shape[1]), np.int64))
     zigzag = ((deltas << 1) ^ (deltas >> 63)).astype(np.uint32)  # small magnitudes -> small codes
+    # Byte planes (itemsize, columns, N): within a plane one column's values sit together.
     return {
-        "points_f4": _shuffle(points[:, ~half & ~q].astype(np.float32, copy=False)),
-        "points_f2": _shuffle(points[:, half].astype(np.float16)),
+        "points_f4": _shuffle(points[:, ~half & ~q].astype(np.float32).T),
+        "points_f2": _shuffle(points[:, half].astype(np.float16).T),
         "points_half": half,
-        # (4, Q, N): within a byte plane one column's codes sit together.
         "points_q": _shuffle(zigzag.T),
         "points_step": steps,
     }
@@ -142,15 +142,17 @@ def decode_points(arrays: Mapping[str, np.ndarray]) -> np.ndarray:
     """(N, C) float32 points of the members :func:`encode_points` wrote (or, without ``points_q`` and
     ``points_step``, its earlier version wrote)."""
     half = np.asarray(arrays["points_half"], dtype=bool)
-    steps = np.asarray(arrays.get("points_step", np.zeros(len(half))), dtype=np.float64)
+    full, reduced = _unshuffle(arrays["points_f4"], "<f4"), _unshuffle(arrays["points_f2"], "<f2")
+    if "points_step" in arrays:  # planes (itemsize, columns, N)
+        steps = np.asarray(arrays["points_step"], dtype=np.float64)
+        full, reduced = full.T, reduced.T
+        codes = _unshuffle(arrays["points_q"], "<u4").T.astype(np.int64)
+    else:  # the earlier layout: planes (itemsize, N, columns), no quantized columns
+        steps = np.zeros(len(half))
+        codes = np.zeros((len(full), 0), np.int64)
     if steps.shape != half.shape:
         raise ValueError(f"points: {steps.shape} steps do not make the {len(half)} columns of points_half")
     q = steps > 0
-    full, reduced = _unshuffle(arrays["points_f4"], "<f4"), _unshuffle(arrays["points_f2"], "<f2")
-    if "points_q" in arrays:
-        codes = _unshuffle(arrays["points_q"], "<u4").T.astype(np.int64)
-    else:
-        codes = np.zeros((len(full), 0), np.int64)
     groups = {"float32": (full, ~half & ~q), "float16": (reduced, half), "quantized": (codes, q)}
     if any(values.shape != (len(full), int(mask.sum())) for values, mask in groups.values()):
         shapes = ", ".join(f"{name} {values.shape}" for name, (values, _) in groups.items())
