@@ -1,21 +1,26 @@
-"""Run a checkpoint on your own scans: a point file, a folder of them, or a glob pattern.
+"""Run a checkpoint on your own scans (a point file, a folder of them, a glob pattern) or on a recorded drive.
 
     python tools/predict.py checkpoint=outputs/voxelnext_small/<run>/last.pth input=scan.bin
     python tools/predict.py checkpoint=... input=scans/ format=kitti render=true
     python tools/predict.py checkpoint=... input='sweeps/LIDAR_TOP/*.pcd.bin'
+    python tools/predict.py checkpoint=... bag=drive.mcap topic=/lidar/top [pose_topic=/tf] [output=out.mcap]
 
 Each scan is read (voxsparse.data.pointfile: .bin .npy .pcd .ply), converted to the model's point
 convention, and detected. Writes to the run directory (outputs/predict/<date_time>/, or
 hydra.run.dir=...): ``detections.jsonl`` (a line per scan: its detections with class names, scores
 and boxes), ``predictions.pt`` (what ``tools/eval.py predictions=`` and ``tools/visualize.py
 predictions=`` read) and, with ``render=true``, ``renders/<frame_id>.png``.
+
+A drive (``bag=``: ROS 1 .bag, ROS 2 bag folder, .db3, .mcap) is streamed frame by frame
+(voxsparse.engine.stream): its PointCloud2 ``topic`` detected and tracked in the world frame of
+``pose_topic`` (/tf or nav_msgs/Odometry; none: identity), written as ``detections.jsonl`` (with
+track ids) or, with ``output=`` a .bag / .mcap / folder, as a MarkerArray topic of a new drive.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 from hydra.core.hydra_config import HydraConfig
@@ -25,27 +30,20 @@ import voxsparse
 from voxsparse.data.pointfile import read_points
 from voxsparse.engine.cli import tool
 from voxsparse.engine.config import parse_options
-from voxsparse.engine.predict import ScanPredictor, ScanResult, find_scans, frame_id_of, write_jsonl
+from voxsparse.engine.predict import (
+    PredictOptions,
+    ScanPredictor,
+    ScanResult,
+    find_scans,
+    frame_id_of,
+    write_jsonl,
+)
+from voxsparse.engine.stream import DriveOptions, run_drive
 from voxsparse.evaluation.predictions_io import PredictionsFile, save_predictions
+from voxsparse.models.trackers import TrackerConfig
 from voxsparse.utils.progress import progress
 
 log = logging.getLogger("voxsparse.predict")
-
-
-@dataclass
-class PredictOptions:
-    """The tool's options (configs/predict.yaml)."""
-
-    checkpoint: str | None = None
-    input: str | None = None
-    format: str | None = None
-    columns: int | None = None
-    nonfinite: str = "error"
-    min_score: float = 0.0
-    render: bool = False
-    render_score: float = 0.3
-    backend: str = "auto"
-    device: str = "cpu"
 
 
 def _render(result: ScanResult, points, model, opts: PredictOptions, backend: str, out: Path) -> None:
@@ -61,10 +59,15 @@ def _render(result: ScanResult, points, model, opts: PredictOptions, backend: st
 
 @tool("predict")
 def main(cfg: DictConfig) -> None:
-    opts = parse_options(cfg, PredictOptions)
-    if opts.checkpoint is None or opts.input is None:
-        raise ValueError("give checkpoint=PATH and input=FILE|FOLDER|'GLOB'")
+    opts, drive = parse_options(cfg, PredictOptions), parse_options(cfg, DriveOptions)
+    if opts.checkpoint is None or (opts.input is None) == (drive.bag is None):
+        raise ValueError("give checkpoint=PATH and either input=FILE|FOLDER|'GLOB' or bag=DRIVE topic=TOPIC")
     output_dir = Path(HydraConfig.get().runtime.output_dir)
+    if drive.bag is not None:
+        tracker = parse_options(cfg.tracker, TrackerConfig, "tracker.", strict=True)
+        model = voxsparse.load_model(opts.checkpoint, opts.device)
+        run_drive(model, drive, output_dir, tracker, opts.device, opts.min_score)
+        return
     scans = find_scans(opts.input)
     model = voxsparse.load_model(opts.checkpoint, opts.device)
     predictor = ScanPredictor(model, opts.device)

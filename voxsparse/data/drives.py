@@ -246,7 +246,7 @@ def read_drive(
                     skipped += 1
                     log.debug("%s: no pose within %.3f s of %d ns: skipped", where, max_pose_gap, ns)
                     continue
-            yield DriveFrame(index, str(ns), ns * 1e-9, ns, m.message.header.frame_id, cloud, pose, dropped)
+            yield DriveFrame(index, str(ns), ns / 1e9, ns, m.message.header.frame_id, cloud, pose, dropped)
         if skipped:
             log.warning("drive %s: %d cloud(s) of %s lie over %.3f s outside the poses of %s: skipped",
                         path, skipped, topic, max_pose_gap, pose_topic)

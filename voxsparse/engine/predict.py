@@ -102,6 +102,23 @@ class ScanPredictor:
 
 
 @dataclass
+class PredictOptions:
+    """``tools/predict.py``'s options for point files (``configs/predict.yaml``; a drive's:
+    :class:`voxsparse.engine.stream.DriveOptions`)."""
+
+    checkpoint: str | None = None
+    input: str | None = None
+    format: str | None = None
+    columns: int | None = None
+    nonfinite: str = "error"
+    min_score: float = 0.0
+    render: bool = False
+    render_score: float = 0.3
+    backend: str = "auto"
+    device: str = "cpu"
+
+
+@dataclass
 class ScanResult:
     """One scan's detections.
 
@@ -121,18 +138,18 @@ class ScanResult:
 def detection_records(result: ScanResult, class_names: Sequence[str]) -> dict:
     """One JSON-lines record: the frame and each detection with its class name, score and box
     (``x, y, z`` centre, ``dx, dy, dz`` size in metres, ``heading`` in radians, ``vx, vy`` in m/s
-    when predicted)."""
+    when predicted), and its ``track_id`` when the detections carry track ids (-1: not tracked)."""
     keys = ("x", "y", "z", "dx", "dy", "dz", "heading", "vx", "vy")
-    boxes = result.detections.boxes.tensor.tolist()
+    det = result.detections
+    boxes = det.boxes.tensor.tolist()
+    tracks = [{}] * len(det) if det.track_ids is None else [{"track_id": t} for t in det.track_ids.tolist()]
     return {
         "frame_id": result.frame_id,
         "file": str(result.path),
         "num_points": result.num_points,
         "detections": [
-            {"class": class_names[label], "score": round(score, 6), **{k: round(v, 6) for k, v in zip(keys, box)}}
-            for box, score, label in zip(
-                boxes, result.detections.scores.tolist(), result.detections.labels.tolist()
-            )
+            {"class": class_names[label], "score": round(score, 6), **{k: round(v, 6) for k, v in zip(keys, box)}, **track}
+            for box, score, label, track in zip(boxes, det.scores.tolist(), det.labels.tolist(), tracks)
         ],
     }
 
