@@ -288,7 +288,7 @@ def measure(segments: int = 3, frames: int = 4) -> None:
             if "Ray" in name and not os.environ.get("MEASURE_RAY"):
                 continue
             out = root / f"out{i}"
-            start, cpu = time.perf_counter(), time.process_time()
+            start = time.perf_counter()
             (index,) = prepare_data(command(root / "raw", out, *extra))
             seconds = time.perf_counter() - start
             frame_bytes = sum(p.stat().st_size for p in (out / "train" / "frames").iterdir())

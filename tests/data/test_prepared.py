@@ -279,7 +279,7 @@ def test_quantized_columns_reach_frames_index_and_gt_database_alike(tmp_path):
     from voxsparse.data.point_storage import stored_points
 
     steps = {"x": 2.0**-9, "y": 2.0**-9, "z": 2.0**-9}
-    kwargs = dict(class_names=("V", "P", "C"), gt_database=True, progress=False)
+    kwargs = {"class_names": ("V", "P", "C"), "gt_database": True, "progress": False}
     index = prepare(segment, {"seg0": "seg0"}, tmp_path, "q", half_features=["intensity"], quantize=steps, **kwargs)
     assert index.version == 3 and index.config["quantize"] == steps and index.config["half_features"] == ["intensity"]
     ds, db = PreparedDataset(tmp_path, "q"), GTDatabase.load(tmp_path / "q" / "gt_database")

@@ -20,7 +20,7 @@ one of three storage types:
 Each group is byte-shuffled before deflating (all first bytes of the values, then all second
 bytes, ...): the high bytes of neighbouring values repeat (or, for the zigzag-coded deltas, are
 zero), which deflate finds only when they sit together. On dense Waymo-like scans float32 x, y, z
-take about 9.5 bytes per point; quantized to 2**-9 m about 2.2.
+take about 9.5 bytes per point; quantized to 2**-9 m about 2.4.
 
 Files written before quantization existed (no ``points_q`` / ``points_step`` members) read back as
 before.
