@@ -162,3 +162,48 @@ def test_hydra_instantiation():
     vfe = instantiate(cfg)
     assert vfe.grid == GRID and vfe.out_channels == 16
     assert vfe(_points([20], 7)).features.shape[1] == 16
+
+
+def _pfn_encoder(kind: str):
+    from voxsparse.models.voxel_encoders import DynamicPillarVFE, DynamicVoxelVFE
+
+    torch.manual_seed(0)
+    encoder = (DynamicVoxelVFE if kind == "voxel" else DynamicPillarVFE)(GRID, in_channels=4, layer_channels=(16, 24, 32))
+    for module in encoder.modules():  # non-trivial running statistics, so the BatchNorm fold is exercised
+        if isinstance(module, torch.nn.BatchNorm1d):
+            module.running_mean.uniform_(-1, 1)
+            module.running_var.uniform_(0.5, 2)
+            module.weight.data.uniform_(0.5, 1.5)
+            module.bias.data.uniform_(-0.5, 0.5)
+    return encoder.eval()
+
+
+@pytest.mark.parametrize("kind", ["voxel", "pillar"])
+def test_pfn_inference_path_equals_the_layers(kind):
+    # Without grad in eval mode the PFN layers run folded and split (dynamic_pillar._inference_layers).
+    encoder, points = _pfn_encoder(kind), _points([900, 400], seed=5)
+    with torch.no_grad():
+        fast = encoder(points)
+    slow = encoder(points)
+    assert torch.equal(fast.coords, slow.coords)
+    torch.testing.assert_close(fast.features, slow.features.detach(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["voxel", "pillar"])
+def test_pfn_rows_sorted_by_cell_give_the_same_output_and_gradients(kind, monkeypatch):
+    # CUDA sorts the points by cell and takes segment maxima; forced here on the CPU.
+    from voxsparse.models.voxel_encoders import dynamic_pillar
+
+    points = _points([900, 400], seed=6)
+    results = []
+    for sort in (False, True):
+        monkeypatch.setitem(dynamic_pillar._SORT_ROWS_BY_CELL, "cpu", sort)
+        encoder = _pfn_encoder(kind).train()
+        out = encoder(points)
+        out.features.square().sum().backward()
+        with torch.no_grad():
+            inference = encoder.eval()(points).features
+        results.append((out.coords, out.features.detach(), encoder.pfn_layers[0].linear.weight.grad, inference))
+    # Training-mode BatchNorm sums its statistics in the new row order: float-order differences only.
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5 * float(b.abs().max()))

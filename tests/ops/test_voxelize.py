@@ -269,15 +269,20 @@ def test_cuda_keys_equal_cpu_keys_bit_for_bit(grid):
 @requires_cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_cuda_voxelize_mean_equals_torch_path(dtype):
-    # On CUDA with Triton, voxelize_mean sums each voxel's run of sorted points; the torch path
-    # scatter-adds. Same voxels in the same order; means equal up to float rounding.
+    # With deterministic algorithms on, voxelize_mean sums each voxel's run of sorted points (Triton);
+    # the default path scatter-adds. Same voxels in the same order; means equal up to float rounding;
+    # the deterministic one bitwise repeatable.
     grid = VoxelGrid(voxel_size=(0.2, 0.2, 0.25), point_cloud_range=(-10.0, -10.0, -2.0, 10.0, 10.0, 2.0))
     gen = torch.Generator().manual_seed(3)
     frames = [(torch.rand(n, 5, generator=gen, dtype=dtype) - 0.5) * 24 for n in (20000, 0, 7000)]
     batch = PointBatch.from_frames(frames).to("cuda")
-    coords, features = voxelize_mean(batch, grid)
-    ref_coords, ref_features = voxelize_mean_torch(batch, grid)
-    assert features.dtype == dtype and torch.equal(coords, ref_coords)
+    torch.use_deterministic_algorithms(True)
+    try:
+        (coords, features), (_, again) = voxelize_mean(batch, grid), voxelize_mean(batch, grid)
+    finally:
+        torch.use_deterministic_algorithms(False)
+    ref_coords, ref_features = voxelize_mean(batch, grid)
+    assert features.dtype == dtype and torch.equal(coords, ref_coords) and torch.equal(features, again)
     torch.testing.assert_close(features, ref_features)
 
 

@@ -40,7 +40,8 @@ def scatter_max(src: torch.Tensor, index: torch.Tensor, num_groups: int) -> torc
     """(G, *) element-wise maximum of the rows of ``src`` (N, *) in each group ``index`` (N,).
 
     The gradient of a group's maximum goes to the row that holds it; rows that tie share it
-    equally (``scatter_reduce``'s rule). No argmax is materialised. On CUDA, float32 maxima are taken
+    equally (``scatter_reduce``'s rule, except that its CPU path also counts the initial 0 as a tie
+    where a group's maximum is exactly 0). No argmax is materialised. On CUDA, float32 maxima are taken
     on order-preserving int32 keys of the values (:func:`_max_by_int_keys`): the same maxima, without
     the compare-and-swap loop that float atomics need, which dominates crowded groups (real scans put
     tens of points in a voxel).
@@ -73,8 +74,8 @@ def _max_by_int_keys(src: torch.Tensor, index: torch.Tensor, num_groups: int) ->
 
 
 class _IntKeyMax(torch.autograd.Function):
-    """:func:`_max_by_int_keys` with ``scatter_reduce``'s gradient: each group's gradient split evenly
-    over the rows equal to its maximum."""
+    """:func:`_max_by_int_keys` with each group's gradient split evenly over the rows equal to its
+    maximum."""
 
     @staticmethod
     def forward(ctx, src: torch.Tensor, index: torch.Tensor, num_groups: int) -> torch.Tensor:
@@ -85,7 +86,43 @@ class _IntKeyMax(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         src, index, out = ctx.saved_tensors
-        holds = (src == out.index_select(0, index)).to(grad.dtype)
-        ties = torch.zeros_like(out, dtype=grad.dtype).index_add_(0, index, holds)
-        share = grad / ties.clamp_(min=1)
-        return share.index_select(0, index) * holds, None, None
+        return _split_among_ties(src, index, out, grad), None, None
+
+
+def _split_among_ties(src: torch.Tensor, index: torch.Tensor, out: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """(N, *) gradient of a group maximum ``out`` (G, *) of ``src`` (N, *): each group's ``grad``
+    divided evenly among its rows equal to the maximum."""
+    holds = (src == out.index_select(0, index)).to(grad.dtype)
+    ties = torch.zeros_like(out, dtype=grad.dtype).index_add_(0, index, holds)
+    share = grad / ties.clamp_(min=1)
+    return share.index_select(0, index) * holds
+
+
+def segment_max(src: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """(G, *) element-wise maximum of consecutive runs of rows: group ``g`` is the next ``lengths[g]``
+    rows of ``src`` (N, *), ``lengths`` (G,) int64 >= 1 summing to N.
+
+    :func:`scatter_max` for rows already sorted by group, without atomics: each output element is
+    one sequential reduction (``torch.segment_reduce``), so crowded groups cost no contention.
+    Gradients as :func:`scatter_max` (ties share equally).
+    """
+    if lengths.ndim != 1:
+        raise ValueError(f"segment_max: lengths must be (G,), got {tuple(lengths.shape)}")
+    return _SegmentMax.apply(src, lengths)
+
+
+class _SegmentMax(torch.autograd.Function):
+    """``torch.segment_reduce``'s max with :func:`scatter_max`'s gradient (its own gives every tied
+    row the whole gradient)."""
+
+    @staticmethod
+    def forward(ctx, src: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        out = torch.segment_reduce(src, "max", lengths=lengths, axis=0, unsafe=True)
+        ctx.save_for_backward(src, lengths, out)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        src, lengths, out = ctx.saved_tensors
+        index = torch.repeat_interleave(torch.arange(len(lengths), device=lengths.device), lengths)
+        return _split_among_ties(src, index, out, grad), None

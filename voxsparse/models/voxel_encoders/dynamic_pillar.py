@@ -36,7 +36,8 @@ and the BEV scatter do not depend on the order.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import functools
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -45,10 +46,14 @@ from torch import nn
 from voxsparse.models.fusion import batch_norm_affine
 from voxsparse.models.keys import KeyPair
 from voxsparse.models.voxel_encoders.mean_vfe import _check_columns
-from voxsparse.ops.scatter import scatter_max, scatter_mean
+from voxsparse.ops.scatter import scatter_max, scatter_mean, segment_max
 from voxsparse.ops.sparse_utils import linear_keys
 from voxsparse.ops.voxelize import decode_keys
 from voxsparse.structures import PointBatch, SparseVoxels, VoxelGrid
+
+#: Per device type: sort the points by cell and take cell maxima as segment reductions. CUDA only,
+#: where atomics on crowded cells are slow; the CPU keeps the input order, so its sums are unchanged.
+_SORT_ROWS_BY_CELL = {"cuda": True, "cpu": False}
 
 # OpenPCDet's PFN BatchNorm (both the reference configs train with it).
 PFN_BN_EPS = 1e-3
@@ -65,8 +70,8 @@ class PFNLayer(nn.Module):
         use_norm: BatchNorm after a bias-free Linear (else a Linear with bias).
         last_layer: return the (M, out_channels) cell max only.
 
-    ``forward(x (N, in_channels), cell (N,) int64 in [0, M), M)`` → (N, out_channels) per point, or
-    (M, out_channels) per cell for the last layer.
+    ``forward(x (N, in_channels), cell (N,) int64 in [0, M), pool)`` → (N, out_channels) per point, or
+    (M, out_channels) per cell for the last layer; ``pool`` maps (N, C) rows to their (M, C) cell maxima.
     """
 
     def __init__(self, in_channels: int, out_channels: int, use_norm: bool = True, last_layer: bool = False) -> None:
@@ -78,12 +83,12 @@ class PFNLayer(nn.Module):
         self.norm = nn.BatchNorm1d(width, eps=PFN_BN_EPS, momentum=PFN_BN_MOMENTUM) if use_norm else None
         self.relu = nn.ReLU()
 
-    def forward(self, x: torch.Tensor, cell: torch.Tensor, num_cells: int) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cell: torch.Tensor, pool: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
         x = self.linear(x)
         if self.norm is not None:
             x = self.norm(x)
         x = self.relu(x)
-        pooled = scatter_max(x, cell, num_cells)
+        pooled = pool(x)
         if self.last_layer:
             return pooled
         return torch.cat([x, pooled[cell]], dim=1)
@@ -100,8 +105,10 @@ class PFNLayer(nn.Module):
         return [KeyPair(name, name) for name in self.state_dict()]
 
 
-def _inference_layers(layers: Sequence[PFNLayer], x: torch.Tensor, cell: torch.Tensor, num_cells: int) -> torch.Tensor:
-    """The PFN layers in eval mode without grad, computing what ``layer(x, cell, M)`` in turn does
+def _inference_layers(
+    layers: Sequence[PFNLayer], x: torch.Tensor, cell: torch.Tensor, pool: Callable[[torch.Tensor], torch.Tensor]
+) -> torch.Tensor:
+    """The PFN layers in eval mode without grad, computing what ``layer(x, cell, pool)`` in turn does
     with less memory traffic: BatchNorm folded into the Linear; the next layer's Linear over
     ``[x, pooled[cell]]`` split into ``x @ Wa`` per point plus ``pooled @ Wb`` per cell (no (N, 2C)
     concatenation); and the last layer's max taken before adding its per-cell term and the ReLU,
@@ -117,12 +124,12 @@ def _inference_layers(layers: Sequence[PFNLayer], x: torch.Tensor, cell: torch.T
             half = x.shape[1]
             pre, cell_term = x @ weight[:, :half].T, torch.addmm(bias, pooled, weight[:, half:].T)
         if layer.last_layer:
-            best = scatter_max(pre, cell, num_cells)
+            best = pool(pre)
             return layer.relu(best if cell_term is None else best.add_(cell_term))
         if cell_term is not None:
             pre.add_(cell_term.index_select(0, cell))
         x = pre.clamp_(min=0)
-        pooled = scatter_max(x, cell, num_cells)
+        pooled = pool(x)
     raise AssertionError("the last PFN layer returns")
 
 
@@ -190,8 +197,16 @@ class _DynamicPFNEncoder(nn.Module):
         coords = torch.stack([batch, z, index[:, 1].long(), index[:, 0].long()], dim=1)
         depth = 1 if self._pillar else self.grid.grid_size[2]
         shape = (points.batch_size, depth, self.grid.grid_size[1], self.grid.grid_size[0])
-        keys, cell = torch.unique(linear_keys(coords, shape), return_inverse=True)
+        keys, cell, counts = torch.unique(linear_keys(coords, shape), return_inverse=True, return_counts=True)
         num_cells = keys.shape[0]
+        if _SORT_ROWS_BY_CELL.get(p.device.type, False):
+            # Rows sorted by cell make every cell maximum a sequential segment reduction: scattered
+            # atomics serialise on crowded cells (a real scan puts hundreds of points in some).
+            order = torch.argsort(cell, stable=True)
+            p, index, cell = p.index_select(0, order), index.index_select(0, order), cell.index_select(0, order)
+            pool = functools.partial(segment_max, lengths=counts)
+        else:
+            pool = functools.partial(scatter_max, index=cell, num_groups=num_cells)
 
         xyz = p[:, :3]
         cluster = xyz - scatter_mean(xyz, cell, num_cells)[cell]
@@ -208,10 +223,10 @@ class _DynamicPFNEncoder(nn.Module):
             parts.append(torch.norm(xyz, 2, dim=1, keepdim=True))
         x = torch.cat(parts, dim=-1)
         if not self.training and not torch.is_grad_enabled():
-            x = _inference_layers(self.pfn_layers, x, cell, num_cells)
+            x = _inference_layers(self.pfn_layers, x, cell, pool)
         else:
             for layer in self.pfn_layers:
-                x = layer(x, cell, num_cells)
+                x = layer(x, cell, pool)
         return SparseVoxels(decode_keys(keys, shape), x, self.grid, points.batch_size)
 
     def openpcdet_keys(self) -> list[KeyPair]:
