@@ -72,7 +72,7 @@ def selective_scan(
         D: (Dc,) skip weight, or None.
         z: (Bt, Dc, L) gate, or None.
         delta_bias: (Dc,) added to ``delta`` before the softplus, or None.
-        delta_softplus: apply softplus to the step.
+        delta_softplus: apply softplus to the step (without it, steps must be non-negative).
         backend: see the module docstring.
         chunk_size: steps per chunk of the reference (default ``ceil(sqrt(L))``).
 

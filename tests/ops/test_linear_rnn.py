@@ -1,0 +1,103 @@
+"""Linear recurrences: the chunked references against step-by-step / quadratic float64 versions, their
+gradients, and the GPU paths against the references (skipped without CUDA)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from voxsparse.ops.linear_rnn import (
+    retention,
+    retention_naive,
+    retention_torch,
+    selective_scan,
+    selective_scan_sequential,
+    selective_scan_torch,
+)
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+def _scan_inputs(bt=3, dc=6, length=37, n=4, device="cpu", seed=0):
+    g = torch.Generator().manual_seed(seed)
+    tensors = dict(
+        u=torch.randn(bt, dc, length, generator=g), delta=torch.randn(bt, dc, length, generator=g),
+        A=-torch.rand(dc, n, generator=g) * 16, B=torch.randn(bt, n, length, generator=g),
+        C=torch.randn(bt, n, length, generator=g), D=torch.randn(dc, generator=g),
+        z=torch.randn(bt, dc, length, generator=g), delta_bias=torch.randn(dc, generator=g),
+    )
+    return {k: v.to(device) for k, v in tensors.items()}
+
+
+@pytest.mark.parametrize("chunk", [None, 1, 5, 37, 64])
+@pytest.mark.parametrize("optional", [True, False])
+def test_selective_scan_chunks_equal_the_step_by_step_scan(chunk, optional):
+    inputs = _scan_inputs()
+    if not optional:  # steps must then be non-negative themselves, or the state grows without bound
+        inputs.update(D=None, z=None, delta_bias=None, delta=inputs["delta"].abs())
+    expected = selective_scan_sequential(**inputs, delta_softplus=optional)
+    out = selective_scan_torch(**inputs, delta_softplus=optional, chunk_size=chunk)
+    torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5)
+    assert selective_scan(**inputs, delta_softplus=optional, backend="torch").dtype == torch.float32
+
+
+def test_selective_scan_gradients():
+    inputs = {k: v.double().requires_grad_() for k, v in _scan_inputs(length=20).items()}
+    grads = torch.autograd.grad(selective_scan_torch(**inputs, delta_softplus=True, chunk_size=6).square().sum(),
+                                list(inputs.values()))
+    expected = torch.autograd.grad(selective_scan_sequential(**inputs, delta_softplus=True).square().sum(),
+                                   list(inputs.values()))
+    for g, e in zip(grads, expected):
+        torch.testing.assert_close(g, e, rtol=1e-9, atol=1e-9)
+
+
+def test_selective_scan_checks_shapes_and_backend():
+    inputs = _scan_inputs()
+    with pytest.raises(ValueError, match="B and C"):
+        selective_scan(**dict(inputs, B=inputs["B"][:, :2]))
+    with pytest.raises(ValueError, match="backend"):
+        selective_scan(**inputs, backend="fla")
+
+
+@pytest.mark.parametrize("bidirectional", [False, True])
+@pytest.mark.parametrize("length,chunk", [(130, 64), (50, 16), (64, 64), (7, 64)])
+def test_retention_chunks_equal_the_quadratic_form(bidirectional, length, chunk):
+    g = torch.Generator().manual_seed(1)
+    q, k = torch.randn(2, 3, length, 8, generator=g), torch.randn(2, 3, length, 8, generator=g)
+    v = torch.randn(2, 3, length, 16, generator=g)
+    out = retention(q, k, v, bidirectional_chunks=bidirectional, chunk_size=chunk)
+    expected = retention_naive(q, k, v, chunk, bidirectional)
+    torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=2e-5)
+
+
+def test_retention_without_bidirectional_chunks_ignores_the_chunk_size():
+    q, k, v = torch.randn(3, 1, 2, 90, 8).unbind(0)
+    torch.testing.assert_close(retention_torch(q, k, v, 7), retention_torch(q, k, v, 64), rtol=1e-5, atol=1e-5)
+
+
+def test_retention_gradients():
+    q, k, v = (torch.randn(1, 2, 70, 4, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    grads = torch.autograd.grad(retention_torch(q, k, v, 16, True).square().sum(), (q, k, v))
+    expected = torch.autograd.grad(retention_naive(q, k, v, 16, True).square().sum(), (q, k, v))
+    for g, e in zip(grads, expected):
+        torch.testing.assert_close(g, e)
+
+
+@cuda
+@pytest.mark.parametrize("length", [1, 37, 1024])
+def test_triton_selective_scan_equals_the_reference(length):
+    inputs = {k: v.requires_grad_() for k, v in _scan_inputs(bt=4, dc=70, length=length, n=16, device="cuda").items()}
+    out = selective_scan(**inputs, delta_softplus=True, backend="triton")
+    expected = selective_scan_torch(**inputs, delta_softplus=True)
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4)
+    grads = torch.autograd.grad(out.square().sum(), list(inputs.values()))
+    expected_grads = torch.autograd.grad(expected.square().sum(), list(inputs.values()))
+    for g, e in zip(grads, expected_grads):
+        torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-3)
+
+
+@cuda
+def test_fla_retention_equals_the_reference():
+    pytest.importorskip("fla")
+    q, k, v = (torch.randn(2, 4, 300, 32, device="cuda") for _ in range(3))
+    torch.testing.assert_close(retention(q, k, v, backend="fla"), retention_torch(q, k, v), rtol=1e-3, atol=1e-3)
