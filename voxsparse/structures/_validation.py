@@ -5,6 +5,12 @@ from __future__ import annotations
 import torch
 
 
+def checking_values() -> bool:
+    """Whether checks of tensor values run: not while a graph is traced (``torch.export``,
+    ``torch.compile``), whose tensors have shapes but no values; shapes are checked always."""
+    return not torch.compiler.is_compiling()
+
+
 def check_tensor(
     name: str,
     value: object,
@@ -36,7 +42,9 @@ def check_tensor(
         raise TypeError(f"{name}: expected an integer dtype, got {value.dtype}")
     if length is not None and value.shape[0] != length:
         raise ValueError(f"{name}: expected {length} rows, got shape {tuple(value.shape)}")
-    if finite and value.is_floating_point() and value.numel() and not bool(torch.isfinite(value).all()):
+    if finite and checking_values() and value.is_floating_point() and value.numel() and not bool(
+        torch.isfinite(value).all()
+    ):
         bad = int((~torch.isfinite(value)).any(dim=-1).sum()) if value.ndim > 1 else int((~torch.isfinite(value)).sum())
         raise ValueError(f"{name}: {bad} row(s) contain NaN or inf")
     return value

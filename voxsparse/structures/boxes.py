@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from voxsparse.structures._validation import check_tensor
+from voxsparse.structures._validation import check_tensor, checking_values
 
 
 @dataclass
@@ -22,7 +22,7 @@ class Boxes3D:
 
     def __post_init__(self) -> None:
         check_tensor("Boxes3D.tensor", self.tensor, ndim=2, last_dim=(7, 9), floating=True, finite=True)
-        if self.tensor.numel() and bool((self.tensor[:, 3:6] < 0).any()):
+        if checking_values() and self.tensor.numel() and bool((self.tensor[:, 3:6] < 0).any()):
             raise ValueError("Boxes3D.tensor: box sizes (columns 3:6, dx dy dz) must be non-negative")
 
     @classmethod

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from voxsparse.structures._validation import check_tensor
+from voxsparse.structures._validation import check_tensor, checking_values
 
 #: Intensity scales a point column can carry: ``unit`` reflectance in [0, 1] (KITTI, the synthetic
 #: world), ``uint8`` values in [0, 255] (nuScenes, Velodyne drivers), ``waymo`` the Waymo Open
@@ -59,7 +59,7 @@ class PointBatch:
         check_tensor("PointBatch.batch_index", self.batch_index, ndim=1, floating=False, length=len(self.points))
         if self.batch_size < 1:
             raise ValueError(f"PointBatch.batch_size: expected >= 1, got {self.batch_size}")
-        if self.batch_index.numel() and (
+        if checking_values() and self.batch_index.numel() and (
             int(self.batch_index.min()) < 0 or int(self.batch_index.max()) >= self.batch_size
         ):
             raise ValueError(f"PointBatch.batch_index: values must lie in [0, {self.batch_size})")

@@ -432,7 +432,7 @@ class DSVTBackbone(nn.Module):
 
     @property
     def stride(self) -> int:
-        return math.prod(s[0] for s in self.pool_stride) * self.bev_stride
+        return math.prod([s[0] for s in self.pool_stride]) * self.bev_stride
 
     def stage_shapes(self, spatial_shape: Sequence[int]) -> list[tuple[int, int, int]]:
         """(Z, Y, X) grid of each stage for an input grid of ``spatial_shape`` (z, y, x)."""
@@ -745,7 +745,7 @@ class DSVTReferenceBackbone(nn.Module):
 
     @property
     def stride(self) -> int:
-        return math.prod(s[0] for s in self.pool_stride)
+        return math.prod([s[0] for s in self.pool_stride])
 
     def stage_shapes(self, spatial_shape: Sequence[int]) -> list[tuple[int, int, int]]:
         """(Z, Y, X) grid of each stage for an input grid of ``spatial_shape`` (z, y, x)."""

@@ -86,7 +86,8 @@ class WindowPartition:
         the table only and is gathered, exactly as if it ran per voxel (it has no batch statistics)."""
         shape = self.window_shape[:dims]
         volume = math.prod(shape)
-        if volume >= self.offsets.shape[0]:
+        # A traced graph (torch.export) takes the table whatever the voxel count: the same values.
+        if not torch.compiler.is_compiling() and volume >= self.offsets.shape[0]:
             return WindowPositions(self.relative_position(dims, dtype), None)
         axes = [torch.arange(w, device=self.offsets.device) for w in shape]
         grid = torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1).reshape(-1, dims)
@@ -237,14 +238,32 @@ def _window_runs(sorted_window_key: torch.Tensor, set_size: int):
     starts[1:] = sorted_window_key[1:] != sorted_window_key[:-1]
     window_id = torch.cumsum(starts.long(), 0) - 1  # contiguous window index, (M,)
     position = torch.arange(m, device=device)
-    first = torch.where(starts, position, torch.zeros_like(position)).cummax(0).values
-    rank = position - first
     # At most M windows: per-window tensors are sized M so that nothing depends on a host read.
     count = torch.zeros(m, dtype=torch.long, device=device)
     count.scatter_add_(0, window_id, torch.ones_like(window_id))
+    rank = position - _window_starts(starts, position, window_id, count, traced=torch.compiler.is_compiling())
     sets = (count + set_size - 1) // set_size
     set_start = torch.cumsum(sets, 0) - sets
     return rank, count[window_id], sets[window_id], set_start[window_id], sets.sum()
+
+
+def _window_starts(starts: torch.Tensor, position: torch.Tensor, window_id: torch.Tensor, count: torch.Tensor,
+                   traced: bool) -> torch.Tensor:
+    """(M,) sorted position of each voxel's window's first voxel.
+
+    Eagerly a running maximum of the run starts; in a traced graph (``traced``: torch.export, ONNX,
+    which has no ``cummax``) the exclusive prefix sum of the window counts, gathered per voxel. The
+    two are equal integers.
+
+    Args:
+        starts: (M,) bool, True where a window's run begins in sorted order.
+        position: (M,) int64 ``arange(M)``.
+        window_id: (M,) int64 contiguous window index of each voxel.
+        count: (M,) int64 voxels per window index (zero past the last window).
+    """
+    if traced:
+        return (torch.cumsum(count, 0) - count)[window_id]
+    return torch.where(starts, position, torch.zeros_like(position)).cummax(0).values
 
 
 def _set_slots(rank, n, s, set_start):
@@ -348,7 +367,7 @@ def reference_positions(
         location = offsets.to(dtype) - size / 2
         return location / size * 2 * 3.1415 if normalize else location
 
-    if not table or math.prod(shape) >= windows.offsets.shape[0]:
+    if not table or (not torch.compiler.is_compiling() and math.prod(shape) >= windows.offsets.shape[0]):
         return WindowPositions(scale(windows.offsets[:, :dims]), None)
     axes = [torch.arange(w, device=device) for w in shape]
     grid = torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1).reshape(-1, dims)
