@@ -143,7 +143,7 @@ def test_window_groups_tile_the_grid_into_boxes():
     voxels = random_voxels(500)
     box = (4, 3, 2)
     for shifted in (False, True):
-        groups = window_groups(voxels.coords, GRID.spatial_shape, 2, box, shifted)
+        groups = window_groups(voxels.coords, GRID.spatial_shape, box, shifted)
         shift = torch.tensor([b // 2 if shifted else 0 for b in box])
         xyz = voxels.coords[:, [3, 2, 1]].long() + shift
         window = torch.cat([voxels.coords[:, :1].long(), xyz // torch.tensor(box)], dim=1)

@@ -24,7 +24,7 @@ from collections.abc import Sequence
 from torch import nn
 
 from voxsparse.models.backbones.voxelnext import VoxelNeXtBackbone
-from voxsparse.models.voxelkp.box_attention import BoxAttentionBlock, window_groups
+from voxsparse.models.voxelkp.box_attention import BoxAttentionBlock, group_layouts, window_groups
 from voxsparse.models.voxelkp.hybrid import HybridBlock
 from voxsparse.models.voxelkp.selective_kernel import SelectiveKernelBlock
 from voxsparse.models.voxelkp.spatial_encoding import SpatialEncoding
@@ -124,13 +124,17 @@ class VoxelKPBackbone(VoxelNeXtBackbone):
         return tuple(max(1, round(b / s)) for b, s in zip(self.box_size, size))  # type: ignore[return-value]
 
     def _run_stages(self, x: SparseConvTensor, voxels: SparseVoxels) -> list[SparseConvTensor]:
-        """VoxelNeXt's stages, each followed by its box-attention blocks."""
+        """VoxelNeXt's stages, each followed by its box-attention blocks (the plain and the shifted
+        tiling and their layouts built once per stage, with one host read)."""
         outputs = []
         for i, stage in enumerate(self.stages):
             x = stage(x)
-            for j, block in enumerate(self.box_attention[i]):
-                groups = window_groups(x.indices, x.spatial_shape, x.batch_size, self._box_voxels(voxels, i),
-                                       shifted=j % 2 == 1)
-                x = x.replace_feature(block(x.features, groups))
+            blocks = self.box_attention[i]
+            if len(blocks):
+                box = self._box_voxels(voxels, i)
+                tilings = [window_groups(x.indices, x.spatial_shape, box, shifted) for shifted in (False, True)]
+                layouts = group_layouts([groups.index for groups in tilings[: len(blocks)]])
+                for j, block in enumerate(blocks):
+                    x = x.replace_feature(block(x.features, tilings[j % 2], layouts[j % 2]))
             outputs.append(x)
         return outputs
