@@ -39,12 +39,19 @@ def test_equals_brute_force():
     torch.testing.assert_close(scattered_linear_attention(q, k, v, segments), _brute_force(q, k, v, segments))
 
 
-def test_segments_and_chunking(monkeypatch):
-    (q, k, v), segments = _problem(windows=4)
-    assert segments.offsets.tolist() == (torch.cumsum(segments.counts, 0) - segments.counts).tolist()
-    whole = scattered_linear_attention(q, k, v, segments)
-    monkeypatch.setattr(sa, "_CHUNK_ELEMENTS", 3 * 2 * 16 * 16)  # 3 rows a chunk
-    torch.testing.assert_close(scattered_linear_attention(q, k, v, segments), whole)
+def test_batched_paths_equal_the_reference_definitions(monkeypatch):
+    g = torch.Generator().manual_seed(1)
+    counts = torch.tensor([1, 3, 8, 9, 16, 17, 40, 130, 2])  # every size group, padding included
+    segments = WindowSegments.from_sorted(torch.repeat_interleave(torch.arange(len(counts)), counts))
+    assert segments.offsets.tolist() == (torch.cumsum(counts, 0) - counts).tolist()
+    n = int(counts.sum())
+    a, x = torch.randn(n, 2, 4, generator=g, dtype=torch.float64), torch.randn(n, 2, 4, generator=g, dtype=torch.float64)
+    b = torch.randn(n, 2, 3, generator=g, dtype=torch.float64)
+    mats = torch.randn(len(counts), 2, 4, 3, generator=g, dtype=torch.float64)
+    outer, vecmat = sa.segment_outer_sum(a, b, segments), sa.segment_vecmat(x, mats, segments)
+    monkeypatch.setattr(sa, "_CHUNK_ELEMENTS", 3 * 2 * 4 * 3)  # the reference in chunks of 3 rows
+    torch.testing.assert_close(outer, sa.segment_outer_sum_reference(a, b, segments))
+    torch.testing.assert_close(vecmat, sa.segment_vecmat_reference(x, mats, segments))
 
 
 def test_gradients():

@@ -6,19 +6,21 @@ gets, per head,
 
     y_n = q_n KV_w / (q_n . s_w + eps),   KV_w = sum_{m in w} k_m^T v_m  (D x E),   s_w = sum_{m in w} k_m
 
-so a window costs a D x E matrix whatever its voxel count: windows are segments of rows, never
-padded to a common length nor cut into fixed-size sets. Two segment operations carry it:
+so a window costs a D x E matrix whatever its voxel count: windows are segments of rows, not cut
+into sets of a fixed size. Two segment operations carry it:
 
 - :func:`segment_outer_sum`: ``out[w] = sum_{n in w} a_n^T b_n`` ((N, H, D), (N, H, E) -> (W, H, D, E));
 - :func:`segment_vecmat`: ``out_n = x_n @ mats[w_n]`` ((N, H, D), (W, H, D, E) -> (N, H, E)).
 
 Each is the other's gradient (see the autograd functions), so two kernels serve forward and
-backward. On the CPU (and wherever Triton is missing) they run as chunked torch code, the
-reference; on CUDA with Triton, as one program per (window, head) that walks its window's rows in
-blocks (tiles read in fp32 whatever the input dtype, ``tl.dot`` in IEEE fp32 without TF32, no
-atomics: deterministic). The Triton path needs each
-window's rows contiguous (:class:`WindowSegments` from sorted window ids) and D, E powers of two
-of at least 16; other shapes take the torch path.
+backward. Both need each window's rows contiguous (:class:`WindowSegments` from sorted window ids).
+
+- ``*_reference``: the plain torch definitions (row chunks, any row order), for tests.
+- CPU (and CUDA without Triton): batched matrix products over windows grouped by size, each group
+  padded to a power of two (less than half of it padding).
+- CUDA with Triton: one program per (window, head) walks its window's rows in blocks, tiles read in
+  fp32 whatever the input dtype, ``tl.dot`` in IEEE fp32 (no TF32), no atomics: deterministic.
+  D and E must be powers of two of at least 16; other shapes take the batched torch path.
 """
 
 from __future__ import annotations
@@ -117,16 +119,52 @@ def _triton_fits(*tensors: torch.Tensor) -> bool:
     return all(s >= 16 and s & (s - 1) == 0 for s in sizes)
 
 
+def _buckets(segments: WindowSegments) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Windows in groups of similar size, for batched matrix products: per group of windows whose
+    counts lie in (L / 2, L] (L a power of two, at least 8), the windows (G,), the (G, L) rows of
+    each, clamped to a valid row, and the (G, L) mask of real rows (less than half of it padding)."""
+    counts = segments.counts
+    if counts.numel() == 0:
+        return []
+    level = torch.ceil(torch.log2(counts.clamp(min=8).double())).long()
+    groups = []
+    for lv in torch.unique(level).tolist():
+        windows = torch.nonzero(level == lv).flatten()
+        steps = torch.arange(1 << lv, device=counts.device)
+        valid = steps[None] < counts[windows, None]
+        rows = (segments.offsets[windows, None] + steps[None]).clamp(max=segments.index.numel() - 1)
+        groups.append((windows, rows, valid))
+    return groups
+
+
+def _bucketed_outer_sum(a: torch.Tensor, b: torch.Tensor, segments: WindowSegments) -> torch.Tensor:
+    """:func:`segment_outer_sum_reference` for contiguous windows as batched matrix products."""
+    out = a.new_empty(segments.num_windows, a.shape[1], a.shape[2], b.shape[2])
+    for windows, rows, valid in _buckets(segments):
+        rows_a = (a[rows] * valid[..., None, None]).permute(0, 2, 3, 1)  # (G, H, D, L)
+        out[windows] = torch.matmul(rows_a, b[rows].transpose(1, 2))  # (G, H, L, E)
+    return out
+
+
+def _bucketed_vecmat(x: torch.Tensor, mats: torch.Tensor, segments: WindowSegments) -> torch.Tensor:
+    """:func:`segment_vecmat_reference` for contiguous windows as batched matrix products."""
+    out = x.new_empty(x.shape[0], x.shape[1], mats.shape[3])
+    for windows, rows, valid in _buckets(segments):
+        y = torch.matmul(x[rows].transpose(1, 2), mats[windows])  # (G, H, L, E)
+        out[rows[valid]] = y.transpose(1, 2)[valid]
+    return out
+
+
 def _outer_sum(a: torch.Tensor, b: torch.Tensor, segments: WindowSegments) -> torch.Tensor:
     if _triton_fits(a, b):
         return _triton_outer_sum(a, b, segments)
-    return segment_outer_sum_reference(a, b, segments)
+    return _bucketed_outer_sum(a, b, segments)
 
 
 def _vecmat(x: torch.Tensor, mats: torch.Tensor, segments: WindowSegments) -> torch.Tensor:
     if _triton_fits(x, mats):
         return _triton_vecmat(x, mats, segments)
-    return segment_vecmat_reference(x, mats, segments)
+    return _bucketed_vecmat(x, mats, segments)
 
 
 class _SegmentOuterSum(torch.autograd.Function):
