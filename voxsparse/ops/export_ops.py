@@ -48,8 +48,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from voxsparse.ops import sparse_utils as _sparse_utils
-from voxsparse.ops import voxelize as _voxelize
 from voxsparse.ops.sparse_backend import BACKEND_NAME
 
 if BACKEND_NAME != "spconv":
@@ -233,10 +231,13 @@ def routed_through_torch(model: nn.Module | None = None) -> contextlib.AbstractC
     and :func:`torch_indice_conv` instead of the custom ops (inference only; no transposed or
     inverse convolutions), and the neighbour lookups of sparse local maxima (the heads' decoding)
     through :func:`table_neighbor_indices`; voxel keys are int64."""
+    # Imported here: a process that only runs exported programs needs neither.
+    from voxsparse.ops import sparse_utils, voxelize
+
     return _routed(model, [
-        (_sparse_utils, "neighbor_indices", table_neighbor_indices),
+        (sparse_utils, "neighbor_indices", table_neighbor_indices),
         # onnxruntime's Unique takes no int32: voxel keys in int64 (the same voxels, in the same order).
-        (_voxelize, "_key_dtype", _int64_keys),
+        (voxelize, "_key_dtype", _int64_keys),
         (_ops, "get_indice_pairs", _torch_get_indice_pairs),
         (_ops, "indice_conv", _torch_indice_conv),
         (_functional, "indice_conv", _torch_functional_conv(False)),
