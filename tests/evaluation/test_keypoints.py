@@ -330,13 +330,31 @@ def test_malformed_input_names_frame_and_field(target, field, value, error, mess
         evaluate_keypoints([pred, bad_pred], [gt, bad_gt])
 
 
+def test_boxes_are_turned_as_waymos_matcher_turns_them():
+    """Waymo's matcher rotates keypoints by +heading into a box's frame: a long box at heading
+    +45 degrees holds, for the matcher, the points along -45 degrees (the official code's result,
+    recorded in tests/evaluation/test_keypoints_waymo.py, depends on it)."""
+    rng = np.random.default_rng(5)
+    long_box = box(0, 0, math.pi / 4, size=(3.0, 0.3, 1.8))
+    along = np.array([[1.0, 1.0, 0.9]]) / np.array([[math.sqrt(2), math.sqrt(2), 1.0]])
+    mirrored = along * np.array([[1.0, -1.0, 1.0]])
+    kps = np.tile(along, (K, 1))
+    gt = gt_frame(body(box(20, 20), rng), [box(20, 20)])  # a labelled human elsewhere
+    for points, absorbed in ((kps, False), (np.tile(mirrored, (K, 1)), True)):
+        # An unlabelled human in the long box absorbs a prediction whose keypoints it holds.
+        frame = gt_frame(np.stack([gt.keypoints[0].numpy(), points]), [box(20, 20), long_box],
+                         np.stack([np.ones(K, bool), np.zeros(K, bool)]))
+        m = match_humans(pred_frame(points), frame)
+        assert len(m.false_positives) == (0 if absorbed else 1)
+
+
 # ---------------------------------------------------------------- brute-force reference
 
 
 def _distance_to_box(p, b) -> float:
     dx, dy, dz = p[0] - b[0], p[1] - b[1], p[2] - b[2]
     c, s = math.cos(b[6]), math.sin(b[6])
-    local = (dx * c + dy * s, -dx * s + dy * c, dz)
+    local = (dx * c - dy * s, dx * s + dy * c, dz)  # Waymo's matcher turns by +heading
     return math.sqrt(sum(max(abs(v) - h / 2, 0.0) ** 2 for v, h in zip(local, b[3:6])))
 
 

@@ -9,7 +9,8 @@ where one constant is both the matching distance and the penalty). Keypoints are
 occluded keypoint as not visible). GTv = GT humans with at least one visible keypoint, GTi = GT
 humans without any.
 
-Matching, per frame [``MeanErrorMatcher.matching_ids``]:
+Matching, per frame [``MeanErrorMatcher.matching_ids``]. "Within d of a box" is measured as the
+official code does, with the box turned by the opposite heading (see ``_distance_to_boxes``):
 
 1. GTi absorb predictions without penalty. A prediction none of whose visible keypoints lies
    within ``C`` of the same keypoint of a GTv scores, against each GTi, the number of its visible
@@ -247,8 +248,11 @@ def _distance_to_boxes(points: np.ndarray, boxes: np.ndarray) -> np.ndarray:
     """(B, P, K) distance in metres of ``points`` (P, K, 3) to each of ``boxes`` (B, 7); 0 inside."""
     d = points[None] - boxes[:, None, None, :3]
     cos, sin = np.cos(boxes[:, 6, None, None]), np.sin(boxes[:, 6, None, None])
-    # Offsets in each box's frame (rotation by -heading); only the excess over the half sizes counts.
-    local = np.stack((d[..., 0] * cos + d[..., 1] * sin, d[..., 1] * cos - d[..., 0] * sin, d[..., 2]), -1)
+    # Offsets in the box's frame as Waymo's matcher takes them [``box_displacement``]: rotated by
+    # +heading (its box type names the heading clockwise), so against a counter-clockwise label the
+    # box is mirrored in heading. Matching as the official code does keeps our numbers its numbers.
+    # Only the excess over the half sizes counts.
+    local = np.stack((d[..., 0] * cos - d[..., 1] * sin, d[..., 0] * sin + d[..., 1] * cos, d[..., 2]), -1)
     return np.linalg.norm(np.maximum(np.abs(local) - 0.5 * boxes[:, None, None, 3:6], 0.0), axis=-1)
 
 
