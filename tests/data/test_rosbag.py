@@ -223,6 +223,10 @@ def test_pose_tree_refuses_a_frame_it_cannot_reach():
     tree.freeze()
     with pytest.raises(DriveError, match=r"pose topic '/tf': no transform reaches the cloud's frame 'velodyne'"):
         tree.pose("velodyne", 0)
+    zero = PoseTree("drive d.bag: pose topic '/odom'")
+    zero.add("odom", "base_link", 0, (0, 0, 0), (0, 0, 0, 0))  # a driver's unset orientation
+    with pytest.raises(DriveError, match=r"pose topic '/odom': a transform to frame 'base_link' has a rotation"):
+        zero.freeze()
 
 
 def test_missing_topics_wrong_types_and_foreign_files_are_named(tmp_path):

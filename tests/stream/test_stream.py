@@ -5,6 +5,7 @@ line runs a drive end to end; bad input is refused in one line; the session's st
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -18,10 +19,11 @@ from voxsparse.data.pointfile import PointCloud
 from voxsparse.data.rosbag import open_drive
 from voxsparse.data.synthetic import LidarConfig, SyntheticDataset
 from voxsparse.engine.predict import ScanPredictor
-from voxsparse.engine.stream import DetectionStream, LatencyStats
+from voxsparse.engine.stream import DetectionStream, DriveOptions, LatencyStats, run_drive
 from voxsparse.evaluation.nuscenes_tracking import detections_to_global
 from voxsparse.geometry import RigidTransform
 from voxsparse.models.trackers import TrackerConfig, VoxelNeXtTracker
+from voxsparse.structures import Boxes3D, Detections3D, PointConvention
 
 START = 1_700_000_000.0  # drive times are epoch seconds
 FRAMES = 4
@@ -108,23 +110,43 @@ def test_untracked_classes_and_no_pose(model, sequence, caplog):
         stream.step(sequence[0].points, START)
 
 
-def test_state_stays_bounded_over_a_long_drive(model, sequence):
+class _RandomDetector(torch.nn.Module):
+    """A stand-in detector: ``max_detections`` boxes scattered anew every frame, so every detection
+    starts a track (the tracker's worst case for memory)."""
+
+    class_names = ("Vehicle", "Pedestrian", "Cyclist")
+    point_convention = PointConvention(("x", "y", "z", "intensity"))
+    max_detections = 30
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rng = np.random.default_rng(0)
+
+    def predict(self, points) -> list[Detections3D]:
+        n = self.max_detections
+        boxes = np.concatenate([self.rng.uniform(-40, 40, (n, 2)), np.ones((n, 4)), np.zeros((n, 1))], 1)
+        scores = torch.as_tensor(np.sort(self.rng.uniform(0.2, 1.0, n))[::-1].copy(), dtype=torch.float32)
+        return [Detections3D(Boxes3D(torch.as_tensor(boxes, dtype=torch.float32)), scores,
+                             torch.as_tensor(self.rng.integers(0, 3, n)))]
+
+
+def test_state_stays_bounded_over_a_long_drive():
     """Latencies keep a fixed window; live tracks stay under max_detections x (max_age + 1) however
-    many frames pass (here 12 frames of a moving cloud, every detection tracked)."""
-    config = TrackerConfig(min_score=0.0, max_age=1)
-    stream = DetectionStream(model, tracker=config, latency_window=8)
-    head = model.head.max_detections
-    rng = np.random.default_rng(0)
-    points = sequence[0].points[rng.choice(len(sequence[0].points), 1000, replace=False)]
-    for k in range(12):
-        cloud = points + np.array([0.3 * k, 0.0, 0.0, 0.0], np.float32)
-        stream.step(cloud, float(k))
-        assert len(stream.tracker.tracks) <= head * (config.max_age + 1)
-    assert stream.latency().frames == 8
+    many frames pass (here 60 frames of fresh detections, each starting a track)."""
+    config = TrackerConfig(min_score=0.0, min_hits=1, max_age=2)
+    model = _RandomDetector()
+    stream = DetectionStream(model, tracker=config, latency_window=16)
+    live = []
+    for k in range(60):
+        stream.step(np.zeros((10, 4), np.float32), 0.1 * k)
+        live.append(len(stream.tracker.tracks))
+        assert live[-1] <= model.max_detections * (config.max_age + 1)
+    assert max(live) > 2 * model.max_detections  # confirmed tracks do coast
+    assert stream.latency().frames == 16
     assert LatencyStats.of([]).frames == 0
 
 
-def test_predict_tool_streams_a_drive_to_json_lines_and_markers(tmp_path, tiny_checkpoint, sequence, drive):
+def test_predict_tool_streams_a_drive_to_json_lines(tmp_path, tiny_checkpoint, sequence, drive):
     run = tmp_path / "run"
     done = run_tool("predict", f"checkpoint={tiny_checkpoint}", f"bag={drive}", "topic=/lidar/top", "pose_topic=/tf",
                     "tracker.min_score=0.02", f"hydra.run.dir={run}")
@@ -138,13 +160,17 @@ def test_predict_tool_streams_a_drive_to_json_lines_and_markers(tmp_path, tiny_c
     log = (run / "predict.log").read_text()
     assert f"{FRAMES} frames" in log and "p50" in log and "p99" in log
 
+
+def test_a_drive_streamed_to_markers_in_a_new_bag(tmp_path, drive, caplog):
     out = tmp_path / "detections.bag"
-    done = run_tool("predict", f"checkpoint={tiny_checkpoint}", f"bag={drive}", "topic=/lidar/top", f"output={out}",
-                    "track=false", "min_score=0.05", f"hydra.run.dir={tmp_path / 'run2'}")
-    assert done.returncode == 0, done.stderr[-3000:]
+    with caplog.at_level("INFO"):
+        run = run_drive(_RandomDetector(), DriveOptions(bag=str(drive), topic="/lidar/top", output=str(out), track=False),
+                        tmp_path, min_score=0.5)
+    assert run.output == out and run.frames == FRAMES and run.latency.frames == FRAMES
+    assert any("no pose topic given" in r.message for r in caplog.records)
     with open_drive(out) as source:
         arrays = [m.message for m in source.messages(["/detections"])]
-    assert len(arrays) == FRAMES and "no pose topic given" in (tmp_path / "run2" / "predict.log").read_text()
+    assert len(arrays) == FRAMES and sum(len(a.markers) - 1 for a in arrays) == run.detections
     for markers in arrays:
         assert markers.markers[0].action == 3 and all(m.color.a == 0.5 for m in markers.markers[1:])
 
@@ -153,10 +179,7 @@ def test_predict_tool_streams_a_drive_to_json_lines_and_markers(tmp_path, tiny_c
     "args,words",
     [
         (["topic=/points"], ["drive", "no point cloud topic '/points'", "/lidar/top (sensor_msgs/msg/PointCloud2)"]),
-        (["topic=/lidar/top", "pose_topic=/odom"], ["no pose topic '/odom'"]),
-        (["topic=/lidar/top", "intensity_field=reflectivity"], ["topic /lidar/top message 0", "no field 'reflectivity'"]),
-        ([], ["bag=DRIVE and topic="]),
-        (["topic=/lidar/top", "input=scan.bin"], ["either input="]),
+        (["input=scan.bin"], ["either input="]),
     ],
 )
 def test_bad_drive_input_is_one_line_naming_the_topic(tmp_path, tiny_checkpoint, drive, args, words):
@@ -166,6 +189,23 @@ def test_bad_drive_input_is_one_line_naming_the_topic(tmp_path, tiny_checkpoint,
         assert word in line, line
 
 
+@pytest.mark.parametrize(
+    "options,pattern",
+    [
+        ({"pose_topic": "/odom"}, r"no pose topic '/odom'"),
+        ({"intensity_field": "reflectivity"}, r"topic /lidar/top message 0: no field 'reflectivity'"),
+        ({"intensity_scale": "percent"}, r"intensity scale 'percent'"),
+        ({"topic": None}, r"bag=DRIVE and topic="),
+    ],
+)
+def test_bad_drive_options_are_named(tmp_path, model, drive, options, pattern):
+    out = tmp_path / "out.bag"
+    opts = dataclasses.replace(DriveOptions(bag=str(drive), topic="/lidar/top", output=str(out)), **options)
+    with pytest.raises(ValueError, match=pattern):
+        run_drive(model, opts, tmp_path)
+    assert not out.exists(), "nothing is written for a drive that cannot be read"
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_stream_on_cuda_detects_as_on_the_cpu(tiny_checkpoint, model, sequence):
     gpu = DetectionStream(voxsparse.load_model(tiny_checkpoint, "cuda"), "cuda")
@@ -173,3 +213,11 @@ def test_stream_on_cuda_detects_as_on_the_cpu(tiny_checkpoint, model, sequence):
     for f in sequence[:2]:
         a, b = gpu.step(f.points, f.timestamp), cpu.step(f.points, f.timestamp)
         torch.testing.assert_close(a.detections.scores, b.detections.scores, rtol=1e-4, atol=1e-4)
+
+
+def test_stream_benchmark_reports_percentiles_over_a_drive(tiny_checkpoint, drive):
+    done = run_tool("stream_benchmark", "--checkpoint", str(tiny_checkpoint), "--device", "cpu", "--drive", str(drive),
+                    "--pose-topic", "/tf", "--warmup", "1")
+    assert done.returncode == 0, done.stderr[-3000:]
+    info = json.loads(done.stdout.strip().splitlines()[-1])
+    assert info["frames"] == FRAMES - 1 and info["p99_ms"] >= info["p50_ms"] > 0 and info["track"]

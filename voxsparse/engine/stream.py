@@ -5,9 +5,14 @@ model with as sweeps arrive.
 and returns that frame's detections (sensor frame) and tracks (world frame). It computes exactly what
 the offline path computes frame by frame: the cloud is conformed and detected as
 :class:`~voxsparse.engine.predict.ScanPredictor` does, and the tracked classes go through
-:class:`~voxsparse.models.trackers.VoxelNeXtTracker` in the world frame of the given poses (
-:func:`~voxsparse.evaluation.nuscenes_tracking.detections_to_global`), as
-:func:`~voxsparse.engine.tracking.run_tracking` links a sequence.
+:class:`~voxsparse.models.trackers.VoxelNeXtTracker` in the world frame of the given poses
+(:func:`~voxsparse.evaluation.nuscenes_tracking.detections_to_global`), as
+:func:`~voxsparse.engine.tracking.run_tracking` links a sequence. Each step's wall time (CUDA
+synchronised) is kept for :meth:`~DetectionStream.latency` (p50 / p99; ``tools/stream_benchmark.py``).
+
+A frame is not replayed as a CUDA graph: the voxelizer and every strided sparse convolution size
+their outputs from the data and read those sizes on the host, so no fixed kernel sequence exists to
+capture; on the GPU, ``fuse`` (BatchNorm folded into the convolutions) is the option that shortens it.
 
 Memory is bounded, whatever the drive's length: besides the model, the session holds the tracker's
 live tracks (each frame adds at most ``max_detections`` of the head; a tentative track dies at its
@@ -18,6 +23,7 @@ tracks of a few hundred bytes) and the last ``latency_window`` per-frame latenci
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import logging
 import time
@@ -41,7 +47,10 @@ from voxsparse.models.trackers import TrackerConfig, VoxelNeXtTracker
 from voxsparse.structures import Detections3D
 from voxsparse.utils.io import atomic_write
 
-__all__ = ["DetectionStream", "DriveOptions", "DriveRun", "LatencyStats", "StreamResult", "pose_to_transform", "run_drive"]
+__all__ = [
+    "DetectionStream", "DriveOptions", "DriveRun", "LatencyStats", "StreamResult", "frame_record", "pose_to_transform",
+    "run_drive",
+]
 
 log = logging.getLogger(__name__)
 
@@ -77,8 +86,9 @@ class StreamResult:
         timestamp: seconds.
         num_points: points of the cloud.
         detections: sensor frame, scores >= ``min_score``, scores descending; with tracking,
-            ``track_ids`` holds each detection's track (-1: not tracked: an untracked class, below the
-            tracker's ``min_score``).
+            ``track_ids`` holds each detection's track (-1: not reported by the tracker: a class
+            without a gate, a score below its ``min_score``, a tentative track when it reports
+            confirmed ones only).
         tracks: the tracker's report in the world frame (``track_ids`` set), None without tracking.
         latency_ms: wall time of :meth:`DetectionStream.step` (CUDA synchronised).
     """
@@ -291,6 +301,8 @@ def run_drive(
     stream = DetectionStream(model, device, tracker if opts.track else None, min_score, opts.fuse)
     frames = read_drive(opts.bag, opts.topic, opts.pose_topic, opts.intensity_field, opts.intensity_scale,
                         opts.max_pose_gap)
+    first = next(frames, None)  # a drive, topic or message that cannot be read fails before any output exists
+    frames = itertools.chain([first] if first is not None else [], frames)
     counts = [0, 0]
 
     def run(write) -> None:
