@@ -11,14 +11,15 @@ import json
 import numpy as np
 import pytest
 import torch
-from tool_runs import error_line, run_tool
+from omegaconf import OmegaConf
+from tool_runs import compose_config, error_line, run_tool
 
 import voxsparse
 from voxsparse.data.drives import read_drive, write_drive
 from voxsparse.data.pointfile import PointCloud
 from voxsparse.data.rosbag import open_drive
 from voxsparse.data.synthetic import LidarConfig, SyntheticDataset
-from voxsparse.engine.predict import ScanPredictor
+from voxsparse.engine.predict import PredictOptions, ScanPredictor
 from voxsparse.engine.stream import DetectionStream, DriveOptions, LatencyStats, run_drive
 from voxsparse.evaluation.nuscenes_tracking import detections_to_global
 from voxsparse.geometry import RigidTransform
@@ -173,6 +174,18 @@ def test_a_drive_streamed_to_markers_in_a_new_bag(tmp_path, drive, caplog):
     assert len(arrays) == FRAMES and sum(len(a.markers) - 1 for a in arrays) == run.detections
     for markers in arrays:
         assert markers.markers[0].action == 3 and all(m.color.a == 0.5 for m in markers.markers[1:])
+
+
+def test_predict_options_cover_its_config():
+    """configs/predict.yaml holds the point-file options, the drive options and the tracker's, with
+    the dataclasses' defaults (a run without overrides sees the same values)."""
+    cfg = compose_config("predict")
+    scans, drives = dataclasses.asdict(PredictOptions()), dataclasses.asdict(DriveOptions())
+    assert set(cfg) == set(scans) | set(drives) | {"tracker"} and not set(scans) & set(drives)
+    assert {k: cfg[k] for k in scans} == scans and {k: cfg[k] for k in drives} == drives
+    tracker = TrackerConfig(**OmegaConf.to_container(cfg.tracker))
+    assert set(cfg.tracker) == {f.name for f in dataclasses.fields(TrackerConfig)}
+    assert dataclasses.replace(tracker, max_distance=TrackerConfig().max_distance) == TrackerConfig()
 
 
 @pytest.mark.parametrize(
