@@ -60,28 +60,30 @@ def _layer(options: dict, channels: list[int], stride: int) -> FocalSparseConv:
 LAYER = torch.load(FIXTURES / "focals_layer.pt", weights_only=True)
 
 
-def _check_layer_case(fixture: dict, case: str) -> None:
+def _check_layer_case(fixture: dict, case: str, device: str = "cpu") -> None:
     """Our layer with the case's weights against its record: output voxels and features (eval and
     training), the importance loss and every gradient."""
     record, inputs = fixture["cases"][case], fixture["input"]
     layer = _layer(record["options"], fixture["channels"], fixture["voxel_stride"])
     layer.load_state_dict(record["state"])
-    boxes = [frame[frame[:, 3:6].abs().sum(1) > 0, :7] for frame in inputs["gt_boxes"]]  # without padding rows
+    layer.to(device)
+    boxes = [frame[frame[:, 3:6].abs().sum(1) > 0, :7].to(device) for frame in inputs["gt_boxes"]]  # no padding rows
 
     def run(features):
-        return layer(SparseConvTensor(features, inputs["indices"], inputs["spatial_shape"], 2))
+        out = layer(SparseConvTensor(features, inputs["indices"].to(device), inputs["spatial_shape"], 2))
+        return SparseConvTensor(out.features.cpu(), out.indices.cpu(), out.spatial_shape, 2)
 
     layer.eval()
     with torch.no_grad():
-        out = run(inputs["features"])
+        out = run(inputs["features"].to(device))
     indices, features = _sorted(out.indices, out.features)
     assert torch.equal(indices, record["eval"]["indices"])
     assert _rel(features, record["eval"]["features"]) <= RTOL
 
     layer.train()
-    x = inputs["features"].clone().requires_grad_(True)
+    x = inputs["features"].clone().to(device).requires_grad_(True)
     out = run(x)
-    loss = layer.importance_loss(boxes)
+    loss = layer.importance_loss(boxes).cpu()
     indices, features = _sorted(out.indices, out.features)
     theirs = record["train"]
     assert torch.equal(indices, theirs["indices"])
@@ -89,14 +91,22 @@ def _check_layer_case(fixture: dict, case: str) -> None:
     assert abs(float(loss.detach()) - theirs["loss"]) <= RTOL * abs(theirs["loss"])
     probe = torch.randn(features.shape, generator=torch.Generator().manual_seed(theirs["probe_seed"]))
     (loss + (features * probe).sum()).backward()
-    assert _rel(x.grad, theirs["input_grad"]) <= RTOL
+    assert _rel(x.grad.cpu(), theirs["input_grad"]) <= RTOL
     for name, parameter in layer.named_parameters():
-        assert _rel(parameter.grad, theirs["grads"][name]) <= RTOL, name
+        assert _rel(parameter.grad.cpu(), theirs["grads"][name]) <= RTOL, name
 
 
 @pytest.mark.parametrize("case", sorted(LAYER["cases"]))
 def test_layer_matches_openpcdet(case, one_thread):
     _check_layer_case(LAYER, case)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("case", sorted(LAYER["cases"]))
+def test_layer_matches_openpcdet_on_cuda(case):
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    _check_layer_case(LAYER, case, "cuda")
 
 
 def test_centerpoint_focals_matches_openpcdet(one_thread):
@@ -237,7 +247,7 @@ def test_voxelnext_focals_small_trains_and_predicts(one_thread):
     changes (no parameters, the head's own losses)."""
     torch.manual_seed(0)
     points, annotations = _cropped_batch()
-    model = instantiate(compose_config("train", ["model=voxelnext_focals_small"]).model).train()
+    model = model_from_config(model_config("voxelnext_focals_small")).train()  # through load_model's allow-list
     assert sorted(model.backbone.focal) == ["1", "2"]
     losses = model(points, annotations)
     assert float(losses.importance) > 0
