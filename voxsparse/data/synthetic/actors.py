@@ -192,22 +192,27 @@ def _limb(root: np.ndarray, angle: float, length: float, spread: float = 0.0) ->
 
 @dataclass
 class PedestrianModel:
-    """A walking (``speed`` > 0) or standing person.
+    """A walking (``speed`` > 0), standing or sitting person.
 
     Walking follows a simple gait: the thighs swing in anti-phase (amplitude growing with speed, at
-    most 18 degrees), the swinging knee flexes, the arms swing against the legs, the torso leans
-    slightly forward and the pelvis rises and falls so one foot is always on the ground. The gait
-    frequency makes the stride match the speed. A standing person holds a fixed stance (feet
-    ``stance`` apart, arms in ``arm_pose``). ``backpack`` adds a box on the back.
+    most 18 degrees), the swinging knee flexes, the arms swing against the legs (``arm_swing`` times
+    the thigh angle), the torso leans slightly forward and the pelvis rises and falls so one foot is
+    always on the ground. The gait frequency makes the stride match the speed. A standing person
+    holds a fixed stance (feet ``stance`` apart, arms in ``arm_pose``); a ``sitting`` one (speed 0)
+    sits on a stool with the thighs forward, the shins down and the arms in ``arm_pose``.
+    ``backpack`` adds a box on the back, ``carried`` a bag hanging from the right hand.
     """
 
     body: Body
     speed: float  # m/s
     phase: float  # gait phase at t = 0, rad
     arm_pose: tuple[float, float, float, float]  # standing: shoulder swing L/R, elbow flexion L/R (rad)
-    stance: float  # standing: thigh spread angle (rad)
+    stance: float  # standing: thigh spread angle (rad); sitting: thigh angle from horizontal
     backpack: bool
     label: int = PEDESTRIAN
+    arm_swing: float = 0.8  # walking: arm swing per radian of thigh swing
+    sitting: bool = False
+    carried: bool = False
 
     def shape(self, t: float) -> ActorShape:
         body = self.body
@@ -217,8 +222,14 @@ class PedestrianModel:
             phi = self.phase + 2 * np.pi * self.speed * t / stride
             thigh = (a * np.sin(phi), -a * np.sin(phi))
             flex = (0.6 * max(0.0, np.cos(phi)), 0.6 * max(0.0, -np.cos(phi)))
-            arm = (-0.8 * thigh[0], -0.8 * thigh[1])
+            arm = (-self.arm_swing * thigh[0], -self.arm_swing * thigh[1])
             elbow = tuple(0.3 + 0.3 * max(0.0, x) for x in arm)
+        elif self.sitting:
+            # Thighs near horizontal and a little apart in pitch, shins vertical (knee flexion = thigh angle).
+            forward = 0.5 * np.pi - self.stance
+            thigh = (forward, forward + 0.1)
+            flex = thigh
+            arm, elbow = self.arm_pose[:2], self.arm_pose[2:]
         else:
             thigh, flex = (self.stance, -self.stance), (0.03, 0.03)
             arm, elbow = self.arm_pose[:2], self.arm_pose[2:]
@@ -241,9 +252,14 @@ class PedestrianModel:
             elbows.append(_limb(shoulder, arm[i], body.upper_arm, side * 0.08))
             wrists.append(_limb(elbows[i], arm[i] + elbow[i], body.forearm, side * 0.08))
         keypoints = body.add(b, hips, lean, knees, ankles, elbows, wrists)
+        s = body.scale
         if self.backpack:
-            s = body.scale
             b.box(hips + (-0.19 * s, 0.0, 0.34 * body.height), (0.16 * s, 0.3 * s, 0.42 * s), 0.2)
+        if self.sitting:  # the stool: from the ground (z = 0 here) to just below the thighs
+            seat = hips[2] - 0.07 * s * body.build
+            b.box((hips[0] - 0.05 * s, 0.0, 0.5 * seat), (0.4 * s, 0.45 * s, seat), METAL)
+        if self.carried:
+            b.box(wrists[1] + (0.0, -0.04 * s, -0.17 * s), (0.32 * s, 0.12 * s, 0.28 * s), 0.25)
         return _finish(b, keypoints, symmetric=True)
 
 
@@ -404,13 +420,23 @@ def sample_vehicle(rng: np.random.Generator) -> VehicleModel:
     )
 
 
-def sample_body(rng: np.random.Generator, height: tuple[float, float] = (1.5, 1.9)) -> Body:
-    return Body(
-        rng.uniform(*height), rng.uniform(0.85, 1.15), rng.uniform(0.08, 0.45), rng.uniform(0.08, 0.35)
-    )
+def sample_body(
+    rng: np.random.Generator, height: tuple[float, float] = (1.5, 1.9), build: tuple[float, float] = (0.85, 1.15)
+) -> Body:
+    return Body(rng.uniform(*height), rng.uniform(*build), rng.uniform(0.08, 0.45), rng.uniform(0.08, 0.35))
 
 
-def sample_pedestrian(rng: np.random.Generator, speed: float) -> PedestrianModel:
+def sample_pedestrian(rng: np.random.Generator, speed: float, varied: bool = False) -> PedestrianModel:
+    """A pedestrian walking at ``speed`` (m/s) or, at 0, standing.
+
+    ``varied`` widens the people (a keypoint-dataset option, :class:`~.scene.SceneConfig`
+    ``varied_pedestrians``): children to tall adults (1.1-2.0 m) of slimmer and broader builds,
+    arm swing from stiff to wide, arms raised up to 80 degrees and elbows bent up to 115 when
+    still, a third of the still ones sitting, and a quarter carrying a bag. Without it the draws are
+    the original ones, number for number, so the detection world does not change.
+    """
+    if varied:
+        return _sample_varied_pedestrian(rng, speed)
     arm_pose = (
         rng.uniform(-0.25, 0.25),
         rng.uniform(-0.25, 0.25),
@@ -424,6 +450,22 @@ def sample_pedestrian(rng: np.random.Generator, speed: float) -> PedestrianModel
         arm_pose,
         rng.uniform(0.05, 0.25),
         rng.random() < 0.3,
+    )
+
+
+def _sample_varied_pedestrian(rng: np.random.Generator, speed: float) -> PedestrianModel:
+    sitting = speed == 0 and rng.random() < 0.35
+    arm_pose = (rng.uniform(-0.4, 1.4), rng.uniform(-0.4, 1.4), rng.uniform(0.05, 2.0), rng.uniform(0.05, 2.0))
+    return PedestrianModel(
+        sample_body(rng, (1.1, 2.0), (0.75, 1.3)),
+        speed,
+        rng.uniform(0, 2 * np.pi),
+        arm_pose,
+        rng.uniform(-0.1, 0.15) if sitting else rng.uniform(0.0, 0.3),
+        rng.random() < 0.25,
+        arm_swing=rng.uniform(0.3, 1.3),
+        sitting=sitting,
+        carried=rng.random() < 0.25,
     )
 
 

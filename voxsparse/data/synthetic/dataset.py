@@ -90,8 +90,11 @@ class SyntheticDataset(Dataset):
         self.cache_dir = None if cache_dir is None else Path(cache_dir)
         self.lidar = Lidar(self.lidar_config)
         self._scene: tuple[int, Scene] | None = None  # last built scene: sequences reuse it
+        scene_key = asdict(self.scene_config)
+        if not scene_key["varied_pedestrians"]:  # off: the key (and cached files) from before the option
+            del scene_key["varied_pedestrians"]
         key = json.dumps(
-            [GENERATOR_VERSION, asdict(self.lidar_config), asdict(self.scene_config), self.sequence_length],
+            [GENERATOR_VERSION, asdict(self.lidar_config), scene_key, self.sequence_length],
             sort_keys=True,
             default=list,
         )

@@ -48,6 +48,8 @@ class SceneConfig:
         crossing_fraction: share of vehicles on the cross street (heading +-90 degrees), if any.
         standing_fraction: share of pedestrians standing still.
         jaywalking_fraction: share of pedestrians crossing the main road.
+        varied_pedestrians: draw pedestrians of wider sizes, poses and arm swing, some sitting or
+            carrying a bag (``actors.sample_pedestrian``); off, the default world is unchanged.
         vehicle_speed, pedestrian_speed, cyclist_speed, ego_speed: m/s. A lane's vehicles share one
             speed; the ego's lane moves at the ego's speed.
         frame_rate: frames per second of a sequence, Hz.
@@ -75,6 +77,7 @@ class SceneConfig:
     crossing_fraction: float = 0.15
     standing_fraction: float = 0.3
     jaywalking_fraction: float = 0.15
+    varied_pedestrians: bool = False
     vehicle_speed: tuple[float, float] = (0.0, 15.0)
     pedestrian_speed: tuple[float, float] = (0.5, 1.8)
     cyclist_speed: tuple[float, float] = (2.0, 7.0)
@@ -740,7 +743,7 @@ def build_scene(
 
     def pedestrian():
         speed = 0.0 if rng.random() < cfg.standing_fraction else rng.uniform(*cfg.pedestrian_speed)
-        model = A.sample_pedestrian(rng, speed)
+        model = A.sample_pedestrian(rng, speed, cfg.varied_pedestrians)
         side = rng.choice([-1, 1])
         if rng.random() < cfg.jaywalking_fraction:  # crossing the main road
             if road.cross_x is not None and rng.random() < 0.6:
