@@ -4,6 +4,7 @@ and detectors that use it, and its weights through the converter."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from pathlib import Path
@@ -15,12 +16,14 @@ from tool_runs import compose_config
 
 from voxsparse.benchmark.parity import ParityInput, compare_to_record
 from voxsparse.convert.openpcdet import model_config, model_from_config, openpcdet_to_ours, ours_to_openpcdet
+from voxsparse.models.auxiliary import with_auxiliary_losses
 from voxsparse.models.backbones.focal import (
     FocalSparseConv,
     VoxelBackBone8xFocal,
     importance_focal_loss,
     in_boxes_openpcdet,
 )
+from voxsparse.models.heads.center_head import HeadLosses
 from voxsparse.ops.sparse_backend import SparseConvTensor
 from voxsparse.structures import Annotations3D, Boxes3D, PointBatch, SparseVoxels, VoxelGrid
 
@@ -264,7 +267,7 @@ def test_voxelnext_focals_small_trains_and_predicts(one_thread):
 
     plain = instantiate(compose_config("train", ["model=voxelnext_small"]).model)
     assert not any("focal" in k for k in plain.state_dict()) and plain.backbone.auxiliary_losses(annotations) == {}
-    assert type(plain.train()(points, annotations)).__name__ == "HeadLosses"
+    assert type(plain.train()(points, annotations)) is HeadLosses
     assert plain.backbone._plain()  # the index-first path stays on
 
 
@@ -286,3 +289,16 @@ def test_layer_matches_openpcdet_live(one_thread):
     live = make_layer_fixture(module, seed=3)
     for case in live["cases"]:
         _check_layer_case(live, case)
+
+
+def test_auxiliary_losses_join_the_head_losses():
+    one = torch.tensor(1.0, requires_grad=True)
+    head = HeadLosses(total=2 * one, heatmap=one.detach(), regression=one.detach(), iou=one.detach() * 0, num_positives=3)
+    assert with_auxiliary_losses(head, {}) is head
+    losses = with_auxiliary_losses(head, {"importance": 0.5 * one})
+    assert isinstance(losses, HeadLosses) and float(losses.total) == 2.5 and float(losses.importance) == 0.5
+    assert [f.name for f in dataclasses.fields(losses)][-1] == "importance"
+    losses.total.backward()
+    assert float(one.grad) == 2.5 and not losses.importance.requires_grad
+    with pytest.raises(ValueError, match="heatmap"):
+        with_auxiliary_losses(head, {"heatmap": one})
