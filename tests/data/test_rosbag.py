@@ -304,3 +304,14 @@ def test_unindexed_mcap_is_read(tmp_path):
     (frame,) = list(read_drive(path, "/lidar/top"))
     np.testing.assert_array_equal(frame.cloud.points, points)
     assert str(frame.cloud.path).endswith("raw.mcap: topic /lidar/top message 0")
+
+
+@pytest.mark.parametrize("name", ["d.bag", "d.mcap", "d_sqlite"])
+def test_a_truncated_recording_is_refused_naming_the_file(tmp_path, name):
+    path = write_drive(tmp_path / name, _frames(4))
+    file = path if path.is_file() else next(p for p in path.iterdir() if p.suffix == ".db3")
+    cut = tmp_path / f"cut{file.suffix}"
+    data = file.read_bytes()
+    cut.write_bytes(data[: len(data) * 3 // 5])
+    with pytest.raises(DriveError, match=f"drive {cut}: "):
+        list(read_drive(cut, "/lidar/top", "/tf"))

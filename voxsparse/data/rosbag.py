@@ -299,10 +299,13 @@ class DriveSource:
 class _RosbagsSource(DriveSource):
     def __init__(self, path: Path) -> None:
         from rosbags.highlevel import AnyReader, AnyReaderError
+        from rosbags.rosbag1 import ReaderError as Reader1Error
+        from rosbags.rosbag2 import ReaderError as Reader2Error
         from rosbags.typesys import Stores, get_typestore
 
         self.path = path
         self._error = AnyReaderError
+        self._bad_file = (Reader1Error, Reader2Error, EOFError, OSError, struct.error)
         try:
             self._reader = AnyReader([path], default_typestore=get_typestore(Stores.LATEST))
             self._reader.open()
@@ -314,7 +317,14 @@ class _RosbagsSource(DriveSource):
         connections = [c for c in self._reader.connections if c.topic in topics]
         if not connections:
             return
-        for connection, time, raw in self._reader.messages(connections=connections):
+        messages = self._reader.messages(connections=connections)
+        while True:
+            try:
+                connection, time, raw = next(messages)
+            except StopIteration:
+                return
+            except self._bad_file as exc:
+                raise DriveError(f"drive {self.path}: cannot be read on: {exc or type(exc).__name__}") from None
             try:
                 message = self._reader.deserialize(raw, connection.msgtype)
             except self._error as exc:
@@ -334,6 +344,7 @@ class _McapSource(DriveSource):
 
         self.path = path
         self._bad_bytes = (SerdeError, struct.error, IndexError, ValueError, UnicodeDecodeError)
+        self._bad_file = (McapError, EOFError, OSError, struct.error)
         self._file = open(path, "rb")  # noqa: SIM115 - closed by close()
         self._typestore = get_typestore(Stores.EMPTY)
         try:
@@ -345,7 +356,7 @@ class _McapSource(DriveSource):
                     channels[channel.id], schemas[channel.schema_id] = channel, schema
             else:
                 channels, schemas = summary.channels, summary.schemas
-        except (McapError, ValueError, EOFError, OSError, struct.error) as exc:
+        except (*self._bad_file, ValueError) as exc:
             self._file.close()
             raise DriveError(f"drive {path}: not a readable MCAP file: {exc or type(exc).__name__}") from None
         self.topics, self._decoders = {}, {}
@@ -378,7 +389,14 @@ class _McapSource(DriveSource):
         decoders = {t: self._decoder(t) for t in topics if t in self.topics}
         if not decoders:
             return
-        for _, channel, record in self._reader.iter_messages(topics=list(decoders), log_time_order=True):
+        records = self._reader.iter_messages(topics=list(decoders), log_time_order=True)
+        while True:
+            try:
+                _, channel, record = next(records)
+            except StopIteration:
+                return
+            except self._bad_file as exc:  # a truncated recording, a compression without its module
+                raise DriveError(f"drive {self.path}: cannot be read on: {exc or type(exc).__name__}") from None
             try:
                 message = decoders[channel.topic](record.data)
             except self._bad_bytes as exc:
