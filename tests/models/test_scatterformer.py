@@ -93,3 +93,25 @@ def test_small_config_trains_and_predicts(tmp_path):
     empty = PointBatch(torch.zeros(0, 4), torch.zeros(0, dtype=torch.long), 2)
     with torch.no_grad():
         assert [len(d) for d in model.predict(empty)] == [0, 0]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_equals_cpu_in_fp32():
+    """On CUDA the attention runs the Triton kernels and the depthwise pairs come from spconv's GPU build."""
+    torch.manual_seed(0)
+    model = ScatterFormerBackbone(4, channels=32, window_size=6, pillar_size=3, num_heads=2, pool_heads=2).train()
+    voxels = _voxels(3000)
+    results = []
+    for device in ("cpu", "cuda"):
+        model.to(device).zero_grad()
+        features = voxels.features.to(device).requires_grad_(True)
+        bev = model(SparseVoxels(voxels.coords.to(device), features, GRID, 2))
+        bev.features.square().mean().backward()
+        grads = [p.grad.detach().cpu() for p in model.parameters()]
+        results.append((bev.coords.cpu(), bev.features.detach().cpu(), features.grad.cpu(), grads))
+    (c0, f0, g0, p0), (c1, f1, g1, p1) = results
+    assert torch.equal(c0, c1)
+    torch.testing.assert_close(f1, f0, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(g1, g0, rtol=1e-3, atol=1e-4)
+    for a, b in zip(p1, p0):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4)

@@ -63,3 +63,21 @@ def test_empty_and_single_voxel():
     one = depthwise_pairs(torch.tensor([[0, 1, 2, 3]], dtype=torch.int32), SHAPE, 1, 3)
     weight = torch.randn(27, 2)
     torch.testing.assert_close(depthwise_sparse_conv(torch.ones(1, 2), weight, one), weight[13:14])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_equals_cpu():
+    coords = _voxels(3000)
+    features = torch.randn(len(coords), 8)
+    weight = torch.randn(13, 8)
+    out = {}
+    grads = {}
+    for device in ("cpu", "cuda"):
+        f = features.to(device).requires_grad_(True)
+        w = weight.to(device).requires_grad_(True)
+        y = depthwise_sparse_conv(f, w, depthwise_pairs(coords.to(device), SHAPE, 2, (1, 1, 13)))
+        y.square().sum().backward()
+        out[device], grads[device] = y.detach().cpu(), (f.grad.cpu(), w.grad.cpu())
+    torch.testing.assert_close(out["cuda"], out["cpu"], rtol=1e-5, atol=1e-5)
+    for a, b in zip(grads["cuda"], grads["cpu"]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
