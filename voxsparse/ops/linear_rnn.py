@@ -133,19 +133,20 @@ def selective_scan_torch(
     inputs = (delta * u).transpose(1, 2)[..., None] * B.transpose(1, 2)[:, :, None, :]
     log_decay = F.pad(log_decay, (0, 0, 0, 0, 0, pad)).view(bt, chunks, steps, dc, n)
     inputs = F.pad(inputs, (0, 0, 0, 0, 0, pad)).view(bt, chunks, steps, dc, n)
-    decay = log_decay.exp()
+    # Loops take whole slices from unbind: indexing one step at a time would make autograd fill a
+    # full-size zero gradient per step.
     state = inputs.new_zeros(bt, chunks, dc, n)
     local = []
-    for t in range(steps):  # every chunk from a zero state, all chunks at once
-        state = decay[:, :, t] * state + inputs[:, :, t]
+    for decay_t, input_t in zip(log_decay.exp().unbind(2), inputs.unbind(2)):  # all chunks from zero at once
+        state = decay_t * state + input_t
         local.append(state)
     local_states = torch.stack(local, 2)  # (Bt, chunks, T, Dc, N)
     since_start = log_decay.cumsum(2).exp()  # decay from each chunk's start to each step, in (0, 1]
     carry = inputs.new_zeros(bt, dc, n)
     entering = []
-    for c in range(chunks):
+    for decay_c, local_c in zip(since_start[:, :, -1].unbind(1), local.pop().unbind(1)):
         entering.append(carry)
-        carry = since_start[:, c, -1] * carry + local_states[:, c, -1]
+        carry = decay_c * carry + local_c
     states = local_states + since_start * torch.stack(entering, 1)[:, :, None]
     c_steps = F.pad(C.transpose(1, 2), (0, 0, 0, pad)).view(bt, chunks, steps, 1, n)
     y = (states * c_steps).sum(-1).view(bt, chunks * steps, dc)[:, :length].transpose(1, 2)
@@ -256,18 +257,18 @@ def retention_torch(
         inner = torch.exp2(gap.abs() * log_gamma)  # (H, T, T)
     else:
         inner = torch.exp2(gap.clamp(min=0) * log_gamma) * (gap >= 0)  # causal
-    out = torch.einsum("bhcik,bhcjk,hij,bhcjv->bhciv", q, k, inner, v)
+    out = ((q @ k.transpose(-1, -2)) * inner[:, None]) @ v  # (B, H, chunks, T, d_v)
     # State after each chunk: S_c = gamma^T S_{c-1} + sum_j gamma^(T-1-j) k_j^T v_j.
-    to_end = torch.exp2((steps - 1 - pos) * log_gamma)  # (H, 1, T)
-    chunk_kv = torch.einsum("bhcjk,hj,bhcjv->bhckv", k, to_end.view(h, steps), v)
+    to_end = torch.exp2((steps - 1 - pos) * log_gamma).view(h, 1, steps, 1)
+    chunk_kv = (k * to_end).transpose(-1, -2) @ v  # (B, H, chunks, d_k, d_v)
     whole = torch.exp2(steps * log_gamma).view(1, h, 1, 1)
     state = q.new_zeros(b, h, dk, dv)
     entering = []
-    for c in range(chunks):
+    for kv in chunk_kv.unbind(2):
         entering.append(state)
-        state = whole * state + chunk_kv[:, :, c]
-    from_start = torch.exp2((pos + 1) * log_gamma).view(h, steps)  # decay from the previous chunk's end
-    out = out + torch.einsum("bhcik,hi,bhckv->bhciv", q, from_start, torch.stack(entering, 2))
+        state = whole * state + kv
+    from_start = torch.exp2((pos + 1) * log_gamma).view(h, 1, steps, 1)  # decay since the previous chunk's end
+    out = out + (q * from_start) @ torch.stack(entering, 2)
     return out.reshape(b, h, chunks * steps, dv)[:, :, :length].to(dtype)
 
 
