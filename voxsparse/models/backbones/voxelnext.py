@@ -287,10 +287,9 @@ class VoxelNeXtBackbone(nn.Module):
     def auxiliary_losses(self, annotations: Sequence[Annotations3D]) -> dict[str, torch.Tensor]:
         """``{"importance": ...}``, the focal sparse convs' importance loss of the last forward
         (summed over layers), or ``{}`` without focal sparse convs."""
-        if not len(self.focal):
-            return {}
-        boxes = [a.boxes.tensor for a in annotations]
-        return {"importance": torch.stack([layer.importance_loss(boxes) for layer in self.focal.values()]).sum()}
+        from voxsparse.models.backbones.focal import importance_losses  # focal builds on this module
+
+        return importance_losses(self.focal, annotations)
 
     def forward(self, voxels: SparseVoxels) -> SparseBEV:
         for layer in self.focal.values():  # no stale importance from an earlier batch
