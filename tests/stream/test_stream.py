@@ -220,12 +220,15 @@ def test_bad_drive_options_are_named(tmp_path, model, drive, options, pattern):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_stream_on_cuda_detects_as_on_the_cpu(tiny_checkpoint, model, sequence):
+def test_stream_on_cuda_detects_as_on_the_cpu_fused_or_not(tiny_checkpoint, model, sequence):
     gpu = DetectionStream(voxsparse.load_model(tiny_checkpoint, "cuda"), "cuda")
+    fused = DetectionStream(voxsparse.load_model(tiny_checkpoint, "cuda"), "cuda", fuse=True)
     cpu = DetectionStream(model)
     for f in sequence[:2]:
-        a, b = gpu.step(f.points, f.timestamp), cpu.step(f.points, f.timestamp)
+        a, b, c = gpu.step(f.points, f.timestamp), cpu.step(f.points, f.timestamp), fused.step(f.points, f.timestamp)
         torch.testing.assert_close(a.detections.scores, b.detections.scores, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(c.detections.scores, a.detections.scores, rtol=1e-4, atol=1e-4)
+        assert a.latency_ms > 0 and gpu.latency().p99_ms >= gpu.latency().p50_ms
 
 
 def test_stream_benchmark_reports_percentiles_over_a_drive(tiny_checkpoint, drive):
