@@ -101,3 +101,27 @@ def test_export_tool_refuses_an_unknown_format(tiny_checkpoint, tmp_path):
 
     result = run_tool("export", f"checkpoint={tiny_checkpoint}", "format=tflite", f"hydra.run.dir={tmp_path}")
     assert "format" in error_line(result)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("name", ["voxelnext_small", "dsvt_voxel_small"])
+def test_exported_program_and_package_on_cuda(name, tmp_path):
+    """On CUDA the exported convolutions run spconv's native algorithm, eager ones its implicit GEMM:
+    equal up to float summation order."""
+    from voxsparse.engine.export import package_pt2
+    from voxsparse.ops.export_ops import load_package
+
+    model = _model(name).cuda()
+    program = DetectorProgram(model)
+    example = example_points(model.grid, 20000, 4, seed=1)
+    exported = export_program(model, example=example.to("cuda"))
+    runners = [exported.module()]
+    if compiler_available() is not None:
+        runners.append(load_package(package_pt2(exported, tmp_path / "model.pt2")))
+    for run in runners:
+        for n in (3000, 60000):
+            points = example_points(model.grid, n, 4, seed=n)
+            inputs = (points.points.cuda(), points.batch_index.long().cuda())
+            with torch.no_grad():
+                comparison = compare_outputs(program(*inputs), run(*inputs))
+            assert comparison.unmatched == 0 and comparison.max_box_difference < 1e-3, (n, comparison)
