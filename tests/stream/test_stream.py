@@ -87,6 +87,18 @@ def test_stream_over_an_mcap_drive_equals_offline_detection_and_tracking(model, 
     assert stream.latency().frames == FRAMES and stream.latency().p99_ms >= stream.latency().p50_ms > 0
 
 
+@pytest.mark.parametrize("name,kind,storage", [("drive.bag", "bag", "sqlite3"), ("drive_db3", "rosbag2", "sqlite3"),
+                                               ("drive_mcap", "rosbag2", "mcap")])
+def test_the_synthetic_drive_reads_alike_from_every_container(tmp_path, sequence, drive, name, kind, storage):
+    """What the stream gets from a ROS 1 bag or a ROS 2 bag equals what it gets from the MCAP file."""
+    path = write_drive(tmp_path / name, [(START + f.timestamp, f.points, f.ego_pose) for f in sequence],
+                       kind=kind, storage=storage)
+    for a, b in zip(read_drive(path, "/lidar/top", "/tf"), read_drive(drive, "/lidar/top", "/tf"), strict=True):
+        assert a.stamp_ns == b.stamp_ns and a.timestamp == b.timestamp
+        np.testing.assert_array_equal(a.cloud.points, b.cloud.points)
+        np.testing.assert_array_equal(a.ego_pose, b.ego_pose)
+
+
 def _transform(pose):
     yaw = float(np.arctan2(pose[1, 0], pose[0, 0]))
     return RigidTransform.from_yaw(yaw, tuple(pose[:3, 3]))
