@@ -46,6 +46,7 @@ from voxsparse.models.fusion import fuse_for_inference
 from voxsparse.models.trackers import TrackerConfig, VoxelNeXtTracker
 from voxsparse.structures import Detections3D
 from voxsparse.utils.io import atomic_write
+from voxsparse.utils.progress import progress
 
 __all__ = [
     "DetectionStream", "DriveOptions", "DriveRun", "LatencyStats", "StreamResult", "frame_record", "pose_to_transform",
@@ -306,7 +307,7 @@ def run_drive(
     counts = [0, 0]
 
     def run(write) -> None:
-        for frame in frames:
+        for frame in progress(frames, "stream", unit="frame"):
             try:
                 result = stream.step(frame.cloud, frame.timestamp, frame.ego_pose, frame.frame_id)
             except ValueError as exc:
