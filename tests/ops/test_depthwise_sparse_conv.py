@@ -73,8 +73,8 @@ def test_cuda_equals_cpu():
     out = {}
     grads = {}
     for device in ("cpu", "cuda"):
-        f = features.to(device).requires_grad_(True)
-        w = weight.to(device).requires_grad_(True)
+        f = features.to(device, copy=True).requires_grad_(True)
+        w = weight.to(device, copy=True).requires_grad_(True)
         y = depthwise_sparse_conv(f, w, depthwise_pairs(coords.to(device), SHAPE, 2, (1, 1, 13)))
         y.square().sum().backward()
         out[device], grads[device] = y.detach().cpu(), (f.grad.cpu(), w.grad.cpu())
