@@ -40,7 +40,6 @@ from torch import nn
 
 from voxsparse.benchmark.openpcdet import _attr_dict, _exec_sources, _stub_module, _stub_parents
 from voxsparse.benchmark.parity import randomize_batchnorm
-from voxsparse.ops.sparse_backend import SparseConvTensor
 from voxsparse.ops.sparse_utils import linear_keys, neighbor_indices
 
 FIXTURE = Path(__file__).resolve().parent / "fixtures" / "scatterformer_backbone.pt"

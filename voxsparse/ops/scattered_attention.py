@@ -290,7 +290,7 @@ def _kernels():
 
 
 def _triton_outer_sum(a: torch.Tensor, b: torch.Tensor, segments: WindowSegments) -> torch.Tensor:
-    n, h, d = a.shape
+    _, h, d = a.shape
     e = b.shape[2]
     dtype = torch.promote_types(a.dtype, b.dtype)
     a, b = a.to(dtype).contiguous(), b.to(dtype).contiguous()
