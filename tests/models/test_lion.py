@@ -10,8 +10,13 @@ import pytest
 import torch
 
 from voxsparse.convert.openpcdet import openpcdet_to_ours, ours_to_openpcdet
-from voxsparse.models.backbones.lion import LIONBackbone, Level
-from voxsparse.models.backbones.lion_partition import generate_voxels, group_partition, merge_coords, window_order
+from voxsparse.models.backbones.lion import Level, LIONBackbone
+from voxsparse.models.backbones.lion_partition import (
+    generate_voxels,
+    group_partition,
+    merge_coords,
+    window_order,
+)
 from voxsparse.structures import SparseVoxels, VoxelGrid
 
 FIXTURES = Path(__file__).resolve().parents[1] / "parity" / "fixtures"
@@ -143,16 +148,15 @@ def test_fixture_parity_per_stage(name):
         level = Level(stage["indices"].int(), stage["features"], out.spatial_shape, 2)
 
 
-@pytest.mark.parametrize("name", ["mamba", "retnet"])
-def test_fixture_parity_whole(name):
-    """The whole backbone in evaluation and training mode: float32 rounding grows through ~40 layers."""
-    record = _fixture(name)
-    model = _converted(record)
-    for mode in ("eval", "train"):
-        model.train(mode == "train")
-        with torch.no_grad():
-            level = _run(model, record["coords"], record["features"], record["grid"], record["batch_size"])
-        _compare(level, record[mode], WHOLE_TOLERANCE)
+def test_fixture_parity_whole():
+    """The whole backbone in training mode (batch statistics; evaluation mode is checked per stage):
+    float32 rounding grows through its ~40 layers. RetNet only: the layers around the operator are
+    the same, and Mamba's CPU scan costs a test several times more."""
+    record = _fixture("retnet")
+    model = _converted(record).train()
+    with torch.no_grad():
+        level = _run(model, record["coords"], record["features"], record["grid"], record["batch_size"])
+    _compare(level, record["train"], WHOLE_TOLERANCE)
 
 
 def test_checkpoint_round_trip_and_bev():
@@ -198,7 +202,7 @@ def test_empty_input_and_empty_frame():
 @pytest.mark.skipif(not LION, reason="set VOXSPARSE_LION to a LION checkout")
 @pytest.mark.parametrize("name", ["mamba", "retnet"])
 def test_live_parity(name):
-    from tests.parity.make_lion_fixtures import GRID, OPERATORS, backbone_config, randomize, random_voxels
+    from tests.parity.make_lion_fixtures import GRID, OPERATORS, backbone_config, random_voxels, randomize
     from voxsparse.benchmark.lion_reference import build_lion_backbone, run_lion_backbone
 
     torch.manual_seed(0)

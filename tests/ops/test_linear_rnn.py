@@ -20,12 +20,12 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 def _scan_inputs(bt=3, dc=6, length=37, n=4, device="cpu", seed=0):
     g = torch.Generator().manual_seed(seed)
-    tensors = dict(
-        u=torch.randn(bt, dc, length, generator=g), delta=torch.randn(bt, dc, length, generator=g),
-        A=-torch.rand(dc, n, generator=g) * 16, B=torch.randn(bt, n, length, generator=g),
-        C=torch.randn(bt, n, length, generator=g), D=torch.randn(dc, generator=g),
-        z=torch.randn(bt, dc, length, generator=g), delta_bias=torch.randn(dc, generator=g),
-    )
+    tensors = {
+        "u": torch.randn(bt, dc, length, generator=g), "delta": torch.randn(bt, dc, length, generator=g),
+        "A": -torch.rand(dc, n, generator=g) * 16, "B": torch.randn(bt, n, length, generator=g),
+        "C": torch.randn(bt, n, length, generator=g), "D": torch.randn(dc, generator=g),
+        "z": torch.randn(bt, dc, length, generator=g), "delta_bias": torch.randn(dc, generator=g),
+    }
     return {k: v.to(device) for k, v in tensors.items()}
 
 

@@ -5,9 +5,10 @@
 For each operator (Mamba, RetNet) the reference ``LION3DBackboneOneStride`` (loaded by path,
 ``voxsparse.benchmark.lion_reference``) is built at 16 channels on a 40 x 40 x 32 grid, with the
 reference's four stages, windows (13, 13, 32 / 16 / 8 / 4), small groups (64, 48, 32, 16) so that
-frames span several groups, voxel generation and shifted windows. Its random weights get random
-LayerNorm affines and BatchNorm statistics; it runs on two frames of random voxels (1,200 and 250
-draws), in evaluation and in training mode (no stochastic depth). ``lion_<operator>.pt`` holds the
+frames span several groups, voxel generation and shifted windows (Mamba with 8 states, RetNet with
+2 heads). Its random weights get random LayerNorm affines and BatchNorm statistics; it runs on two
+frames of random voxels (1,200 and 250 draws), in evaluation and in training mode (no stochastic
+depth). ``lion_<operator>.pt`` holds the
 config, the state dict, the input and, per mode, the output voxels (indices and features);
 ``lion_<operator>_stages.pt`` the voxels after each merge between stages (evaluation mode), so each
 stage can be checked from the reference's own input. tests/models/test_lion.py loads the state dict
@@ -28,7 +29,7 @@ FIXTURES = Path(__file__).resolve().parent / "fixtures"
 MAX_BYTES = 2 * 1024 * 1024
 GRID = (40, 40, 32)  # x, y, z voxels
 OPERATORS = {
-    "mamba": {"NAME": "Mamba", "CFG": {"d_state": 16, "d_conv": 4, "expand": 2, "drop_path": 0.0}},
+    "mamba": {"NAME": "Mamba", "CFG": {"d_state": 8, "d_conv": 4, "expand": 2, "drop_path": 0.0}},
     "retnet": {"NAME": "RetNet", "CFG": {"mode": "chunk", "n_head": 2, "expand_k": 1, "expand_v": 2,
                                          "hidden_rate": 4, "used_MLP": True, "with_cp": True, "drop_path": 0.0}},
 }

@@ -23,6 +23,8 @@ in LION's variant); across chunks, a (d_k, d_v) state per head carried by one pa
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 import inspect
 import math
 from typing import Literal
@@ -95,10 +97,10 @@ def selective_scan(
     return selective_scan_torch(u, delta, A, B, C, D, z, delta_bias, delta_softplus, chunk_size)
 
 
+@functools.cache
 def _triton_available() -> bool:
-    from voxsparse.ops import triton_voxelize
-
-    return triton_voxelize.available()
+    """Triton is importable (it ships with CUDA builds of torch)."""
+    return importlib.util.find_spec("triton") is not None
 
 
 def selective_scan_torch(
@@ -276,7 +278,7 @@ def retention_naive(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, chunk_size: int = 64, bidirectional_chunks: bool = False
 ) -> torch.Tensor:
     """Retention as one (L, L) decayed product in float64: the brute-force check (memory L^2)."""
-    b, h, length, dk = q.shape
+    _, h, length, dk = q.shape
     pos = torch.arange(length, dtype=torch.float64, device=q.device)
     gap = pos[:, None] - pos[None, :]
     seen = gap >= 0

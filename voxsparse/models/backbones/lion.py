@@ -35,7 +35,12 @@ import torch
 from torch import nn
 
 from voxsparse.models.backbones.lion_operators import OPERATORS
-from voxsparse.models.backbones.lion_partition import generate_voxels, group_partition, merge_coords, window_order
+from voxsparse.models.backbones.lion_partition import (
+    generate_voxels,
+    group_partition,
+    merge_coords,
+    window_order,
+)
 from voxsparse.models.backbones.resnet3d import height_compression
 from voxsparse.models.keys import KeyPair, TensorKind
 from voxsparse.ops.sparse_backend import SparseConvTensor, spnn
