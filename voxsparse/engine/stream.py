@@ -117,9 +117,10 @@ def _rows(det: Detections3D) -> torch.Tensor:
 
 def _subset_positions(full: torch.Tensor, subset: torch.Tensor) -> list[int]:
     """Rows of ``full`` that ``subset`` (rows of ``full`` in the same order, copied) consists of."""
+    wanted = [row.tobytes() for row in subset.numpy()]
     positions, j = [], 0
-    for i in range(len(full)):
-        if j < len(subset) and torch.equal(full[i], subset[j]):
+    for i, row in enumerate(full.numpy()):
+        if j < len(wanted) and row.tobytes() == wanted[j]:
             positions.append(i)
             j += 1
     if j != len(subset):
