@@ -14,6 +14,7 @@ from voxsparse.data.sample import collate
 from voxsparse.data.synthetic import SyntheticDataset
 from voxsparse.models.backbones.scatterformer import ScatterFormerBackbone
 from voxsparse.models.contracts import check_losses
+from voxsparse.models.fusion import fuse_for_inference
 from voxsparse.structures import PointBatch, SparseVoxels, VoxelGrid
 
 GRID = VoxelGrid((1.0, 1.0, 1.0), (0.0, 0.0, 0.0, 32.0, 28.0, 11.0))  # 32 x 28 x 11: 12 -> 5 -> 3 z cells
@@ -32,13 +33,15 @@ def _backbone(**kwargs):
     return ScatterFormerBackbone(4, channels=16, window_size=6, pillar_size=3, num_heads=2, pool_heads=2, **kwargs)
 
 
-def test_output_is_per_column_and_does_not_depend_on_voxel_order():
+def test_output_is_per_column_and_does_not_depend_on_voxel_order_nor_fusion():
     model = _backbone().eval()
     voxels = _voxels()
     with torch.no_grad():
         bev = model(voxels)
         perm = torch.randperm(len(voxels), generator=torch.Generator().manual_seed(1))
         shuffled = model(SparseVoxels(voxels.coords[perm], voxels.features[perm], GRID, 2))
+        fused = fuse_for_inference(model)(voxels)
+    torch.testing.assert_close(fused.features, bev.features, rtol=1e-4, atol=1e-5)
     assert bev.stride == 2 and bev.spatial_shape == (14, 16) and bev.features.shape[1] == 16
     cols = torch.unique(torch.stack([voxels.coords[:, 0], voxels.coords[:, 2] // 2, voxels.coords[:, 3] // 2], 1), dim=0)
     # the stride-2 3x3 conv dilates each column's footprint: every input column is in the output
