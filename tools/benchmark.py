@@ -11,6 +11,7 @@
     python tools/benchmark.py --model dsvt_voxel_waymo --device cuda --voxels 100000 --compare /path/to/OpenPCDet
     python tools/benchmark.py ... --profile trace_dir   # torch.profiler table of the backbone
     python tools/benchmark.py ... --tf32                # fp32 products on TF32 tensor cores
+    python tools/benchmark.py --voxelkp [MODULE,...] --device cuda [--compare /path/to/VoxelKP]   # VoxelKP speed
 
 The input is one frame of the synthetic world scanned by a dense spinning LiDAR whose beam count
 is chosen to give about ``--points`` returns, cut to exactly that many (or, with ``--voxels``, to
@@ -44,6 +45,7 @@ import torch
 from voxsparse.benchmark.compare import NeedsCuda
 from voxsparse.benchmark.detector_speed import BenchmarkOptions, format_table, run_benchmark
 from voxsparse.benchmark.inputs import FrameCountError
+from voxsparse.benchmark.voxelkp import VoxelKPSpeedOptions, run_voxelkp_speed
 
 
 def main() -> None:
@@ -65,7 +67,16 @@ def main() -> None:
     parser.add_argument("--compare", type=Path, help="an OpenPCDet checkout: time its VoxelNeXt backbone beside ours")
     parser.add_argument("--rounds", type=int, default=5, help="alternation rounds of --compare")
     parser.add_argument("--profile", type=Path, help="write a torch.profiler table and trace of the backbone here")
+    parser.add_argument("--voxelkp", nargs="?", const="", metavar="MODULE,...", help="voxelkp_small training steps/s "
+                        "(batch 4 unless --batch) with the given backbone modules off, and voxelkp_waymo_reference forward "
+                        "(--voxels, default 100k) beside --compare's VoxelKP checkout (voxsparse.benchmark.voxelkp)")
     args = parser.parse_args()
+    if args.voxelkp is not None:
+        print(run_voxelkp_speed(VoxelKPSpeedOptions(
+            args.device, batch=args.batch if args.batch > 1 else 4, voxels=args.voxels or 100_000, repeats=args.repeats,
+            warmup=args.warmup, amp=args.amp, modules_off=tuple(m for m in args.voxelkp.split(",") if m),
+            compare=args.compare, rounds=args.rounds)))
+        return
     if args.compare and args.batch != 1:
         parser.error("--compare times one frame: use --batch 1")
     options = BenchmarkOptions(**{f.name: getattr(args, f.name) for f in dataclasses.fields(BenchmarkOptions)})

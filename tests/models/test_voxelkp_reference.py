@@ -12,7 +12,8 @@ boxes and keypoints, against
   tests/models/test_voxelkp_reference.py``.
 
 The harness replaces what does not run on a CPU without the authors' build: SpTr (a git submodule of
-their repository, empty in a plain checkout; compiled CUDA kernels) by :class:`SpTrStandIn` (its
+their repository, empty in a plain checkout; compiled CUDA kernels) by
+:class:`~voxsparse.benchmark.voxelkp.SpTrStandIn` (its
 ``VarLengthMultiheadSA`` without positional terms: windows of ``torch_geometric.voxel_grid`` with no
 start, i.e. from the per-axis minimum index of the batch, and softmax attention per window, as a loop),
 ``timm``'s ``DropPath`` / ``trunc_normal_``, and OpenPCDet's compiled NMS and IoU (voxsparse's
@@ -23,10 +24,7 @@ its targets come from its own ``assign_target_of_single_head`` and its losses fr
 
 from __future__ import annotations
 
-import importlib
 import os
-import sys
-import types
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +33,7 @@ import torch
 from torch import nn
 
 from voxsparse.benchmark import openpcdet as harness
+from voxsparse.benchmark.voxelkp import build_authors as build_authors_modules
 from voxsparse.data.synthetic.actors import CLASS_NAMES as SYNTHETIC_CLASSES
 from voxsparse.data.synthetic.frame import generate_frame
 from voxsparse.data.synthetic.lidar import LidarConfig
@@ -45,7 +44,6 @@ from voxsparse.models.voxelkp.reference import VoxelKPReferenceBackbone, window_
 from voxsparse.models.voxelkp.reference_head import VoxelKPReferenceHead
 from voxsparse.structures import Annotations3D, Boxes3D, PointBatch, SparseBEV, SparseVoxels, VoxelGrid
 
-CONFIG = "tools/cfgs/waymo_models/kp_effv2next4_voxelnext_iou_aug_bev_channel.yaml"
 FIXTURE = Path(__file__).parents[1] / "parity" / "fixtures" / "voxelkp_reference.pt"
 RANGE = (-9.6, -9.6, -2.0, 9.6, 9.6, 4.0)
 GRID = VoxelGrid((0.1, 0.1, 0.1), RANGE)  # 192 x 192 x 60: the Waymo config's z, 61 cells in the backbone
@@ -59,101 +57,18 @@ FULL_SIZE_PARAMETERS = {"backbone": 100_459_744, "head": 10_651_458}
 # ---------------------------------------------------------------- the authors' modules, by path
 
 
-class SpTrTensor:
-    """SpTr's ``SparseTrTensor``: features, (N, 4) indices, an index cache."""
-
-    def __init__(self, query_feats, query_indices, spatial_shape, batch_size, key_feats=None, value_feats=None,
-                 key_indices=None):
-        self.query_feats, self.query_indices = query_feats, query_indices
-        self.key_feats, self.value_feats, self.key_indices = key_feats, value_feats, key_indices
-        self.spatial_shape, self.batch_size, self.indice_dict = spatial_shape, batch_size, {}
-
-
-class SpTrStandIn(nn.Module):
-    """SpTr's ``VarLengthMultiheadSA`` (no positional encoding, unshifted windows) in plain torch."""
-
-    def __init__(self, embed_dim, num_heads, indice_key, window_size, shift_win=False, pe_type="none", dropout=0.0,
-                 qk_scale=None, qkv_bias=True, **kwargs):
-        super().__init__()
-        assert pe_type == "none" and not shift_win
-        self.num_heads, self.window_size = num_heads, np.asarray(window_size)
-        self.scale = qk_scale or (embed_dim // num_heads) ** -0.5
-        self.q = nn.Linear(embed_dim, embed_dim, bias=qkv_bias)
-        self.k = nn.Linear(embed_dim, embed_dim, bias=qkv_bias)
-        self.v = nn.Linear(embed_dim, embed_dim, bias=qkv_bias)
-        self.attn_drop = nn.Dropout(dropout, inplace=True)
-        self.proj = nn.Linear(embed_dim, embed_dim)
-        self.proj_drop = nn.Dropout(dropout, inplace=True)
-
-    def forward(self, tensor: SpTrTensor) -> SpTrTensor:
-        query = tensor.query_feats
-        key = query.clone() if tensor.key_feats is None else tensor.key_feats
-        value = query.clone() if tensor.value_feats is None else tensor.value_feats
-        n, c = query.shape
-        h = self.num_heads
-        q = self.q(query).reshape(n, h, c // h) * self.scale
-        k, v = self.k(key).reshape(n, h, c // h), self.v(value).reshape(n, h, c // h)
-        # torch_geometric.voxel_grid(xyz, batch, size) with no start: cells counted from each axis'
-        # minimum, the batch index one more axis of size 1.
-        pos = torch.cat([tensor.query_indices[:, 1:], tensor.query_indices[:, :1]], dim=1).long()
-        size = torch.tensor([*self.window_size.tolist(), 1])
-        _, cluster = torch.unique((pos - pos.min(0).values) // size, dim=0, return_inverse=True)
-        out = torch.empty_like(q)
-        for window in torch.unique(cluster):
-            rows = torch.nonzero(cluster == window).squeeze(1)
-            attn = torch.einsum("nhd,mhd->nmh", q[rows], k[rows]).softmax(dim=1)
-            out[rows] = torch.einsum("nmh,mhd->nhd", attn, v[rows])
-        x = self.proj_drop(self.proj(out.reshape(n, c)))
-        return SpTrTensor(x, tensor.query_indices, tensor.spatial_shape, tensor.batch_size)
-
-
-def _unavailable(*args, **kwargs):
-    raise RuntimeError("not part of the VoxelKP paper config")
-
-
-def _install_voxelkp_stubs() -> None:
-    modules = {
-        "sptr": {"VarLengthMultiheadSA": SpTrStandIn, "SparseTrTensor": SpTrTensor},
-        "sptr.utils": {"to_3d_numpy": np.asarray, "get_indices_params": _unavailable},
-        "sptr.modules": {"sparse_self_attention": _unavailable, "SparseTrTensor": SpTrTensor},
-        "timm": {}, "timm.models": {},
-        "timm.models.layers": {"DropPath": lambda p=0.0: nn.Identity(), "trunc_normal_": nn.init.trunc_normal_},
-    }
-    for name, attributes in modules.items():
-        module = types.ModuleType(name)
-        module.__dict__.update(attributes)
-        sys.modules[name] = module
-
-
-def load_authors_modules(root: Path) -> tuple[type[nn.Module], type[nn.Module]]:
-    """The authors' ``VoxelResBackBone8xVoxelNeXtEffv2Next4`` and ``VoxelNeXtHeadKPMerge`` classes."""
-    harness._forget_pcdet()
-    harness._stub_all_packages(root)
-    harness._install_stubs()
-    _install_voxelkp_stubs()
-    backbone = importlib.import_module("pcdet.models.backbones_3d.spconv_backbone_voxelnext_deBEV_effv2next4")
-    head = importlib.import_module("pcdet.models.dense_heads.voxelnext_head_kp_merge")
-    return backbone.VoxelResBackBone8xVoxelNeXtEffv2Next4, head.VoxelNeXtHeadKPMerge
-
-
-def authors_config(root: Path, channels=CHANNELS, out=OUT) -> dict:
-    return harness.load_reference_config(root, CONFIG, {
+def authors_overrides(channels=CHANNELS, out=OUT) -> dict:
+    return {
         "MODEL.BACKBONE_3D.CHANNELS": list(channels), "MODEL.BACKBONE_3D.OUT_CHANNEL": out,
         "MODEL.DENSE_HEAD.SHARED_CONV_CHANNEL": out, "MODEL.DENSE_HEAD.INPUT_FEATURES": out,
         "MODEL.DENSE_HEAD.POST_PROCESSING.SCORE_THRESH": HEAD["score_threshold"],
         "MODEL.DENSE_HEAD.POST_PROCESSING.MAX_OBJ_PER_SAMPLE": HEAD["max_obj_per_sample"],
         "MODEL.DENSE_HEAD.POST_PROCESSING.POST_CENTER_LIMIT_RANGE": list(RANGE),
-    })
+    }
 
 
 def build_authors(root: Path, grid: VoxelGrid = GRID, channels=CHANNELS, out=OUT) -> tuple[nn.Module, nn.Module]:
-    backbone_cls, head_cls = load_authors_modules(root)
-    cfg = authors_config(root, channels, out)["MODEL"]
-    with harness._reference_patches(torch.device("cpu")):
-        backbone = backbone_cls(harness._attr_dict(cfg["BACKBONE_3D"]), 5, np.array(grid.grid_size))
-        head = head_cls(harness._attr_dict(cfg["DENSE_HEAD"]), out, len(CLASSES), list(CLASSES),
-                        np.array(grid.grid_size), np.array(grid.point_cloud_range), np.array(grid.voxel_size))
-    return backbone, head
+    return build_authors_modules(root, grid, CLASSES, authors_overrides(channels, out))
 
 
 def state_spec(module: nn.Module) -> list[list]:
