@@ -11,10 +11,8 @@ hydra.run.dir=...): ``detections.jsonl`` (a line per scan: its detections with c
 and boxes), ``predictions.pt`` (what ``tools/eval.py predictions=`` and ``tools/visualize.py
 predictions=`` read) and, with ``render=true``, ``renders/<frame_id>.png``.
 
-A drive (``bag=``: ROS 1 .bag, ROS 2 bag folder, .db3, .mcap) is streamed frame by frame
-(voxsparse.engine.stream): its PointCloud2 ``topic`` detected and tracked in the world frame of
-``pose_topic`` (/tf or nav_msgs/Odometry; none: identity), written as ``detections.jsonl`` (with
-track ids) or, with ``output=`` a .bag / .mcap / folder, as a MarkerArray topic of a new drive.
+A drive (``bag=`` a ROS 1/2 bag or MCAP file, ``topic=`` its PointCloud2 topic) is streamed, detected and
+tracked frame by frame (voxsparse.engine.stream; its options and outputs: configs/predict.yaml).
 """
 
 from __future__ import annotations
@@ -31,7 +29,7 @@ from voxsparse.data.pointfile import read_points
 from voxsparse.engine.cli import tool
 from voxsparse.engine.config import parse_options
 from voxsparse.engine.predict import (
-    PredictOptions,
+    ScanOptions,
     ScanPredictor,
     ScanResult,
     find_scans,
@@ -46,7 +44,7 @@ from voxsparse.utils.progress import progress
 log = logging.getLogger("voxsparse.predict")
 
 
-def _render(result: ScanResult, points, model, opts: PredictOptions, backend: str, out: Path) -> None:
+def _render(result: ScanResult, points, model, opts: ScanOptions, backend: str, out: Path) -> None:
     """A bird's-eye view of the scan over the model's range, its detections drawn."""
     from voxsparse.viz import build_scene, camera_preset, render_scene, write_image
 
@@ -59,15 +57,14 @@ def _render(result: ScanResult, points, model, opts: PredictOptions, backend: st
 
 @tool("predict")
 def main(cfg: DictConfig) -> None:
-    opts, drive = parse_options(cfg, PredictOptions), parse_options(cfg, DriveOptions)
+    opts, drive = parse_options(cfg, ScanOptions), parse_options(cfg, DriveOptions)
     if opts.checkpoint is None or (opts.input is None) == (drive.bag is None):
         raise ValueError("give checkpoint=PATH and either input=FILE|FOLDER|'GLOB' or bag=DRIVE topic=TOPIC")
     output_dir = Path(HydraConfig.get().runtime.output_dir)
     if drive.bag is not None:
         tracker = parse_options(cfg.tracker, TrackerConfig, "tracker.", strict=True)
         model = voxsparse.load_model(opts.checkpoint, opts.device)
-        run_drive(model, drive, output_dir, tracker, opts.device, opts.min_score)
-        return
+        return run_drive(model, drive, output_dir, tracker, opts.device, opts.min_score)
     scans = find_scans(opts.input)
     model = voxsparse.load_model(opts.checkpoint, opts.device)
     predictor = ScanPredictor(model, opts.device)

@@ -19,7 +19,7 @@ from voxsparse.data.drives import read_drive, write_drive
 from voxsparse.data.pointfile import PointCloud
 from voxsparse.data.rosbag import open_drive
 from voxsparse.data.synthetic import LidarConfig, SyntheticDataset
-from voxsparse.engine.predict import PredictOptions, ScanPredictor
+from voxsparse.engine.predict import ScanOptions, ScanPredictor
 from voxsparse.engine.stream import DetectionStream, DriveOptions, LatencyStats, run_drive
 from voxsparse.evaluation.nuscenes_tracking import detections_to_global
 from voxsparse.geometry import RigidTransform
@@ -192,7 +192,7 @@ def test_predict_options_cover_its_config():
     """configs/predict.yaml holds the point-file options, the drive options and the tracker's, with
     the dataclasses' defaults (a run without overrides sees the same values)."""
     cfg = compose_config("predict")
-    scans, drives = dataclasses.asdict(PredictOptions()), dataclasses.asdict(DriveOptions())
+    scans, drives = dataclasses.asdict(ScanOptions()), dataclasses.asdict(DriveOptions())
     assert set(cfg) == set(scans) | set(drives) | {"tracker"} and not set(scans) & set(drives)
     assert {k: cfg[k] for k in scans} == scans and {k: cfg[k] for k in drives} == drives
     tracker = TrackerConfig(**OmegaConf.to_container(cfg.tracker))

@@ -102,7 +102,7 @@ class ScanPredictor:
 
 
 @dataclass
-class PredictOptions:
+class ScanOptions:
     """``tools/predict.py``'s options for point files (``configs/predict.yaml``; a drive's:
     :class:`voxsparse.engine.stream.DriveOptions`)."""
 
