@@ -269,6 +269,22 @@ def test_nms_bev_matches_brute_force(threshold, pre, post):
     assert torch.all(scores[kept][:-1] >= scores[kept][1:])
 
 
+def test_grouped_nms_equals_one_nms_per_group():
+    # Overlapping boxes of different groups never suppress each other; each group has its settings.
+    g = torch.Generator().manual_seed(12)
+    boxes = random_boxes(120, g, spread=6.0)
+    scores = torch.rand(120, generator=g, dtype=torch.float64)
+    groups = torch.randint(0, 3, (120,), generator=g)
+    groups[:5] = 4  # a group without settings: dropped
+    thresholds, pre, post = [0.1, 0.3, 0.0, 0.2], [None, 15, 30, 10], [12, None, 5, 3]
+    groups[groups == 3] = 0  # group 3 has settings but no box
+    expected = [torch.nonzero(groups == k).squeeze(1) for k in range(4)]
+    expected = torch.cat([m[box_ops.class_agnostic_nms(scores[m], boxes[m], thresholds[k], pre[k], post[k])]
+                          for k, m in enumerate(expected)])
+    kept = box_ops.grouped_nms(scores, boxes, groups, thresholds, pre, post)
+    assert kept.tolist() == expected.tolist() and len(set(groups[kept].tolist())) == 3
+
+
 def test_nms_bev_edge_cases():
     empty = box_ops.nms_bev(torch.zeros(0, 7), torch.zeros(0), 0.1)
     assert empty.shape == (0,) and empty.dtype == torch.int64

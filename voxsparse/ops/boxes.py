@@ -17,6 +17,7 @@ work is done in chunks so that 5000 x 5000 boxes need only the (N, M) output plu
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -31,6 +32,7 @@ __all__ = [
     "boxes_to_corners_bev",
     "class_agnostic_nms",
     "class_specific_nms",
+    "grouped_nms",
     "iou_3d",
     "iou_3d_aligned",
     "nms_bev",
@@ -318,19 +320,74 @@ def nms_bev(
     if limit == 0:
         return order[:0]
     ranked = boxes[order]
-    # Pairs (i, j), i ranked above j, that suppress; one host read.
-    above, below = torch.triu(bev_iou(ranked, ranked) > iou_threshold, diagonal=1).nonzero(as_tuple=True)
+    keep = np.flatnonzero(_greedy_survivors(bev_iou(ranked, ranked) > iou_threshold))[:limit]
+    return order[torch.from_numpy(keep).to(order.device)]
+
+
+def _greedy_survivors(suppresses: torch.Tensor) -> np.ndarray:
+    """(N,) bool: the boxes greedy NMS keeps, given (N, N) ``suppresses[i, j]`` (box i, if kept,
+    removes box j) with boxes in rank order, best first; only ``i < j`` is read. One host read.
+
+    Only boxes that overlap a lower-ranked one are visited: a box's fate is settled by the boxes
+    above it, so the first K survivors are also what a loop that stops after K kept boxes returns.
+    """
+    above, below = torch.triu(suppresses, diagonal=1).nonzero(as_tuple=True)
     above, below = above.cpu().numpy(), below.cpu().numpy()
-    # Greedy in rank order, visiting only boxes that overlap a lower-ranked one: a box's fate is
-    # settled by the boxes above it, so the first `limit` survivors are what a loop that stops
-    # after `limit` kept boxes returns.
-    removed = np.zeros(len(order), dtype=bool)
-    starts = np.searchsorted(above, np.arange(len(order) + 1))
+    removed = np.zeros(suppresses.shape[0], dtype=bool)
+    starts = np.searchsorted(above, np.arange(suppresses.shape[0] + 1))
     for i in np.unique(above):
         if not removed[i]:
             removed[below[starts[i]:starts[i + 1]]] = True
-    keep = np.flatnonzero(~removed)[:limit]
-    return order[torch.from_numpy(keep).to(order.device)]
+    return ~removed
+
+
+def grouped_nms(
+    scores: torch.Tensor,
+    boxes: torch.Tensor,
+    groups: torch.Tensor,
+    iou_thresholds: Sequence[float],
+    pre_max_sizes: int | Sequence[int | None] | None = None,
+    post_max_sizes: int | Sequence[int | None] | None = None,
+) -> torch.Tensor:
+    """:func:`class_agnostic_nms` within each group with the group's own settings, in one pass.
+
+    Group ``g`` gives what ``class_agnostic_nms(scores[m], boxes[m], iou_thresholds[g],
+    pre_max_sizes[g], post_max_sizes[g])`` gives for its boxes ``m``, but the IoUs of all groups'
+    candidates are computed together and suppression is read once, so a detector with several class
+    groups pays for one NMS instead of one per group (on a GPU the cost is kernel launches, not
+    arithmetic).
+
+    Args:
+        scores: (N,) scores; boxes: (N, >=7) boxes; groups: (N,) int64 group of each box, in
+            ``[0, G)`` with ``G = len(iou_thresholds)``.
+        iou_thresholds: one IoU threshold per group.
+        pre_max_sizes, post_max_sizes: one value per group, or one for all (None: no limit).
+
+    Returns:
+        (K,) int64 indices into ``boxes``: group 0's kept boxes by descending score, then group 1's, ...
+    """
+    num_groups = len(iou_thresholds)
+    pre = _per_class(pre_max_sizes, num_groups, "pre_max_sizes")
+    post = _per_class(post_max_sizes, num_groups, "post_max_sizes")
+    ranked, threshold, group, first = [], [], [], [0]
+    for g in range(num_groups):
+        candidates = torch.nonzero(groups == g).squeeze(1)
+        if pre[g] is not None:  # the reference's top-k, whose order among equal scores the sort keeps
+            candidates = candidates[scores[candidates].topk(min(pre[g], len(candidates))).indices]
+        candidates = candidates[scores[candidates].argsort(descending=True, stable=True)]
+        ranked.append(candidates)
+        threshold.append(torch.full((len(candidates),), float(iou_thresholds[g]), device=scores.device))
+        group.append(torch.full((len(candidates),), g, device=scores.device))
+        first.append(first[-1] + len(candidates))
+    order, threshold, group = torch.cat(ranked), torch.cat(threshold), torch.cat(group)
+    ranked_boxes = boxes[order]
+    suppresses = (bev_iou(ranked_boxes, ranked_boxes) > threshold[:, None]) & (group[:, None] == group[None, :])
+    survivors = _greedy_survivors(suppresses)
+    keep = []
+    for g in range(num_groups):
+        kept = first[g] + np.flatnonzero(survivors[first[g]:first[g + 1]])
+        keep.append(kept if post[g] is None else kept[:post[g]])
+    return order[torch.from_numpy(np.concatenate(keep)).to(order.device)]
 
 
 def class_agnostic_nms(
@@ -401,14 +458,11 @@ def class_specific_nms(
         (K,) int64 indices into ``boxes``: class 0's kept boxes by descending score, then class 1's, ...
     """
     num_classes = len(iou_thresholds)
-    pre = _per_class(pre_max_sizes, num_classes, "pre_max_sizes")
-    post = _per_class(post_max_sizes, num_classes, "post_max_sizes")
-    low = _per_class(score_thresholds, num_classes, "score_thresholds")
-    kept = [scores.new_zeros(0, dtype=torch.int64)]
-    for k in range(num_classes):
-        mask = labels == k
-        if low[k] is not None:
-            mask &= scores > low[k]
-        candidates = torch.nonzero(mask).squeeze(1)
-        kept.append(candidates[nms_bev(boxes[candidates], scores[candidates], iou_thresholds[k], pre[k], post[k])])
-    return torch.cat(kept)
+    low = torch.tensor([-math.inf if v is None else v for v in _per_class(score_thresholds, num_classes, "score_thresholds")],
+                       dtype=scores.dtype, device=scores.device)
+    labels = labels.long()
+    known = (labels >= 0) & (labels < num_classes)
+    candidates = torch.nonzero(known & (scores > low[labels.clamp(0, num_classes - 1)])).squeeze(1)
+    kept = grouped_nms(scores[candidates], boxes[candidates], labels[candidates], iou_thresholds,
+                       pre_max_sizes, post_max_sizes)
+    return candidates[kept]

@@ -59,7 +59,7 @@ from voxsparse.models.heads.center_reference import (
     focal_loss_centernet,
 )
 from voxsparse.models.keys import KeyPair, TensorKind
-from voxsparse.ops.boxes import class_agnostic_nms, iou_3d_aligned
+from voxsparse.ops.boxes import grouped_nms, iou_3d_aligned
 from voxsparse.ops.sparse_backend import SparseConvTensor, spnn
 from voxsparse.structures import Annotations3D, Boxes3D, Detections3D, SparseBEV, VoxelGrid
 
@@ -456,20 +456,20 @@ class VoxelNeXtReferenceHead(nn.Module):
         in the model's class order."""
         found = [[] for _ in range(pred.batch_size)]
         first_class = 0
-        for out, group in zip(pred.groups, self.class_groups):
+        for g, (out, group) in enumerate(zip(pred.groups, self.class_groups)):
             for b, (boxes, scores, classes, iou, rows) in enumerate(self._decode_group(out, pred)):
-                classes = classes + first_class
-                if not self.with_iou:
-                    keep = class_agnostic_nms(scores, boxes, *self.nms[0])
-                    boxes, scores, classes, iou, rows = boxes[keep], scores[keep], classes[keep], None, rows[keep]
-                found[b].append((boxes, scores, classes, iou, rows))
+                found[b].append((boxes, scores, classes + first_class, iou, rows, torch.full_like(classes, g)))
             first_class += len(group)
         results = []
         for parts in found:
-            boxes, scores, classes, rows = (torch.cat([p[i] for p in parts]) for i in (0, 1, 2, 4))
+            boxes, scores, classes, rows, groups = (torch.cat([p[i] for p in parts]) for i in (0, 1, 2, 4, 5))
             if self.with_iou:
                 boxes, scores, classes, rows = self._rectify_and_nms(
                     boxes, scores, classes, torch.cat([p[3] for p in parts]), rows)
+            else:  # NMS within each group, all groups in one pass
+                threshold, pre, post = self.nms[0]
+                keep = grouped_nms(scores, boxes, groups, [threshold] * len(self.class_groups), pre, post)
+                boxes, scores, classes, rows = boxes[keep], scores[keep], classes[keep], rows[keep]
             order = scores.argsort(descending=True, stable=True)
             cell = pred.coords[rows[order]]
             size = _f32(pred.grid.voxel_size[:2], boxes.device) * pred.stride
@@ -505,15 +505,11 @@ class VoxelNeXtReferenceHead(nn.Module):
         self, boxes: torch.Tensor, scores: torch.Tensor, classes: torch.Tensor, iou: torch.Tensor, rows: torch.Tensor
     ) -> tuple[torch.Tensor, ...]:
         """Per class (groups' order): scores rectified by the predicted IoU, then that class's NMS."""
-        kept = []
-        for c, (threshold, pre, post) in enumerate(self.nms):
-            a = self.iou_rectifier[c]
-            mine = torch.nonzero(classes == c).squeeze(1)
-            rectified = torch.pow(scores[mine], 1 - a) * torch.pow(iou[mine], a)
-            keep = class_agnostic_nms(rectified, boxes[mine], threshold, pre, post)
-            kept.append((mine[keep], rectified[keep]))
-        index = torch.cat([k[0] for k in kept])
-        return boxes[index], torch.cat([k[1] for k in kept]), classes[index], rows[index]
+        a = torch.tensor(self.iou_rectifier, dtype=scores.dtype, device=scores.device)[classes]
+        rectified = torch.pow(scores, 1 - a) * torch.pow(iou, a)
+        threshold, pre, post = zip(*self.nms)
+        index = grouped_nms(rectified, boxes, classes, threshold, pre, post)
+        return boxes[index], rectified[index], classes[index], rows[index]
 
     # --- reference names -------------------------------------------------------------------------
     def openpcdet_keys(self) -> list[KeyPair]:
