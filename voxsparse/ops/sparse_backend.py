@@ -16,11 +16,13 @@ Three repairs make spconv's CPU path usable, all applied at import:
    stream 0 when CUDA is unavailable.
 2. spconv's CPU kernels race when torch runs more than one thread (spconv issues #366, #679):
    with 2 threads a SubM conv is wrong by ~0.5 absolute. The racing code is spconv's own C++ CPU
-   kernels (``SpconvOps.*_cpu``: gather, scatter-add, index generation, max-pool), which follow
-   torch's OpenMP thread count. We run exactly those with one thread, restored afterwards, and
-   leave the matrix products between them (``torch.mm``, thread-safe) on all threads: on a 2-core
-   machine that makes a training step ~1.4x faster than single-threading whole ops. Forward and
-   backward both call the kernels through the ``SpconvOps`` name in ``spconv.pytorch.ops``.
+   kernels that split their loops over torch's OpenMP threads (``SpconvOps.*_cpu``: the scatter-add
+   shares its row pointers between threads; max-pool), so we run every ``*_cpu`` kernel with one
+   thread, restored afterwards (index generation is a serial loop either way). The convolutions
+   themselves (``indice_conv`` and its backward, float32 / float64) run through
+   :mod:`voxsparse.ops.cpu_sparse_conv`: spconv's arithmetic, bit for bit, with the matrix products
+   and gathers on all threads and the scatter-adds single-threaded in blocks of kernel offsets, one
+   thread switch per block instead of two or three per offset.
 3. In eval mode spconv fuses a conv's bias (and an activation set by fusion) into its kernel, which
    its CPU build refuses ("cpu don't support act and bias"); reference architectures have biased
    sparse convs. On the CPU we run the kernel without them and add the bias and apply the
@@ -29,16 +31,18 @@ Three repairs make spconv's CPU path usable, all applied at import:
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import importlib
 import logging
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from types import ModuleType
 from typing import Any
 
 import torch
+
+from voxsparse.ops import cpu_sparse_conv
+from voxsparse.ops.cpu_sparse_conv import single_thread
 
 ENV_VAR = "VOXSPARSE_SPARSE_BACKEND"
 _CHOICES = ("auto", "spconv", "spconv-triton")
@@ -70,20 +74,6 @@ class SparseBackendError(ImportError):
     """No usable sparse-convolution library is installed, or the one requested is missing."""
 
 
-@contextlib.contextmanager
-def single_thread() -> Iterator[None]:
-    """Run the enclosed torch CPU work on one intra-op thread, then restore the previous count."""
-    previous = torch.get_num_threads()
-    if previous == 1:
-        yield
-        return
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
-
-
 def _single_threaded(fn: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -104,19 +94,26 @@ class _SingleThreadedCpuKernels:
         return _single_threaded(attr) if name.endswith("_cpu") else attr
 
 
-def _bias_and_activation_after(indice_conv: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
-    """``spconv.pytorch.ops.indice_conv`` that adds ``bias`` and applies ``act_type`` after the CPU
-    kernel instead of inside it (repair 3); CUDA calls pass through unchanged."""
+def _on_cpu(indice_conv: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+    """``spconv.pytorch.ops.indice_conv`` whose CPU calls compute through
+    :func:`voxsparse.ops.cpu_sparse_conv.indice_conv` (repair 2; other dtypes through spconv's) and add
+    ``bias`` and apply ``act_type`` after the kernel instead of inside it (repair 3); CUDA calls pass
+    through unchanged."""
     import cumm.tensorview as tv
 
     @functools.wraps(indice_conv)
     def wrapper(features: torch.Tensor, *args: Any, bias: torch.Tensor | None = None,
                 act_alpha: float = 0.0, act_beta: float = 0.0,
                 act_type: Any = tv.gemm.Activation.None_, **kwargs: Any) -> torch.Tensor:
-        if features.is_cuda or (bias is None and act_type == tv.gemm.Activation.None_):
+        if features.is_cuda:
             return indice_conv(features, *args, bias=bias, act_alpha=act_alpha, act_beta=act_beta,
                                act_type=act_type, **kwargs)
-        out = indice_conv(features, *args, **kwargs)
+        if cpu_sparse_conv.supports(features):
+            kwargs.pop("algo", None)  # the CPU has spconv's native algorithm only
+            kwargs.pop("timer", None)
+            out = cpu_sparse_conv.indice_conv(features, *args, **kwargs)
+        else:
+            out = indice_conv(features, *args, **kwargs)
         if bias is not None:
             out = out + bias
         if act_type == tv.gemm.Activation.ReLU:
@@ -127,7 +124,23 @@ def _bias_and_activation_after(indice_conv: Callable[..., torch.Tensor]) -> Call
             raise NotImplementedError(f"spconv activation {act_type} after a CPU sparse conv")
         return out
 
-    wrapper.bias_after_cpu_kernel = True  # type: ignore[attr-defined]
+    wrapper.voxsparse_cpu_path = True  # type: ignore[attr-defined]
+    return wrapper
+
+
+def _backward_on_cpu(indice_conv_backward: Callable[..., Any]) -> Callable[..., Any]:
+    """``spconv.pytorch.ops.indice_conv_backward`` whose CPU float calls compute through
+    :func:`voxsparse.ops.cpu_sparse_conv.indice_conv_backward` (repair 2)."""
+
+    @functools.wraps(indice_conv_backward)
+    def wrapper(features: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        if not cpu_sparse_conv.supports(features):
+            return indice_conv_backward(features, *args, **kwargs)
+        kwargs.pop("algo", None)
+        kwargs.pop("timer", None)
+        return cpu_sparse_conv.indice_conv_backward(features, *args, **kwargs)
+
+    wrapper.voxsparse_cpu_path = True  # type: ignore[attr-defined]
     return wrapper
 
 
@@ -147,8 +160,10 @@ def _patch_spconv() -> None:
     assert cppcore.get_current_stream is _current_stream_or_zero
     if not isinstance(ops.SpconvOps, _SingleThreadedCpuKernels):
         ops.SpconvOps = _SingleThreadedCpuKernels(ops.SpconvOps)
-    if not getattr(ops.indice_conv, "bias_after_cpu_kernel", False):
-        ops.indice_conv = _bias_and_activation_after(ops.indice_conv)
+    if not getattr(ops.indice_conv, "voxsparse_cpu_path", False):
+        ops.indice_conv = _on_cpu(ops.indice_conv)
+    if not getattr(ops.indice_conv_backward, "voxsparse_cpu_path", False):
+        ops.indice_conv_backward = _backward_on_cpu(ops.indice_conv_backward)
 
 
 def _load(name: str) -> ModuleType:
