@@ -27,7 +27,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("data", "models"),
     ("evaluation",),
     ("engine",),
-    ("convert",),
+    ("convert", "stream"),
     ("viz", "benchmark"),
 )
 RANK = {package: rank for rank, packages in enumerate(LAYERS) for package in packages}

@@ -12,7 +12,7 @@ and boxes), ``predictions.pt`` (what ``tools/eval.py predictions=`` and ``tools/
 predictions=`` read) and, with ``render=true``, ``renders/<frame_id>.png``.
 
 A drive (``bag=`` a ROS 1/2 bag or MCAP file, ``topic=`` its PointCloud2 topic) is streamed, detected and
-tracked frame by frame (voxsparse.engine.stream; its options and outputs: configs/predict.yaml).
+tracked frame by frame (voxsparse.stream; its options and outputs: configs/predict.yaml).
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from voxsparse.engine.predict import (
     frame_id_of,
     write_jsonl,
 )
-from voxsparse.engine.stream import DriveOptions, run_drive
+from voxsparse.stream import DriveOptions, run_drive
 from voxsparse.evaluation.predictions_io import PredictionsFile, save_predictions
 from voxsparse.models.trackers import TrackerConfig
 from voxsparse.utils.progress import progress

@@ -1,4 +1,4 @@
-"""Per-frame latency of the stream (detection and tracking, voxsparse.engine.stream) over a drive:
+"""Per-frame latency of the stream (detection and tracking, voxsparse.stream) over a drive:
 p50 / p99 after warm-up frames, CPU or CUDA.
 
     python tools/stream_benchmark.py --model voxelnext_small --device cpu --frames 30
@@ -23,7 +23,7 @@ import voxsparse
 from voxsparse.benchmark.stages import build_model
 from voxsparse.data.drives import read_drive
 from voxsparse.data.synthetic import SyntheticDataset
-from voxsparse.engine.stream import DetectionStream, LatencyStats
+from voxsparse.stream import DetectionStream, LatencyStats
 from voxsparse.models.trackers import TrackerConfig
 
 

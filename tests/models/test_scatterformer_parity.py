@@ -13,7 +13,7 @@ import torch
 
 from voxsparse.convert.openpcdet import openpcdet_to_ours, ours_to_openpcdet
 from voxsparse.models.backbones.scatterformer import ScatterFormerBackbone
-from voxsparse.models.backbones.scatterformer_neck import CascadeDEDBackbone
+from voxsparse.models.necks.cascade_ded import CascadeDEDBackbone
 from voxsparse.structures import SparseBEV, SparseVoxels, VoxelGrid
 
 PARITY = Path(__file__).resolve().parents[1] / "parity"

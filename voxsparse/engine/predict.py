@@ -104,7 +104,7 @@ class ScanPredictor:
 @dataclass
 class ScanOptions:
     """``tools/predict.py``'s options for point files (``configs/predict.yaml``; a drive's:
-    :class:`voxsparse.engine.stream.DriveOptions`)."""
+    :class:`voxsparse.stream.DriveOptions`)."""
 
     checkpoint: str | None = None
     input: str | None = None
