@@ -7,6 +7,7 @@ import torch
 from hydra.utils import instantiate
 from tool_runs import ROOT, compose_config
 
+from voxsparse.benchmark.stages import dataset_for
 from voxsparse.data.dataset import DetectionDataset
 from voxsparse.data.sample import collate
 from voxsparse.data.synthetic import SyntheticDataset
@@ -16,11 +17,8 @@ from voxsparse.structures import DenseBEV, Detections3D, PointBatch
 
 CONFIGS = sorted(p.stem for p in (ROOT / "configs" / "model").glob("*.yaml"))
 #: Small enough to run forward and backward on the CPU in a test.
-RUNNABLE = {"voxelnext_small", "centerpoint_small", "dsvt_pillar_small", "dsvt_voxel_small", "voxelkp_small"}
-
-
-def _dataset(name: str) -> str:
-    return "nuscenes" if "nuscenes" in name else "waymo" if "waymo" in name else "synthetic"
+RUNNABLE = {"voxelnext_small", "centerpoint_small", "dsvt_pillar_small", "dsvt_voxel_small", "voxelkp_small",
+            "lion_small", "scatterformer_small", "voxelnext_focals_small"}
 
 
 def test_every_model_config_is_listed():
@@ -29,7 +27,7 @@ def test_every_model_config_is_listed():
 
 @pytest.mark.parametrize("name", CONFIGS)
 def test_parts_keep_their_contracts(name):
-    model = instantiate(compose_config("train", [f"model={name}", f"dataset={_dataset(name)}"]).model)
+    model = instantiate(compose_config("train", [f"model={name}", f"dataset={dataset_for(name)}"]).model)
     assert isinstance(model.voxel_encoder, VoxelEncoder)
     assert isinstance(model.backbone, Backbone) and model.backbone.stride >= 1
     assert model.neck is None or isinstance(model.neck, Neck)
