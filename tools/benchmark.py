@@ -72,10 +72,10 @@ def main() -> None:
                         "(--voxels, default 100k) beside --compare's VoxelKP checkout (voxsparse.benchmark.voxelkp)")
     args = parser.parse_args()
     if args.voxelkp is not None:
-        print(run_voxelkp_speed(VoxelKPSpeedOptions(
+        run_voxelkp_speed(VoxelKPSpeedOptions(
             args.device, batch=args.batch if args.batch > 1 else 4, voxels=args.voxels or 100_000, repeats=args.repeats,
             warmup=args.warmup, amp=args.amp, modules_off=tuple(m for m in args.voxelkp.split(",") if m),
-            compare=args.compare, rounds=args.rounds)))
+            compare=args.compare, rounds=args.rounds), lambda text: print(text, flush=True))
         return
     if args.compare and args.batch != 1:
         parser.error("--compare times one frame: use --batch 1")

@@ -22,6 +22,7 @@ from __future__ import annotations
 import importlib
 import sys
 import types
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -254,18 +255,19 @@ def time_forward(options: VoxelKPSpeedOptions) -> dict:
     return result
 
 
-def run_voxelkp_speed(options: VoxelKPSpeedOptions) -> str:
-    """Every measurement ``options`` asks for, as printable text."""
-    lines = [f"VoxelKP speed on {options.device}" + (" (fp16 autocast)" if options.amp else "")]
+def run_voxelkp_speed(options: VoxelKPSpeedOptions, report: Callable[[str], None] = print) -> None:
+    """Every measurement ``options`` asks for, handed to ``report`` as text as each finishes."""
+    report(f"VoxelKP speed on {options.device}" + (" (fp16 autocast)" if options.amp else ""))
     if options.train:
         timing, profile = time_training(options)
         off = f", off: {', '.join(options.modules_off)}" if options.modules_off else ""
-        lines += [f"{options.train_model} training, batch {options.batch}{off}: {timing.median_ms:.1f} ms/step "
-                  f"(p10 {timing.p10_ms:.1f}, p90 {timing.p90_ms:.1f}) = {1000 / timing.median_ms:.2f} steps/s"
-                  + (f", peak {timing.peak_memory_mb:.0f} MB" if timing.peak_memory_mb else ""), profile]
+        report(f"{options.train_model} training, batch {options.batch}{off}: {timing.median_ms:.1f} ms/step "
+               f"(p10 {timing.p10_ms:.1f}, p90 {timing.p90_ms:.1f}) = {1000 / timing.median_ms:.2f} steps/s"
+               + (f", peak {timing.peak_memory_mb:.0f} MB" if timing.peak_memory_mb else ""))
+        report(profile)
     if options.forward:
         result = time_forward(options)
-        lines.append(f"{options.forward_model} forward on {result['voxels']} voxels ({result['points']} points):")
-        lines += [f"  {name}: {ms:.1f} ms" for name, ms in result["forward_ms"].items()]
-        lines.append(result["profile"])
-    return "\n".join(lines)
+        report(f"{options.forward_model} forward on {result['voxels']} voxels ({result['points']} points):")
+        for name, ms in result["forward_ms"].items():
+            report(f"  {name}: {ms:.1f} ms")
+        report(result["profile"])
