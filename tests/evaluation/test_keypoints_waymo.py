@@ -155,7 +155,7 @@ def official(frames: list[dict]) -> dict:
             metric.update_state([m.gt.keypoints, m.pr.keypoints, m.gt.box])
         reordered.append(m)
     if any(m.gt.keypoints.location.shape[0] for m in reordered):
-        cat = lambda get: tf.concat([get(m) for m in reordered], 0)  # noqa: E731
+        cat = lambda get: tf.concat([get(m) for m in reordered], 0)
         oks.update_state([
             kd.KeypointsTensors(cat(lambda m: m.gt.keypoints.location), cat(lambda m: m.gt.keypoints.visibility)),
             kd.KeypointsTensors(cat(lambda m: m.pr.keypoints.location), cat(lambda m: m.pr.keypoints.visibility)),
