@@ -137,8 +137,10 @@ def indice_conv(features: torch.Tensor, filters: torch.Tensor, indice_pairs: tor
     pair_in, pair_out = indice_pairs[int(inverse)], indice_pairs[int(not inverse)]
     gathered = features.new_empty(max(n for _, n in offsets), features.shape[1])
     features_tv, out_tv = tv(features), tv(out)
-    for block in _blocks(offsets, out.shape[1], _aligned_rows(out.shape[1], out.dtype)):
-        products = features.new_empty(block[-1][2] + block[-1][1], out.shape[1])
+    blocks = list(_blocks(offsets, out.shape[1], _aligned_rows(out.shape[1], out.dtype)))
+    buffer = features.new_empty(max(b[-1][2] + b[-1][1] for b in blocks), out.shape[1])
+    for block in blocks:
+        products = buffer
         for k, n, start in block:
             ops.gather_cpu(tv(gathered), features_tv, tv(pair_in[k, :n]))
             torch.mm(gathered[:n], weight[:, k].T, out=products[start:start + n])
@@ -180,8 +182,10 @@ def indice_conv_backward(features: torch.Tensor, filters: torch.Tensor, out_bp: 
     gathered = features.new_empty(most, features.shape[1])
     gathered_bp = out_bp.new_empty(most, out_bp.shape[1])
     features_tv, out_bp_tv, grad_in_tv = tv(features), tv(out_bp), tv(grad_in)
-    for block in _blocks(offsets, features.shape[1], _aligned_rows(features.shape[1], features.dtype)):
-        products = features.new_empty(block[-1][2] + block[-1][1], features.shape[1])
+    blocks = list(_blocks(offsets, features.shape[1], _aligned_rows(features.shape[1], features.dtype)))
+    buffer = features.new_empty(max(b[-1][2] + b[-1][1] for b in blocks), features.shape[1])
+    for block in blocks:
+        products = buffer
         for k, n, start in block:
             ops.gather_cpu(tv(gathered), features_tv, tv(pair_in[k, :n]))
             ops.gather_cpu(tv(gathered_bp), out_bp_tv, tv(pair_out[k, :n]))
