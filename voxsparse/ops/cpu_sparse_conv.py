@@ -101,6 +101,12 @@ def _blocks(offsets: list[tuple[int, int]], channels: int, align: int) -> Iterat
         yield block
 
 
+def _pair_rows(pairs_tv: Any, inverse: bool) -> tuple[Any, Any]:
+    """The (K, N) input-row and output-row tables of a pair table's tensorview (sliced there: cheaper
+    per offset than slicing torch tensors and viewing each slice)."""
+    return pairs_tv[int(inverse)], pairs_tv[int(not inverse)]
+
+
 def _per_offset(filters: torch.Tensor) -> torch.Tensor:
     """spconv's (C_out, *kernel, C_in) weight as a (C_out, K, C_in) view."""
     return filters.reshape(filters.shape[0], -1, filters.shape[-1])
@@ -134,19 +140,21 @@ def indice_conv(features: torch.Tensor, filters: torch.Tensor, indice_pairs: tor
     offsets = _offsets(indice_pair_num, subm)
     if not offsets:
         return out
-    pair_in, pair_out = indice_pairs[int(inverse)], indice_pairs[int(not inverse)]
+    pair_in, pair_out = _pair_rows(tv(indice_pairs), inverse)
     gathered = features.new_empty(max(n for _, n in offsets), features.shape[1])
-    features_tv, out_tv = tv(features), tv(out)
+    features_tv, out_tv, gathered_tv = tv(features), tv(out), tv(gathered)
+    weight_t = weight.permute(1, 2, 0).unbind(0)  # per offset (C_in, C_out): weight[:, k].T
     blocks = list(_blocks(offsets, out.shape[1], _aligned_rows(out.shape[1], out.dtype)))
-    buffer = features.new_empty(max(b[-1][2] + b[-1][1] for b in blocks), out.shape[1])
+    products = features.new_empty(max(b[-1][2] + b[-1][1] for b in blocks), out.shape[1])
+    products_tv = tv(products)
     for block in blocks:
-        products = buffer
         for k, n, start in block:
-            ops.gather_cpu(tv(gathered), features_tv, tv(pair_in[k, :n]))
-            torch.mm(gathered[:n], weight[:, k].T, out=products[start:start + n])
+            ops.gather_cpu(gathered_tv, features_tv, pair_in[k].slice_first_axis(0, n))
+            torch.mm(gathered[:n], weight_t[k], out=products[start:start + n])
         with single_thread():
             for k, n, start in block:
-                ops.scatter_add_cpu(out_tv, tv(products[start:start + n]), tv(pair_out[k, :n]))
+                ops.scatter_add_cpu(out_tv, products_tv.slice_first_axis(start, start + n),
+                                    pair_out[k].slice_first_axis(0, n))
     return out
 
 
@@ -177,21 +185,24 @@ def indice_conv_backward(features: torch.Tensor, filters: torch.Tensor, out_bp: 
     offsets = _offsets(indice_pair_num, subm)
     if not offsets:
         return grad_in, grad_weight.reshape(filters.shape)
-    pair_in, pair_out = indice_pairs[int(inverse)], indice_pairs[int(not inverse)]
+    pair_in, pair_out = _pair_rows(tv(indice_pairs), inverse)
     most = max(n for _, n in offsets)
     gathered = features.new_empty(most, features.shape[1])
     gathered_bp = out_bp.new_empty(most, out_bp.shape[1])
     features_tv, out_bp_tv, grad_in_tv = tv(features), tv(out_bp), tv(grad_in)
+    gathered_tv, gathered_bp_tv = tv(gathered), tv(gathered_bp)
+    weights, grad_weights = weight.unbind(1), grad_weight.unbind(1)  # per offset (C_out, C_in)
     blocks = list(_blocks(offsets, features.shape[1], _aligned_rows(features.shape[1], features.dtype)))
-    buffer = features.new_empty(max(b[-1][2] + b[-1][1] for b in blocks), features.shape[1])
+    products = features.new_empty(max(b[-1][2] + b[-1][1] for b in blocks), features.shape[1])
+    products_tv = tv(products)
     for block in blocks:
-        products = buffer
         for k, n, start in block:
-            ops.gather_cpu(tv(gathered), features_tv, tv(pair_in[k, :n]))
-            ops.gather_cpu(tv(gathered_bp), out_bp_tv, tv(pair_out[k, :n]))
-            torch.mm(gathered_bp[:n].T, gathered[:n], out=grad_weight[:, k])
-            torch.mm(gathered_bp[:n], weight[:, k], out=products[start:start + n])
+            ops.gather_cpu(gathered_tv, features_tv, pair_in[k].slice_first_axis(0, n))
+            ops.gather_cpu(gathered_bp_tv, out_bp_tv, pair_out[k].slice_first_axis(0, n))
+            torch.mm(gathered_bp[:n].T, gathered[:n], out=grad_weights[k])
+            torch.mm(gathered_bp[:n], weights[k], out=products[start:start + n])
         with single_thread():
             for k, n, start in block:
-                ops.scatter_add_cpu(grad_in_tv, tv(products[start:start + n]), tv(pair_in[k, :n]))
+                ops.scatter_add_cpu(grad_in_tv, products_tv.slice_first_axis(start, start + n),
+                                    pair_in[k].slice_first_axis(0, n))
     return grad_in, grad_weight.reshape(filters.shape)
