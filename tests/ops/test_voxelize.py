@@ -15,7 +15,6 @@ from voxsparse.ops.voxelize import (
     hard_voxelize,
     voxel_keys,
     voxelize_mean,
-    voxelize_mean_torch,
 )
 from voxsparse.structures import PointBatch, VoxelGrid
 

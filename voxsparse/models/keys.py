@@ -14,6 +14,10 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Protocol, runtime_checkable
 
+from torch import nn
+
+from voxsparse.ops.sparse_plan import is_sparse_conv
+
 
 class TensorKind(str, Enum):
     """How the reference stores a tensor that voxsparse stores in its own form.
@@ -55,3 +59,15 @@ class ReferenceNamed(Protocol):
 def prefixed(pairs: Iterable[KeyPair], ours: str, theirs: str) -> list[KeyPair]:
     """``pairs`` of a child module, each name given its parent's prefix (``"backbone."``, ``"backbone_3d."``)."""
     return [KeyPair(ours + p.ours, theirs + p.theirs, p.kind) for p in pairs]
+
+
+def identical_keys(module: nn.Module) -> list[KeyPair]:
+    """Every state-dict entry of ``module`` under its own name, for modules laid out exactly as their
+    reference (same attribute names); the weights of sparse convolutions are ``SPARSE_CONV``."""
+    convs = {name for name, m in module.named_modules() if is_sparse_conv(m)}
+    pairs = []
+    for key in module.state_dict():
+        owner, _, leaf = key.rpartition(".")
+        kind = TensorKind.SPARSE_CONV if owner in convs and leaf == "weight" else TensorKind.TENSOR
+        pairs.append(KeyPair(key, key, kind))
+    return pairs

@@ -47,10 +47,9 @@ from voxsparse.geometry import points_in_boxes
 from voxsparse.models.backbones.resnet3d import BN_EPS as REFERENCE_BN_EPS
 from voxsparse.models.backbones.resnet3d import BN_MOMENTUM as REFERENCE_BN_MOMENTUM
 from voxsparse.models.backbones.resnet3d import VoxelResBackBone8x, height_compression
-from voxsparse.models.keys import KeyPair, TensorKind
+from voxsparse.models.keys import KeyPair, identical_keys
 from voxsparse.models.layers import BN_EPS, BN_MOMENTUM
 from voxsparse.ops.sparse_backend import SparseConvTensor, spnn
-from voxsparse.ops.sparse_plan import is_sparse_conv
 from voxsparse.ops.sparse_utils import grid_offsets, unique_coords
 from voxsparse.structures import Annotations3D, SparseBEV, SparseVoxels, VoxelGrid
 
@@ -427,10 +426,4 @@ class VoxelBackBone8xFocal(nn.Module):
 
     def openpcdet_keys(self) -> list[KeyPair]:
         """Every state-dict entry; the layout is the reference's, so the names are equal."""
-        convs = {name for name, m in self.named_modules() if is_sparse_conv(m)}
-        pairs = []
-        for key in self.state_dict():
-            module, _, leaf = key.rpartition(".")
-            kind = TensorKind.SPARSE_CONV if module in convs and leaf == "weight" else TensorKind.TENSOR
-            pairs.append(KeyPair(key, key, kind))
-        return pairs
+        return identical_keys(self)

@@ -42,9 +42,8 @@ from voxsparse.models.backbones.lion_partition import (
     window_order,
 )
 from voxsparse.models.backbones.resnet3d import height_compression
-from voxsparse.models.keys import KeyPair, TensorKind
+from voxsparse.models.keys import KeyPair, identical_keys
 from voxsparse.ops.sparse_backend import SparseConvTensor, spnn
-from voxsparse.ops.sparse_plan import is_sparse_conv
 from voxsparse.ops.sparse_utils import sum_rows
 from voxsparse.structures import SparseBEV, SparseVoxels
 
@@ -298,11 +297,5 @@ class LIONBackbone(nn.Module):
 
     def openpcdet_keys(self) -> list[KeyPair]:
         """Every state-dict entry; the layout is the reference's, so the names are equal."""
-        convs = {name for name, m in self.named_modules() if is_sparse_conv(m)}
-        pairs = []
-        for key in self.state_dict():
-            module, _, leaf = key.rpartition(".")
-            kind = TensorKind.SPARSE_CONV if module in convs and leaf == "weight" else TensorKind.TENSOR
-            pairs.append(KeyPair(key, key, kind))
-        return pairs
+        return identical_keys(self)
 

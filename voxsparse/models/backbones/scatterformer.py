@@ -33,12 +33,11 @@ from torch import nn
 from torch.nn import functional as F
 
 from voxsparse.models.backbones.voxelnext import SparseBasicBlock
-from voxsparse.models.keys import KeyPair, TensorKind
+from voxsparse.models.keys import KeyPair, identical_keys
 from voxsparse.ops.depthwise_sparse_conv import SparseDepthwiseConv3d, depthwise_pairs
 from voxsparse.ops.scatter import scatter_max
 from voxsparse.ops.scattered_attention import WindowSegments, scattered_linear_attention
 from voxsparse.ops.sparse_backend import SparseConvTensor, spnn
-from voxsparse.ops.sparse_plan import is_sparse_conv
 from voxsparse.ops.sparse_utils import unique_coords
 from voxsparse.structures import SparseBEV, SparseVoxels, VoxelGrid
 
@@ -245,10 +244,4 @@ class ScatterFormerBackbone(nn.Module):
 
     def openpcdet_keys(self) -> list[KeyPair]:
         """Every state-dict entry; the layout is the reference's, so the names are equal."""
-        convs = {name for name, m in self.named_modules() if is_sparse_conv(m)}
-        pairs = []
-        for key in self.state_dict():
-            module, _, leaf = key.rpartition(".")
-            kind = TensorKind.SPARSE_CONV if module in convs and leaf == "weight" else TensorKind.TENSOR
-            pairs.append(KeyPair(key, key, kind))
-        return pairs
+        return identical_keys(self)
