@@ -44,10 +44,9 @@ import torch
 from torch import nn
 
 from voxsparse.models.backbones.voxelnext import SparseBasicBlock
-from voxsparse.models.keys import KeyPair, TensorKind
+from voxsparse.models.keys import KeyPair, identical_keys
 from voxsparse.models.voxelkp.box_attention import grouped_attention
 from voxsparse.ops.sparse_backend import SparseConvTensor, spnn
-from voxsparse.ops.sparse_plan import is_sparse_conv
 from voxsparse.structures import SparseBEV, SparseVoxels, VoxelGrid
 
 #: The authors' BatchNorm settings for the convolutional layers.
@@ -57,17 +56,6 @@ REFERENCE_BN_MOMENTUM = 0.01
 
 def _norm(channels: int) -> nn.BatchNorm1d:
     return nn.BatchNorm1d(channels, eps=REFERENCE_BN_EPS, momentum=REFERENCE_BN_MOMENTUM)
-
-
-def same_keys(module: nn.Module) -> list[KeyPair]:
-    """Pairs for a module whose state-dict names are the reference's; spconv weights are ``SPARSE_CONV``."""
-    convs = {name for name, m in module.named_modules() if is_sparse_conv(m)}
-    pairs = []
-    for key in module.state_dict():
-        owner, _, leaf = key.rpartition(".")
-        kind = TensorKind.SPARSE_CONV if owner in convs and leaf == "weight" else TensorKind.TENSOR
-        pairs.append(KeyPair(key, key, kind))
-    return pairs
 
 
 def frame_means(features: torch.Tensor, batch: torch.Tensor, batch_size: int) -> torch.Tensor:
@@ -152,10 +140,10 @@ class PointMLPResidual(spnn.SparseModule):
         return voxel.replace_feature(point + voxel.features)
 
     def openpcdet_keys(self) -> list[KeyPair]:
-        pairs = same_keys(self.point_conv)
+        pairs = identical_keys(self.point_conv)
         pairs = [KeyPair(f"point_conv.{p.ours}", f"point_conv.{p.theirs}", p.kind) for p in pairs]
         for i, block in enumerate(self.voxel_conv):
-            inner = block.openpcdet_keys() if hasattr(block, "openpcdet_keys") else same_keys(block)
+            inner = block.openpcdet_keys() if hasattr(block, "openpcdet_keys") else identical_keys(block)
             pairs += [KeyPair(f"voxel_conv.{i}.{p.ours}", f"voxel_conv.{i}.{p.theirs}", p.kind) for p in inner]
         return pairs
 
@@ -361,6 +349,6 @@ class VoxelKPReferenceBackbone(nn.Module):
         pairs = []
         for ours, theirs, module in parts:
             for name, child in module.named_children():
-                inner = child.openpcdet_keys() if hasattr(child, "openpcdet_keys") else same_keys(child)
+                inner = child.openpcdet_keys() if hasattr(child, "openpcdet_keys") else identical_keys(child)
                 pairs += [KeyPair(f"{ours}{name}.{p.ours}", f"{theirs}{name}.{p.theirs}", p.kind) for p in inner]
         return pairs
