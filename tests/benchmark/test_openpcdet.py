@@ -181,16 +181,6 @@ def test_scatter_stand_ins():
     torch.testing.assert_close(ref._scatter_mean(src, index), torch.tensor([[3.0, -4.0], [5.0 / 3, -2.5 / 3]]))
 
 
-@pytest.fixture
-def one_thread():
-    """The reference detectors run many small matrix products; with two OpenMP threads on a busy
-    2-core machine each waits for a descheduled thread (measured 15x slower). Results do not depend
-    on it: spconv's kernels run single-threaded either way."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
 
 def _checkout(name: str) -> Path:
     """The checkout a reference config needs, or a skip."""

@@ -31,14 +31,6 @@ FIXTURES = Path(__file__).resolve().parents[1] / "parity" / "fixtures"
 RTOL = 1e-4
 
 
-@pytest.fixture
-def one_thread():
-    """Many small products: two OpenMP threads on a busy 2-core machine wait on each other."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
 
 def _rel(ours: torch.Tensor, theirs: torch.Tensor) -> float:
     ours, theirs = ours.detach().double(), theirs.detach().double()

@@ -44,6 +44,9 @@ from voxsparse.models.voxelkp.reference import VoxelKPReferenceBackbone, window_
 from voxsparse.models.voxelkp.reference_head import VoxelKPReferenceHead
 from voxsparse.structures import Annotations3D, Boxes3D, PointBatch, SparseBEV, SparseVoxels, VoxelGrid
 
+# One torch thread for every test here (tests/conftest.py: one_thread).
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 FIXTURE = Path(__file__).parents[1] / "parity" / "fixtures" / "voxelkp_reference.pt"
 RANGE = (-9.6, -9.6, -2.0, 9.6, 9.6, 4.0)
 GRID = VoxelGrid((0.1, 0.1, 0.1), RANGE)  # 192 x 192 x 60: the Waymo config's z, 61 cells in the backbone
@@ -299,16 +302,6 @@ def compare(rec: dict) -> dict[str, float]:
 
 # ---------------------------------------------------------------- tests
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One torch thread: the sparse backend runs spconv's CPU kernels single-threaded by switching the
-    thread count around each call, which costs ~17 ms a call on a loaded 2-core machine (40x this
-    module's run time); with one thread already there is nothing to switch."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def _root() -> Path:

@@ -34,14 +34,6 @@ def unpack(state: dict) -> dict[str, torch.Tensor]:
     return out
 
 
-@pytest.fixture
-def one_thread():
-    """Many small products: two OpenMP threads on a busy 2-core machine wait on each other."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
 
 @pytest.mark.parametrize("name", CONFIGS)
 def test_matches_the_reference(name, one_thread):
