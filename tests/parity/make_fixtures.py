@@ -28,6 +28,7 @@ import torch
 from voxsparse.benchmark.openpcdet import build_reference
 from voxsparse.benchmark.parity import (
     REFERENCE_CONFIGS,
+    ParityInput,
     parity_input,
     randomize_batchnorm,
     reference_record,
@@ -87,12 +88,19 @@ def make_fixture(name: str, root: Path, seed: int = 0) -> dict:
     reference_state = pack(reference.state_dict())  # before training mode moves its BatchNorm statistics
     record = reference_record(reference, inputs)
     record["stages"] = {k: shrink_rows(v, samples=192, seed=seed) for k, v in record["stages"].items()}
+    return fixture_entry(name, spec.ours_reduced, f"{spec.checkout} {spec.yaml}", spec.reduced, reference_state, inputs, record)
+
+
+def fixture_entry(config: str, ours_overrides, reference: str, reference_overrides: dict, state: dict,
+                  inputs: ParityInput, record: dict) -> dict:
+    """What a parity fixture file holds: the config and its reduced overrides, the reference's name,
+    overrides and packed state, the inputs both sides saw, and the reference's record."""
     return {
-        "config": name,
-        "ours_overrides": list(spec.ours_reduced),
-        "reference": f"{spec.checkout} {spec.yaml}",
-        "reference_overrides": {k: v for k, v in spec.reduced.items()},
-        "state": reference_state,
+        "config": config,
+        "ours_overrides": list(ours_overrides),
+        "reference": reference,
+        "reference_overrides": dict(reference_overrides),
+        "state": state,
         "points": inputs.points,
         "reference_points": None if torch.equal(inputs.points, inputs.reference_points) else inputs.reference_points,
         "gt_boxes": inputs.gt_boxes,

@@ -39,7 +39,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from tests.parity.make_fixtures import MAX_BYTES, POINTS, pack, quantize_large_weights
+from tests.parity.make_fixtures import MAX_BYTES, POINTS, fixture_entry, pack, quantize_large_weights
 from voxsparse.benchmark.openpcdet import _reference_patches, build_reference
 from voxsparse.benchmark.parity import (
     REFERENCE_CONFIGS,
@@ -239,19 +239,8 @@ def make_model_fixture(root: Path, seed: int = 0) -> dict:
     if not result.ok(1e-4):
         raise SystemExit("voxsparse does not match the reference on this input: no fixture written")
     record["stages"] = {k: shrink_rows(v, samples=192, seed=seed) for k, v in record["stages"].items()}
-    return {
-        "config": CONFIG,
-        "ours_overrides": list(OURS_REDUCED),
-        "reference": f"OpenPCDet {YAML} with BACKBONE_3D VoxelBackBone8xFocal",
-        "reference_overrides": dict(REDUCED),
-        "state": reference_state,
-        "points": inputs.points,
-        "reference_points": None if torch.equal(inputs.points, inputs.reference_points) else inputs.reference_points,
-        "gt_boxes": inputs.gt_boxes,
-        "boxes": inputs.annotations.boxes.tensor,
-        "labels": inputs.annotations.labels,
-        "record": record,
-    }
+    return fixture_entry(CONFIG, OURS_REDUCED, f"OpenPCDet {YAML} with BACKBONE_3D VoxelBackBone8xFocal", REDUCED,
+                         reference_state, inputs, record)
 
 
 def _save(fixture: dict, name: str) -> None:
