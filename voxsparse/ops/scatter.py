@@ -40,15 +40,12 @@ def scatter_max(src: torch.Tensor, index: torch.Tensor, num_groups: int) -> torc
     """(G, *) element-wise maximum of the rows of ``src`` (N, *) in each group ``index`` (N,).
 
     The gradient of a group's maximum goes to the row that holds it; rows that tie share it
-    equally (``scatter_reduce``'s rule, except that its CPU path also counts the initial 0 as a tie
-    where a group's maximum is exactly 0). No argmax is materialised. On CUDA, float32 maxima are taken
-    on order-preserving int32 keys of the values (:func:`_max_by_int_keys`): the same maxima, without
-    the compare-and-swap loop that float atomics need, which dominates crowded groups (real scans put
-    tens of points in a voxel).
+    equally (``scatter_reduce``'s rule, which also counts the initial 0 as a tie where a group's
+    maximum is exactly 0). No argmax is materialised. On CUDA, atomics serialise on crowded groups
+    (a real scan puts tens to hundreds of points in some voxels): rows sorted by group take
+    :func:`segment_max` instead.
     """
     _check(src, index)
-    if src.is_cuda and src.dtype == torch.float32:
-        return _IntKeyMax.apply(src, index, num_groups)
     out = src.new_zeros((num_groups, *src.shape[1:]))
     # include_self=False: the 0 initial value is only kept by empty groups, not maxed with the rows.
     return out.scatter_reduce_(0, _expand(index, src), src, reduce="amax", include_self=False)
@@ -56,37 +53,6 @@ def scatter_max(src: torch.Tensor, index: torch.Tensor, num_groups: int) -> torc
 
 def _expand(index: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return index.view(-1, *([1] * (like.ndim - 1))).expand_as(like)
-
-
-def _ordered_int32(values: torch.Tensor) -> torch.Tensor:
-    """float32 <-> int32 keys whose integer order is the floats' order (an involution on the bits):
-    non-negative floats keep their bits; negative ones get their magnitude bits flipped."""
-    bits = values.view(torch.int32)
-    return torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
-
-
-def _max_by_int_keys(src: torch.Tensor, index: torch.Tensor, num_groups: int) -> torch.Tensor:
-    """:func:`scatter_max`'s values through int32 atomics (any device; float32 ``src``)."""
-    empty = torch.iinfo(torch.int32).min
-    keys = torch.full((num_groups, *src.shape[1:]), empty, dtype=torch.int32, device=src.device)
-    keys.scatter_reduce_(0, _expand(index, src), _ordered_int32(src.contiguous()), reduce="amax")
-    return _ordered_int32(keys).view(torch.float32).masked_fill_(keys == empty, 0.0)
-
-
-class _IntKeyMax(torch.autograd.Function):
-    """:func:`_max_by_int_keys` with each group's gradient split evenly over the rows equal to its
-    maximum."""
-
-    @staticmethod
-    def forward(ctx, src: torch.Tensor, index: torch.Tensor, num_groups: int) -> torch.Tensor:
-        out = _max_by_int_keys(src, index, num_groups)
-        ctx.save_for_backward(src, index, out)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        src, index, out = ctx.saved_tensors
-        return _split_among_ties(src, index, out, grad), None, None
 
 
 def _split_among_ties(src: torch.Tensor, index: torch.Tensor, out: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
@@ -104,7 +70,7 @@ def segment_max(src: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
 
     :func:`scatter_max` for rows already sorted by group, without atomics: each output element is
     one sequential reduction (``torch.segment_reduce``), so crowded groups cost no contention.
-    Gradients as :func:`scatter_max` (ties share equally).
+    Gradients: each group's gradient split evenly among its rows equal to the maximum.
     """
     if lengths.ndim != 1:
         raise ValueError(f"segment_max: lengths must be (G,), got {tuple(lengths.shape)}")
