@@ -14,7 +14,7 @@ import torch
 from hydra.utils import instantiate
 from tool_runs import compose_config
 
-from voxsparse.benchmark.parity import ParityInput, compare_to_record
+from voxsparse.benchmark.parity import compare_to_record
 from voxsparse.convert.openpcdet import model_config, model_from_config, openpcdet_to_ours, ours_to_openpcdet
 from voxsparse.models.auxiliary import with_auxiliary_losses
 from voxsparse.models.backbones.focal import (
@@ -107,22 +107,15 @@ def test_layer_matches_openpcdet_on_cuda(case):
 def test_centerpoint_focals_matches_openpcdet(one_thread):
     """The whole reduced detector against OpenPCDet's CenterPoint with VoxelBackBone8xFocal: voxels,
     BEV, 2D BEV, decoded boxes, the training loss and its importance term (1e-4 relative)."""
-    from parity.test_fixtures import unpack  # tests/ is on the path (conftest)
+    from parity.test_fixtures import model_and_inputs  # tests/ is on the path (conftest)
 
     fixture = torch.load(FIXTURES / "focals_centerpoint_nuscenes.pt", weights_only=True)
-    model = model_from_config(model_config(fixture["config"], None, fixture["ours_overrides"]))
-    state, report = openpcdet_to_ours(model, unpack(fixture["state"]), where=fixture["reference"])
-    assert not report.unmapped and not report.missing
-    model.load_state_dict(state)
-    k = len(fixture["labels"])
-    annotations = Annotations3D(Boxes3D(fixture["boxes"]), fixture["labels"], torch.ones(k, dtype=torch.int64),
-                                torch.ones(k, dtype=torch.int64), torch.arange(k))
-    inputs = ParityInput(fixture["points"], fixture["points"], fixture["gt_boxes"], annotations)
+    model, inputs = model_and_inputs(fixture)
     result = compare_to_record(model, inputs, fixture["record"], box_tolerance=1e-4)
     assert result.ok(RTOL), result.table()
     assert {r.name for r in result.rows} >= {*fixture["record"]["stages"], "training loss (total)"}
     model.train()
-    losses = model.loss(PointBatch.from_frames([inputs.points]), [annotations])
+    losses = model.loss(PointBatch.from_frames([inputs.points]), [inputs.annotations])
     theirs = fixture["record"]["loss_terms"]["loss_box_of_pts"]
     assert theirs > 0 and abs(float(losses.importance) - theirs) <= RTOL * theirs
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
 
 from voxsparse.benchmark.parity import ParityInput, compare_to_record
 from voxsparse.convert.openpcdet import model_config, model_from_config, openpcdet_to_ours
@@ -35,11 +36,9 @@ def unpack(state: dict) -> dict[str, torch.Tensor]:
 
 
 
-@pytest.mark.parametrize("name", CONFIGS)
-def test_matches_the_reference(name, one_thread):
-    fixture = torch.load(FIXTURES / f"{name}.pt", weights_only=True)
-    assert fixture["config"] == name
-    model = model_from_config(model_config(name, None, fixture["ours_overrides"]))
+def model_and_inputs(fixture: dict) -> tuple[nn.Module, ParityInput]:
+    """A fixture's model with the converted reference state, and the inputs both sides saw."""
+    model = model_from_config(model_config(fixture["config"], None, fixture["ours_overrides"]))
     state, report = openpcdet_to_ours(model, unpack(fixture["state"]), where=fixture["reference"])
     assert not report.unmapped and not report.missing
     model.load_state_dict(state)
@@ -47,7 +46,14 @@ def test_matches_the_reference(name, one_thread):
     annotations = Annotations3D(Boxes3D(fixture["boxes"]), fixture["labels"], torch.ones(k, dtype=torch.int64),
                                 torch.ones(k, dtype=torch.int64), torch.arange(k))
     reference_points = fixture["reference_points"] if fixture["reference_points"] is not None else fixture["points"]
-    inputs = ParityInput(fixture["points"], reference_points, fixture["gt_boxes"], annotations)
+    return model, ParityInput(fixture["points"], reference_points, fixture["gt_boxes"], annotations)
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_matches_the_reference(name, one_thread):
+    fixture = torch.load(FIXTURES / f"{name}.pt", weights_only=True)
+    assert fixture["config"] == name
+    model, inputs = model_and_inputs(fixture)
     result = compare_to_record(model, inputs, fixture["record"], box_tolerance=1e-4)
     rows = {r.name: r for r in result.rows}
     assert set(rows) == {*fixture["record"]["stages"], "decoded boxes (as sets)", "training loss (total)"}
