@@ -93,6 +93,39 @@ def test_strided_conv_forward_and_backward_on_cpu():
     torch.testing.assert_close(feats.grad, ref_grad)
 
 
+@pytest.mark.skipif(BACKEND_NAME != "spconv", reason="spconv's algorithm choice")
+def test_modules_built_for_implicit_gemm_run_on_cpu():
+    # spconv's CUDA builds give these modules an implicit-GEMM algorithm, whose index generation
+    # refuses CPU tensors; on the CPU they must compute what the native algorithm computes.
+    from spconv.core import ConvAlgo
+
+    size = 12
+    coords, feats = _random_sparse(5, size, 300, 4)
+    torch.manual_seed(0)
+    subm, down, pool, inverse = net = torch.nn.ModuleList([
+        spnn.SubMConv3d(4, 8, 3, padding=1, bias=False, indice_key="subm"),
+        spnn.SparseConv3d(8, 8, 3, stride=2, padding=1, bias=False, indice_key="down"),
+        spnn.SparseMaxPool3d(2, stride=2),
+        spnn.SparseInverseConv3d(8, 8, 3, bias=False, indice_key="down"),
+    ])
+    layers = list(net)
+    results = []
+    for algo in (ConvAlgo.Native, ConvAlgo.MaskImplicitGemm):
+        for layer in layers:
+            layer.algo = algo
+        net.zero_grad()
+        x = feats.clone().requires_grad_(True)
+        strided = down(subm(SparseConvTensor(x, coords, [size] * 3, 1)))
+        out, up = pool(strided), inverse(strided)
+        (out.features.sum() + up.features.square().sum()).backward()
+        results.append((out.indices, out.features, up.features, x.grad, [p.grad.clone() for p in net.parameters()]))
+        assert all(layer.algo == algo for layer in layers)  # restored after each call
+    (i0, o0, u0, g0, p0), (i1, o1, u1, g1, p1) = results
+    assert torch.equal(i0, i1)
+    assert torch.equal(o0, o1) and torch.equal(u0, u1) and torch.equal(g0, g1)
+    assert all(torch.equal(a, b) for a, b in zip(p0, p1))
+
+
 def _import_with_backend(value: str) -> subprocess.CompletedProcess:
     env = dict(os.environ, VOXSPARSE_SPARSE_BACKEND=value)
     return subprocess.run(

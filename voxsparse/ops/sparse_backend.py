@@ -27,6 +27,10 @@ Three repairs make spconv's CPU path usable, all applied at import:
    its CPU build refuses ("cpu don't support act and bias"); reference architectures have biased
    sparse convs. On the CPU we run the kernel without them and add the bias and apply the
    activation afterwards: the same sum training mode computes.
+4. spconv's CUDA builds give each conv and max-pool module an implicit-GEMM algorithm when it is
+   built, whatever device it later runs on, and that algorithm's index generation refuses CPU
+   tensors: a model run on the CPU with a CUDA build installed stopped at its first layer. On the
+   CPU such a module runs the native algorithm (its weights have one layout, KRSC, for both).
 """
 
 from __future__ import annotations
@@ -144,6 +148,24 @@ def _backward_on_cpu(indice_conv_backward: Callable[..., Any]) -> Callable[..., 
     return wrapper
 
 
+def _native_on_cpu(forward: Callable[..., Any]) -> Callable[..., Any]:
+    """A conv / pool module's ``forward`` that runs spconv's native algorithm for CPU inputs (repair 4)."""
+    from spconv.core import ConvAlgo
+
+    @functools.wraps(forward)
+    def wrapper(self: torch.nn.Module, input: Any, *args: Any, **kwargs: Any) -> Any:
+        if self.algo == ConvAlgo.Native or input.features.is_cuda:
+            return forward(self, input, *args, **kwargs)
+        algo, self.algo = self.algo, ConvAlgo.Native
+        try:
+            return forward(self, input, *args, **kwargs)
+        finally:
+            self.algo = algo
+
+    wrapper.voxsparse_cpu_path = True  # type: ignore[attr-defined]
+    return wrapper
+
+
 def _current_stream_or_zero() -> int:
     return torch.cuda.current_stream().cuda_stream if torch.cuda.is_available() else 0
 
@@ -164,6 +186,11 @@ def _patch_spconv() -> None:
         ops.indice_conv = _on_cpu(ops.indice_conv)
     if not getattr(ops.indice_conv_backward, "voxsparse_cpu_path", False):
         ops.indice_conv_backward = _backward_on_cpu(ops.indice_conv_backward)
+    for module_name, class_name in (("spconv.pytorch.conv", "SparseConvolution"),
+                                    ("spconv.pytorch.pool", "SparseMaxPool")):
+        cls = getattr(importlib.import_module(module_name), class_name)
+        if not getattr(cls.forward, "voxsparse_cpu_path", False):
+            cls.forward = _native_on_cpu(cls.forward)
 
 
 def _load(name: str) -> ModuleType:
