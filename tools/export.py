@@ -5,8 +5,10 @@
 
 ``pt2``: an AOTInductor package; spconv's kernels are custom ops, so the process that loads it first
 imports ``voxsparse.ops.export_ops`` (torch and spconv, no model code), then
-``voxsparse.ops.export_ops.load_package(path)(points, batch_index)``. ``onnx``: sparse convolutions
-in plain torch, for onnxruntime. Inputs: points (N, 3 + C) float32 in the model's point convention
+``voxsparse.ops.export_ops.load_package(path)(points, batch_index)``. ``pt2`` with
+``sparse_ops=torch``: the sparse convolutions in plain torch, a package that torch alone runs, from
+Python or from C++ (``tools/cpp/run_pt2.cpp``). ``onnx``: sparse convolutions in plain torch, for
+onnxruntime. Inputs: points (N, 3 + C) float32 in the model's point convention
 and batch_index (N,) int64; outputs: boxes, scores, labels, frame (``voxsparse.engine.export``).
 The tool runs the written file on an example and logs its largest difference from the model.
 """
@@ -38,6 +40,7 @@ class ExportOptions:
     batch_size: int = 1
     example_points: int = 2000
     seed: int = 0
+    sparse_ops: str = "custom"
 
 
 @tool("export")
@@ -53,7 +56,10 @@ def main(cfg: DictConfig) -> None:
     model = voxsparse.load_model(opts.checkpoint, "cpu")
     example = example_points(model.grid, opts.example_points, model.voxel_encoder.in_channels, opts.batch_size,
                              opts.seed)
-    report = export_detector(model, output, opts.format, opts.batch_size, example)
+    if opts.format == "onnx" and opts.sparse_ops != "custom":
+        raise ValueError("sparse_ops: an ONNX file always has its sparse convolutions in plain torch; "
+                         "the option is for format=pt2")
+    report = export_detector(model, output, opts.format, opts.batch_size, example, opts.sparse_ops)
     c = report.comparison
     log.info("%s written in %.1f s; on %d example points per frame: %d detections, %d unmatched, largest "
              "difference from the model: boxes %.2g, scores %.2g", report.path, report.seconds,

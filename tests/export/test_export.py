@@ -5,6 +5,7 @@ tools/export.py writing an AOTInductor package that a fresh process runs without
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -94,6 +95,43 @@ def test_export_tool_writes_a_package_a_fresh_process_runs(tiny_checkpoint, tmp_
             expected = program(inputs["points"], inputs["batch_index"])
         comparison = compare_outputs(expected, torch.load(tmp_path / "out.pt", weights_only=True))
         assert comparison.detections > 0 and comparison.equal, (n, comparison)
+
+
+def _cpp_detections(text: str) -> tuple[torch.Tensor, ...]:
+    """``run_pt2``'s lines (frame label score box...) as :class:`DetectorProgram` outputs."""
+    rows = torch.tensor([[float(v) for v in line.split()] for line in text.splitlines()], dtype=torch.float64)
+    return rows[:, 3:].float(), rows[:, 2].float(), rows[:, 1].long(), rows[:, 0].long()
+
+
+@pytest.mark.skipif(compiler_available() is None, reason="AOTInductor and the C++ runner need a C++ compiler; none found")
+def test_package_with_torch_sparse_ops_runs_from_cpp(tiny_checkpoint, tmp_path):
+    """``sparse_ops=torch`` packages need torch alone: libtorch runs them from C++, no Python."""
+    package = tmp_path / "tiny.pt2"
+    result = run_tool("export", f"checkpoint={tiny_checkpoint}", "format=pt2", "sparse_ops=torch",
+                      f"output={package}", f"hydra.run.dir={tmp_path / 'run'}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    runner = tmp_path / "run_pt2"
+    build = subprocess.run(["bash", str(ROOT / "tools/cpp/build.sh"), str(runner)], cwd=ROOT, capture_output=True,
+                           text=True, timeout=600, env={**os.environ, "PYTHON": sys.executable})
+    assert build.returncode == 0, build.stderr[-3000:]
+
+    import voxsparse
+
+    model = voxsparse.load_model(tiny_checkpoint)
+    program = DetectorProgram(model, batch_size=1)
+    for n in SIZES:
+        points = example_points(model.grid, n, 4, seed=n)
+        points.points.numpy().astype("<f4").tofile(tmp_path / "points.f32")
+        run = subprocess.run([str(runner), str(package), str(tmp_path / "points.f32"), "4"], capture_output=True,
+                             text=True, timeout=300, env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
+        assert run.returncode == 0, run.stderr[-3000:]
+        with torch.no_grad():
+            expected = program(points.points, points.batch_index.long())
+        comparison = compare_outputs(expected, _cpp_detections(run.stdout))
+        assert comparison.detections > 0 and comparison.equal, (n, comparison)
+    bad = subprocess.run([str(runner), str(package), str(tmp_path / "points.f32"), "7"], capture_output=True,
+                         text=True, timeout=300)
+    assert bad.returncode == 1 and "points.f32" in bad.stderr and "rows of 7 columns" in bad.stderr
 
 
 def test_export_tool_refuses_an_unknown_format(tiny_checkpoint, tmp_path):

@@ -10,6 +10,9 @@ frame).
   :mod:`voxsparse.ops.export_ops`, compiled by AOTInductor into one package
   (``torch._inductor.aoti_compile_and_package``). A process runs it with
   :func:`voxsparse.ops.export_ops.load_package`: torch, spconv and that module, no model code.
+  With ``sparse_ops="torch"`` the sparse convolutions are plain torch ops instead (as for ONNX, with
+  its grid limit), so the package needs torch alone: ``torch._inductor.aoti_load_package`` in
+  Python, or libtorch's ``AOTIModelPackageLoader`` in C++ (``tools/cpp/run_pt2.cpp``).
 - ``onnx``: ``torch.onnx.export(dynamo=True)`` with the sparse convolutions in plain torch
   (:func:`voxsparse.ops.export_ops.routed_through_torch`), for onnxruntime. The dense lookup table
   of those convolutions limits it to grids of some ten million cells (the small models, DSVT's
@@ -217,15 +220,16 @@ class ExportReport:
 
 
 def export_detector(detector: nn.Module, path: str | Path, format: str = "pt2", batch_size: int = 1,
-                    example: PointBatch | None = None) -> ExportReport:
+                    example: PointBatch | None = None, sparse_ops: str = "custom") -> ExportReport:
     """Export ``detector`` to ``path`` in ``format`` (``pt2`` or ``onnx``), then run the file on the
-    example and compare it with the model (:func:`compare_outputs`)."""
+    example and compare it with the model (:func:`compare_outputs`). ``sparse_ops`` is
+    :func:`export_program`'s, for ``pt2`` (ONNX always takes ``"torch"``)."""
     if format not in FORMATS:
         raise ValueError(f"format: expected one of {FORMATS}, got {format!r}")
     program, example = _prepared(detector, batch_size, example)
     start = time.perf_counter()
     if format == "pt2":
-        path = package_pt2(export_program(detector, batch_size, example), path)
+        path = package_pt2(export_program(detector, batch_size, example, sparse_ops), path)
         actual = export_ops.load_package(path)(example.points, example.batch_index.long())
     else:
         path = export_onnx(detector, path, batch_size, example)
