@@ -105,6 +105,12 @@ def _inside(
     return (u.abs() <= 0.5 * box[:, 3:4] + _EPS) & (v.abs() <= 0.5 * box[:, 4:5] + _EPS)
 
 
+def _next(t: torch.Tensor) -> torch.Tensor:
+    """(K, n): each row's values shifted left by one, cyclically (``roll(-1, 1)``, which a traced
+    program cannot take on a row count it does not know)."""
+    return torch.cat((t[:, 1:], t[:, :1]), dim=1)
+
+
 def _pair_intersection_area(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """BEV intersection area of box pairs ``(a[k], b[k])``.
 
@@ -125,8 +131,8 @@ def _pair_intersection_area(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
     # Crossing of edge i of a with edge j of b, (K, 4, 4): a_i + t * da_i = b_j + s * db_j with
     # t, s in [0, 1].
-    dax, day = (ax.roll(-1, dims=1) - ax)[:, :, None], (ay.roll(-1, dims=1) - ay)[:, :, None]
-    dbx, dby = (bx.roll(-1, dims=1) - bx)[:, None, :], (by.roll(-1, dims=1) - by)[:, None, :]
+    dax, day = (_next(ax) - ax)[:, :, None], (_next(ay) - ay)[:, :, None]
+    dbx, dby = (_next(bx) - bx)[:, None, :], (_next(by) - by)[:, None, :]
     wx, wy = bx[:, None, :] - ax[:, :, None], by[:, None, :] - ay[:, :, None]
     denom = dax * dby - day * dbx
     # Near-parallel edges are skipped: where they overlap, their ends are corners found above.
@@ -154,7 +160,7 @@ def _pair_intersection_area(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     # padding edges have zero length.
     pad = torch.arange(xs.shape[1], device=xs.device) >= count
     xs, ys = torch.where(pad, xs[:, :1], xs), torch.where(pad, ys[:, :1], ys)
-    area = 0.5 * (xs * ys.roll(-1, dims=1) - ys * xs.roll(-1, dims=1)).sum(dim=1)
+    area = 0.5 * (xs * _next(ys) - ys * _next(xs)).sum(dim=1)
     return torch.where(count[:, 0] >= 3, area.clamp(min=0), 0.0)
 
 
@@ -182,8 +188,10 @@ def _pairwise_iou(a: torch.Tensor, b: torch.Tensor, use_height: bool) -> torch.T
     radius_b = 0.5 * b64[:, 3:5].norm(dim=1)
     size_a = a64[:, 3] * a64[:, 4] * (a64[:, 5] if use_height else 1)
     size_b = b64[:, 3] * b64[:, 4] * (b64[:, 5] if use_height else 1)
-    rows = max(1, _SCREEN_ELEMENTS // max(m, 1))
-    for start in range(0, a64.shape[0], rows):
+    # Traced (torch.export) the counts are symbolic: one block of rows and one chunk of pairs.
+    traced = torch.compiler.is_compiling()
+    rows = a64.shape[0] if traced else max(1, _SCREEN_ELEMENTS // max(m, 1))
+    for start in [0] if traced else range(0, a64.shape[0], rows):
         sub = a64[start : start + rows]
         # Bounding circles must overlap (plus slack for touching boxes) for any shared area.
         reach = radius_a[start : start + rows, None] + radius_b[None, :] + _EPS
@@ -194,8 +202,9 @@ def _pairwise_iou(a: torch.Tensor, b: torch.Tensor, use_height: bool) -> torch.T
             near &= _height_overlap(sub[:, None, :], b64[None, :, :]) > 0
         ii, jj = near.nonzero(as_tuple=True)
         inter = torch.zeros(sub.shape[0], m, dtype=torch.float64, device=a.device)
-        for p in range(0, ii.shape[0], _PAIRS_PER_CHUNK):
-            i, j = ii[p : p + _PAIRS_PER_CHUNK], jj[p : p + _PAIRS_PER_CHUNK]
+        chunk = ii.shape[0] if traced else _PAIRS_PER_CHUNK
+        for p in [0] if traced else range(0, ii.shape[0], chunk):
+            i, j = ii[p : p + chunk], jj[p : p + chunk]
             area = _pair_intersection_area(sub[i], b64[j])
             if use_height:
                 area = area * _height_overlap(sub[i], b64[j])
@@ -316,20 +325,20 @@ def nms_bev(
     order = scores.argsort(descending=True, stable=True)
     if pre_max_size is not None:
         order = order[:pre_max_size]
-    limit = len(order) if post_max_size is None else min(post_max_size, len(order))
-    if limit == 0:
-        return order[:0]
     ranked = boxes[order]
-    keep = np.flatnonzero(_greedy_survivors(bev_iou(ranked, ranked) > iou_threshold))[:limit]
-    return order[torch.from_numpy(keep).to(order.device)]
+    keep = greedy_survivors(bev_iou(ranked, ranked) > iou_threshold).nonzero().squeeze(1)
+    return order[keep if post_max_size is None else keep[:post_max_size]]
 
 
-def _greedy_survivors(suppresses: torch.Tensor) -> np.ndarray:
-    """(N,) bool: the boxes greedy NMS keeps, given (N, N) ``suppresses[i, j]`` (box i, if kept,
-    removes box j) with boxes in rank order, best first; only ``i < j`` is read. One host read.
+@torch.library.custom_op("voxsparse::greedy_survivors", mutates_args=())
+def greedy_survivors(suppresses: torch.Tensor) -> torch.Tensor:
+    """(N,) bool on the device of ``suppresses``: the boxes greedy NMS keeps, given (N, N)
+    ``suppresses[i, j]`` (box i, if kept, removes box j) with boxes in rank order, best first; only
+    ``i < j`` is read. One host read.
 
     Only boxes that overlap a lower-ranked one are visited: a box's fate is settled by the boxes
     above it, so the first K survivors are also what a loop that stops after K kept boxes returns.
+    A ``torch.library`` op (its output has the input's length), so exported programs keep NMS.
     """
     above, below = torch.triu(suppresses, diagonal=1).nonzero(as_tuple=True)
     above, below = above.cpu().numpy(), below.cpu().numpy()
@@ -338,7 +347,12 @@ def _greedy_survivors(suppresses: torch.Tensor) -> np.ndarray:
     for i in np.unique(above):
         if not removed[i]:
             removed[below[starts[i]:starts[i + 1]]] = True
-    return ~removed
+    return torch.from_numpy(~removed).to(suppresses.device)
+
+
+@greedy_survivors.register_fake
+def _(suppresses: torch.Tensor) -> torch.Tensor:
+    return suppresses.new_empty(suppresses.shape[0], dtype=torch.bool)
 
 
 def grouped_nms(
@@ -369,7 +383,7 @@ def grouped_nms(
     num_groups = len(iou_thresholds)
     pre = _per_class(pre_max_sizes, num_groups, "pre_max_sizes")
     post = _per_class(post_max_sizes, num_groups, "post_max_sizes")
-    ranked, threshold, group, first = [], [], [], [0]
+    ranked, threshold, group = [], [], []
     for g in range(num_groups):
         candidates = torch.nonzero(groups == g).squeeze(1)
         if pre[g] is not None:  # the reference's top-k, whose order among equal scores the sort keeps
@@ -378,16 +392,18 @@ def grouped_nms(
         ranked.append(candidates)
         threshold.append(torch.full((len(candidates),), float(iou_thresholds[g]), device=scores.device))
         group.append(torch.full((len(candidates),), g, device=scores.device))
-        first.append(first[-1] + len(candidates))
     order, threshold, group = torch.cat(ranked), torch.cat(threshold), torch.cat(group)
     ranked_boxes = boxes[order]
     suppresses = (bev_iou(ranked_boxes, ranked_boxes) > threshold[:, None]) & (group[:, None] == group[None, :])
-    survivors = _greedy_survivors(suppresses)
-    keep = []
-    for g in range(num_groups):
-        kept = first[g] + np.flatnonzero(survivors[first[g]:first[g + 1]])
-        keep.append(kept if post[g] is None else kept[:post[g]])
-    return order[torch.from_numpy(np.concatenate(keep)).to(order.device)]
+    kept = greedy_survivors(suppresses).nonzero().squeeze(1)  # ascending: group 0's, then group 1's, ...
+    if any(p is not None for p in post):
+        kept_group = group[kept]
+        counts = torch.zeros(num_groups, dtype=torch.long, device=kept.device).scatter_add_(
+            0, kept_group, torch.ones_like(kept_group))
+        rank = torch.arange(len(kept), device=kept.device) - (counts.cumsum(0) - counts)[kept_group]
+        limits = torch.tensor([len(scores) if p is None else p for p in post], device=kept.device)
+        kept = kept[rank < limits[kept_group]]
+    return order[kept]
 
 
 def class_agnostic_nms(

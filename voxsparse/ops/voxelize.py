@@ -94,7 +94,8 @@ def check_quantization(quantization: str, grid: VoxelGrid) -> None:
     """Raise unless ``quantization`` is one of :data:`QUANTIZATIONS` and gives ``grid`` its size."""
     if quantization not in QUANTIZATIONS:
         raise ValueError(f"voxelize: quantization must be one of {QUANTIZATIONS}, got {quantization!r}")
-    if quantization == "float32":
+    # Traced (torch.export), the grid is a constant that already passed this check eagerly.
+    if quantization == "float32" and not torch.compiler.is_compiling():
         r, v = np.float32(grid.point_cloud_range), np.float32(grid.voxel_size)
         size32 = tuple(int(np.round((r[i + 3] - r[i]) / v[i])) for i in range(3))
         if size32 != grid.grid_size:
