@@ -14,6 +14,7 @@ import torch
 from tool_runs import ROOT, compose_config, run_tool
 from hydra.utils import instantiate
 
+from voxsparse.benchmark.stages import dataset_for
 from voxsparse.engine.export import (
     DetectorProgram,
     compare_outputs,
@@ -34,6 +35,11 @@ def _model(name: str) -> torch.nn.Module:
     return model.eval()
 
 
+def _reference_model(name: str) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return instantiate(compose_config("train", [f"model={name}", f"dataset={dataset_for(name)}"]).model).eval()
+
+
 def _check(model, run, batch_size: int = 1) -> None:
     program = DetectorProgram(model, batch_size)
     for n in SIZES:
@@ -50,6 +56,21 @@ def test_exported_program_equals_the_model(name):
     batch_size = 2 if name == "voxelnext_small" else 1
     exported = export_program(model, batch_size).module()
     _check(model, lambda p: exported(p.points, p.batch_index.long()), batch_size)
+
+
+@pytest.mark.parametrize("name", ["voxelnext_nuscenes", "dsvt_pillar_nuscenes"])
+def test_reference_detectors_export_with_their_nms(name):
+    # Their decoding ends in rotated NMS (per class group / per class): a custom op in the program.
+    model = _reference_model(name)
+    exported = export_program(model, 1, example_points(model.grid, 3000, model.voxel_encoder.in_channels, seed=1))
+    assert any("greedy_survivors" in str(node.target) for node in exported.graph.nodes)
+    module = exported.module()
+    for n in (2000, 6000):
+        points = example_points(model.grid, n, model.voxel_encoder.in_channels, seed=n)
+        with torch.no_grad():
+            expected = DetectorProgram(model)(points.points, points.batch_index.long())
+            comparison = compare_outputs(expected, module(points.points, points.batch_index.long()))
+        assert comparison.detections > 0 and comparison.equal, (n, comparison)
 
 
 def test_onnx_dsvt_runs_in_onnxruntime(tmp_path):
