@@ -21,6 +21,13 @@ def scatter_sum(src: torch.Tensor, index: torch.Tensor, num_groups: int) -> torc
     return src.new_zeros((num_groups, *src.shape[1:])).index_add_(0, index, src)
 
 
+def group_counts(index: torch.Tensor, num_groups: int) -> torch.Tensor:
+    """(G,) int64 rows of each group ``index`` (N,) in ``[0, G)``: ``bincount`` with exactly
+    ``G`` entries, which a traced program can size (``bincount``'s length depends on the data)."""
+    index = index.long()
+    return index.new_zeros(num_groups).scatter_add_(0, index, torch.ones_like(index))
+
+
 def scatter_mean(
     src: torch.Tensor, index: torch.Tensor, num_groups: int, counts: torch.Tensor | None = None
 ) -> torch.Tensor:
@@ -31,7 +38,7 @@ def scatter_mean(
     """
     total = scatter_sum(src, index, num_groups)
     if counts is None:
-        counts = torch.bincount(index, minlength=num_groups)
+        counts = group_counts(index, num_groups)
     counts = counts.clamp(min=1).to(total.dtype)  # empty groups: 0 / 1 = 0
     return total / counts.view(-1, *([1] * (src.ndim - 1)))
 

@@ -50,6 +50,7 @@ from voxsparse.models.backbones.resnet3d import VoxelResBackBone8x, height_compr
 from voxsparse.models.keys import KeyPair, identical_keys
 from voxsparse.models.layers import BN_EPS, BN_MOMENTUM
 from voxsparse.ops.sparse_backend import SparseConvTensor, spnn
+from voxsparse.ops.scatter import group_counts
 from voxsparse.ops.sparse_utils import grid_offsets, unique_coords
 from voxsparse.structures import Annotations3D, SparseBEV, SparseVoxels, VoxelGrid
 
@@ -219,7 +220,7 @@ class FocalSparseConv(spnn.SparseModule):
             return p > self.threshold
         order = torch.sort(p, descending=True, stable=True).indices
         order = order[torch.sort(batch[order], stable=True).indices]  # by frame, importance descending
-        counts = torch.bincount(batch, minlength=batch_size)
+        counts = group_counts(batch, batch_size)
         starts = counts.cumsum(0) - counts
         rank = torch.empty_like(order)
         rank[order] = torch.arange(len(order), device=p.device) - starts[batch[order]]

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
+from voxsparse.ops.scatter import group_counts
 from voxsparse.ops.sparse_utils import linear_keys, unique_coords
 
 
@@ -97,7 +98,7 @@ def group_partition(order: torch.Tensor, batch: torch.Tensor, batch_size: int, g
         group_size: voxels per group.
     """
     device = order.device
-    counts = torch.bincount(batch.long(), minlength=batch_size)
+    counts = group_counts(batch, batch_size)
     padded = torch.div(counts + group_size - 1, group_size, rounding_mode="floor") * group_size
     starts = torch.cumsum(counts, 0) - counts
     padded_starts = torch.cumsum(padded, 0) - padded
@@ -152,7 +153,7 @@ def generate_voxels(
         raise ValueError(f"generate_voxels: neighbours must be 2 or 4, got {neighbours}")
     _, sy, sx = (int(s) for s in spatial_shape)
     score = features.detach().mean(-1)
-    counts = torch.bincount(coords[:, 0].long(), minlength=batch_size)
+    counts = group_counts(coords[:, 0], batch_size)
     picked = []
     for b in range(batch_size):  # top-k per frame: the reference's loop, one small kernel per frame
         rows = torch.nonzero(coords[:, 0] == b).squeeze(1)
