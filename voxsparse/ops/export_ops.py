@@ -21,7 +21,8 @@ output row per kernel offset, -1 where unused); ``pair_num`` (K,) int32; ``weigh
 
 They run spconv's *native* algorithm (the only one of its CPU build, and one of its CUDA ones), on
 the CPU single-threaded through :mod:`voxsparse.ops.sparse_backend`. Importing this module
-registers them: a process that runs an exported program (``torch.export.load``,
+registers them, and (through :mod:`voxsparse.ops.boxes`) the NMS op of heads that decode with NMS:
+a process that runs an exported program (``torch.export.load``,
 ``torch._inductor.aoti_load_package``) imports it first and needs nothing else of voxsparse
 (it imports spconv and the sparse backend; no model code).
 
@@ -48,6 +49,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from voxsparse.ops import boxes  # noqa: F401  registers voxsparse::greedy_survivors, the NMS of exported heads
 from voxsparse.ops.sparse_backend import BACKEND_NAME
 
 if BACKEND_NAME != "spconv":
