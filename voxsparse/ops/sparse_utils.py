@@ -36,6 +36,8 @@ def unique_coords(coords: torch.Tensor, shape: Sequence[int]) -> tuple[torch.Ten
     """
     keys = linear_keys(coords, shape)
     unique_keys, inverse = torch.unique(keys, return_inverse=True)
+    # For tracing (torch.export): rows exist exactly when input rows do.
+    torch._check(unique_keys.shape[0] >= torch.sym_min(1, keys.shape[0]))
     unique = coords.new_empty(unique_keys.shape[0], coords.shape[1], dtype=torch.int32)
     unique[inverse] = coords.to(torch.int32)
     return unique, inverse
