@@ -51,7 +51,7 @@ def _check(model, run, batch_size: int = 1) -> None:
 
 
 @pytest.mark.parametrize("name", ["voxelnext_small", "dsvt_pillar_small", "dsvt_voxel_small", "lion_small",
-                                  "voxelnext_focals_small"])
+                                  "scatterformer_small", "voxelnext_focals_small"])
 def test_exported_program_equals_the_model(name):
     model = _model(name)
     batch_size = 2 if name == "voxelnext_small" else 1

@@ -437,7 +437,7 @@ def class_agnostic_nms(
     return candidates[nms_bev(boxes[candidates], scores[candidates], iou_threshold, None, post_max_size)]
 
 
-def _per_class(value: float | int | Sequence[float | int] | None, num_classes: int, name: str) -> list:
+def _per_class(value: float | Sequence[float | int] | None, num_classes: int, name: str) -> list:
     if value is None or isinstance(value, (int, float)):
         return [value] * num_classes
     if len(value) != num_classes:

@@ -11,10 +11,10 @@ The weight is stored ``(*kernel, C)``, as ScatterFormer's depthwise convolution 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
@@ -63,30 +63,25 @@ def depthwise_pairs(
     if any(k % 2 == 0 for k in ksize):
         raise ValueError(f"depthwise_pairs: a centred kernel needs odd sizes, got {ksize}")
     m = indices.shape[0]
-    volume = int(np.prod(ksize))
+    volume = math.prod(ksize)
     center = volume // 2
     device = indices.device
     rows = torch.arange(m, device=device)
     if m == 0 or volume == 1:
         return DepthwisePairs(rows, rows, torch.full_like(rows, center), m, ksize)
     padding = [k // 2 for k in ksize]
-    _, pairs, counts = ops.get_indice_pairs(indices.int().contiguous(), batch_size, list(spatial_shape),
-                                            ConvAlgo.Native, list(ksize), [1, 1, 1], padding, [1, 1, 1],
-                                            [0, 0, 0], True, False)
-    # spconv's submanifold pairs: the centre offset is the identity and is not listed; offset
-    # k > centre mirrors offset volume - 1 - k and holds as many pairs, its count read from there.
-    counts = counts.cpu().tolist()
-    inputs, outputs, offsets = [rows], [rows], [torch.full_like(rows, center)]
-    for k in range(volume):
-        if k == center:
-            continue
-        n = counts[volume - 1 - k] if k > center else counts[k]
-        if n <= 0:
-            continue
-        inputs.append(pairs[0, k, :n].long())
-        outputs.append(pairs[1, k, :n].long())
-        offsets.append(torch.full((n,), k, dtype=torch.int64, device=device))
-    return DepthwisePairs(torch.cat(inputs), torch.cat(outputs), torch.cat(offsets), m, ksize)
+    _, pairs, _ = ops.get_indice_pairs(indices.int().contiguous(), batch_size, list(spatial_shape),
+                                       ConvAlgo.Native, list(ksize), [1, 1, 1], padding, [1, 1, 1],
+                                       [0, 0, 0], True, False)
+    # spconv's submanifold table (2, K, M): offset k's pairs first in row k, -1 after them; the
+    # centre row is the identity. Its counts list only offsets up to the centre (the others mirror
+    # them), so the pairs are read from the table itself: no host read, and a traced program can.
+    table = pairs.long()
+    listed = table[0] >= 0
+    listed[center] = False
+    offset, slot = listed.nonzero(as_tuple=True)  # offset by offset, each offset's pairs in order
+    return DepthwisePairs(torch.cat([rows, table[0, offset, slot]]), torch.cat([rows, table[1, offset, slot]]),
+                          torch.cat([torch.full_like(rows, center), offset]), m, ksize)
 
 
 class _DepthwiseConv(torch.autograd.Function):
@@ -119,7 +114,7 @@ def depthwise_sparse_conv(features: torch.Tensor, weight: torch.Tensor, pairs: D
     Returns:
         (M, C) features on the same active set.
     """
-    if weight.shape[0] != int(np.prod(pairs.kernel_size)):
+    if weight.shape[0] != math.prod(pairs.kernel_size):
         raise ValueError(f"depthwise_sparse_conv: weight {tuple(weight.shape)} for a {pairs.kernel_size} kernel")
     return _DepthwiseConv.apply(features, weight.to(features.dtype), pairs)
 

@@ -32,6 +32,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from voxsparse.ops import triton_voxelize
+from voxsparse.ops.scatter import group_counts
 
 #: Rows per block of the Triton kernels (tl.dot needs at least 16).
 BLOCK_ROWS = 32
@@ -63,13 +64,18 @@ class WindowSegments:
         index = index.long()
         if num_windows is None:
             num_windows = int(index[-1]) + 1 if index.numel() else 0
-        counts = torch.bincount(index, minlength=num_windows)
+        counts = group_counts(index, num_windows)
         offsets = torch.cumsum(counts, 0) - counts
         return cls(index, offsets, counts)
 
 
-def _chunk_rows(h: int, d: int, e: int) -> int:
-    return max(1, _CHUNK_ELEMENTS // max(1, h * d * e))
+def _row_chunks(n: int, h: int, d: int, e: int) -> list[slice]:
+    """Row slices of at most ``_CHUNK_ELEMENTS`` (rows x h x d x e) elements; one slice when traced
+    (torch.export), where the row count is symbolic."""
+    if torch.compiler.is_compiling():
+        return [slice(0, n)]
+    step = max(1, _CHUNK_ELEMENTS // max(1, h * d * e))
+    return [slice(start, start + step) for start in range(0, n, step)]
 
 
 def segment_outer_sum_reference(a: torch.Tensor, b: torch.Tensor, segments: WindowSegments) -> torch.Tensor:
@@ -84,9 +90,7 @@ def segment_outer_sum_reference(a: torch.Tensor, b: torch.Tensor, segments: Wind
     n, h, d = a.shape
     e = b.shape[2]
     out = a.new_zeros(segments.num_windows, h, d, e)
-    step = _chunk_rows(h, d, e)
-    for start in range(0, n, step):
-        rows = slice(start, start + step)
+    for rows in _row_chunks(n, h, d, e):
         out.index_add_(0, segments.index[rows], a[rows, :, :, None] * b[rows, :, None, :])
     return out
 
@@ -103,9 +107,7 @@ def segment_vecmat_reference(x: torch.Tensor, mats: torch.Tensor, segments: Wind
     n, h, d = x.shape
     e = mats.shape[3]
     out = x.new_empty(n, h, e)
-    step = _chunk_rows(h, d, e)
-    for start in range(0, n, step):
-        rows = slice(start, start + step)
+    for rows in _row_chunks(n, h, d, e):
         out[rows] = torch.matmul(x[rows, :, None, :], mats[segments.index[rows]])[:, :, 0]
     return out
 
@@ -207,13 +209,17 @@ class _SegmentVecmat(torch.autograd.Function):
 
 def segment_outer_sum(a: torch.Tensor, b: torch.Tensor, segments: WindowSegments) -> torch.Tensor:
     """(W, H, D, E) per-window sums of outer products ``a_n^T b_n`` of (N, H, D) ``a`` and (N, H, E) ``b``
-    (differentiable; Triton on CUDA where it fits)."""
+    (differentiable; Triton on CUDA where it fits; the torch reference when traced)."""
+    if torch.compiler.is_compiling():
+        return segment_outer_sum_reference(a, b, segments)
     return _SegmentOuterSum.apply(a.contiguous(), b.contiguous(), segments)
 
 
 def segment_vecmat(x: torch.Tensor, mats: torch.Tensor, segments: WindowSegments) -> torch.Tensor:
     """(N, H, E) products ``x_n @ mats[w_n]`` of (N, H, D) ``x`` and (W, H, D, E) ``mats``
-    (differentiable; Triton on CUDA where it fits)."""
+    (differentiable; Triton on CUDA where it fits; the torch reference when traced)."""
+    if torch.compiler.is_compiling():
+        return segment_vecmat_reference(x, mats, segments)
     return _SegmentVecmat.apply(x.contiguous(), mats.contiguous(), segments)
 
 
