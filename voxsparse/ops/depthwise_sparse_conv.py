@@ -75,7 +75,8 @@ def depthwise_pairs(
                                        [0, 0, 0], True, False)
     # spconv's submanifold table (2, K, M): offset k's pairs first in row k, -1 after them; the
     # centre row is the identity. Its counts list only offsets up to the centre (the others mirror
-    # them), so the pairs are read from the table itself: no host read, and a traced program can.
+    # them), so the pairs are read from the table itself: one nonzero, no per-offset Python loop over
+    # counts read on the host, which a traced program could not take.
     table = pairs.long()
     listed = table[0] >= 0
     listed[center] = False
