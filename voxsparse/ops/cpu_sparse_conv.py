@@ -101,6 +101,23 @@ def _blocks(offsets: list[tuple[int, int]], channels: int, align: int) -> Iterat
         yield block
 
 
+def _product_blocks(offsets: list[tuple[int, int]], like: torch.Tensor,
+                    channels: int) -> tuple[list[list[tuple[int, int, int]]], torch.Tensor]:
+    """The :func:`_blocks` of ``offsets`` for products of ``channels`` columns in ``like``'s dtype, and
+    one (rows, ``channels``) buffer that holds the largest block."""
+    blocks = list(_blocks(offsets, channels, _aligned_rows(channels, like.dtype)))
+    return blocks, like.new_empty(max(b[-1][2] + b[-1][1] for b in blocks), channels)
+
+
+def _scatter_block(ops: Any, target_tv: Any, products_tv: Any, rows: Any, block: list[tuple[int, int, int]]) -> None:
+    """Add one block's products into ``target_tv`` at rows ``rows[k]`` of each offset, on one thread
+    (spconv's scatter-add races on more)."""
+    with single_thread():
+        for k, n, start in block:
+            ops.scatter_add_cpu(target_tv, products_tv.slice_first_axis(start, start + n),
+                                rows[k].slice_first_axis(0, n))
+
+
 def _pair_rows(pairs_tv: Any, inverse: bool) -> tuple[Any, Any]:
     """The (K, N) input-row and output-row tables of a pair table's tensorview (sliced there: cheaper
     per offset than slicing torch tensors and viewing each slice)."""
@@ -144,17 +161,13 @@ def indice_conv(features: torch.Tensor, filters: torch.Tensor, indice_pairs: tor
     gathered = features.new_empty(max(n for _, n in offsets), features.shape[1])
     features_tv, out_tv, gathered_tv = tv(features), tv(out), tv(gathered)
     weight_t = weight.permute(1, 2, 0).unbind(0)  # per offset (C_in, C_out): weight[:, k].T
-    blocks = list(_blocks(offsets, out.shape[1], _aligned_rows(out.shape[1], out.dtype)))
-    products = features.new_empty(max(b[-1][2] + b[-1][1] for b in blocks), out.shape[1])
+    blocks, products = _product_blocks(offsets, out, out.shape[1])
     products_tv = tv(products)
     for block in blocks:
         for k, n, start in block:
             ops.gather_cpu(gathered_tv, features_tv, pair_in[k].slice_first_axis(0, n))
             torch.mm(gathered[:n], weight_t[k], out=products[start:start + n])
-        with single_thread():
-            for k, n, start in block:
-                ops.scatter_add_cpu(out_tv, products_tv.slice_first_axis(start, start + n),
-                                    pair_out[k].slice_first_axis(0, n))
+        _scatter_block(ops, out_tv, products_tv, pair_out, block)
     return out
 
 
@@ -192,8 +205,7 @@ def indice_conv_backward(features: torch.Tensor, filters: torch.Tensor, out_bp: 
     features_tv, out_bp_tv, grad_in_tv = tv(features), tv(out_bp), tv(grad_in)
     gathered_tv, gathered_bp_tv = tv(gathered), tv(gathered_bp)
     weights, grad_weights = weight.unbind(1), grad_weight.unbind(1)  # per offset (C_out, C_in)
-    blocks = list(_blocks(offsets, features.shape[1], _aligned_rows(features.shape[1], features.dtype)))
-    products = features.new_empty(max(b[-1][2] + b[-1][1] for b in blocks), features.shape[1])
+    blocks, products = _product_blocks(offsets, features, features.shape[1])
     products_tv = tv(products)
     for block in blocks:
         for k, n, start in block:
@@ -201,8 +213,5 @@ def indice_conv_backward(features: torch.Tensor, filters: torch.Tensor, out_bp: 
             ops.gather_cpu(gathered_bp_tv, out_bp_tv, pair_out[k].slice_first_axis(0, n))
             torch.mm(gathered_bp[:n].T, gathered[:n], out=grad_weights[k])
             torch.mm(gathered_bp[:n], weights[k], out=products[start:start + n])
-        with single_thread():
-            for k, n, start in block:
-                ops.scatter_add_cpu(grad_in_tv, products_tv.slice_first_axis(start, start + n),
-                                    pair_in[k].slice_first_axis(0, n))
+        _scatter_block(ops, grad_in_tv, products_tv, pair_in, block)
     return grad_in, grad_weight.reshape(filters.shape)
