@@ -148,6 +148,36 @@ def test_fixture_parity_per_stage(name):
         level = Level(stage["indices"].int(), stage["features"], out.spatial_shape, 2)
 
 
+def test_rwkv_fixture_parity_first_stage_and_last_layer():
+    """RWKV blocks against the reference's (its CUDA kernel replaced by the recurrence step by step):
+    the first stage (whose first block normalises its input) and the last layer, from the reference's
+    own inputs. The fixture keeps those weights only; the rest of the model keeps its initial values."""
+    record, stages = _fixture("rwkv"), _fixture("rwkv_stages")["stages"]
+    model = _backbone(record["config"], 16).eval()
+    missing, unexpected = model.load_state_dict(record["state_dict"], strict=False)  # the names are equal
+    assert not unexpected and not [k for k in missing if k.startswith(("linear_1.", "dow1.", "linear_out."))]
+    assert model.linear_1.encoder[0].blocks[0].layer_id == 0 and hasattr(model.linear_1.encoder[0].blocks[0], "ln0")
+    x, y, z = record["grid"]
+    with torch.no_grad():
+        first, _ = model.dow1(model.linear_1(Level(record["coords"], record["features"], (z, y, x), 2)))
+        _compare(first, stages[0], STAGE_TOLERANCE)
+        last = model.linear_out(Level(stages[3]["indices"].int(), stages[3]["features"], (z // 16, y, x), 2))
+    _compare(last, record["eval"], STAGE_TOLERANCE)
+
+
+def test_rwkv_blocks_are_numbered_as_the_reference():
+    """RWKV's initial values depend on a block's index among all blocks (0 .. 33 for four stages of
+    depth 2); the decay profile steepens with it."""
+    record = _fixture("rwkv")
+    model = _backbone(record["config"], 16)
+    blocks = [b for m in model.modules() if hasattr(m, "blocks") for b in m.blocks]
+    assert sorted(b.layer_id for b in blocks) == list(range(34))
+    assert [hasattr(b, "ln0") for b in blocks].count(True) == 1
+    first, last = model.linear_1.encoder[0].blocks[0].att, model.linear_out.blocks[1].att
+    torch.testing.assert_close(first.time_decay.flatten(), -6 + 5 * (torch.arange(16) / 15.0) ** 0.7)
+    assert not torch.equal(first.time_faaaa, last.time_faaaa)
+
+
 def test_fixture_parity_whole():
     """The whole backbone in training mode (batch statistics; evaluation mode is checked per stage):
     float32 rounding grows through its ~40 layers. RetNet only: the layers around the operator are
@@ -200,7 +230,7 @@ def test_empty_input_and_empty_frame():
 
 
 @pytest.mark.skipif(not LION, reason="set VOXSPARSE_LION to a LION checkout")
-@pytest.mark.parametrize("name", ["mamba", "retnet"])
+@pytest.mark.parametrize("name", ["mamba", "retnet", "rwkv"])
 def test_live_parity(name):
     from tests.parity.make_lion_fixtures import GRID, OPERATORS, backbone_config, random_voxels, randomize
     from voxsparse.benchmark.lion_reference import build_lion_backbone, run_lion_backbone
@@ -220,3 +250,21 @@ def test_live_parity(name):
         out = run_lion_backbone(reference, coords.clone(), features.clone(), 2)
         level = _run(model, coords, features, GRID, 2)
     _compare(level, {"indices": out.indices.int(), "features": out.features}, WHOLE_TOLERANCE)
+
+
+@pytest.mark.skipif(not LION, reason="set VOXSPARSE_LION to a LION checkout")
+def test_live_rwkv_initial_values():
+    """RWKV's deterministic initial values (interpolations, decays, bonuses) in every block equal the
+    reference's: the blocks are numbered as its blocks are."""
+    from tests.parity.make_lion_fixtures import GRID, OPERATORS, backbone_config
+    from voxsparse.benchmark.lion_reference import build_lion_backbone
+
+    config = backbone_config(OPERATORS["rwkv"])
+    reference = build_lion_backbone(Path(LION), config, 16, GRID).state_dict()
+    ours = _backbone(config, 16).state_dict()
+    assert set(ours) == set(reference)
+    fixed = [k for k in ours if k.rsplit(".", 1)[-1] in ("time_maa_x", "time_maa_w", "time_maa_k", "time_maa_v", "time_maa_r",
+                                                         "time_maa_g", "time_decay", "time_faaaa", "spatial_mix_k", "spatial_mix_r")]
+    assert len(fixed) == 34 * 10
+    for key in fixed:
+        torch.testing.assert_close(ours[key], reference[key], rtol=0, atol=1e-6, msg=key)

@@ -13,6 +13,9 @@ from voxsparse.ops.linear_rnn import (
     selective_scan,
     selective_scan_sequential,
     selective_scan_torch,
+    wkv6,
+    wkv6_sequential,
+    wkv6_torch,
 )
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -81,6 +84,53 @@ def test_retention_gradients():
     expected = torch.autograd.grad(retention_naive(q, k, v, 16, True).square().sum(), (q, k, v))
     for g, e in zip(grads, expected):
         torch.testing.assert_close(g, e)
+
+
+def _wkv_inputs(b=2, h=3, length=45, dk=8, dv=6, decay_scale=2.0, decay_shift=0.0, device="cpu", seed=0):
+    g = torch.Generator().manual_seed(seed)
+    r, k, log_w = (torch.randn(b, h, length, dk, generator=g) for _ in range(3))
+    log_w = -torch.exp(log_w * decay_scale + decay_shift)
+    v, u = torch.randn(b, h, length, dv, generator=g), torch.randn(h, dk, generator=g)
+    return [t.to(device) for t in (r, k, v, log_w, u)]
+
+
+@pytest.mark.parametrize("length,chunk", [(45, 1), (45, 5), (45, 16), (16, 16), (3, 16), (45, 64)])
+def test_wkv6_chunks_equal_the_step_by_step_recurrence(length, chunk):
+    inputs = _wkv_inputs(length=length)
+    out = wkv6(*inputs, chunk_size=chunk)
+    assert out.shape == (2, 3, length, 6) and out.dtype == torch.float32
+    torch.testing.assert_close(out.double(), wkv6_sequential(*inputs), rtol=1e-5, atol=1e-4)
+
+
+def test_wkv6_stays_exact_through_very_strong_decays():
+    """Log decays down to about -1e6 (a channel forgets at once) next to weak ones: the differences
+    of the cumulative sums are float64, so the weak channels keep float32 accuracy."""
+    inputs = _wkv_inputs(length=64, decay_scale=3.0, decay_shift=3.0, seed=3)
+    assert inputs[3].min() < -1e5 and inputs[3].max() > -1e-2
+    torch.testing.assert_close(wkv6_torch(*inputs).double(), wkv6_sequential(*inputs), rtol=1e-5, atol=1e-4)
+
+
+def test_wkv6_gradients():
+    inputs = [t.double().requires_grad_() for t in _wkv_inputs(b=1, h=2, length=21, dk=4, dv=3)]
+    assert torch.autograd.gradcheck(lambda *a: wkv6_torch(*a, chunk_size=8), inputs)
+
+
+def test_wkv6_checks_shapes_and_backend():
+    r, k, v, log_w, u = _wkv_inputs()
+    with pytest.raises(ValueError, match="u must be"):
+        wkv6(r, k, v, log_w, u[:, :4])
+    with pytest.raises(ValueError, match="backend"):
+        wkv6(r, k, v, log_w, u, backend="triton")
+
+
+@cuda
+def test_wkv6_on_cuda_equals_the_cpu_and_fla():
+    inputs = _wkv_inputs(b=4, h=4, length=700, dk=32, dv=32, decay_scale=1.0, decay_shift=-2.0)
+    expected = wkv6_torch(*inputs)
+    cuda_inputs = [t.cuda() for t in inputs]
+    torch.testing.assert_close(wkv6_torch(*cuda_inputs).cpu(), expected, rtol=1e-4, atol=1e-4)
+    pytest.importorskip("fla")
+    torch.testing.assert_close(wkv6(*cuda_inputs, backend="fla").cpu(), expected, rtol=1e-3, atol=1e-3)
 
 
 @cuda

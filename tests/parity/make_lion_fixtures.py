@@ -2,16 +2,19 @@
 
     python -m tests.parity.make_lion_fixtures --lion /path/to/LION
 
-For each operator (Mamba, RetNet) the reference ``LION3DBackboneOneStride`` (loaded by path,
+For each operator (Mamba, RetNet, RWKV) the reference ``LION3DBackboneOneStride`` (loaded by path,
 ``voxsparse.benchmark.lion_reference``) is built at 16 channels on a 40 x 40 x 32 grid, with the
 reference's four stages, windows (13, 13, 32 / 16 / 8 / 4), small groups (64, 48, 32, 16) so that
-frames span several groups, voxel generation and shifted windows (Mamba with 8 states, RetNet with
-2 heads). Its random weights get random LayerNorm affines and BatchNorm statistics; it runs on two
+frames span several groups, voxel generation and shifted windows (Mamba with 8 states, RetNet and
+RWKV with 2 heads). Its random weights get random LayerNorm affines and BatchNorm statistics, and RWKV
+blocks random mixing, decay and branch scales (their initial values are ~1e-4 or ~1e-5, under which a
+block's contribution would hardly show); it runs on two
 frames of random voxels (1,200 and 250 draws), in evaluation and in training mode (no stochastic
 depth). ``lion_<operator>.pt`` holds the
 config, the state dict, the input and, per mode, the output voxels (indices and features);
 ``lion_<operator>_stages.pt`` the voxels after each merge between stages (evaluation mode), so each
-stage can be checked from the reference's own input. tests/models/test_lion.py loads the state dict
+stage can be checked from the reference's own input (the RWKV fixture keeps the weights of the first
+stage and the last layer only: :data:`KEEP`). tests/models/test_lion.py loads the state dict
 into ``LIONBackbone`` and compares.
 """
 
@@ -32,6 +35,8 @@ OPERATORS = {
     "mamba": {"NAME": "Mamba", "CFG": {"d_state": 8, "d_conv": 4, "expand": 2, "drop_path": 0.0}},
     "retnet": {"NAME": "RetNet", "CFG": {"mode": "chunk", "n_head": 2, "expand_k": 1, "expand_v": 2,
                                          "hidden_rate": 4, "used_MLP": True, "with_cp": True, "drop_path": 0.0}},
+    "rwkv": {"NAME": "RWKV", "CFG": {"n_head": 2, "shift_pixel": 1, "shift_mode": "time_shift", "hidden_rate": 4,
+                                     "drop_path": 0.0, "init_mode": "fancy", "with_cp": True, "init_values": 1e-5}},
 }
 
 
@@ -43,6 +48,13 @@ def backbone_config(operator: dict) -> dict:
         "WINDOW_SHAPE": [[13, 13, 32], [13, 13, 16], [13, 13, 8], [13, 13, 4]], "GROUP_SIZE": [64, 48, 32, 16],
         "DIRECTION": ["x", "y"], "DIFF_SCALE": 0.2, "DIFFUSION": True, "SHIFT": True, "OPERATOR": operator,
     }
+
+
+#: State-dict prefixes a fixture keeps (all when absent). RWKV blocks carry ~11k parameters each at 16
+#: channels (their low-rank mixing projections have fixed ranks), which for all 36 blocks would pass
+#: MAX_BYTES; the first stage (whose first block has ``ln0``) and the last layer show the operator, the
+#: layers around it are the Mamba and RetNet fixtures'.
+KEEP = {"rwkv": ("linear_1.", "dow1.", "linear_out.")}
 
 
 def random_voxels(seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
@@ -67,6 +79,18 @@ def randomize(model: torch.nn.Module, seed: int = 2) -> None:
             if isinstance(module, torch.nn.BatchNorm1d):
                 module.running_mean.copy_(0.1 * torch.randn(module.running_mean.shape, generator=g))
                 module.running_var.copy_(0.5 + torch.rand(module.running_var.shape, generator=g))
+    g = torch.Generator().manual_seed(seed + 1)  # RWKV's own parameters (other operators have none)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            leaf = name.rsplit(".", 1)[-1]
+            if leaf in ("gamma1", "gamma2"):
+                param.copy_(0.5 + 0.5 * torch.rand(param.shape, generator=g))
+            elif leaf.startswith(("time_maa_w", "time_decay_w")):
+                param.copy_(0.2 * torch.randn(param.shape, generator=g))
+            elif leaf in ("time_decay", "time_faaaa") or leaf.startswith(("time_maa_", "spatial_mix_")):
+                param.add_(0.2 * torch.randn(param.shape, generator=g))
+            elif ".ln_x." in name:
+                param.copy_((1 if leaf == "weight" else 0) + 0.2 * torch.randn(param.shape, generator=g))
 
 
 def make(lion: Path, name: str) -> list[Path]:
@@ -75,8 +99,9 @@ def make(lion: Path, name: str) -> list[Path]:
     model = build_lion_backbone(lion, copy.deepcopy(config), 16, GRID)
     randomize(model)
     coords, features = random_voxels()
+    state = {k: v.clone() for k, v in model.state_dict().items() if k.startswith(KEEP.get(name, ""))}
     record = {"config": config, "grid": list(GRID), "batch_size": 2, "coords": coords, "features": features,
-              "state_dict": {k: v.clone() for k, v in model.state_dict().items()}}
+              "state_dict": state}
     stages: list[dict] = []
 
     def keep(module, args, output):  # dowS returns (voxels, inverse); linear_out later overwrites dow4's features

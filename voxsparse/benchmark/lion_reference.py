@@ -3,18 +3,21 @@
 Only the files the backbone needs are executed from the checkout, under a private package name so they
 never meet OpenPCDet's own modules: ``pcdet/models/backbones_3d/lion_backbone_one_stride.py``, the
 Mamba block (``pcdet/ops/mamba/mamba_ssm/modules/mamba_simple.py``), the official pure-PyTorch
-``selective_scan_ref`` (``.../mamba_ssm/ops/selective_scan_interface.py``) and the RetNet block
-(``pcdet/models/model_utils/retnet_attn.py``). Their compiled or absent dependencies are replaced, for
-the duration of the load only, by torch code here:
+``selective_scan_ref`` (``.../mamba_ssm/ops/selective_scan_interface.py``), the RetNet block
+(``pcdet/models/model_utils/retnet_attn.py``) and the RWKV block (``pcdet/models/model_utils/rwkv_cls.py``).
+Their compiled or absent dependencies are replaced, for the duration of the load only, by torch code here:
 
 - ``mamba_inner_fn`` (LION's fused CUDA function, returning the gated scan without the output
   projection): causal depthwise conv + SiLU, ``x_proj``, the step projection, then the official
   ``selective_scan_ref``;
 - ``chunk_retention`` (LION's Triton kernels): the same chunk recurrence in torch, 64-step chunks whose
   steps weigh each other by ``gamma^|i - j|``, earlier chunks reaching later ones through the state;
+- ``wkv6_cuda`` (RWKV-6's CUDA kernel, absent from the checkout): the recurrence step by step, as the
+  kernel runs it, forward only. The RWKV file asserts a head size of 32 (its ``HEAD_SIZE``);
+  :func:`build_lion_backbone` sets it to the config's channels per head;
 - ``torch_scatter.scatter_add`` by ``index_add``; spconv by voxsparse's sparse backend; ``timm``'s
   ``DropPath`` (identity: fixtures use no stochastic depth); ``einops`` where it is not installed (the
-  few patterns these files use); the RWKV, xLSTM and TTT blocks (not loaded).
+  few patterns these files use); the xLSTM and TTT blocks (not loaded).
 """
 
 from __future__ import annotations
@@ -43,10 +46,12 @@ SOURCES = {
     "mamba": "pcdet/ops/mamba/mamba_ssm/modules/mamba_simple.py",
     "scan": "pcdet/ops/mamba/mamba_ssm/ops/selective_scan_interface.py",
     "retnet": "pcdet/models/model_utils/retnet_attn.py",
+    "rwkv": "pcdet/models/model_utils/rwkv_cls.py",
 }
 CONFIGS = {
     "lion_mamba_waymo": "tools/cfgs/lion_models/lion_mamba_waymo_8x_1f_1x_one_stride_128dim.yaml",
     "lion_retnet_waymo": "tools/cfgs/lion_models/lion_retnet_waymo_8x_1f_1x_one_stride_64dim.yaml",
+    "lion_rwkv_waymo": "tools/cfgs/lion_models/lion_rwkv_waymo_8x_1f_1x_one_stride_64dim.yaml",
     "lion_mamba_nuscenes": "tools/cfgs/lion_models/lion_mamba_nusc_8x_1f_1x_one_stride_128dim.yaml",
 }
 
@@ -136,6 +141,26 @@ def chunk_retention(q, k, v, initial_state=None, output_final_state=False):
     return torch.cat(out, 2), None
 
 
+class _WKV6:
+    """``wkv6_cuda``'s forward in torch: per head, a (N, N) state decayed by ``exp(ew)`` per key channel
+    at every step, read by ``r`` with the step's own ``k v^T`` weighted by the bonus ``u``."""
+
+    @staticmethod
+    def forward(b, t, c, h, r, k, v, ew, u, y):
+        n = c // h
+        r, k, v, ew = (x.double().view(b, t, h, n) for x in (r, k, v, ew))
+        u = u.double().view(h, n, 1)
+        state = r.new_zeros(b, h, n, n)
+        for step in range(t):
+            kv = k[:, step, :, :, None] * v[:, step, :, None, :]
+            y[:, step] = (r[:, step, :, :, None] * (state + u * kv)).sum(2).reshape(b, c).to(y.dtype)
+            state = state * torch.exp(ew[:, step, :, :, None]) + kv
+
+    @staticmethod
+    def backward(*args):
+        raise NotImplementedError("lion_reference: the RWKV stand-in has no backward")
+
+
 def _mamba_inner(selective_scan_ref):
     def mamba_inner_fn(xz, conv1d_weight, conv1d_bias, x_proj_weight, delta_proj_weight, A, B=None, C=None,
                        D=None, delta_bias=None, B_proj_bias=None, C_proj_bias=None, delta_softplus=True):
@@ -171,7 +196,7 @@ def _exec(name: str, path: Path) -> types.ModuleType:
 
 class _NotLoaded(nn.Module):
     def __init__(self, *args, **kwargs) -> None:
-        raise RuntimeError("lion_reference: only the Mamba and RetNet operators are loaded")
+        raise RuntimeError("lion_reference: only the Mamba, RetNet and RWKV operators are loaded")
 
 
 @contextlib.contextmanager
@@ -192,6 +217,9 @@ def _stubs() -> Iterator[None]:
         _module("causal_conv1d", causal_conv1d_fn=None, causal_conv1d_update=None)
         _module("causal_conv1d_cuda")
         _module("selective_scan_cuda")
+        _module("pcdet", package=True)
+        _module("pcdet.ops", package=True)
+        _module("pcdet.ops.wkv6", wkv6_cuda=_WKV6)
         yield
     finally:
         for name in set(sys.modules) - set(before):
@@ -221,11 +249,13 @@ def load_lion_module(root: Path) -> types.ModuleType:
         _module(f"{PACKAGE}.models.model_utils.retention", chunk_retention=chunk_retention,
                 fused_chunk_retention=None, fused_recurrent_retention=None, parallel_retention=None)
         _exec(f"{PACKAGE}.models.model_utils.retnet_attn", root / SOURCES["retnet"])
-        _module(f"{PACKAGE}.models.model_utils.rwkv_cls", Block=_NotLoaded)
+        rwkv = _exec(f"{PACKAGE}.models.model_utils.rwkv_cls", root / SOURCES["rwkv"])
         _module(f"{PACKAGE}.models.model_utils.vision_lstm2", xLSTM_Block=_NotLoaded)
         _module(f"{PACKAGE}.models.model_utils.ttt", TTTBlock=_NotLoaded)
         _module(f"{PACKAGE}.utils.spconv_utils", spconv=spnn, replace_feature=lambda x, f: x.replace_feature(f))
-        return _exec(f"{PACKAGE}.models.backbones_3d.lion_backbone_one_stride", root / SOURCES["backbone"])
+        backbone = _exec(f"{PACKAGE}.models.backbones_3d.lion_backbone_one_stride", root / SOURCES["backbone"])
+        backbone.rwkv_module = rwkv
+        return backbone
 
 
 def build_lion_backbone(root: Path, backbone_cfg: dict, input_channels: int, grid_size) -> nn.Module:
@@ -234,6 +264,9 @@ def build_lion_backbone(root: Path, backbone_cfg: dict, input_channels: int, gri
     ``grid_size`` is (x, y, z) voxels, as OpenPCDet passes it.
     """
     module = load_lion_module(root)
+    operator = backbone_cfg["OPERATOR"]
+    if operator["NAME"] == "RWKV":
+        module.rwkv_module.HEAD_SIZE = backbone_cfg["FEATURE_DIM"] // operator["CFG"]["n_head"]
     with contextlib.redirect_stdout(None):  # it prints a line per layer
         return module.LION3DBackboneOneStride(_attr_dict(backbone_cfg), input_channels, np.array(grid_size))
 

@@ -1,4 +1,5 @@
-"""Linear recurrences over sequences, behind one interface: Mamba's selective scan and RetNet's retention.
+"""Linear recurrences over sequences, behind one interface: Mamba's selective scan, RetNet's retention and
+RWKV-6's WKV.
 
 Both operators map sequences to sequences with a state that is updated linearly at each step, which is
 what lets LION run one recurrence over thousands of voxels of a group. Each has:
@@ -6,7 +7,7 @@ what lets LION run one recurrence over thousands of voxels of a group. Each has:
 - a pure-PyTorch chunked implementation (the reference; any device, differentiable by autograd);
 - a GPU path imported lazily: for the selective scan our Triton kernel
   (:mod:`voxsparse.ops.linear_rnn_triton`; its backward recomputes through the reference), for
-  retention ``flash-linear-attention`` (``fla``) where it is installed.
+  retention and WKV ``flash-linear-attention`` (``fla``) where it is installed.
 
 ``backend="auto"`` takes the GPU path for CUDA tensors when it is importable, else the reference;
 ``"torch"`` always takes the reference, ``"triton"`` / ``"fla"`` insist on the GPU path.
@@ -19,6 +20,14 @@ plus the carried state times the decay accumulated since the chunk began (a prod
 
 Chunking (retention): within a chunk, the decayed product ``(Q K^T * decay) V`` (causal, or both ways
 in LION's variant); across chunks, a (d_k, d_v) state per head carried by one pass over the chunks.
+
+Chunking (WKV): as retention, but the decay is per step and per key channel. Inside a chunk, step t
+sees an earlier step s through ``exp(sum of the log decays strictly between them)``, a factor in
+(0, 1] formed for every (t, s) pair from the in-chunk cumulative sums, so no product of a large and a
+small exponential is ever taken; the state entering the chunk reaches step t through the decay since
+the chunk began, also in (0, 1]. The cumulative sums and their differences are taken in float64: one
+very strong decay (a log decay of -1e5) would otherwise leave a rounding error of ~0.01 in every
+later difference of the chunk.
 """
 
 from __future__ import annotations
@@ -304,3 +313,115 @@ def _retention_fla(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.T
         return o
     return o[0] if isinstance(o, tuple) else o
 
+
+
+# --------------------------------------------------------------------------------------------------
+# WKV (RWKV-6)
+
+
+def wkv6(
+    r: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    log_w: torch.Tensor,
+    u: torch.Tensor,
+    *,
+    backend: Backend = "auto",
+    chunk_size: int = 16,
+) -> torch.Tensor:
+    """RWKV-6's WKV recurrence with a data-dependent decay per step and key channel, per head::
+
+        o[t] = r[t]^T (S[t-1] + diag(u) k[t] v[t]^T)
+        S[t] = diag(exp(log_w[t])) S[t-1] + k[t] v[t]^T        (S[-1] = 0, a (d_k, d_v) state)
+
+    Computed in float32 (float64 for float64 inputs), returned in ``r``'s dtype.
+
+    Args:
+        r, k: (B, H, L, d_k) receptance and key.
+        v: (B, H, L, d_v).
+        log_w: (B, H, L, d_k) log decay, <= 0 (RWKV-6: ``-exp(w)``).
+        u: (H, d_k) bonus of a step's own key.
+        backend: ``auto`` / ``torch``: the chunked reference (matrix products, fine on a GPU too);
+            ``fla``: ``flash-linear-attention``'s Triton ``chunk_rwkv6`` (CUDA).
+        chunk_size: steps per chunk of the reference (the result does not depend on it).
+
+    Returns:
+        (B, H, L, d_v).
+    """
+    if r.ndim != 4 or k.shape != r.shape or log_w.shape != r.shape or v.shape[:3] != r.shape[:3]:
+        raise ValueError(f"wkv6: r, k, log_w (B, H, L, d_k) and v (B, H, L, d_v), got {tuple(r.shape)}, "
+                         f"{tuple(k.shape)}, {tuple(log_w.shape)}, {tuple(v.shape)}")
+    if u.shape != (r.shape[1], r.shape[3]):
+        raise ValueError(f"wkv6: u must be (H, d_k) = {(r.shape[1], r.shape[3])}, got {tuple(u.shape)}")
+    if backend == "fla":
+        return _wkv6_fla(r, k, v, log_w, u)
+    if backend not in ("auto", "torch"):
+        raise ValueError(f"wkv6: backend {backend!r} (choose auto, torch or fla)")
+    return wkv6_torch(r, k, v, log_w, u, chunk_size)
+
+
+def _wkv6_chunk_products(r: torch.Tensor, k: torch.Tensor, v: torch.Tensor, inclusive: torch.Tensor,
+                         exclusive: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """In-chunk part of :func:`wkv6_torch`: (..., T, d_k) r, k, float64 cumulative log decays and
+    (..., T, d_v) v -> (..., T, d_v)."""
+    steps = r.shape[-2]
+    earlier = torch.ones(steps, steps, dtype=torch.bool, device=r.device).tril(-1)  # s < t
+    gap = (exclusive.unsqueeze(-2) - inclusive.unsqueeze(-3)).masked_fill(~earlier[:, :, None], -math.inf)
+    scores = torch.einsum("...tn,...sn,...tsn->...ts", r, k, torch.exp(gap.to(r.dtype)))
+    own = (r * k * u[:, None, None]).sum(-1)  # a step's own key, through the bonus
+    return scores @ v + own.unsqueeze(-1) * v
+
+
+def wkv6_torch(r: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_w: torch.Tensor, u: torch.Tensor,
+               chunk_size: int = 16) -> torch.Tensor:
+    """The chunked PyTorch WKV (:func:`wkv6`'s reference; same arguments). With gradients, the in-chunk
+    (T, T, d_k) decay factors are recomputed in the backward instead of being kept."""
+    dtype = r.dtype
+    work = torch.promote_types(dtype, torch.float32)
+    b, h, length, dk = r.shape
+    dv = v.shape[-1]
+    steps = max(1, min(chunk_size, length))
+    chunks = -(-length // steps)
+    pad = chunks * steps - length
+    # Padded steps have no key (nothing enters the state) and no decay; their outputs are dropped.
+    r, k, v, log_w = (F.pad(t.to(work), (0, 0, 0, pad)).view(b, h, chunks, steps, t.shape[-1]) for t in (r, k, v, log_w))
+    u = u.to(work)
+    inclusive = log_w.double().cumsum(3)
+    exclusive = F.pad(inclusive[:, :, :, :-1], (0, 0, 1, 0))  # exactly the inclusive sum one step back
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (r, k, v, log_w, u)):
+        out = torch.utils.checkpoint.checkpoint(_wkv6_chunk_products, r, k, v, inclusive, exclusive, u,
+                                                use_reentrant=False)
+    else:
+        out = _wkv6_chunk_products(r, k, v, inclusive, exclusive, u)
+    # State after each chunk: S_c = diag(exp(A_end)) S_{c-1} + sum_s (k_s exp(A_end - A_s)) v_s^T.
+    end = inclusive[:, :, :, -1:]
+    chunk_kv = (k * torch.exp((end - inclusive).to(work))).transpose(-1, -2) @ v  # (B, H, chunks, d_k, d_v)
+    whole = torch.exp(end.to(work)).transpose(-1, -2)  # (B, H, chunks, d_k, 1)
+    state = r.new_zeros(b, h, dk, dv)
+    entering = []
+    for c in range(chunks):
+        entering.append(state)
+        state = whole[:, :, c] * state + chunk_kv[:, :, c]
+    out = out + (r * torch.exp(exclusive.to(work))) @ torch.stack(entering, 2)
+    return out.reshape(b, h, chunks * steps, dv)[:, :, :length].to(dtype)
+
+
+def wkv6_sequential(r: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_w: torch.Tensor,
+                    u: torch.Tensor) -> torch.Tensor:
+    """WKV step by step in float64, as its definition reads: the brute-force check (L Python steps)."""
+    r, k, v, log_w, u = (t.double() for t in (r, k, v, log_w, u))
+    state = r.new_zeros(*r.shape[:2], r.shape[-1], v.shape[-1])
+    out = []
+    for t in range(r.shape[2]):
+        kv = k[:, :, t, :, None] * v[:, :, t, None, :]
+        out.append((r[:, :, t, :, None] * (state + u[:, :, None] * kv)).sum(-2))
+        state = torch.exp(log_w[:, :, t, :, None]) * state + kv
+    return torch.stack(out, 2)
+
+
+def _wkv6_fla(r: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_w: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """``fla.ops.rwkv6.chunk_rwkv6`` on (B, H, L, d) tensors (it takes (B, L, H, d))."""
+    from fla.ops.rwkv6 import chunk_rwkv6
+
+    o = chunk_rwkv6(*(t.transpose(1, 2) for t in (r, k, v, log_w)), u, scale=1.0)
+    return (o[0] if isinstance(o, tuple) else o).transpose(1, 2)

@@ -34,7 +34,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from voxsparse.models.backbones.lion_operators import OPERATORS
+from voxsparse.models.backbones.lion_operators import NUMBERED, OPERATORS
 from voxsparse.models.backbones.lion_partition import (
     generate_voxels,
     group_partition,
@@ -80,19 +80,21 @@ class LIONLayer(nn.Module):
         group_size: voxels per group.
         directions: orders of the blocks, e.g. ``("x", "y")``.
         shift: windows shifted by half their size.
-        operator: ``{"NAME": "Mamba" | "RetNet", "CFG": {...}}`` (the reference config's ``OPERATOR``).
+        operator: ``{"NAME": "Mamba" | "RetNet" | "RWKV", "CFG": {...}}`` (the reference config's ``OPERATOR``).
+        layer_id, n_layer: index of the first block among the backbone's ``n_layer`` blocks (the
+            directions' blocks take consecutive ones; only RWKV's initialisation uses them).
     """
 
     def __init__(
         self, channels: int, window_shape: Sequence[int], group_size: int, directions: Sequence[str], shift: bool,
-        operator: Mapping[str, Any],
+        operator: Mapping[str, Any], layer_id: int = 0, n_layer: int = 1,
     ) -> None:
         super().__init__()
         self.window_shape = tuple(int(w) for w in window_shape)
         self.group_size = int(group_size)
         self.directions = tuple(directions)
         self.shift = bool(shift)
-        self.blocks = nn.ModuleList(_operator(operator, channels) for _ in self.directions)
+        self.blocks = nn.ModuleList(_operator(operator, channels, layer_id + i, n_layer) for i in range(len(self.directions)))
 
     def forward(self, level: Level) -> Level:
         features = level.features
@@ -104,11 +106,13 @@ class LIONLayer(nn.Module):
         return level.with_features(features)
 
 
-def _operator(operator: Mapping[str, Any], channels: int) -> nn.Module:
+def _operator(operator: Mapping[str, Any], channels: int, layer_id: int, n_layer: int) -> nn.Module:
     name = operator["NAME"]
     if name not in OPERATORS:
         raise ValueError(f"LION operator: {name!r} is not one of {sorted(OPERATORS)}")
     settings = {k: v for k, v in dict(operator.get("CFG", {})).items() if k not in _IGNORED_SETTINGS}
+    if name in NUMBERED:
+        settings.update(layer_id=layer_id, n_layer=n_layer)
     return OPERATORS[name](d_model=channels, **settings)
 
 
@@ -182,24 +186,27 @@ class LIONBlock(nn.Module):
         down_scales: (depth,) merge scale (sx, sy, sz) per level.
         window_shape, group_size, directions, operator: of every layer (:class:`LIONLayer`).
         shift: shift the windows of the second layer of each level pair.
+        layer_id, n_layer: index of the block's first operator block among the backbone's ``n_layer``;
+            the reference numbers the layers down the U by twos from it, then those up the U.
     """
 
     def __init__(
         self, channels: int, depth: int, down_scales: Sequence[Sequence[int]], window_shape: Sequence[int],
-        group_size: int, directions: Sequence[str], shift: bool, operator: Mapping[str, Any],
+        group_size: int, directions: Sequence[str], shift: bool, operator: Mapping[str, Any], layer_id: int = 0,
+        n_layer: int = 1,
     ) -> None:
         super().__init__()
         if len(down_scales) != depth:
             raise ValueError(f"LIONBlock: {len(down_scales)} down_scales for depth {depth}")
         shifts = [False, shift] + [shift] * (depth - 2)
 
-        def layer(i: int) -> LIONLayer:
-            return LIONLayer(channels, window_shape, group_size, directions, shifts[i], operator)
+        def layer(i: int, first: int) -> LIONLayer:
+            return LIONLayer(channels, window_shape, group_size, directions, shifts[i], operator, first, n_layer)
 
-        self.encoder = nn.ModuleList(layer(i) for i in range(depth))
+        self.encoder = nn.ModuleList(layer(i, layer_id + 2 * i) for i in range(depth))
         self.pos_emb_list = nn.ModuleList(PositionEmbedding(channels) for _ in range(depth))
         self.downsample_list = nn.ModuleList(PatchMerging3D(channels, s) for s in down_scales)
-        self.decoder = nn.ModuleList(layer(i) for i in range(depth))
+        self.decoder = nn.ModuleList(layer(i, layer_id + 2 * (i + depth)) for i in range(depth))
         self.decoder_norm = nn.ModuleList(nn.LayerNorm(channels) for _ in range(depth))
 
     def forward(self, level: Level) -> Level:
@@ -229,7 +236,7 @@ class LIONBackbone(nn.Module):
         diffusion: voxel generation in the merges between stages.
         diff_scale: fraction of voxels that seed generated ones.
         shift: shift the windows of every second layer (and of ``linear_out``).
-        operator: ``{"NAME": "Mamba" | "RetNet", "CFG": {...}}``, the reference config's ``OPERATOR``.
+        operator: ``{"NAME": "Mamba" | "RetNet" | "RWKV", "CFG": {...}}``, the reference config's ``OPERATOR``.
         num_bev_features: output channels, C x the z cells left after the S merges between stages.
         out_window_shape, out_group_size: of ``linear_out``.
         stage_down_scale: the merge between stages (sx, sy, sz), (1, 1, 2) in the reference.
@@ -263,11 +270,16 @@ class LIONBackbone(nn.Module):
         self.out_channels = int(num_bev_features)
         self.stage_down_scale = tuple(int(s) for s in stage_down_scale)
         operator = {"NAME": operator["NAME"], "CFG": dict(operator.get("CFG", {}))}
+        # Operator blocks are numbered as the reference numbers them: stage i from 8 i (the 4 x depth
+        # blocks of a depth-2 stage), linear_out after the last stage, out of S x depth_1 x 4 + 2.
+        firsts = [8 * i for i in range(stages + 1)]
+        n_layer = stages * depths[0] * 4 + 2
         for i in range(stages):  # the reference's names: linear_1, dow1, linear_2, dow2, ...
             setattr(self, f"linear_{i + 1}", LIONBlock(channels, depths[i], layer_down_scales[i], window_shape[i],
-                                                       group_size[i], directions, shift, operator))
+                                                       group_size[i], directions, shift, operator, firsts[i], n_layer))
             setattr(self, f"dow{i + 1}", PatchMerging3D(channels, stage_down_scale, diffusion, diff_scale))
-        self.linear_out = LIONLayer(channels, out_window_shape, out_group_size, ("x", "y"), shift, operator)
+        self.linear_out = LIONLayer(channels, out_window_shape, out_group_size, ("x", "y"), shift, operator,
+                                    firsts[-1], n_layer)
 
     @property
     def stride(self) -> int:

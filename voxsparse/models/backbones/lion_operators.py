@@ -1,8 +1,8 @@
-"""The linear group RNN blocks LION runs over each group of voxels: bidirectional Mamba and RetNet.
+"""The linear group RNN blocks LION runs over each group of voxels: bidirectional Mamba, RetNet, RWKV-6.
 
-Both map (G, L, C) sequences to (G, L, C) with a residual connection. Parameter names are the LION
-reference's (``mamba.in_proj``, ``multi_scale_retention.q_proj``, ...), so its checkpoints load with
-equal keys; the recurrences are :mod:`voxsparse.ops.linear_rnn`'s.
+All map (G, L, C) sequences to (G, L, C) with residual connections. Parameter names are the LION
+reference's (``mamba.in_proj``, ``multi_scale_retention.q_proj``, ``att.time_maa_w1``, ...), so its
+checkpoints load with equal keys; the recurrences are :mod:`voxsparse.ops.linear_rnn`'s.
 
 - :class:`MambaBlock`: ``x + drop_path(LayerNorm(BiMamba(x)))``. BiMamba projects to an inner width,
   then runs two selective scans with their own causal depthwise conv, projections, ``A`` and ``D``:
@@ -10,6 +10,12 @@ equal keys; the recurrences are :mod:`voxsparse.ops.linear_rnn`'s.
   and projects back.
 - :class:`RetNetBlock`: pre-norm retention (multi-head, LION's chunk-bidirectional variant) and a GELU
   MLP, each with a residual connection.
+- :class:`RWKVBlock`: Vision-RWKV's block with RWKV-6 mixing (LION's ``rwkv_cls.Block``): a spatial mix
+  (token shift by one step, data-dependent interpolation, the causal WKV recurrence with a decay per
+  step and channel, GroupNorm, SiLU gate) and a channel mix (squared-ReLU MLP gated by a sigmoid), each
+  pre-normed, scaled by a learned per-channel ``gamma`` and added back. Its initialisation depends on
+  the block's index among all of the backbone's blocks (``layer_id`` of ``n_layer``); the very first
+  block also normalises its input (``ln0``).
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from voxsparse.ops.linear_rnn import retention, selective_scan
+from voxsparse.ops.linear_rnn import retention, selective_scan, wkv6
 
 
 class DropPath(nn.Module):
@@ -171,5 +177,157 @@ class RetNetBlock(nn.Module):
         return x + self.drop_path(self.ffn(self.final_layer_norm(x)))
 
 
+def _token_shift(x: torch.Tensor) -> torch.Tensor:
+    """(G, L, C) -> the previous step's features at every step, zeros at the first."""
+    return F.pad(x, (0, 0, 1, -1))
+
+
+def _channel_ramp(channels: int) -> torch.Tensor:
+    """(1, 1, C) ``i / C`` for channel i: the profile of RWKV's initial interpolation weights."""
+    return (torch.arange(channels, dtype=torch.float32) / channels).view(1, 1, channels)
+
+
+class SpatialMix(nn.Module):
+    """RWKV-6's time mixing over (G, L, C) sequences, the WKV recurrence in ``n_head`` heads.
+
+    Args:
+        channels: C (the attention width is C too).
+        n_head: heads; C / n_head channels each.
+        layer_id, n_layer: the block's index among ``n_layer`` blocks (initial values only).
+        key_norm: a LayerNorm over the WKV output.
+    """
+
+    #: Widths of the low-rank projections of the five interpolations and of the decay.
+    MIX_RANK = 32
+    DECAY_RANK = 64
+
+    def __init__(self, channels: int, n_head: int, layer_id: int, n_layer: int, key_norm: bool = False) -> None:
+        super().__init__()
+        if channels % n_head:
+            raise ValueError(f"RWKV: {channels} channels do not divide into {n_head} heads")
+        self.n_head = n_head
+        depth = layer_id / max(n_layer - 1, 1)  # 0 for the first block, 1 for the last
+        remaining = 1.0 - layer_id / max(n_layer, 1)  # 1 for the first block, towards 0
+        ramp = _channel_ramp(channels)
+        for name in ("x", "w", "k"):
+            self.register_parameter(f"time_maa_{name}", nn.Parameter(1.0 - ramp ** remaining))
+        self.time_maa_v = nn.Parameter(1.0 - (ramp ** remaining + 0.3 * depth))
+        self.time_maa_r = nn.Parameter(1.0 - ramp ** (0.5 * remaining))
+        self.time_maa_g = nn.Parameter(1.0 - ramp ** (0.5 * remaining))
+        self.time_maa_w1 = nn.Parameter(torch.empty(channels, 5 * self.MIX_RANK).uniform_(-1e-4, 1e-4))
+        self.time_maa_w2 = nn.Parameter(torch.empty(5, self.MIX_RANK, channels).uniform_(-1e-4, 1e-4))
+        position = torch.arange(channels, dtype=torch.float32) / (channels - 1)
+        self.time_decay = nn.Parameter((-6 + 5 * position ** (0.7 + 1.3 * depth)).view(1, 1, channels))
+        self.time_decay_w1 = nn.Parameter(torch.empty(channels, self.DECAY_RANK).uniform_(-1e-4, 1e-4))
+        self.time_decay_w2 = nn.Parameter(torch.empty(self.DECAY_RANK, channels).uniform_(-1e-4, 1e-4))
+        zigzag = ((torch.arange(channels) + 1) % 3 - 1) * 0.1
+        self.time_faaaa = nn.Parameter((depth * (1 - position) + zigzag).view(n_head, channels // n_head))
+        self.key = nn.Linear(channels, channels, bias=False)
+        self.value = nn.Linear(channels, channels, bias=False)
+        self.receptance = nn.Linear(channels, channels, bias=False)
+        self.gate = nn.Linear(channels, channels, bias=False)
+        self.key_norm = nn.LayerNorm(channels) if key_norm else None
+        self.output = nn.Linear(channels, channels, bias=False)
+        self.ln_x = nn.GroupNorm(n_head, channels, eps=1e-5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(G, L, C) -> (G, L, C)."""
+        g, length, c = x.shape
+        delta = _token_shift(x) - x
+        low_rank = torch.tanh((x + delta * self.time_maa_x) @ self.time_maa_w1).view(g * length, 5, -1).transpose(0, 1)
+        mw, mk, mv, mr, mg = torch.bmm(low_rank, self.time_maa_w2).view(5, g, length, c).unbind(0)
+        r = self.receptance(x + delta * (self.time_maa_r + mr))
+        k = self.key(x + delta * (self.time_maa_k + mk))
+        v = self.value(x + delta * (self.time_maa_v + mv))
+        gate = F.silu(self.gate(x + delta * (self.time_maa_g + mg)))
+        w = self.time_decay + torch.tanh((x + delta * (self.time_maa_w + mw)) @ self.time_decay_w1) @ self.time_decay_w2
+
+        def heads(t: torch.Tensor) -> torch.Tensor:
+            return t.view(g, length, self.n_head, -1).transpose(1, 2)
+
+        y = wkv6(heads(r), heads(k), heads(v), heads(-torch.exp(w)), self.time_faaaa).transpose(1, 2).reshape(g, length, c)
+        if self.key_norm is not None:
+            y = self.key_norm(y)
+        return self.output(self.ln_x(y.reshape(g * length, c)).view(g, length, c) * gate)
+
+
+class ChannelMix(nn.Module):
+    """RWKV's channel mixing: ``sigmoid(R x_r) * V relu(K x_k)^2`` with token-shift interpolations."""
+
+    def __init__(self, channels: int, layer_id: int, n_layer: int, hidden_rate: int = 4, key_norm: bool = False) -> None:
+        super().__init__()
+        hidden = hidden_rate * channels
+        start = _channel_ramp(channels) ** (1.0 - layer_id / max(n_layer, 1))
+        self.spatial_mix_k = nn.Parameter(start.clone())
+        self.spatial_mix_r = nn.Parameter(start.clone())
+        self.key = nn.Linear(channels, hidden, bias=False)
+        self.key_norm = nn.LayerNorm(hidden) if key_norm else None
+        self.receptance = nn.Linear(channels, channels, bias=False)
+        self.value = nn.Linear(hidden, channels, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(G, L, C) -> (G, L, C)."""
+        delta = _token_shift(x) - x
+        k = torch.relu(self.key(x * self.spatial_mix_k + delta * (1 - self.spatial_mix_k))) ** 2
+        if self.key_norm is not None:
+            k = self.key_norm(k)
+        return torch.sigmoid(self.receptance(x * self.spatial_mix_r + delta * (1 - self.spatial_mix_r))) * self.value(k)
+
+
+class RWKVBlock(nn.Module):
+    """Vision-RWKV's block with RWKV-6 mixing over (G, L, C) groups (LION's ``rwkv_cls.Block``).
+
+    Args:
+        d_model: C.
+        n_head: WKV heads.
+        layer_id, n_layer: this block's index among the backbone's ``n_layer`` blocks; sets initial
+            values, and the block with index 0 normalises its input first (``ln0``).
+        hidden_rate: channel-mix width over C.
+        drop_path: stochastic depth of both branches.
+        init_values: initial ``gamma1`` / ``gamma2`` scales of the branches (None: no scales).
+        post_norm: normalise each branch's output instead of its input.
+        key_norm: LayerNorms inside both mixes.
+        shift_mode: ``"time_shift"`` (the previous step of the sequence), the only mode a voxel
+            sequence has (Vision-RWKV's ``q_shift`` needs an image grid).
+        init_mode: ``"fancy"``, RWKV's layer-dependent initialisation (the only one).
+        shift_pixel: unused by ``time_shift``.
+    """
+
+    def __init__(
+        self, d_model: int, n_head: int, layer_id: int = 0, n_layer: int = 1, hidden_rate: int = 4,
+        drop_path: float = 0.0, init_values: float | None = None, post_norm: bool = False, key_norm: bool = False,
+        shift_mode: str = "time_shift", init_mode: str = "fancy", shift_pixel: int = 1, with_cls_token: bool = False,
+    ) -> None:
+        super().__init__()
+        if shift_mode != "time_shift" or init_mode != "fancy" or with_cls_token:
+            raise ValueError(f"RWKV: shift_mode 'time_shift', init_mode 'fancy' and no class token are supported, "
+                             f"got {shift_mode!r}, {init_mode!r}, with_cls_token={with_cls_token}")
+        self.layer_id = layer_id
+        self.post_norm = post_norm
+        if layer_id == 0:
+            self.ln0 = nn.LayerNorm(d_model)
+        self.ln1 = nn.LayerNorm(d_model)
+        self.ln2 = nn.LayerNorm(d_model)
+        self.att = SpatialMix(d_model, n_head, layer_id, n_layer, key_norm)
+        self.ffn = ChannelMix(d_model, layer_id, n_layer, hidden_rate, key_norm)
+        self.drop_path = DropPath(drop_path)
+        if init_values is not None:
+            self.gamma1 = nn.Parameter(torch.full((d_model,), float(init_values)))
+            self.gamma2 = nn.Parameter(torch.full((d_model,), float(init_values)))
+        else:
+            self.gamma1 = self.gamma2 = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.layer_id == 0:
+            x = self.ln0(x)
+        for mix, norm, gamma in ((self.att, self.ln1, self.gamma1), (self.ffn, self.ln2, self.gamma2)):
+            branch = norm(mix(x)) if self.post_norm else mix(norm(x))
+            x = x + self.drop_path(branch if gamma is None else gamma * branch)
+        return x
+
+
 #: Operator names of LION's configs (``OPERATOR.NAME``) to blocks.
-OPERATORS = {"Mamba": MambaBlock, "RetNet": RetNetBlock}
+OPERATORS = {"Mamba": MambaBlock, "RetNet": RetNetBlock, "RWKV": RWKVBlock}
+
+#: Operators whose blocks take their index among all of the backbone's blocks (``layer_id`` of ``n_layer``).
+NUMBERED = ("RWKV",)
