@@ -1,4 +1,3 @@
-import dataclasses
 import math
 
 import pytest
@@ -166,36 +165,6 @@ def test_backbone_and_heads_train_and_decode(head_cls):
     head.eval()
     detections = head.decode(head(backbone(voxels)))
     assert len(detections) == 2 and all(len(d) <= head.max_detections for d in detections)
-
-
-@pytest.mark.parametrize("train", [True, False])
-def test_sparse_head_branches_at_once_equal_the_branches_one_by_one(train, monkeypatch):
-    """The stacked-weight convolution of the branches gives each branch's output, running statistics
-    and gradients up to float rounding; a branch of two convs takes the branch-by-branch path."""
-    backbone = VoxelNeXtBackbone(4, channels=(8, 16, 16, 16), blocks=(1, 1, 1, 1), bev_stage=2, out_channels=16)
-    bev = backbone(_voxels(3000, 2, seed=3))
-    ann = _annotations([[0.0, 0.0, -1.0, 4.0, 2.0, 1.5, 0.0]], [0])
-    runs = []
-    for at_once in (True, False):
-        torch.manual_seed(0)
-        head = VoxelNeXtHead(in_channels=16, num_classes=3, head_channels=16, with_iou=True).train(train)
-        if not at_once:
-            monkeypatch.setattr(head, "_branches_at_once", lambda x: None)
-        features = bev.features.detach().clone().requires_grad_()
-        predictions = head(dataclasses.replace(bev, features=features))
-        head.loss(predictions, [ann, ann]).total.backward()
-        runs.append((predictions, head, features.grad))
-    (ours, head, grad), (theirs, reference, expected_grad) = runs
-    for name in ("heatmap", "offset", "z", "log_dims", "rot", "iou"):
-        torch.testing.assert_close(getattr(ours, name), getattr(theirs, name), rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(grad, expected_grad, rtol=1e-4, atol=1e-5)
-    for (key, a), (_, b) in zip(head.state_dict().items(), reference.state_dict().items()):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=key)
-    for (key, a), (_, b) in zip(head.named_parameters(), reference.named_parameters()):
-        torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-5, msg=key)
-    assert all(b.single_conv() is not None for b in head.branches.values())
-    deeper = VoxelNeXtHead(in_channels=16, num_classes=3, head_channels=16, num_convs=2)
-    assert all(b.single_conv() is None for b in deeper.branches.values())
 
 
 def test_backbone_and_sparse_head_accept_a_batch_without_voxels():

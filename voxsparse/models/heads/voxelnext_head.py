@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import torch
 from torch import nn
 
 from voxsparse.models.heads.center_head import CenterHeadBase, CenterPredictions, init_heatmap_bias
@@ -25,15 +24,6 @@ class _SparseBranch(nn.Module):
         if x is None:  # no occupied cells: spconv cannot run, the linear layer gives (0, C) outputs
             return self.out(empty_features)
         return self.out(self.convs(x).features)
-
-    def single_conv(self) -> tuple[nn.Module, nn.Module, nn.Module] | None:
-        """(conv, BatchNorm, ReLU) when the branch is exactly one bias-free conv block, else None
-        (more convs, or a block rewritten by :func:`~voxsparse.models.fusion.fuse_for_inference`)."""
-        if len(self.convs) != 1 or len(self.convs[0]) != 3:
-            return None
-        conv, bn, act = self.convs[0]
-        plain = conv.bias is None and getattr(getattr(conv, "act_type", None), "name", None) in (None, "None_")
-        return (conv, bn, act) if plain and isinstance(bn, nn.BatchNorm1d) and isinstance(act, nn.ReLU) else None
 
 
 class VoxelNeXtHead(CenterHeadBase):
@@ -69,9 +59,7 @@ class VoxelNeXtHead(CenterHeadBase):
         else:
             x = SparseConvTensor(bev.features, bev.coords.int(), list(bev.spatial_shape), bev.batch_size)
             x = self.shared(x)
-            out = self._branches_at_once(x)
-            if out is None:
-                out = {name: branch(x) for name, branch in self.branches.items()}
+            out = {name: branch(x) for name, branch in self.branches.items()}
         return CenterPredictions(
             coords=bev.coords,
             cell_xy=bev.cell_centers(),
@@ -82,20 +70,3 @@ class VoxelNeXtHead(CenterHeadBase):
             batch_size=bev.batch_size,
             **out,
         )
-
-    def _branches_at_once(self, x: SparseConvTensor) -> dict | None:
-        """Every branch's output from one convolution with their weights stacked along the output
-        channels (the same pairs, gathered once, and one wide product per kernel offset instead of a
-        narrow one per branch), each branch's BatchNorm, ReLU and linear layer on its slice; None
-        unless every branch is a single plain conv block. Equal to the branches one by one up to float
-        rounding."""
-        layers = [branch.single_conv() for branch in self.branches.values()]
-        if any(layer is None for layer in layers):
-            return None
-        first = layers[0][0]
-        weight = torch.cat([conv.weight for conv, _, _ in layers])  # spconv's (C_out, k, k, C_in)
-        features = first._conv_forward(self.training, x, weight, None, name=first.name,
-                                       sparse_unique_name=first._sparse_unique_name).features
-        slices = features.split([conv.out_channels for conv, _, _ in layers], dim=1)
-        return {name: branch.out(act(bn(f))) for (name, branch), (_, bn, act), f in
-                zip(self.branches.items(), layers, slices)}
