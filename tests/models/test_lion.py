@@ -268,3 +268,21 @@ def test_live_rwkv_initial_values():
     assert len(fixed) == 34 * 10
     for key in fixed:
         torch.testing.assert_close(ours[key], reference[key], rtol=0, atol=1e-6, msg=key)
+
+
+@pytest.mark.skipif(not LION, reason="set VOXSPARSE_LION to a LION checkout")
+@pytest.mark.parametrize("name", ["lion_mamba_waymo", "lion_retnet_waymo", "lion_rwkv_waymo", "lion_mamba_nuscenes"])
+def test_live_reference_configs_have_the_reference_backbone_layout(name):
+    """Each paper-size config builds the backbone that the authors' config builds: the same state-dict
+    names and shapes (so their checkpoints load), hence the same parameter count."""
+    import yaml
+
+    from voxsparse.benchmark.lion_reference import CONFIGS, build_lion_backbone
+    from voxsparse.benchmark.stages import build_model
+
+    config = yaml.safe_load((Path(LION) / CONFIGS[name]).read_text())["MODEL"]["BACKBONE_3D"]
+    model = build_model(name)
+    grid_xyz = tuple(reversed(model.grid.spatial_shape))
+    reference = build_lion_backbone(Path(LION), config, config["FEATURE_DIM"], grid_xyz)
+    theirs = {k: tuple(v.shape) for k, v in reference.state_dict().items()}
+    assert {k: tuple(v.shape) for k, v in model.backbone.state_dict().items()} == theirs
