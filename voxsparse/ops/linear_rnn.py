@@ -247,6 +247,19 @@ def retention(
     return retention_torch(q, k, v, chunk_size, bidirectional_chunks)
 
 
+def _entering_states(decay: torch.Tensor, chunk_kv: torch.Tensor) -> torch.Tensor:
+    """The (B, H, chunks, d_k, d_v) state entering each chunk, zero for the first, by one pass over the
+    chunks: ``S_c = decay_c * S_{c-1} + chunk_kv_c``. ``decay`` is the whole chunk's decay, broadcastable
+    to (B, H, chunks, d_k, 1) (per head for retention, per sequence, chunk and key channel for WKV)."""
+    decay = decay.expand(*chunk_kv.shape[:3], *decay.shape[3:])
+    state = chunk_kv.new_zeros(chunk_kv.shape[:2] + chunk_kv.shape[3:])
+    entering = []
+    for d, kv in zip(decay.unbind(2), chunk_kv.unbind(2)):
+        entering.append(state)
+        state = d * state + kv
+    return torch.stack(entering, 2)
+
+
 def retention_torch(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, chunk_size: int = 64, bidirectional_chunks: bool = False
 ) -> torch.Tensor:
@@ -272,14 +285,9 @@ def retention_torch(
     # State after each chunk: S_c = gamma^T S_{c-1} + sum_j gamma^(T-1-j) k_j^T v_j.
     to_end = torch.exp2((steps - 1 - pos) * log_gamma).view(h, 1, steps, 1)
     chunk_kv = (k * to_end).transpose(-1, -2) @ v  # (B, H, chunks, d_k, d_v)
-    whole = torch.exp2(steps * log_gamma).view(1, h, 1, 1)
-    state = q.new_zeros(b, h, dk, dv)
-    entering = []
-    for kv in chunk_kv.unbind(2):
-        entering.append(state)
-        state = whole * state + kv
+    whole = torch.exp2(steps * log_gamma).view(1, h, 1, 1, 1)
     from_start = torch.exp2((pos + 1) * log_gamma).view(h, 1, steps, 1)  # decay since the previous chunk's end
-    out = out + (q * from_start) @ torch.stack(entering, 2)
+    out = out + (q * from_start) @ _entering_states(whole, chunk_kv)
     return out.reshape(b, h, chunks * steps, dv)[:, :, :length].to(dtype)
 
 
@@ -312,7 +320,6 @@ def _retention_fla(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.T
         o = (o[0] if isinstance(o, tuple) else o).transpose(1, 2)
         return o
     return o[0] if isinstance(o, tuple) else o
-
 
 
 # --------------------------------------------------------------------------------------------------
@@ -397,12 +404,7 @@ def wkv6_torch(r: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_w: torch.T
     end = inclusive[:, :, :, -1:]
     chunk_kv = (k * torch.exp((end - inclusive).to(work))).transpose(-1, -2) @ v  # (B, H, chunks, d_k, d_v)
     whole = torch.exp(end.to(work)).transpose(-1, -2)  # (B, H, chunks, d_k, 1)
-    state = r.new_zeros(b, h, dk, dv)
-    entering = []
-    for c in range(chunks):
-        entering.append(state)
-        state = whole[:, :, c] * state + chunk_kv[:, :, c]
-    out = out + (r * torch.exp(exclusive.to(work))) @ torch.stack(entering, 2)
+    out = out + (r * torch.exp(exclusive.to(work))) @ _entering_states(whole, chunk_kv)
     return out.reshape(b, h, chunks * steps, dv)[:, :, :length].to(dtype)
 
 
