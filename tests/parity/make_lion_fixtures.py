@@ -85,7 +85,7 @@ def randomize(model: torch.nn.Module, seed: int = 2) -> None:
             leaf = name.rsplit(".", 1)[-1]
             if leaf in ("gamma1", "gamma2"):
                 param.copy_(0.5 + 0.5 * torch.rand(param.shape, generator=g))
-            elif leaf.startswith(("time_maa_w", "time_decay_w")):
+            elif leaf in ("time_maa_w1", "time_maa_w2", "time_decay_w1", "time_decay_w2"):  # low-rank projections
                 param.copy_(0.2 * torch.randn(param.shape, generator=g))
             elif leaf in ("time_decay", "time_faaaa") or leaf.startswith(("time_maa_", "spatial_mix_")):
                 param.add_(0.2 * torch.randn(param.shape, generator=g))

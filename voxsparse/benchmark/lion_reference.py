@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from voxsparse.benchmark.openpcdet import _attr_dict
+from voxsparse.ops.linear_rnn import wkv6_sequential
 
 #: Private package the checkout's files are executed under.
 PACKAGE = "lion_reference"
@@ -142,19 +143,13 @@ def chunk_retention(q, k, v, initial_state=None, output_final_state=False):
 
 
 class _WKV6:
-    """``wkv6_cuda``'s forward in torch: per head, a (N, N) state decayed by ``exp(ew)`` per key channel
-    at every step, read by ``r`` with the step's own ``k v^T`` weighted by the bonus ``u``."""
+    """``wkv6_cuda``'s forward in torch: the recurrence step by step (:func:`wkv6_sequential`) on the
+    kernel's (B, T, C) tensors, ``ew`` being the log decay, written into its output ``y``."""
 
     @staticmethod
     def forward(b, t, c, h, r, k, v, ew, u, y):
-        n = c // h
-        r, k, v, ew = (x.double().view(b, t, h, n) for x in (r, k, v, ew))
-        u = u.double().view(h, n, 1)
-        state = r.new_zeros(b, h, n, n)
-        for step in range(t):
-            kv = k[:, step, :, :, None] * v[:, step, :, None, :]
-            y[:, step] = (r[:, step, :, :, None] * (state + u * kv)).sum(2).reshape(b, c).to(y.dtype)
-            state = state * torch.exp(ew[:, step, :, :, None]) + kv
+        heads = [x.view(b, t, h, c // h).transpose(1, 2) for x in (r, k, v, ew)]
+        y.copy_(wkv6_sequential(*heads, u.view(h, c // h)).transpose(1, 2).reshape(b, t, c))
 
     @staticmethod
     def backward(*args):
