@@ -243,7 +243,7 @@ class AttentionPooling(nn.Module):
         p, vol, c = pool.num_regions, pool.volume, x.shape[1]
         h, d = self.num_heads, c // self.num_heads
         flat = pool.region * vol + pool.slot
-        dense = x.new_zeros(p * vol, c).index_copy(0, flat, x).view(p, vol, c)
+        dense = x.new_zeros(p * vol, c).index_copy_(0, flat, x).view(p, vol, c)
         valid = torch.zeros(p * vol, dtype=torch.bool, device=x.device).index_fill_(0, flat, True)
         valid = valid.view(p, vol)
         query = dense.masked_fill(~valid[..., None], float("-inf")).amax(dim=1)  # (P, C)
@@ -614,7 +614,7 @@ class ReferenceAttentionPooling(nn.Module):
             raise ValueError(f"pooling regions of {pool.volume} places, the module expects {self.volume}")
         p, vol, c = pool.num_regions, pool.volume, self.channels
         h, d = self.num_heads, c // self.num_heads
-        dense = x.new_zeros(p * vol, c).index_copy(0, pool.region * vol + pool.slot, x).view(p, vol, c)
+        dense = x.new_zeros(p * vol, c).index_copy_(0, pool.region * vol + pool.slot, x).view(p, vol, c)
         query = dense.amax(dim=1)  # (P, C)
         q = _packed_projection(query, self.in_proj_weight, self.in_proj_bias, slice(0, c)).view(p, h, 1, d)
         k = _packed_projection(dense + self.pos_embedding, self.in_proj_weight, self.in_proj_bias, slice(c, 2 * c))

@@ -253,7 +253,7 @@ class FocalSparseConv(spnn.SparseModule):
             counts = weights.new_zeros(len(cells)).index_add_(0, target, torch.ones_like(weights))
             scale = (1 + sums[own]) / (1 + counts[own])
             features = torch.where(important[:, None], features * scale[:, None].to(features.dtype), features)
-        out = features.new_zeros(len(cells), features.shape[1]).index_copy(0, own, features)
+        out = features.new_zeros(len(cells), features.shape[1]).index_copy_(0, own, features)
         return cells, out
 
     def importance_loss(self, boxes: Sequence[torch.Tensor]) -> torch.Tensor:

@@ -186,7 +186,7 @@ def grouped_attention(
     d = c // num_heads
     size = layout.size
     # Every row to its own slot: the buffer's padding stays zero, and rows in no group land past it.
-    padded = [torch.index_put(t.new_zeros(size + m, c), (layout.slot,), t) for t in (q, k, v)]
+    padded = [t.new_zeros(size + m, c).index_put_((layout.slot,), t) for t in (q, k, v)]
     outputs = []
     start = 0
     for length, n in layout.buckets:  # n groups padded to ``length`` slots
