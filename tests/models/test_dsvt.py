@@ -14,12 +14,14 @@ import voxsparse.models.backbones.dsvt as dsvt_module
 from voxsparse.models.backbones.dsvt import (
     AttentionPooling,
     DSVTBackbone,
+    PositionEmbedding,
     SetAttentionLayer,
     _matmul_attention,
     set_attention,
 )
 from voxsparse.models.backbones.dsvt_partition import (
     AXES,
+    WindowPositions,
     pooling_partition,
     stage_partition,
     window_partition,
@@ -290,6 +292,29 @@ def test_checkpointed_blocks_give_the_same_gradients():
         backbone(voxels).features.square().sum().backward()
         grads.append(torch.cat([p.grad.reshape(-1) for p in backbone.parameters()]))
     torch.testing.assert_close(grads[0], grads[1])
+
+
+def test_position_embedding_gradients_repeat_bit_for_bit():
+    """Many voxels share each in-window place; their gradients reach the place's embedding in a
+    fixed order on two CPU threads (indexing's backward added them with atomics, in thread order)."""
+    torch.manual_seed(14)
+    table = torch.rand(300, 3) * 2 - 1
+    positions = WindowPositions(table, torch.randint(0, 300, (40_000,)))
+    mlp = PositionEmbedding(3, 64).mlp
+    weights = torch.randn(40_000, 64)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        runs = []
+        for _ in range(5):
+            mlp.zero_grad()
+            (positions.embed(mlp) * weights).sum().backward()
+            runs.append(torch.cat([p.grad.reshape(-1) for p in mlp.parameters()]))
+    finally:
+        torch.set_num_threads(previous)
+    torch.testing.assert_close(positions.embed(mlp), mlp(table)[positions.index], rtol=0, atol=0)
+    for run in runs[1:]:
+        assert torch.equal(run, runs[0])
 
 
 def _model_config(name: str):

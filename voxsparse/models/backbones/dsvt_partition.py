@@ -111,7 +111,11 @@ class WindowPositions:
     def embed(self, fn) -> torch.Tensor:
         """``fn`` applied to every voxel's position: (M, C) from a row-wise ``fn: (V, dims) -> (V, C)``."""
         out = fn(self.table)
-        return out if self.index is None else out[self.index]
+        if self.index is None:
+            return out
+        # gather, not out[index]: its backward (scatter_add) sums each place's rows in a fixed order on
+        # the CPU, where indexing's backward adds them with atomics, in whichever order threads run.
+        return out.gather(0, self.index[:, None].expand(-1, out.shape[1]))
 
 
 @dataclass(frozen=True)
