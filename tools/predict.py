@@ -36,9 +36,9 @@ from voxsparse.engine.predict import (
     frame_id_of,
     write_jsonl,
 )
-from voxsparse.stream import DriveOptions, run_drive
 from voxsparse.evaluation.predictions_io import PredictionsFile, save_predictions
 from voxsparse.models.trackers import TrackerConfig
+from voxsparse.stream import DriveOptions, run_drive
 from voxsparse.utils.progress import progress
 
 log = logging.getLogger("voxsparse.predict")

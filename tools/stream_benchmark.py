@@ -23,8 +23,8 @@ import voxsparse
 from voxsparse.benchmark.stages import build_model
 from voxsparse.data.drives import read_drive
 from voxsparse.data.synthetic import SyntheticDataset
-from voxsparse.stream import DetectionStream, LatencyStats
 from voxsparse.models.trackers import TrackerConfig
+from voxsparse.stream import DetectionStream, LatencyStats
 
 
 def main() -> None:

@@ -56,7 +56,7 @@ def _objects(n: int, seed: int = 0, names=("Car", "Pedestrian", "Cyclist")) -> K
         occluded=rng.integers(0, 4, n),
         alpha=rng.uniform(-np.pi, np.pi, n),
         bbox=np.column_stack([rng.uniform(0, 600, n), rng.uniform(100, 200, n), rng.uniform(650, 1200, n),
-                              rng.uniform(210, 370, n)]),  # fmt: skip
+                              rng.uniform(210, 370, n)]),
         dimensions=hwl,
         location=xyz,
         rotation_y=rng.uniform(-np.pi, np.pi, n),

@@ -214,7 +214,7 @@ def test_matches_openpcdet_evaluation(cases, openpcdet_eval):
 
 def test_results_files_round_trip(cases, tmp_path):
     """Detections written as results files read back as the devkit reads them, and score the same."""
-    case, gt, det, result = cases[1]
+    _, gt, det, result = cases[1]
     ids = [f"{i:06d}" for i in range(len(det))]
     kitti_ap.write_results(tmp_path, ids, det)
     back = [parse_labels((tmp_path / f"{i}.txt").read_text()) for i in ids]

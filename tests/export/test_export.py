@@ -11,8 +11,8 @@ import sys
 
 import pytest
 import torch
-from tool_runs import ROOT, compose_config, run_tool
 from hydra.utils import instantiate
+from tool_runs import ROOT, compose_config, run_tool
 
 from voxsparse.benchmark.stages import dataset_for
 from voxsparse.engine.export import (

@@ -20,10 +20,10 @@ from voxsparse.data.pointfile import PointCloud
 from voxsparse.data.rosbag import open_drive
 from voxsparse.data.synthetic import LidarConfig, SyntheticDataset
 from voxsparse.engine.predict import ScanOptions, ScanPredictor
-from voxsparse.stream import DetectionStream, DriveOptions, LatencyStats, run_drive
 from voxsparse.evaluation.nuscenes_tracking import detections_to_global
 from voxsparse.geometry import RigidTransform
 from voxsparse.models.trackers import TrackerConfig, VoxelNeXtTracker
+from voxsparse.stream import DetectionStream, DriveOptions, LatencyStats, run_drive
 from voxsparse.structures import Boxes3D, Detections3D, PointConvention
 
 START = 1_700_000_000.0  # drive times are epoch seconds

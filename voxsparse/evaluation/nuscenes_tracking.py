@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from voxsparse.data.nuscenes import sequences_from_nusc  # noqa: F401  (re-exported)
+from voxsparse.data.nuscenes import sequences_from_nusc
 from voxsparse.data.nuscenes_tiny import (
     TinyNuScenes,
     TinyNuScenesSpec,

@@ -385,7 +385,7 @@ def wkv6_torch(r: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_w: torch.T
     (T, T, d_k) decay factors are recomputed in the backward instead of being kept."""
     dtype = r.dtype
     work = torch.promote_types(dtype, torch.float32)
-    b, h, length, dk = r.shape
+    b, h, length, _ = r.shape
     dv = v.shape[-1]
     steps = max(1, min(chunk_size, length))
     chunks = -(-length // steps)

@@ -49,8 +49,8 @@ from voxsparse.models.backbones.resnet3d import BN_MOMENTUM as REFERENCE_BN_MOME
 from voxsparse.models.backbones.resnet3d import VoxelResBackBone8x, height_compression
 from voxsparse.models.keys import KeyPair, identical_keys
 from voxsparse.models.layers import BN_EPS, BN_MOMENTUM
-from voxsparse.ops.sparse_backend import SparseConvTensor, spnn
 from voxsparse.ops.scatter import group_counts
+from voxsparse.ops.sparse_backend import SparseConvTensor, spnn
 from voxsparse.ops.sparse_utils import grid_offsets, unique_coords
 from voxsparse.structures import Annotations3D, SparseBEV, SparseVoxels, VoxelGrid
 
