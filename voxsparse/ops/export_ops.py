@@ -157,11 +157,11 @@ def _epilogue(out: torch.Tensor, bias: torch.Tensor | None, act_type: Any, act_a
     """The bias and activation spconv fuses into its kernel, applied after the op."""
     if bias is not None:
         out = out + bias
-    if act_type == _Activation.ReLU:
+    if act_type is _Activation.ReLU:
         return torch.relu(out)
-    if act_type == _Activation.LeakyReLU:
+    if act_type is _Activation.LeakyReLU:
         return nn.functional.leaky_relu(out, act_alpha)
-    if act_type != _Activation.None_:
+    if act_type is not _Activation.None_:
         raise NotImplementedError(f"export: spconv activation {act_type}")
     return out
 

@@ -116,8 +116,9 @@ def _key_dtype(num_keys: int) -> torch.dtype:
 
 
 def _triton_kernels(points: PointBatch) -> ModuleType | None:
-    """:mod:`voxsparse.ops.triton_voxelize` for CUDA points when Triton is installed, else None."""
-    if not points.points.is_cuda:
+    """:mod:`voxsparse.ops.triton_voxelize` for CUDA points when Triton is installed, else None (also
+    while ``torch.export`` traces: its launcher cannot be traced, and torch's keys are the same)."""
+    if not points.points.is_cuda or torch.compiler.is_compiling():
         return None
     from voxsparse.ops import triton_voxelize
 

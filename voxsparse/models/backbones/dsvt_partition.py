@@ -238,10 +238,12 @@ def _window_runs(sorted_window_key: torch.Tensor, set_size: int):
     first set id; plus the total number of sets as a 0-dim tensor (not read on the host here)."""
     m = sorted_window_key.shape[0]
     device = sorted_window_key.device
-    starts = torch.ones(m, dtype=torch.bool, device=device)
-    starts[1:] = sorted_window_key[1:] != sorted_window_key[:-1]
-    window_id = torch.cumsum(starts.long(), 0) - 1  # contiguous window index, (M,)
     position = torch.arange(m, device=device)
+    # Each voxel against the one before it, through a gather: slices of an unbacked length would
+    # need their lengths proven equal when traced.
+    previous = sorted_window_key[(position - 1).clamp_min(0)]
+    starts = (sorted_window_key != previous) | (position == 0)
+    window_id = torch.cumsum(starts.long(), 0) - 1  # contiguous window index, (M,)
     # At most M windows: per-window tensors are sized M so that nothing depends on a host read.
     count = torch.zeros(m, dtype=torch.long, device=device)
     count.scatter_add_(0, window_id, torch.ones_like(window_id))
