@@ -157,6 +157,7 @@ def _epilogue(out: torch.Tensor, bias: torch.Tensor | None, act_type: Any, act_a
     """The bias and activation spconv fuses into its kernel, applied after the op."""
     if bias is not None:
         out = out + bias
+    # By identity: the tracer cannot compare the pybind enum's members, and spconv passes the class's own.
     if act_type is _Activation.ReLU:
         return torch.relu(out)
     if act_type is _Activation.LeakyReLU:
