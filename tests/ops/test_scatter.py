@@ -1,6 +1,7 @@
-"""segment_max against torch's scatter_reduce (values) and a brute-force even split of each group's
-gradient among its tied rows. (scatter_reduce's own gradient also counts its initial value as a tie
-where a group's maximum is exactly 0, so the groups' shares do not add up to their gradient there.)"""
+"""run_starts against a loop over the rows. segment_max against torch's scatter_reduce (values) and a
+brute-force even split of each group's gradient among its tied rows. (scatter_reduce's own gradient
+also counts its initial value as a tie where a group's maximum is exactly 0, so the groups' shares do
+not add up to their gradient there.)"""
 
 import pytest
 import torch
@@ -35,3 +36,10 @@ def test_segment_max_equals_scatter_max_on_sorted_rows(device):
     grad = torch.randn(got.shape, generator=gen)
     got.backward(grad.to(device))
     torch.testing.assert_close(ours.grad.cpu(), _even_split(src, index, grad), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("n", [0, 1, 2, 200])
+def test_run_starts_marks_the_first_row_of_each_run(n):
+    keys = torch.sort(torch.randint(0, 20, (n,), generator=torch.Generator().manual_seed(n))).values
+    expected = [i == 0 or keys[i].item() != keys[i - 1].item() for i in range(n)]
+    assert scatter.run_starts(keys).tolist() == expected

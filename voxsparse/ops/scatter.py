@@ -28,6 +28,16 @@ def group_counts(index: torch.Tensor, num_groups: int) -> torch.Tensor:
     return index.new_zeros(num_groups).scatter_add_(0, index, torch.ones_like(index))
 
 
+def run_starts(keys: torch.Tensor) -> torch.Tensor:
+    """(N,) bool, True at the first row of each run of equal values of the sorted ``keys`` (N,).
+
+    Each key is compared with the one before it through a gather: slices (``keys[1:]``,
+    ``keys[:-1]``) of a length that is only known when the program runs would need their lengths
+    proven equal when traced."""
+    position = torch.arange(keys.shape[0], device=keys.device)
+    return (keys != keys[(position - 1).clamp_min(0)]) | (position == 0)
+
+
 def scatter_mean(
     src: torch.Tensor, index: torch.Tensor, num_groups: int, counts: torch.Tensor | None = None
 ) -> torch.Tensor:

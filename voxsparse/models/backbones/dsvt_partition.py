@@ -42,6 +42,7 @@ from dataclasses import dataclass
 
 import torch
 
+from voxsparse.ops.scatter import group_counts, run_starts
 from voxsparse.ops.sparse_utils import linear_keys
 
 Triple = tuple[int, int, int]
@@ -238,15 +239,11 @@ def _window_runs(sorted_window_key: torch.Tensor, set_size: int):
     first set id; plus the total number of sets as a 0-dim tensor (not read on the host here)."""
     m = sorted_window_key.shape[0]
     device = sorted_window_key.device
-    position = torch.arange(m, device=device)
-    # Each voxel against the one before it, through a gather: slices of an unbacked length would
-    # need their lengths proven equal when traced.
-    previous = sorted_window_key[(position - 1).clamp_min(0)]
-    starts = (sorted_window_key != previous) | (position == 0)
+    starts = run_starts(sorted_window_key)
     window_id = torch.cumsum(starts.long(), 0) - 1  # contiguous window index, (M,)
+    position = torch.arange(m, device=device)
     # At most M windows: per-window tensors are sized M so that nothing depends on a host read.
-    count = torch.zeros(m, dtype=torch.long, device=device)
-    count.scatter_add_(0, window_id, torch.ones_like(window_id))
+    count = group_counts(window_id, m)
     rank = position - _window_starts(starts, position, window_id, count, traced=torch.compiler.is_compiling())
     sets = (count + set_size - 1) // set_size
     set_start = torch.cumsum(sets, 0) - sets
@@ -412,10 +409,8 @@ def reference_stage_partition(
     for win in windows:
         orders = [torch.argsort(_rank_key(win, axis)) for axis in REFERENCE_AXES]
         key = win.window_key[orders[0]]  # both orders sort window-major: same sorted window keys
-        starts = torch.ones(m, dtype=torch.bool, device=device)
-        starts[1:] = key[1:] != key[:-1]
-        window_id = torch.cumsum(starts.long(), 0) - 1
-        count = torch.zeros(m, dtype=torch.long, device=device).scatter_add_(0, window_id, torch.ones_like(window_id))
+        window_id = torch.cumsum(run_starts(key).long(), 0) - 1
+        count = group_counts(window_id, m)
         first = torch.cumsum(count, 0) - count  # sorted position of each window's first voxel
         sets = (count + set_size - 1) // set_size
         set_start = torch.cumsum(sets, 0) - sets

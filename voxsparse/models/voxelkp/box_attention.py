@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from voxsparse.models.backbones.dsvt import PositionEmbedding
+from voxsparse.ops.scatter import group_counts, run_starts
 
 
 @dataclass(frozen=True)
@@ -120,13 +121,12 @@ def _bucket_runs(group: torch.Tensor):
     m = group.shape[0]
     device = group.device
     keys, order = torch.sort(group, stable=True)
-    starts = torch.ones(m, dtype=torch.bool, device=device)
-    starts[1:] = keys[1:] != keys[:-1]
+    starts = run_starts(keys)
     run = torch.cumsum(starts.long(), 0) - 1  # run of equal ids (a box, or the voxels in no box)
     position = torch.arange(m, device=device)
     rank = position - torch.where(starts, position, torch.zeros_like(position)).cummax(0).values
     # Per-run arrays are sized M (at most M runs) so that nothing waits for a host read.
-    count = torch.zeros(m, dtype=torch.long, device=device).scatter_add_(0, run, torch.ones_like(run))
+    count = group_counts(run, m)
     is_box = torch.zeros(m, dtype=torch.bool, device=device).scatter_(0, run, keys >= 0)
     # ceil(log2(count)) from the binary exponent of count - 1 (exact in float64).
     exponent = torch.frexp((count - 1).clamp(min=0).double()).exponent.long()
