@@ -233,14 +233,12 @@ def routed_through_torch(model: nn.Module | None = None) -> contextlib.AbstractC
     """As :func:`routed_through_custom_ops`, with the plain-torch convolutions of :func:`torch_conv_pairs`
     and :func:`torch_indice_conv` instead of the custom ops (inference only; no transposed or
     inverse convolutions), and the neighbour lookups of sparse local maxima (the heads' decoding)
-    through :func:`table_neighbor_indices`; voxel keys are int64."""
-    # Imported here: a process that only runs exported programs needs neither.
-    from voxsparse.ops import sparse_utils, voxelize
+    through :func:`table_neighbor_indices`."""
+    # Imported here: a process that only runs exported programs does not need it.
+    from voxsparse.ops import sparse_utils
 
     return _routed(model, [
         (sparse_utils, "neighbor_indices", table_neighbor_indices),
-        # onnxruntime's Unique takes no int32: voxel keys in int64 (the same voxels, in the same order).
-        (voxelize, "_key_dtype", _int64_keys),
         (_ops, "get_indice_pairs", _torch_get_indice_pairs),
         (_ops, "indice_conv", _torch_indice_conv),
         (_functional, "indice_conv", _torch_functional_conv(False)),
@@ -351,10 +349,6 @@ def _row_major(coords: torch.Tensor, extent: Sequence[int]) -> torch.Tensor:
     for d in range(1, len(extent)):
         keys = keys * int(extent[d]) + coords[..., d]
     return keys
-
-
-def _int64_keys(num_keys: int) -> torch.dtype:
-    return torch.int64
 
 
 def _torch_get_indice_pairs(indices, batch_size, spatial_shape, algo, ksize, stride, padding, dilation,

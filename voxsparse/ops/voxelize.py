@@ -112,7 +112,12 @@ def _key_shape(batch_size: int, grid: VoxelGrid) -> tuple[int, int, int, int]:
 
 def _key_dtype(num_keys: int) -> torch.dtype:
     # 32-bit keys halve the radix-sort passes of the unique step whenever the grid allows them.
-    return torch.int32 if num_keys < 2**31 - 1 else torch.int64
+    # Traced programs take int64: for int32 input, torch's fake unique on CUDA types the inverse and
+    # counts int32 while its CUDA kernel returns int64 (the exported program then fails its dtype
+    # checks), and onnxruntime's Unique takes no int32. The same voxels, in the same order.
+    if torch.compiler.is_compiling() or num_keys >= 2**31 - 1:
+        return torch.int64
+    return torch.int32
 
 
 def _triton_kernels(points: PointBatch) -> ModuleType | None:
