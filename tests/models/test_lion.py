@@ -148,6 +148,34 @@ def test_fixture_parity_per_stage(name):
         level = Level(stage["indices"].int(), stage["features"], out.spatial_shape, 2)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("name", ["mamba", "retnet"])
+def test_cuda_stages_equal_the_reference(name):
+    """On CUDA (Mamba's scan by the Triton kernel, spconv's GPU build) every stage equals the authors'
+    recorded output from its own input, as on the CPU; and the first stage's gradients equal the CPU's."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    record, stages = _fixture(name), _fixture(f"{name}_stages")["stages"]
+    model = _converted(record).eval().cuda()
+    x, y, z = record["grid"]
+    level = Level(record["coords"].cuda(), record["features"].cuda(), (z, y, x), 2)
+    for i, stage in enumerate([*stages, record["eval"]]):
+        with torch.no_grad():
+            out = getattr(model, f"dow{i + 1}")(getattr(model, f"linear_{i + 1}")(level))[0] if i < 4 else model.linear_out(level)
+        _compare(Level(out.coords.cpu(), out.features.cpu(), out.spatial_shape, 2), stage, STAGE_TOLERANCE)
+        level = Level(stage["indices"].int().cuda(), stage["features"].cuda(), out.spatial_shape, 2)
+
+    grads = []
+    for device in ("cpu", "cuda"):
+        model.to(device).train().zero_grad()
+        features = record["features"].to(device).requires_grad_(True)
+        out = model.linear_1(Level(record["coords"].to(device), features, (z, y, x), 2))
+        out.features.square().mean().backward()
+        grads.append([features.grad.cpu()] + [p.grad.cpu() for p in model.linear_1.parameters()])
+    for cuda_grad, cpu_grad in zip(grads[1], grads[0]):
+        torch.testing.assert_close(cuda_grad, cpu_grad, rtol=1e-3, atol=1e-3 * cpu_grad.abs().max().item())
+
+
 def test_rwkv_fixture_parity_first_stage_and_last_layer():
     """RWKV blocks against the reference's (its CUDA kernel replaced by the recurrence step by step):
     the first stage (whose first block normalises its input) and the last layer, from the reference's
