@@ -54,6 +54,20 @@ def test_batched_paths_equal_the_reference_definitions(monkeypatch):
     torch.testing.assert_close(vecmat, sa.segment_vecmat_reference(x, mats, segments))
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_inputs_are_computed_in_float32(dtype):
+    """Window sums of a few hundred voxels pass float16's range (65504); the result must not."""
+    windows, heads, d = 3, 2, 16
+    index = torch.repeat_interleave(torch.arange(windows), torch.tensor([400, 5, 300]))
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.rand(len(index), heads, d, generator=g) * 20 for _ in range(3))
+    segments = WindowSegments.from_sorted(index, windows)
+    out = scattered_linear_attention(q.to(dtype), k.to(dtype), v.to(dtype), segments)
+    assert out.dtype == dtype and torch.isfinite(out).all()
+    expected = _brute_force(*(t.to(dtype).double() for t in (q, k, v)), segments)
+    torch.testing.assert_close(out.double(), expected, rtol=1e-2, atol=1e-2 * expected.abs().max().item())
+
+
 def test_gradients():
     (q, k, v), segments = _problem(windows=3, heads=2, d=3, e=2)
     for t in (q, k, v):

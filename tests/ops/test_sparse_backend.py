@@ -194,6 +194,22 @@ def test_large_kernels_on_cuda_equal_the_native_algorithm():
             torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-3 * b.abs().max().item(), msg=name)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_eval_mode_conv_takes_float16_features_under_autocast():
+    """spconv's eval path skips autocast's cast: float16 features met float32 weights and no kernel fit."""
+    size = 20
+    coords, feats = _random_sparse(3, size, 2000, 16)
+    torch.manual_seed(0)
+    net = spnn.SparseSequential(spnn.SubMConv3d(16, 16, 3, padding=1, bias=False, indice_key="a"),
+                                spnn.SparseConv3d(16, 16, 3, stride=2, padding=1, bias=False)).cuda().eval()
+    x = SparseConvTensor(feats.cuda(), coords.int().cuda(), [size] * 3, 1)
+    with torch.no_grad():
+        expected = net(x).features
+        with torch.autocast("cuda", dtype=torch.float16):
+            out = net(x.replace_feature(feats.cuda().half())).features
+    torch.testing.assert_close(out.float(), expected, rtol=1e-2, atol=1e-2 * expected.abs().max().item())
+
+
 def _import_with_backend(value: str) -> subprocess.CompletedProcess:
     env = dict(os.environ, VOXSPARSE_SPARSE_BACKEND=value)
     return subprocess.run(

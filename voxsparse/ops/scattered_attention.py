@@ -235,13 +235,19 @@ def scattered_linear_attention(
         eps: added to the normaliser ``q_n . s_w``.
 
     Returns:
-        (N, H, E): ``q_n KV_w / (q_n . s_w + eps)``.
+        (N, H, E) in ``v``'s dtype: ``q_n KV_w / (q_n . s_w + eps)``, computed in float32 (or float64) whatever the
+        inputs' dtype (under autocast too): a window's KV and key sums grow with its voxel count and
+        pass float16's 65504 in windows of a few hundred voxels.
     """
-    kv = segment_outer_sum(k, v, segments)  # (W, H, D, E)
-    s = k.new_zeros(segments.num_windows, *k.shape[1:]).index_add_(0, segments.index, k)  # (W, H, D)
-    numerator = segment_vecmat(q, kv, segments)
-    denominator = (s[segments.index] * q).sum(-1, keepdim=True)
-    return numerator / (denominator + eps)
+    dtype = v.dtype
+    compute = torch.promote_types(dtype, torch.float32)
+    with torch.autocast(q.device.type, enabled=False):
+        q, k, v = (t.to(compute) for t in (q, k, v))
+        kv = segment_outer_sum(k, v, segments)  # (W, H, D, E)
+        s = k.new_zeros(segments.num_windows, *k.shape[1:]).index_add_(0, segments.index, k)  # (W, H, D)
+        numerator = segment_vecmat(q, kv, segments)
+        denominator = (s[segments.index] * q).sum(-1, keepdim=True)
+        return (numerator / (denominator + eps)).to(dtype)
 
 
 # --- Triton (CUDA) ------------------------------------------------------------------------------

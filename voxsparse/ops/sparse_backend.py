@@ -9,7 +9,7 @@ Backends, chosen by the ``VOXSPARSE_SPARSE_BACKEND`` environment variable (defau
 - ``spconv-triton``: ``spconv_triton``, a Triton re-implementation with the same API (GPU only).
 - ``auto``: spconv if importable, else spconv-triton.
 
-Three repairs make spconv's CPU path usable, all applied at import:
+Four repairs make spconv's CPU path usable, all applied at import:
 
 1. spconv asks ``torch.cuda.current_stream()`` for every op, which raises on a CPU-only torch build
    ("Torch not compiled with CUDA enabled") in the backward of strided convolutions. We return
@@ -31,6 +31,11 @@ Three repairs make spconv's CPU path usable, all applied at import:
    built, whatever device it later runs on, and that algorithm's index generation refuses CPU
    tensors: a model run on the CPU with a CUDA build installed stopped at its first layer. On the
    CPU such a module runs the native algorithm (its weights have one layout, KRSC, for both).
+
+One repair concerns its CUDA path: in training spconv's convolutions cast their inputs to float16
+under autocast, but in eval mode they call their kernels directly, so float16 features (from a
+``Linear`` under autocast, as in LION's blocks) met float32 weights and spconv stopped with "can't
+find suitable algorithm". In eval mode under autocast, features are cast to the weights' dtype.
 """
 
 from __future__ import annotations
@@ -166,12 +171,27 @@ def _native_on_cpu(forward: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
+def _eval_features_in_weight_dtype(forward: Callable[..., Any]) -> Callable[..., Any]:
+    """A conv module's ``forward`` whose eval-mode CUDA inputs take the weights' dtype under autocast."""
+
+    @functools.wraps(forward)
+    def wrapper(self: torch.nn.Module, input: Any, *args: Any, **kwargs: Any) -> Any:
+        features = input.features
+        if (not self.training and features.is_cuda and features.dtype != self.weight.dtype
+                and torch.is_autocast_enabled("cuda")):
+            input = input.replace_feature(features.to(self.weight.dtype))
+        return forward(self, input, *args, **kwargs)
+
+    wrapper.voxsparse_eval_dtype = True  # type: ignore[attr-defined]
+    return wrapper
+
+
 def _current_stream_or_zero() -> int:
     return torch.cuda.current_stream().cuda_stream if torch.cuda.is_available() else 0
 
 
 def _patch_spconv() -> None:
-    """Apply the CPU repairs described in the module docstring (idempotent)."""
+    """Apply the repairs described in the module docstring (idempotent)."""
     cppcore = importlib.import_module("spconv.pytorch.cppcore")
     ops = importlib.import_module("spconv.pytorch.ops")
     # Every module that did `from cppcore import get_current_stream` holds its own reference.
@@ -191,6 +211,9 @@ def _patch_spconv() -> None:
         cls = getattr(importlib.import_module(module_name), class_name)
         if not getattr(cls.forward, "voxsparse_cpu_path", False):
             cls.forward = _native_on_cpu(cls.forward)
+    conv_cls = importlib.import_module("spconv.pytorch.conv").SparseConvolution
+    if not getattr(conv_cls.forward, "voxsparse_eval_dtype", False):
+        conv_cls.forward = _eval_features_in_weight_dtype(conv_cls.forward)
 
 
 def _load(name: str) -> ModuleType:
