@@ -1,4 +1,3 @@
-import math
 import os
 import subprocess
 import sys
@@ -7,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from voxsparse.ops.sparse_backend import BACKEND_NAME, SparseConvTensor, large_kernel_options, spnn
+from voxsparse.ops.sparse_backend import BACKEND_NAME, SparseConvTensor, spnn
 
 
 def _random_sparse(seed: int, size: int, count: int, channels: int):
@@ -125,73 +124,6 @@ def test_modules_built_for_implicit_gemm_run_on_cpu():
     assert torch.equal(i0, i1)
     assert torch.equal(o0, o1) and torch.equal(u0, u1) and torch.equal(g0, g1)
     assert all(torch.equal(a, b) for a, b in zip(p0, p1))
-
-
-@pytest.mark.skipif(BACKEND_NAME != "spconv", reason="spconv's algorithm choice")
-def test_large_kernels_take_implicit_gemm_where_spconv_offers_it():
-    from spconv.core import ConvAlgo
-
-    assert large_kernel_options(5) == {"large_kernel_fast_algo": True}  # 125 offsets
-    assert large_kernel_options((5, 5, 3)) == {"large_kernel_fast_algo": True}
-    assert large_kernel_options(3) == large_kernel_options(5, dims=2) == large_kernel_options(7) == {}
-    conv = spnn.SubMConv3d(4, 8, 5, padding=2, bias=False, **large_kernel_options(5))
-    gpu_build = torch.cuda.is_available() or conv.algo != ConvAlgo.Native
-    assert conv.algo == (ConvAlgo.MaskImplicitGemm if gpu_build else ConvAlgo.Native)
-
-
-def test_large_kernel_conv_matches_dense_reference_on_cpu():
-    size = 12
-    coords, feats = _random_sparse(7, size, 500, 4)
-    feats = feats.double().requires_grad_(True)
-    conv = spnn.SubMConv3d(4, 6, 5, padding=2, bias=False, **large_kernel_options(5)).double()
-    out = conv(SparseConvTensor(feats, coords, [size] * 3, 1))
-    ref = F.conv3d(_dense(coords, feats.detach(), size), _weight_oidhw(conv), padding=2)
-    torch.testing.assert_close(out.features, ref[0, :, coords[:, 1].long(), coords[:, 2].long(), coords[:, 3].long()].T)
-
-
-@pytest.mark.skipif(not torch.cuda.is_available() or BACKEND_NAME != "spconv", reason="needs CUDA and spconv")
-def test_large_kernels_on_cuda_equal_the_native_algorithm():
-    """5 x 5 x 5 kernels through spconv's implicit GEMM (modules, and the index-first VoxelNeXt path
-    with 5 x 5 x 5 stride-2 convolutions, VoxelKP's selective kernels) against the native algorithm."""
-    import copy
-
-    from spconv.core import ConvAlgo
-
-    from voxsparse.models.backbones.voxelnext import VoxelNeXtBackbone
-    from voxsparse.models.voxelkp.selective_kernel import SelectiveKernelBlock
-    from voxsparse.structures import SparseVoxels, VoxelGrid
-
-    size = 40
-    coords, feats = _random_sparse(11, size, 12_000, 16)
-    grid = VoxelGrid((0.1, 0.1, 0.1), (0.0, 0.0, 0.0, 4.0, 4.0, 4.0))
-    torch.manual_seed(0)
-    models = {
-        "selective kernel": SelectiveKernelBlock(16, "sk", (3, 5)),
-        "VoxelNeXt, 5x5x5 down-sampling": VoxelNeXtBackbone(16, (16, 16, 32, 32), (1, 1, 1, 1), bev_stage=3,
-                                                           out_channels=32, down_kernel_sizes=(5, 5, 3)),
-    }
-    for name, fast in models.items():
-        large = [m for m in fast.modules() if getattr(m, "algo", None) is not None and math.prod(m.kernel_size) > 32]
-        assert large and all(m.algo == ConvAlgo.MaskImplicitGemm for m in large), name
-        native = copy.deepcopy(fast)
-        for m in native.modules():
-            if getattr(m, "algo", None) is not None:
-                m.algo = ConvAlgo.Native
-        results = []
-        for model in (native, fast):
-            model.cuda().train()
-            x = feats.cuda().requires_grad_(True)
-            if name == "selective kernel":
-                out = model(SparseConvTensor(x, coords.cuda(), [size] * 3, 1)).features
-            else:
-                out = model(SparseVoxels(coords.cuda(), x, grid, 1)).features
-            out.square().mean().backward()
-            results.append((out.detach().cpu(), x.grad.cpu(), [p.grad.cpu() for p in model.parameters()]))
-        (o0, g0, p0), (o1, g1, p1) = results
-        torch.testing.assert_close(o1, o0, rtol=1e-4, atol=1e-4 * o0.abs().max().item(), msg=name)
-        torch.testing.assert_close(g1, g0, rtol=1e-3, atol=1e-3 * g0.abs().max().item(), msg=name)
-        for a, b in zip(p1, p0):
-            torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-3 * b.abs().max().item(), msg=name)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

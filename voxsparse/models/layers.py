@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from voxsparse.ops.sparse_backend import large_kernel_options, spnn
+from voxsparse.ops.sparse_backend import spnn
 
 # BatchNorm running statistics follow the batch statistics with momentum 0.1 (PyTorch's default),
 # not OpenPCDet's 0.01: with 0.01 a schedule of a few hundred steps ends with running statistics
@@ -35,9 +35,9 @@ def sparse_conv_block(
     if subm:
         conv_cls = spnn.SubMConv3d if dims == 3 else spnn.SubMConv2d
         conv = conv_cls(in_channels, out_channels, kernel_size, padding=kernel_size // 2, bias=False,
-                        indice_key=indice_key, **large_kernel_options(kernel_size, dims))
+                        indice_key=indice_key)
     else:
         conv_cls = spnn.SparseConv3d if dims == 3 else spnn.SparseConv2d
         conv = conv_cls(in_channels, out_channels, kernel_size, stride=stride, padding=kernel_size // 2,
-                        bias=False, indice_key=indice_key, **large_kernel_options(kernel_size, dims))
+                        bias=False, indice_key=indice_key)
     return spnn.SparseSequential(conv, *_norm_act(out_channels))

@@ -249,23 +249,6 @@ BACKEND_NAME, spnn = _select()
 SparseConvTensor = spnn.SparseConvTensor
 
 
-def large_kernel_options(kernel_size: int | tuple[int, ...], dims: int = 3) -> dict[str, Any]:
-    """Keyword arguments for a spconv conv module of ``kernel_size`` (an int: the same on each of
-    ``dims`` axes) that give kernels of 33 to 128 offsets (5 x 5 x 5 = 125) spconv's implicit GEMM on
-    CUDA, as smaller kernels get by default.
-
-    By default spconv runs such kernels with its native algorithm: one gather, GEMM and scatter-add
-    launch per kernel offset, forward and backward, which binds a 5 x 5 x 5 layer to host work. The
-    sums are the same up to float32 rounding (the weights keep one layout); on the CPU both builds
-    run the native algorithm whatever the module holds.
-    """
-    sizes = (kernel_size,) * dims if isinstance(kernel_size, int) else tuple(kernel_size)
-    volume = 1
-    for size in sizes:
-        volume *= int(size)
-    return {"large_kernel_fast_algo": True} if BACKEND_NAME == "spconv" and 32 < volume <= 128 else {}
-
-
 def set_tf32(enabled: bool) -> None:
     """Let fp32 matrix products run on TF32 tensor cores (inputs rounded to a 10-bit mantissa,
     fp32 accumulation), in torch and in spconv's implicit-GEMM kernels; off by default in both.

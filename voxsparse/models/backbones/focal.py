@@ -50,7 +50,7 @@ from voxsparse.models.backbones.resnet3d import VoxelResBackBone8x, height_compr
 from voxsparse.models.keys import KeyPair, identical_keys
 from voxsparse.models.layers import BN_EPS, BN_MOMENTUM
 from voxsparse.ops.scatter import group_counts
-from voxsparse.ops.sparse_backend import SparseConvTensor, large_kernel_options, spnn
+from voxsparse.ops.sparse_backend import SparseConvTensor, spnn
 from voxsparse.ops.sparse_utils import grid_offsets, unique_coords
 from voxsparse.structures import Annotations3D, SparseBEV, SparseVoxels, VoxelGrid
 
@@ -187,8 +187,7 @@ class FocalSparseConv(spnn.SparseModule):
         self.mask_multi = mask_multi
         self.skip_mask_kernel = skip_mask_kernel
         self.openpcdet_rules = openpcdet_rules
-        self.conv = spnn.SubMConv3d(in_channels, out_channels, kernel_size, bias=False, indice_key=indice_key,
-                                    **large_kernel_options(kernel_size))
+        self.conv = spnn.SubMConv3d(in_channels, out_channels, kernel_size, bias=False, indice_key=indice_key)
         self.bn1 = nn.BatchNorm1d(out_channels, eps=bn_eps, momentum=bn_momentum)
         self.relu = nn.ReLU(inplace=True)
         self.conv_enlarge = None

@@ -46,7 +46,7 @@ from torch import nn
 from voxsparse.models.backbones.voxelnext import SparseBasicBlock
 from voxsparse.models.keys import KeyPair, identical_keys
 from voxsparse.models.voxelkp.box_attention import grouped_attention
-from voxsparse.ops.sparse_backend import SparseConvTensor, large_kernel_options, spnn
+from voxsparse.ops.sparse_backend import SparseConvTensor, spnn
 from voxsparse.structures import SparseBEV, SparseVoxels, VoxelGrid
 
 #: The authors' BatchNorm settings for the convolutional layers.
@@ -80,8 +80,7 @@ class SelectiveKernelConv(spnn.SparseModule):
         super().__init__()
         self.conv1 = spnn.SubMConv3d(channels, channels, 3, padding=1, bias=False, indice_key=indice_key)
         self.bn1 = _norm(channels)
-        self.conv2 = spnn.SubMConv3d(channels, channels, 5, padding=2, bias=False, indice_key=indice_key + "_sk5",
-                                     **large_kernel_options(5))
+        self.conv2 = spnn.SubMConv3d(channels, channels, 5, padding=2, bias=False, indice_key=indice_key + "_sk5")
         self.bn2 = _norm(channels)
         self.relu = nn.ReLU()
         squeezed = channels // ratio
@@ -210,7 +209,7 @@ def _down(in_channels: int, out_channels: int, kernel_size: int, indice_key: str
     """Stride-2 sparse conv (padding ``k // 2``, no bias) + BatchNorm + ReLU (their ``post_act_block``)."""
     return spnn.SparseSequential(
         spnn.SparseConv3d(in_channels, out_channels, kernel_size, stride=2, padding=kernel_size // 2, bias=False,
-                          indice_key=indice_key, **large_kernel_options(kernel_size)),
+                          indice_key=indice_key),
         _norm(out_channels), nn.ReLU(),
     )
 
