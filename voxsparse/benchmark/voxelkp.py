@@ -7,8 +7,9 @@
         --voxelkp-off box_attention            # a module switched off (selective_kernel, hybrid, ...)
 
 Training: ``--batch`` synthetic training frames with their humans' keypoints (the model's range),
-one step = ``loss`` + backward + AdamW step, timed as the trainer runs it (optionally under fp16
-autocast). Forward: the reference config in eval mode on one synthetic frame of ``--voxels`` voxels of
+one step = ``loss`` + backward + AdamW step (optionally under fp16 autocast), timed alone (from its
+launch to its last kernel) and back to back (a loop's rate: one step's host work overlaps the device
+work of the one before; the trainer lies between the two, reading the loss after each forward). Forward: the reference config in eval mode on one synthetic frame of ``--voxels`` voxels of
 its grid (Waymo scale: ~100k), detector forward without grad (voxelization included). With
 ``--compare``, the authors' backbone and head (``VoxelResBackBone8xVoxelNeXtEffv2Next4``,
 ``VoxelNeXtHeadKPMerge``, executed by file path from the checkout with random weights) run on the
@@ -40,7 +41,7 @@ from voxsparse.data.sample import collate
 from voxsparse.data.synthetic import SyntheticDataset
 from voxsparse.engine.cli import CONFIG_DIR
 from voxsparse.structures import PointBatch, VoxelGrid
-from voxsparse.utils.timing import Timing, measure
+from voxsparse.utils.timing import Timing, measure, measure_back_to_back
 
 #: The authors' Waymo config in their repository.
 AUTHORS_CONFIG = "tools/cfgs/waymo_models/kp_effv2next4_voxelnext_iou_aug_bev_channel.yaml"
@@ -201,8 +202,9 @@ def _profile(fn, device: torch.device, rows: int) -> str:
     return "\n".join(tables)
 
 
-def time_training(options: VoxelKPSpeedOptions) -> tuple[Timing, str]:
-    """Training step timing of ``options.train_model`` at ``options.batch`` frames, and its profile."""
+def time_training(options: VoxelKPSpeedOptions) -> tuple[Timing, float, str]:
+    """Training step timing of ``options.train_model`` at ``options.batch`` frames (each step alone,
+    and the mean ms of steps launched back to back), and its profile."""
     device = torch.device(options.device)
     torch.manual_seed(0)
     overrides = [f"model.backbone.{name}=false" for name in options.modules_off]
@@ -212,7 +214,8 @@ def time_training(options: VoxelKPSpeedOptions) -> tuple[Timing, str]:
     batch = collate([frames[i] for i in range(options.batch)]).to(device)
     step = training_step(model, batch, options.amp)
     timing = measure(step, device, options.repeats, options.warmup)
-    return timing, _profile(step, device, options.profile_rows)
+    back_to_back = measure_back_to_back(step, device, options.repeats, 0)
+    return timing, back_to_back, _profile(step, device, options.profile_rows)
 
 
 def _build(name: str, overrides: list[str]) -> nn.Module:
@@ -263,11 +266,12 @@ def run_voxelkp_speed(options: VoxelKPSpeedOptions, report: Callable[[str], None
     """Every measurement ``options`` asks for, handed to ``report`` as text as each finishes."""
     report(f"VoxelKP speed on {options.device}" + (" (fp16 autocast)" if options.amp else ""))
     if options.train:
-        timing, profile = time_training(options)
+        timing, back_to_back, profile = time_training(options)
         off = f", off: {', '.join(options.modules_off)}" if options.modules_off else ""
         report(f"{options.train_model} training, batch {options.batch}{off}: {timing.median_ms:.1f} ms/step "
                f"(p10 {timing.p10_ms:.1f}, p90 {timing.p90_ms:.1f}) = {1000 / timing.median_ms:.2f} steps/s"
-               + (f", peak {timing.peak_memory_mb:.0f} MB" if timing.peak_memory_mb else ""))
+               + (f", peak {timing.peak_memory_mb:.0f} MB" if timing.peak_memory_mb else "")
+               + f"; back to back {back_to_back:.1f} ms/step = {1000 / back_to_back:.2f} steps/s")
         report(profile)
     if options.forward:
         result = time_forward(options)
