@@ -9,11 +9,12 @@
 Training: ``--batch`` synthetic training frames with their humans' keypoints (the model's range),
 one step = ``loss`` + backward + AdamW step (optionally under fp16 autocast), timed alone (from its
 launch to its last kernel) and back to back (a loop's rate: one step's host work overlaps the device
-work of the one before; the trainer lies between the two, reading the loss after each forward). Forward: the reference config in eval mode on one synthetic frame of ``--voxels`` voxels of
-its grid (Waymo scale: ~100k), detector forward without grad (voxelization included). With
-``--compare``, the authors' backbone and head (``VoxelResBackBone8xVoxelNeXtEffv2Next4``,
-``VoxelNeXtHeadKPMerge``, executed by file path from the checkout with random weights) run on the
-same voxels in alternation with ours. Their SpTr window attention is a compiled extension that a plain
+work of the one before; the trainer lies between the two, reading the loss after each forward).
+Forward: the reference config in eval mode on one synthetic frame of ``--voxels`` voxels of its grid
+(Waymo scale: ~100k), detector forward without grad (voxelization included). With ``--compare``,
+the authors' backbone and head (``VoxelResBackBone8xVoxelNeXtEffv2Next4``, ``VoxelNeXtHeadKPMerge``,
+executed by file path from the checkout with random weights) run on the same voxels in alternation
+with ours. Their SpTr window attention is a compiled extension that a plain
 checkout lacks; :class:`SpTrStandIn` computes it in torch (one softmax attention per window, a Python
 loop over windows, as their kernel's result): their time is that stand-in's, not SpTr's.
 """

@@ -235,9 +235,9 @@ def scattered_linear_attention(
         eps: added to the normaliser ``q_n . s_w``.
 
     Returns:
-        (N, H, E) in ``v``'s dtype: ``q_n KV_w / (q_n . s_w + eps)``, computed in float32 (or float64) whatever the
-        inputs' dtype (under autocast too): a window's KV and key sums grow with its voxel count and
-        pass float16's 65504 in windows of a few hundred voxels.
+        (N, H, E) in ``v``'s dtype: ``q_n KV_w / (q_n . s_w + eps)``, computed in float32 (float64
+        for float64 inputs) whatever the inputs' dtype, under autocast too: a window's KV and key
+        sums grow with its voxel count and pass float16's 65504 in windows of a few hundred voxels.
     """
     dtype = v.dtype
     compute = torch.promote_types(dtype, torch.float32)
