@@ -130,22 +130,27 @@ def _converted(record: dict) -> LIONBackbone:
     return model
 
 
-@pytest.mark.parametrize("name", ["mamba", "retnet"])
-def test_fixture_parity_per_stage(name):
-    """Each stage (LION block + merge, then the last layer) from the reference's own input to it."""
+def _check_stages(name: str, device: str) -> LIONBackbone:
+    """Each stage (LION block + merge, then the last layer) on ``device`` from the reference's own
+    input to it, against the reference's output; returns the model (eval mode, on ``device``)."""
     record, stages = _fixture(name), _fixture(f"{name}_stages")["stages"]
-    model = _converted(record).eval()
+    model = _converted(record).eval().to(device)
     x, y, z = record["grid"]
-    level = Level(record["coords"], record["features"], (z, y, x), 2)
-    expected = [*stages, record["eval"]]
-    for i, stage in enumerate(expected):
+    level = Level(record["coords"].to(device), record["features"].to(device), (z, y, x), 2)
+    for i, stage in enumerate([*stages, record["eval"]]):
         with torch.no_grad():
             if i < 4:
                 out, _ = getattr(model, f"dow{i + 1}")(getattr(model, f"linear_{i + 1}")(level))
             else:
                 out = model.linear_out(level)
-        _compare(out, stage, STAGE_TOLERANCE)
-        level = Level(stage["indices"].int(), stage["features"], out.spatial_shape, 2)
+        _compare(Level(out.coords.cpu(), out.features.cpu(), out.spatial_shape, 2), stage, STAGE_TOLERANCE)
+        level = Level(stage["indices"].int().to(device), stage["features"].to(device), out.spatial_shape, 2)
+    return model
+
+
+@pytest.mark.parametrize("name", ["mamba", "retnet"])
+def test_fixture_parity_per_stage(name):
+    _check_stages(name, "cpu")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -155,19 +160,9 @@ def test_cuda_stages_equal_the_reference(name):
     recorded output from its own input, as on the CPU; and the first stage's gradients equal the CPU's."""
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
-    record, stages = _fixture(name), _fixture(f"{name}_stages")["stages"]
-    model = _converted(record).eval().cuda()
+    model = _check_stages(name, "cuda")
+    record = _fixture(name)
     x, y, z = record["grid"]
-    level = Level(record["coords"].cuda(), record["features"].cuda(), (z, y, x), 2)
-    for i, stage in enumerate([*stages, record["eval"]]):
-        with torch.no_grad():
-            if i < 4:
-                out, _ = getattr(model, f"dow{i + 1}")(getattr(model, f"linear_{i + 1}")(level))
-            else:
-                out = model.linear_out(level)
-        _compare(Level(out.coords.cpu(), out.features.cpu(), out.spatial_shape, 2), stage, STAGE_TOLERANCE)
-        level = Level(stage["indices"].int().cuda(), stage["features"].cuda(), out.spatial_shape, 2)
-
     grads = []
     for device in ("cpu", "cuda"):
         model.to(device).train().zero_grad()

@@ -14,9 +14,9 @@ Forward: the reference config in eval mode on one synthetic frame of ``--voxels`
 (Waymo scale: ~100k), detector forward without grad (voxelization included). With ``--compare``,
 the authors' backbone and head (``VoxelResBackBone8xVoxelNeXtEffv2Next4``, ``VoxelNeXtHeadKPMerge``,
 executed by file path from the checkout with random weights) run on the same voxels in alternation
-with ours. Their SpTr window attention is a compiled extension that a plain
-checkout lacks; :class:`SpTrStandIn` computes it in torch (one softmax attention per window, a Python
-loop over windows, as their kernel's result): their time is that stand-in's, not SpTr's.
+with ours. Their SpTr window attention is a compiled extension that a plain checkout lacks;
+:class:`SpTrStandIn` computes it in torch (one softmax attention per window, a Python loop over
+windows, as their kernel's result): their time is that stand-in's, not SpTr's.
 """
 
 from __future__ import annotations
@@ -215,7 +215,7 @@ def time_training(options: VoxelKPSpeedOptions) -> tuple[Timing, float, str]:
     batch = collate([frames[i] for i in range(options.batch)]).to(device)
     step = training_step(model, batch, options.amp)
     timing = measure(step, device, options.repeats, options.warmup)
-    back_to_back = measure_back_to_back(step, device, options.repeats, 0)
+    back_to_back = measure_back_to_back(step, device, options.repeats)  # warmed up by measure
     return timing, back_to_back, _profile(step, device, options.profile_rows)
 
 

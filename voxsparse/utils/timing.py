@@ -45,12 +45,10 @@ def measure(fn: Callable[[], object], device: torch.device, repeats: int = 15, w
     return _timing(samples, torch.cuda.max_memory_allocated(device) / 2**20 if cuda else None)
 
 
-def measure_back_to_back(fn: Callable[[], object], device: torch.device, repeats: int = 15, warmup: int = 3) -> float:
-    """Mean ms per call of ``repeats`` calls of ``fn`` launched one after another, with one CUDA
-    synchronisation at the end: the rate of a loop in which the host work of one call overlaps the
+def measure_back_to_back(fn: Callable[[], object], device: torch.device, repeats: int = 15) -> float:
+    """Mean ms per call of ``repeats`` calls of a warmed-up ``fn`` launched one after another, with one
+    CUDA synchronisation at the end: the rate of a loop in which the host work of one call overlaps the
     device work queued by the one before (:func:`measure` times each call alone)."""
-    for _ in range(warmup):
-        fn()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     start = time.perf_counter()
