@@ -32,10 +32,15 @@ Four repairs make spconv's CPU path usable, all applied at import:
    tensors: a model run on the CPU with a CUDA build installed stopped at its first layer. On the
    CPU such a module runs the native algorithm (its weights have one layout, KRSC, for both).
 
-One repair concerns its CUDA path: in training spconv's convolutions cast their inputs to float16
-under autocast, but in eval mode they call their kernels directly, so float16 features (from a
-``Linear`` under autocast, as in LION's blocks) met float32 weights and spconv stopped with "can't
-find suitable algorithm". In eval mode under autocast, features are cast to the weights' dtype.
+Two changes concern its CUDA path:
+
+- a repair: in training spconv's convolutions cast their inputs to float16 under autocast, but in
+  eval mode they call their kernels directly, so float16 features (from a ``Linear`` under autocast,
+  as in LION's blocks) met float32 weights and spconv stopped with "can't find suitable algorithm".
+  In eval mode under autocast, features are cast to the weights' dtype.
+- the native algorithm (kernels of more than 32 offsets, such as VoxelKP's 5x5x5 branches) runs
+  through :mod:`voxsparse.ops.cuda_sparse_conv`: a few large kernels in place of spconv's three
+  launches and one allocation per offset; bias and activation are applied after, as on the CPU.
 """
 
 from __future__ import annotations
@@ -50,7 +55,7 @@ from typing import Any
 
 import torch
 
-from voxsparse.ops import cpu_sparse_conv
+from voxsparse.ops import cpu_sparse_conv, cuda_sparse_conv
 from voxsparse.ops.cpu_sparse_conv import single_thread
 
 ENV_VAR = "VOXSPARSE_SPARSE_BACKEND"
@@ -103,24 +108,32 @@ class _SingleThreadedCpuKernels:
         return _single_threaded(attr) if name.endswith("_cpu") else attr
 
 
+def _own_path(features: torch.Tensor) -> ModuleType | None:
+    """The module that computes a native-algorithm convolution of ``features``, or None for spconv's."""
+    if cpu_sparse_conv.supports(features):
+        return cpu_sparse_conv
+    return cuda_sparse_conv if cuda_sparse_conv.supports(features) else None
+
+
 def _on_cpu(indice_conv: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
-    """``spconv.pytorch.ops.indice_conv`` whose CPU calls compute through
-    :func:`voxsparse.ops.cpu_sparse_conv.indice_conv` (repair 2; other dtypes through spconv's) and add
-    ``bias`` and apply ``act_type`` after the kernel instead of inside it (repair 3); CUDA calls pass
-    through unchanged."""
+    """``spconv.pytorch.ops.indice_conv`` whose calls compute through
+    :func:`voxsparse.ops.cpu_sparse_conv.indice_conv` on the CPU (repair 2; other dtypes through
+    spconv's) and :func:`voxsparse.ops.cuda_sparse_conv.indice_conv` on CUDA, and add ``bias`` and
+    apply ``act_type`` after the kernel instead of inside it (repair 3)."""
     import cumm.tensorview as tv
 
     @functools.wraps(indice_conv)
     def wrapper(features: torch.Tensor, *args: Any, bias: torch.Tensor | None = None,
                 act_alpha: float = 0.0, act_beta: float = 0.0,
                 act_type: Any = tv.gemm.Activation.None_, **kwargs: Any) -> torch.Tensor:
-        if features.is_cuda:
+        path = _own_path(features)
+        if path is None and features.is_cuda:
             return indice_conv(features, *args, bias=bias, act_alpha=act_alpha, act_beta=act_beta,
                                act_type=act_type, **kwargs)
-        if cpu_sparse_conv.supports(features):
-            kwargs.pop("algo", None)  # the CPU has spconv's native algorithm only
+        if path is not None:
+            kwargs.pop("algo", None)  # both compute spconv's native algorithm
             kwargs.pop("timer", None)
-            out = cpu_sparse_conv.indice_conv(features, *args, **kwargs)
+            out = path.indice_conv(features, *args, **kwargs)
         else:
             out = indice_conv(features, *args, **kwargs)
         if bias is not None:
@@ -138,16 +151,17 @@ def _on_cpu(indice_conv: Callable[..., torch.Tensor]) -> Callable[..., torch.Ten
 
 
 def _backward_on_cpu(indice_conv_backward: Callable[..., Any]) -> Callable[..., Any]:
-    """``spconv.pytorch.ops.indice_conv_backward`` whose CPU float calls compute through
-    :func:`voxsparse.ops.cpu_sparse_conv.indice_conv_backward` (repair 2)."""
+    """``spconv.pytorch.ops.indice_conv_backward`` whose calls compute through the same module as
+    the forward's (:func:`_own_path`)."""
 
     @functools.wraps(indice_conv_backward)
     def wrapper(features: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-        if not cpu_sparse_conv.supports(features):
+        path = _own_path(features)
+        if path is None:
             return indice_conv_backward(features, *args, **kwargs)
         kwargs.pop("algo", None)
         kwargs.pop("timer", None)
-        return cpu_sparse_conv.indice_conv_backward(features, *args, **kwargs)
+        return path.indice_conv_backward(features, *args, **kwargs)
 
     wrapper.voxsparse_cpu_path = True  # type: ignore[attr-defined]
     return wrapper
