@@ -102,3 +102,12 @@ def test_cuda_5x5x5_equals_the_cpu(dtype):
     tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=2e-2, atol=5e-2)
     for a, b in zip(ours, theirs):
         torch.testing.assert_close(a, b, **tol)
+
+
+def test_no_voxels(monkeypatch):
+    """An empty active set gives empty outputs and zero weight gradients, as spconv's loop does."""
+    _route_cpu_calls_here(monkeypatch)
+    net = _network(3, "subm", 5, 1)
+    out, grad_in, grads = _run(net, torch.zeros(0, 4, dtype=torch.int32), torch.zeros(0, 5), [12, 40, 40])
+    assert out.shape == (0, 8) and grad_in.shape == (0, 5)
+    assert all(g is not None and not g.any() for g in grads)

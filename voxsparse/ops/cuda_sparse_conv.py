@@ -118,7 +118,7 @@ def _gather_product(source: torch.Tensor, table: torch.Tensor, weight: torch.Ten
     rows, num_offsets = table.shape
     out = None
     for first, last in _chunks(rows, num_offsets, source.shape[1]):
-        gathered = source[table[:, first:last]].reshape(rows, -1)
+        gathered = source[table[:, first:last]].reshape(rows, (last - first) * source.shape[1])
         w = weight[first:last].reshape(-1, weight.shape[-1])
         out = gathered @ w if out is None else out.addmm_(gathered, w)
     return out
@@ -168,7 +168,7 @@ def indice_conv_backward(features: torch.Tensor, filters: torch.Tensor, out_bp: 
     grad_weight = weight.new_empty(num_offsets, features.shape[1], weight.shape[0])  # (K, C_in, C_out)
     rows = table.shape[0]
     for first, last in _chunks(rows, num_offsets, features.shape[1]):
-        gathered = padded[table[:, first:last]].reshape(rows, -1)
+        gathered = padded[table[:, first:last]].reshape(rows, (last - first) * padded.shape[1])
         torch.mm(gathered.T, out_bp, out=grad_weight[first:last].view(-1, weight.shape[0]))
     if subm:
         table_t, kernel = table, weight.flip(1)  # offset k of the input gradient is the forward's K - 1 - k
