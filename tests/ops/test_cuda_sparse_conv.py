@@ -17,7 +17,16 @@ pytest.importorskip("spconv.pytorch.ops")
 
 def _route_cpu_calls_here(monkeypatch) -> None:
     monkeypatch.setattr(cpu_sparse_conv, "supports", lambda features: False)
-    monkeypatch.setattr(cuda_sparse_conv, "supports", lambda features: features.dtype in cuda_sparse_conv.DTYPES)
+    monkeypatch.setattr(cuda_sparse_conv, "supports",
+                        lambda features, filters, num_out: features.dtype in cuda_sparse_conv.DTYPES)
+
+
+def _count_calls(monkeypatch) -> list[str]:
+    calls: list[str] = []
+    for name in ("indice_conv", "indice_conv_backward"):
+        fn = getattr(cuda_sparse_conv, name)
+        monkeypatch.setattr(cuda_sparse_conv, name, lambda *a, _fn=fn, _name=name, **k: calls.append(_name) or _fn(*a, **k))
+    return calls
 
 
 @pytest.mark.parametrize("chunk", [cuda_sparse_conv.CHUNK_ELEMENTS, 5000])
@@ -40,11 +49,8 @@ def test_equals_spconv_arithmetic(monkeypatch, dims, kind, kernel, stride, chunk
 
 def test_routing_covers_the_backward(monkeypatch):
     """A training step through the routed path calls both of its functions, once per convolution."""
-    calls = []
     _route_cpu_calls_here(monkeypatch)
-    for name in ("indice_conv", "indice_conv_backward"):
-        fn = getattr(cuda_sparse_conv, name)
-        monkeypatch.setattr(cuda_sparse_conv, name, lambda *a, _fn=fn, _name=name, **k: calls.append(_name) or _fn(*a, **k))
+    calls = _count_calls(monkeypatch)
     coords, feats = _random_sparse(0, [12, 40, 40], 2000, 5)
     _run(_network(3, "subm", 5, 1), coords, feats, [12, 40, 40])
     assert calls.count("indice_conv") == 2 and calls.count("indice_conv_backward") == 2
@@ -75,33 +81,46 @@ def test_missing_neighbours_read_zero_rows():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("kind", ["subm", "strided", "inverse"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_cuda_5x5x5_equals_the_cpu(dtype):
-    """A 5x5x5 submanifold block, which spconv runs with its native algorithm on CUDA, trained one
-    step through this path equals the CPU's spconv arithmetic (float16 under autocast, as trained)."""
+def test_cuda_5x5x5_equals_the_cpu(monkeypatch, kind, dtype):
+    """5x5x5 convolutions, which spconv runs with its native algorithm on CUDA, trained one step
+    through this path equal the CPU's spconv arithmetic (float16 under autocast, as trained)."""
     shape = [16, 64, 64]
-    coords, feats = _random_sparse(7, shape, 6000, 32)
-    torch.manual_seed(0)
-    net = spnn.SparseSequential(
-        spnn.SubMConv3d(32, 32, 5, padding=2, bias=False, indice_key="k5"),
-        spnn.SubMConv3d(32, 16, 5, padding=2, bias=True, indice_key="k5"),
-    )
+    coords, feats = _random_sparse(7, shape, 6000, 5)
+    net = _network(3, kind, 5, 2)
 
     def step(device: str):
         model = net.to(device)
         model.zero_grad(set_to_none=True)
         x = feats.to(device).requires_grad_(True)
         with torch.autocast("cuda", dtype=torch.float16, enabled=dtype == torch.float16 and device == "cuda"):
-            out = model(SparseConvTensor(x, coords.to(device), shape, 2)).features
-        grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(device)
-        (out.float() * grad).sum().backward()
-        # Submanifold outputs keep the input's row order on either device.
-        return [t.detach().float().cpu() for t in (out, x.grad, *[p.grad for p in model.parameters()])]
+            out = model(SparseConvTensor(x, coords.to(device), shape, 2))
+        grad = torch.randn(out.features.shape, generator=torch.Generator().manual_seed(1)).to(device)
+        (out.features.float() * grad).sum().backward()
+        # Output rows in coordinate order: the devices may list a strided conv's outputs differently.
+        keys = out.indices.long().cpu() @ torch.tensor([1 << 30, 1 << 20, 1 << 10, 1])
+        rows = out.features.detach().float().cpu()[torch.argsort(keys)]
+        return [rows, x.grad.float().cpu(), *[p.grad.float().cpu() for p in model.parameters()]]
 
-    ours, theirs = step("cuda"), step("cpu")
+    calls = _count_calls(monkeypatch)
+    ours = step("cuda")
+    assert calls.count("indice_conv") == len(list(net.parameters())) and "indice_conv_backward" in calls
+    theirs = step("cpu")
     tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=2e-2, atol=5e-2)
     for a, b in zip(ours, theirs):
         torch.testing.assert_close(a, b, **tol)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_large_layers_stay_with_spconv(monkeypatch):
+    """A layer whose gather exceeds ROUTE_ELEMENTS runs spconv's own loop."""
+    coords, feats = _random_sparse(7, [16, 64, 64], 6000, 5)
+    net = _network(3, "subm", 5, 1).cuda()
+    calls = _count_calls(monkeypatch)
+    monkeypatch.setattr(cuda_sparse_conv, "ROUTE_ELEMENTS", 6000 * 125 * 5 - 1)
+    out = net(SparseConvTensor(feats.cuda(), coords.cuda(), [16, 64, 64], 2))
+    assert "indice_conv" not in calls and out.features.shape == (6000, 8)
 
 
 def test_no_voxels(monkeypatch):

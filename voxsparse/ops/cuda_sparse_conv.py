@@ -43,10 +43,18 @@ DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 #: Route CUDA native-algorithm convolutions here (False: spconv's own loop, for comparisons).
 enabled = True
 
+#: Largest gathered size (M_out x K x C_in values) routed here. The products cover every offset, so
+#: their cost grows with the layer's size whatever its neighbours; spconv's loop costs launches per
+#: offset and work per pair, and wins on large sparse layers (docs/benchmarks.md).
+ROUTE_ELEMENTS = 1 << 28
 
-def supports(features: torch.Tensor) -> bool:
-    """Whether the backend routes a native-algorithm convolution of ``features`` here (CUDA only)."""
-    return enabled and features.is_cuda and features.dtype in DTYPES
+
+def supports(features: torch.Tensor, filters: torch.Tensor, num_out: int) -> bool:
+    """Whether the backend routes a native-algorithm convolution of (M_in, C_in) ``features`` with
+    spconv's (C_out, *kernel, C_in) ``filters`` onto ``num_out`` output rows here (CUDA only)."""
+    size = num_out * filters[0].numel()  # M_out x K x C_in
+    return (enabled and features.is_cuda and features.dtype in DTYPES and filters.dtype == features.dtype
+            and size <= ROUTE_ELEMENTS)
 
 
 def _per_offset(filters: torch.Tensor) -> torch.Tensor:
@@ -84,6 +92,7 @@ def gather_tables(indice_pairs: torch.Tensor, indice_pair_num: torch.Tensor, num
     valid, used = _valid(indice_pair_num, num_offsets, width, subm, device)
     rows_in = indice_pairs[int(inverse), :used].to(torch.int64)
     rows_out = indice_pairs[int(not inverse), :used].to(torch.int64)
+    valid &= (rows_in >= 0) & (rows_out >= 0)  # spconv marks unused slots -1, inside the counts too
     offset = torch.arange(used, device=device)[:, None].expand(-1, width)
 
     def table(rows: int, at: torch.Tensor, value: torch.Tensor, missing: int, mirror: bool) -> torch.Tensor:

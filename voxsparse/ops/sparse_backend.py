@@ -108,11 +108,12 @@ class _SingleThreadedCpuKernels:
         return _single_threaded(attr) if name.endswith("_cpu") else attr
 
 
-def _own_path(features: torch.Tensor) -> ModuleType | None:
-    """The module that computes a native-algorithm convolution of ``features``, or None for spconv's."""
+def _own_path(features: torch.Tensor, filters: torch.Tensor, num_out: int) -> ModuleType | None:
+    """The module that computes a native-algorithm convolution of ``features`` with ``filters`` onto
+    ``num_out`` rows, or None for spconv's."""
     if cpu_sparse_conv.supports(features):
         return cpu_sparse_conv
-    return cuda_sparse_conv if cuda_sparse_conv.supports(features) else None
+    return cuda_sparse_conv if cuda_sparse_conv.supports(features, filters, num_out) else None
 
 
 def _on_cpu(indice_conv: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
@@ -126,7 +127,7 @@ def _on_cpu(indice_conv: Callable[..., torch.Tensor]) -> Callable[..., torch.Ten
     def wrapper(features: torch.Tensor, *args: Any, bias: torch.Tensor | None = None,
                 act_alpha: float = 0.0, act_beta: float = 0.0,
                 act_type: Any = tv.gemm.Activation.None_, **kwargs: Any) -> torch.Tensor:
-        path = _own_path(features)
+        path = _own_path(features, args[0], args[3])  # filters, num_activate_out
         if path is None and features.is_cuda:
             return indice_conv(features, *args, bias=bias, act_alpha=act_alpha, act_beta=act_beta,
                                act_type=act_type, **kwargs)
@@ -156,7 +157,7 @@ def _backward_on_cpu(indice_conv_backward: Callable[..., Any]) -> Callable[..., 
 
     @functools.wraps(indice_conv_backward)
     def wrapper(features: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-        path = _own_path(features)
+        path = _own_path(features, args[0], args[1].shape[0])  # filters, out_bp
         if path is None:
             return indice_conv_backward(features, *args, **kwargs)
         kwargs.pop("algo", None)
