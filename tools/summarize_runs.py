@@ -5,8 +5,9 @@
 
 Each folder is a finished ``tools/train.py`` run (its ``metrics.json`` and ``.hydra/config.yaml``);
 runs with the same ``name`` (the model or experiment) are one row, labelled with their
-``trainer.seed`` values. Prints a Markdown table of ``mean ± std (low–high)`` per metric (sample
-standard deviation over the runs). Bad input is one ``error:`` line, exit status 2.
+``trainer.seed`` values (grouping assumes runs of one name differ only in their seed). Prints a
+Markdown table of ``mean ± std (low–high)`` per metric (sample standard deviation over the runs;
+``n=`` where fewer runs measured it). Bad input is one ``error:`` line, exit status 2.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ def main() -> None:
                         help="a metrics.json entry, nested names joined by dots (repeat for more columns)")
     parser.add_argument("--digits", type=int, default=3)
     args = parser.parse_args()
+    if args.digits < 0:
+        parser.error(f"--digits must be >= 0, got {args.digits}")
     try:
         runs = [read_run(folder) for folder in args.runs]
         table = summarize(runs, args.metric)

@@ -10,7 +10,7 @@ import torch
 
 from tests.ops.test_cpu_sparse_conv import KINDS, _network, _random_sparse, _run
 from voxsparse.ops import cpu_sparse_conv, cuda_sparse_conv
-from voxsparse.ops.sparse_backend import SparseConvTensor, spnn
+from voxsparse.ops.sparse_backend import SparseConvTensor
 
 pytest.importorskip("spconv.pytorch.ops")
 
@@ -63,7 +63,7 @@ def test_missing_neighbours_read_zero_rows():
     from spconv.pytorch import ops
 
     coords, _ = _random_sparse(3, [8, 16, 16], 300, 1)
-    out, pairs, num = ops.get_indice_pairs(coords, 2, [8, 16, 16], ConvAlgo.Native, [5, 5, 5], [1] * 3, [2] * 3,
+    _, pairs, num = ops.get_indice_pairs(coords, 2, [8, 16, 16], ConvAlgo.Native, [5, 5, 5], [1] * 3, [2] * 3,
                                            [1] * 3, [0] * 3, True, False)
     table, transposed = cuda_sparse_conv.gather_tables(pairs, num, 300, 300, False, True)
     assert transposed is None and table.shape == (300, 125)
@@ -107,7 +107,7 @@ def test_cuda_5x5x5_equals_the_cpu(monkeypatch, kind, dtype):
     ours = step("cuda")
     assert calls.count("indice_conv") == len(list(net.parameters())) and "indice_conv_backward" in calls
     theirs = step("cpu")
-    tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=2e-2, atol=5e-2)
+    tol = {"rtol": 1e-4, "atol": 1e-4} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 5e-2}
     for a, b in zip(ours, theirs):
         torch.testing.assert_close(a, b, **tol)
 

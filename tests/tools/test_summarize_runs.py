@@ -29,7 +29,7 @@ def test_groups_by_name_with_mean_and_spread(tmp_path):
     std = statistics.stdev([0.10, 0.14, 0.12])
     assert lines[2] == f"| voxelkp_small | 0, 1, 2 | 0.120 ± {std:.3f} (0.100–0.140) | 0.700 ± 0.100 (0.600–0.800) |"
     # A run that measured nothing (null in metrics.json) is left out of the mean, not counted as 0.
-    assert lines[3] == "| voxelkp_ablation_all_off | 0, 1 | 0.200 ± 0.000 (0.200–0.200) | 0.500 ± 0.000 (0.500–0.500) |"
+    assert lines[3] == "| voxelkp_ablation_all_off | 0, 1 | 0.200 ± 0.000 (0.200–0.200), n=1 | 0.500 ± 0.000 (0.500–0.500) |"
 
 
 def test_bad_input_is_one_error_line(tmp_path):
@@ -41,3 +41,12 @@ def test_bad_input_is_one_error_line(tmp_path):
     twin = _run(tmp_path / "again", "voxelkp_small", 0, 0.1, 0.6)
     line = error_line(run_tool("summarize_runs", run, twin, "--metric", "keypoints.MPJPE"))
     assert "seed 0" in line
+
+    (tmp_path / "broken" / ".hydra").mkdir(parents=True)
+    (tmp_path / "broken" / "metrics.json").write_text("{}")
+    (tmp_path / "broken" / ".hydra" / "config.yaml").write_text("name: [unclosed")
+    line = error_line(run_tool("summarize_runs", str(tmp_path / "broken"), "--metric", "keypoints.MPJPE"))
+    assert "config.yaml: unreadable" in line
+    (tmp_path / "broken" / ".hydra" / "config.yaml").write_text("name: x\ntrainer: fast\n")
+    line = error_line(run_tool("summarize_runs", str(tmp_path / "broken"), "--metric", "keypoints.MPJPE"))
+    assert "trainer.seed" in line

@@ -31,7 +31,8 @@ class RunMetrics:
 
 @dataclass(frozen=True)
 class MetricSpread:
-    """A metric over the runs of one name: mean, sample standard deviation (0 for one run), range."""
+    """A metric over the runs of one name that measured it: mean, sample standard deviation (0 for one
+    run), range, and how many runs."""
 
     mean: float
     std: float
@@ -51,7 +52,7 @@ def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, float | Non
         path = f"{prefix}{key}"
         if isinstance(value, Mapping):
             out.update(_flatten(value, f"{path}."))
-        elif value is None or isinstance(value, (int, float)):
+        elif value is None or (isinstance(value, (int, float)) and not isinstance(value, bool)):
             out[path] = None if value is None else float(value)
     return out
 
@@ -64,22 +65,28 @@ def read_run(folder: str | Path) -> RunMetrics:
             does not hold what a training run writes.
     """
     folder = Path(folder)
-    metrics_path, config_path = folder / "metrics.json", folder / ".hydra" / "config.yaml"
-    for path in (metrics_path, config_path):
-        if not path.is_file():
-            raise ValueError(f"{path}: not found; expected a finished tools/train.py run folder (evaluate=true)")
-    try:
-        metrics = json.loads(metrics_path.read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{metrics_path}: not JSON ({err})") from None
-    config = yaml.safe_load(config_path.read_text())
-    if not isinstance(metrics, dict) or not isinstance(config, dict):
-        raise ValueError(f"{folder}: metrics.json and .hydra/config.yaml must each hold a mapping")
-    name, seed = config.get("name"), (config.get("trainer") or {}).get("seed")
-    if not isinstance(name, str) or not isinstance(seed, int):
+    metrics = _read_mapping(folder / "metrics.json", json.loads, json.JSONDecodeError)
+    config_path = folder / ".hydra" / "config.yaml"
+    config = _read_mapping(config_path, yaml.safe_load, yaml.YAMLError)
+    name, trainer = config.get("name"), config.get("trainer")
+    seed = trainer.get("seed") if isinstance(trainer, dict) else None
+    if not isinstance(name, str) or not isinstance(seed, int) or isinstance(seed, bool):
         raise ValueError(f"{config_path}: expected a string 'name' and an integer 'trainer.seed', got "
                          f"{name!r} and {seed!r}")
     return RunMetrics(folder, name, seed, _flatten(metrics))
+
+
+def _read_mapping(path: Path, parse: Any, error: type[Exception]) -> dict:
+    """The mapping a JSON or YAML file holds; ValueError naming the file otherwise."""
+    if not path.is_file():
+        raise ValueError(f"{path}: not found; expected a finished tools/train.py run folder (evaluate=true)")
+    try:
+        content = parse(path.read_text(encoding="utf-8"))
+    except (error, UnicodeDecodeError) as err:
+        raise ValueError(f"{path}: unreadable ({' '.join(str(err).split())})") from None
+    if not isinstance(content, dict):
+        raise ValueError(f"{path}: expected a mapping at the top, got {type(content).__name__}")
+    return content
 
 
 def summarize(runs: Sequence[RunMetrics], metrics: Sequence[str]) -> dict[str, dict[str, MetricSpread | None]]:
@@ -121,9 +128,15 @@ def markdown(table: Mapping[str, Mapping[str, MetricSpread | None]], runs: Seque
     lines = ["| run | seeds | " + " | ".join(metrics) + " |", "|---|---|" + "---|" * len(metrics)]
     for name, row in table.items():
         seeds = ", ".join(str(r.seed) for r in sorted((r for r in runs if r.name == name), key=lambda r: r.seed))
-        cells = [
-            "—" if s is None else f"{s.mean:.{digits}f} ± {s.std:.{digits}f} ({s.low:.{digits}f}–{s.high:.{digits}f})"
-            for s in row.values()
-        ]
+        runs_of_name = sum(r.name == name for r in runs)
+        cells = [_cell(s, digits, runs_of_name) for s in row.values()]
         lines.append(f"| {name} | {seeds} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def _cell(spread: MetricSpread | None, digits: int, runs: int) -> str:
+    """``mean ± std (low–high)``, with ``n=`` when fewer than all ``runs`` measured the metric."""
+    if spread is None:
+        return "—"
+    text = f"{spread.mean:.{digits}f} ± {spread.std:.{digits}f} ({spread.low:.{digits}f}–{spread.high:.{digits}f})"
+    return text if spread.count == runs else f"{text}, n={spread.count}"

@@ -124,7 +124,7 @@ def _pair_rows(pairs_tv: Any, inverse: bool) -> tuple[Any, Any]:
     return pairs_tv[int(inverse)], pairs_tv[int(not inverse)]
 
 
-def _per_offset(filters: torch.Tensor) -> torch.Tensor:
+def per_offset(filters: torch.Tensor) -> torch.Tensor:
     """spconv's (C_out, *kernel, C_in) weight as a (C_out, K, C_in) view."""
     return filters.reshape(filters.shape[0], -1, filters.shape[-1])
 
@@ -148,7 +148,7 @@ def indice_conv(features: torch.Tensor, filters: torch.Tensor, indice_pairs: tor
     """
     ops, tv = _kernels()
     features = features.contiguous()
-    weight = _per_offset(filters)
+    weight = per_offset(filters)
     kv = weight.shape[1]
     if subm:
         out = torch.mm(features, weight[:, kv // 2].T)
@@ -187,7 +187,7 @@ def indice_conv_backward(features: torch.Tensor, filters: torch.Tensor, out_bp: 
     """
     ops, tv = _kernels()
     features, out_bp = features.contiguous(), out_bp.contiguous()
-    weight = _per_offset(filters)
+    weight = per_offset(filters)
     kv = weight.shape[1]
     grad_weight = torch.zeros_like(weight)
     if subm:

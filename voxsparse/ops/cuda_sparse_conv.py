@@ -34,6 +34,8 @@ from __future__ import annotations
 
 import torch
 
+from voxsparse.ops.cpu_sparse_conv import per_offset
+
 #: Gathered values (rows x offsets x channels) per chunk of offsets: 256 MB in float32.
 CHUNK_ELEMENTS = 1 << 26
 
@@ -55,11 +57,6 @@ def supports(features: torch.Tensor, filters: torch.Tensor, num_out: int) -> boo
     size = num_out * filters[0].numel()  # M_out x K x C_in
     return (enabled and features.is_cuda and features.dtype in DTYPES and filters.dtype == features.dtype
             and size <= ROUTE_ELEMENTS)
-
-
-def _per_offset(filters: torch.Tensor) -> torch.Tensor:
-    """spconv's (C_out, *kernel, C_in) weight as a (C_out, K, C_in) view."""
-    return filters.reshape(filters.shape[0], -1, filters.shape[-1])
 
 
 def _valid(indice_pair_num: torch.Tensor, num_offsets: int, width: int, subm: bool,
@@ -151,7 +148,7 @@ def indice_conv(features: torch.Tensor, filters: torch.Tensor, indice_pairs: tor
     """
     table, _ = gather_tables(indice_pairs, indice_pair_num, features.shape[0], num_activate_out, inverse, subm,
                              transposed=False)
-    weight = _per_offset(filters).permute(1, 2, 0)  # (K, C_in, C_out)
+    weight = per_offset(filters).permute(1, 2, 0)  # (K, C_in, C_out)
     return _gather_product(_padded(features.contiguous()), table, weight)
 
 
@@ -171,7 +168,7 @@ def indice_conv_backward(features: torch.Tensor, filters: torch.Tensor, out_bp: 
     """
     num_in = features.shape[0]
     table, table_t = gather_tables(indice_pairs, indice_pair_num, num_in, out_bp.shape[0], inverse, subm)
-    weight = _per_offset(filters)  # (C_out, K, C_in)
+    weight = per_offset(filters)  # (C_out, K, C_in)
     num_offsets = weight.shape[1]
     padded, out_bp = _padded(features.contiguous()), out_bp.contiguous()
     grad_weight = weight.new_empty(num_offsets, features.shape[1], weight.shape[0])  # (K, C_in, C_out)

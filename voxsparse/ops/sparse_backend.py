@@ -116,7 +116,7 @@ def _own_path(features: torch.Tensor, filters: torch.Tensor, num_out: int) -> Mo
     return cuda_sparse_conv if cuda_sparse_conv.supports(features, filters, num_out) else None
 
 
-def _on_cpu(indice_conv: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+def _routed(indice_conv: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
     """``spconv.pytorch.ops.indice_conv`` whose calls compute through
     :func:`voxsparse.ops.cpu_sparse_conv.indice_conv` on the CPU (repair 2; other dtypes through
     spconv's) and :func:`voxsparse.ops.cuda_sparse_conv.indice_conv` on CUDA, and add ``bias`` and
@@ -143,15 +143,17 @@ def _on_cpu(indice_conv: Callable[..., torch.Tensor]) -> Callable[..., torch.Ten
             return torch.relu(out)
         if act_type == tv.gemm.Activation.LeakyReLU:
             return torch.nn.functional.leaky_relu(out, act_alpha)
+        if act_type == tv.gemm.Activation.Sigmoid:
+            return torch.sigmoid(out)
         if act_type != tv.gemm.Activation.None_:
-            raise NotImplementedError(f"spconv activation {act_type} after a CPU sparse conv")
+            raise NotImplementedError(f"spconv activation {act_type} after voxsparse's sparse conv")
         return out
 
     wrapper.voxsparse_cpu_path = True  # type: ignore[attr-defined]
     return wrapper
 
 
-def _backward_on_cpu(indice_conv_backward: Callable[..., Any]) -> Callable[..., Any]:
+def _routed_backward(indice_conv_backward: Callable[..., Any]) -> Callable[..., Any]:
     """``spconv.pytorch.ops.indice_conv_backward`` whose calls compute through the same module as
     the forward's (:func:`_own_path`)."""
 
@@ -218,9 +220,9 @@ def _patch_spconv() -> None:
     if not isinstance(ops.SpconvOps, _SingleThreadedCpuKernels):
         ops.SpconvOps = _SingleThreadedCpuKernels(ops.SpconvOps)
     if not getattr(ops.indice_conv, "voxsparse_cpu_path", False):
-        ops.indice_conv = _on_cpu(ops.indice_conv)
+        ops.indice_conv = _routed(ops.indice_conv)
     if not getattr(ops.indice_conv_backward, "voxsparse_cpu_path", False):
-        ops.indice_conv_backward = _backward_on_cpu(ops.indice_conv_backward)
+        ops.indice_conv_backward = _routed_backward(ops.indice_conv_backward)
     for module_name, class_name in (("spconv.pytorch.conv", "SparseConvolution"),
                                     ("spconv.pytorch.pool", "SparseMaxPool")):
         cls = getattr(importlib.import_module(module_name), class_name)
