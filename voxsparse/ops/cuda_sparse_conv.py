@@ -19,15 +19,17 @@ Here the same convolution is a dense gather table and matrix products over all o
 
 Offsets are taken in chunks whose gathered rows fit :data:`CHUNK_ELEMENTS` values, so a step is a
 few tens of kernels and no allocator calls beyond torch's cached ones. The products cover every
-offset whether or not a voxel has a neighbour there: more arithmetic than spconv's loop, which the
-GPU does faster at these sizes than the host issues the loop's launches. Every output row is
+offset whether or not a voxel has a neighbour there: more arithmetic than spconv's loop, which pays
+for that in launches on small layers but wins on large sparse ones, so only layers up to
+:data:`ROUTE_ELEMENTS` gathered values come here. Every output row is
 written by one product, never by atomics, so results are deterministic; they differ from spconv's
 only in summation order. The arithmetic is plain torch and runs on any device (the tests compare it
 with spconv's CPU loop); the backend routes CUDA calls here (:mod:`voxsparse.ops.sparse_backend`).
 
 Pair tables are spconv's native ones, as in :mod:`voxsparse.ops.cpu_sparse_conv`: ``indice_pairs``
-(2, K, N) int32, the first ``indice_pair_num[k]`` of offset ``k`` valid; a submanifold
-convolution's table holds the offsets before the centre only (the others are their mirrors, swapped).
+(2, K, N) int32, the first ``indice_pair_num[k]`` of offset ``k`` valid; for a submanifold
+convolution only the offsets before the centre are counted (the later ones hold their mirrors'
+pairs, swapped), so the tables are built from those and their mirrors.
 """
 
 from __future__ import annotations
