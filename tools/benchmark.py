@@ -18,7 +18,8 @@ is chosen to give about ``--points`` returns, cut to exactly that many (or, with
 the fewest points that fill that many voxels of the model's grid); a time-lag channel of zeros
 is appended when the model's config expects nuScenes' 5 point features. Each stage is timed
 separately on that input (median of ``--repeats`` after ``--warmup``, CUDA synchronised), then the
-whole detector end to end.
+whole detector end to end. Each row goes to stderr as soon as it is measured, the table to stdout
+at the end.
 
 ``--compare`` loads OpenPCDet's backbone from a checkout (:mod:`voxsparse.benchmark.openpcdet`) and times it
 beside ours on the very voxels ours gets, in alternation in this process. VoxelNeXt configs: forward
@@ -38,6 +39,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import sys
 from pathlib import Path
 
 import torch
@@ -81,7 +83,7 @@ def main() -> None:
         parser.error("--compare times one frame: use --batch 1")
     options = BenchmarkOptions(**{f.name: getattr(args, f.name) for f in dataclasses.fields(BenchmarkOptions)})
     try:
-        info = run_benchmark(options)
+        info = run_benchmark(options, lambda name, t: print(f"{name}: {t.median_ms:.2f} ms", file=sys.stderr, flush=True))
     except FrameCountError as error:
         raise SystemExit(f"--input {error.path} holds {error.found} frames, --batch asks for {error.expected}") from None
     except NeedsCuda as error:

@@ -87,12 +87,14 @@ def test_frames_file_is_written_once_then_reused(tmp_path):
 
 def test_run_benchmark_times_every_stage_and_reuses_its_input(tmp_path):
     options = BenchmarkOptions(points=2000, repeats=1, warmup=0, train=True, input=tmp_path / "in.pt")
-    info = run_benchmark(options)
+    reported = []
+    info = run_benchmark(options, lambda name, timing: reported.append((name, timing.median_ms)))
     assert list(info) == ["model", "parameters_M", "backbone_parameters_M", "device", "threads", "amp", "tf32",
                           "batch", "points", "voxels", "bev_cells", "timings"]
     assert (info["model"], info["points"], info["amp"]) == ("voxelnext_small", 2000, False)
     assert 0 < info["bev_cells"] and 0 < info["voxels"] <= 2000
     assert list(info["timings"]) == STAGES + TRAIN_ROWS
+    assert reported == [(name, t["median_ms"]) for name, t in info["timings"].items()]  # each row as measured
     assert all(t["repeats"] == 1 and t["peak_memory_mb"] is None for t in info["timings"].values())
     json.dumps(info)  # JSON-ready
     with pytest.raises(FrameCountError):
@@ -195,6 +197,8 @@ def test_benchmark_tool(tmp_path):
     assert [row.group(1) for row in rows] == STAGES + TRAIN_ROWS
     assert re.fullmatch(r"training throughput: [\d.]+ frames/s", lines[-1])
     assert [t["repeats"] for t in info["timings"].values()] == [2] * 7
+    # each row also goes to stderr as soon as it is measured
+    assert re.findall(r"^(.+): [\d.]+ ms$", run.stderr, flags=re.MULTILINE) == STAGES + TRAIN_ROWS
     # Every option but --json and --voxelkp (a mode of its own) is a field of BenchmarkOptions,
     # which the tool fills from them.
     run = run_tool("benchmark", "--help", timeout=120)

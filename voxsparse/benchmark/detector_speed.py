@@ -16,6 +16,7 @@ from voxsparse.benchmark.compare import Alternation, compare_with_openpcdet
 from voxsparse.benchmark.inputs import load_or_make_frames, scan_sweeps, synthetic_frames
 from voxsparse.benchmark.stages import (
     TRAIN_STEP,
+    RowReport,
     build_model,
     count_parameters,
     profile_backbone,
@@ -62,9 +63,10 @@ class BenchmarkOptions:
     profile: Path | None = None
 
 
-def run_benchmark(options: BenchmarkOptions) -> dict:
+def run_benchmark(options: BenchmarkOptions, report: RowReport | None = None) -> dict:
     """Build the model, make (or read) its input, time its stages (and with ``train`` a training
-    step), compare with OpenPCDet and profile where asked.
+    step), compare with OpenPCDet and profile where asked; ``report`` gets each of our rows as soon as
+    it is measured.
 
     Raises:
         FrameCountError: ``options.input`` holds another number of frames than ``options.batch``.
@@ -83,9 +85,9 @@ def run_benchmark(options: BenchmarkOptions) -> dict:
     points = PointBatch.from_frames([c.to(device) for c in clouds])
     amp = options.amp and device.type == "cuda"
 
-    timings, voxels, bev = time_inference(model, points, amp, options.repeats, options.warmup)
+    timings, voxels, bev = time_inference(model, points, amp, options.repeats, options.warmup, report)
     if options.train:
-        timings |= time_training(model, points, voxels, amp, options.repeats, options.warmup)
+        timings |= time_training(model, points, voxels, amp, options.repeats, options.warmup, report)
     comparison = None
     if options.compare:
         alternation = Alternation.from_repeats(options.repeats, options.rounds, options.warmup)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -17,6 +18,23 @@ from voxsparse.utils.timing import Timing, measure
 
 #: The row of :func:`time_training` whose median gives the training throughput.
 TRAIN_STEP = "train step (loss + backward)"
+
+#: Called with each row's name and timing as soon as that row is measured (a slow full-size run then
+#: shows where it is).
+RowReport = Callable[[str, Timing], None]
+
+
+class _Rows(dict[str, Timing]):
+    """Timings by row name that report each row as it is added."""
+
+    def __init__(self, report: RowReport | None) -> None:
+        super().__init__()
+        self._report = report
+
+    def __setitem__(self, name: str, timing: Timing) -> None:
+        super().__setitem__(name, timing)
+        if self._report is not None:
+            self._report(name, timing)
 
 
 def fp16_autocast(enabled: bool) -> torch.autocast:
@@ -45,17 +63,17 @@ def count_parameters(module: nn.Module) -> int:
 
 
 def time_inference(
-    model: SparseDetector, points: PointBatch, amp: bool, repeats: int, warmup: int
+    model: SparseDetector, points: PointBatch, amp: bool, repeats: int, warmup: int, report: RowReport | None = None
 ) -> tuple[dict[str, Timing], SparseVoxels, SparseBEV]:
     """Each stage of ``model`` (in eval mode) on its own input, then ``predict`` end to end, without grad
-    (under CUDA fp16 autocast with ``amp``).
+    (under CUDA fp16 autocast with ``amp``); ``report`` gets each row as it is measured.
 
     Returns:
         Timings of the rows "voxelize + VFE", "backbone", ("neck",) "head", "decode", "end to end"; the voxels
         and BEV cells of ``points``.
     """
     device = points.points.device
-    timings: dict[str, Timing] = {}
+    timings = _Rows(report)
     with torch.no_grad(), fp16_autocast(amp):
         voxels = model.voxel_encoder(points)
         bev = model.backbone(voxels)
@@ -68,15 +86,16 @@ def time_inference(
         timings["head"] = measure(lambda: model.head(head_input), device, repeats, warmup)
         timings["decode"] = measure(lambda: model.head.decode(preds), device, repeats, warmup)
         timings["end to end"] = measure(lambda: model.predict(points), device, repeats, warmup)
-    return timings, voxels, bev
+    return dict(timings), voxels, bev
 
 
 def time_training(
-    model: SparseDetector, points: PointBatch, voxels: SparseVoxels, amp: bool, repeats: int, warmup: int
+    model: SparseDetector, points: PointBatch, voxels: SparseVoxels, amp: bool, repeats: int, warmup: int,
+    report: RowReport | None = None,
 ) -> dict[str, Timing]:
     """The backbone's forward + backward and a whole training step (loss against one dummy box per
-    frame); with ``amp``, forwards under CUDA fp16 autocast and a gradient scaler. ``model`` is left in
-    eval mode.
+    frame); with ``amp``, forwards under CUDA fp16 autocast and a gradient scaler; ``report`` gets each
+    row as it is measured. ``model`` is left in eval mode.
 
     Returns:
         Timings of the rows "backbone fwd+bwd" and :data:`TRAIN_STEP`.
@@ -99,12 +118,11 @@ def time_training(
         scaler.scale(loss).backward()
         model.zero_grad(set_to_none=True)
 
-    timings = {
-        "backbone fwd+bwd": measure(backbone_step, device, repeats, warmup),
-        TRAIN_STEP: measure(step, device, repeats, warmup),
-    }
+    timings = _Rows(report)
+    timings["backbone fwd+bwd"] = measure(backbone_step, device, repeats, warmup)
+    timings[TRAIN_STEP] = measure(step, device, repeats, warmup)
     model.eval()
-    return timings
+    return dict(timings)
 
 
 def profile_backbone(model: SparseDetector, voxels: SparseVoxels, amp: bool, out_dir: Path) -> None:
