@@ -1,7 +1,13 @@
 """Linear recurrences: the chunked references against step-by-step / quadratic float64 versions, their
-gradients, and the GPU paths against the references (skipped without CUDA)."""
+gradients, and the GPU paths against the references (skipped without CUDA; the Triton selective scan
+also runs in Triton's CPU interpreter where Triton is installed)."""
 
 from __future__ import annotations
+
+import functools
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -19,6 +25,8 @@ from voxsparse.ops.linear_rnn import (
 )
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+interpreted = pytest.mark.skipif(not INTERPRETED, reason="needs TRITON_INTERPRET=1 (the fresh-interpreter test sets it)")
 
 
 def _scan_inputs(bt=3, dc=6, length=37, n=4, device="cpu", seed=0):
@@ -133,17 +141,81 @@ def test_wkv6_on_cuda_equals_the_cpu_and_fla():
     torch.testing.assert_close(wkv6(*cuda_inputs, backend="fla").cpu(), expected, rtol=1e-3, atol=1e-3)
 
 
+_SCAN_NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
+_OPTIONAL = ("D", "z", "delta_bias")
+
+
+def _check_triton_scan(scan, device, bt, dc, length, n, kept, softplus):
+    """Output and the gradient of every input given of ``scan`` against the reference in float64.
+    ``kept``: the optional inputs (D, z, delta_bias) given; without softplus, the steps are |delta|."""
+    inputs = _scan_inputs(bt, dc, length, n, device=device)
+    if not softplus:  # steps must then be non-negative themselves (and delta_bias is not kept)
+        inputs["delta"] = inputs["delta"].abs()
+    inputs = {k: v for k, v in inputs.items() if k not in _OPTIONAL or k in kept}
+    leaves = {k: v.clone().requires_grad_() for k, v in inputs.items()}
+    ref_leaves = {k: v.double().requires_grad_() for k, v in inputs.items()}
+    out = scan(**leaves, delta_softplus=softplus)
+    expected = selective_scan_torch(**ref_leaves, delta_softplus=softplus)
+    torch.testing.assert_close(out.double(), expected, rtol=1e-4, atol=1e-4 * expected.abs().max().item())
+    weight = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(device)
+    grads = torch.autograd.grad(out, list(leaves.values()), weight)
+    expected_grads = torch.autograd.grad(expected, list(ref_leaves.values()), weight.double())
+    for name, g, e in zip(leaves, grads, expected_grads):
+        assert g.dtype == torch.float32, name
+        torch.testing.assert_close(g.double(), e, rtol=1e-4, atol=1e-4 * e.abs().max().item(),
+                                   msg=lambda m, name=name: f"gradient of {name}: {m}")
+
+
 @cuda
 @pytest.mark.parametrize("length", [1, 37, 1024])
-def test_triton_selective_scan_equals_the_reference(length):
-    inputs = {k: v.requires_grad_() for k, v in _scan_inputs(bt=4, dc=70, length=length, n=16, device="cuda").items()}
-    out = selective_scan(**inputs, delta_softplus=True, backend="triton")
-    expected = selective_scan_torch(**inputs, delta_softplus=True)
-    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4)
-    grads = torch.autograd.grad(out.square().sum(), list(inputs.values()))
-    expected_grads = torch.autograd.grad(expected.square().sum(), list(inputs.values()))
-    for g, e in zip(grads, expected_grads):
-        torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-3)
+@pytest.mark.parametrize("n", [3, 16])
+@pytest.mark.parametrize("kept,softplus", [(_OPTIONAL, True), ((), False), (("z",), True)])
+def test_triton_selective_scan_equals_the_reference(length, n, kept, softplus):
+    scan = functools.partial(selective_scan, backend="triton")
+    _check_triton_scan(scan, "cuda", 4, 70, length, n, kept, softplus)
+
+
+def _interpreted_scan(delta_softplus=False, **inputs):
+    """The Triton selective scan's autograd Function on CPU tensors (the public function insists on CUDA)."""
+    from voxsparse.ops import linear_rnn_triton
+
+    return linear_rnn_triton._SelectiveScan.apply(*(inputs.get(k) for k in _SCAN_NAMES), delta_softplus)
+
+
+@interpreted
+@pytest.mark.parametrize("bt,dc,length,n,kept,softplus", [
+    (2, 40, 23, 16, _OPTIONAL, True),  # two blocks of channels, the second partly masked
+    (1, 33, 17, 3, (), False),
+    (2, 9, 30, 3, ("z",), True),
+])
+def test_interpreted_triton_selective_scan(bt, dc, length, n, kept, softplus):
+    pytest.importorskip("triton")
+    _check_triton_scan(_interpreted_scan, "cpu", bt, dc, length, n, kept, softplus)
+
+
+@interpreted
+def test_interpreted_triton_selective_scan_without_steps():
+    pytest.importorskip("triton")
+    inputs = {k: v.requires_grad_() for k, v in _scan_inputs(length=0).items()}
+    out = _interpreted_scan(**inputs, delta_softplus=True)
+    assert out.shape == (3, 6, 0)
+    for g, v in zip(torch.autograd.grad(out, list(inputs.values()), out), inputs.values()):
+        assert g.shape == v.shape and not g.any()
+
+
+def test_triton_selective_scan_in_a_fresh_interpreter():
+    """Triton decides between interpreting and compiling its own library functions (tl.sum's, ...)
+    when it is imported, so the interpreter needs TRITON_INTERPRET=1 from the process's start; set
+    later it fails, set in this process it would stay on for every later kernel. Hence a subprocess."""
+    if INTERPRETED or torch.cuda.is_available():
+        pytest.skip("the kernel tests above run directly here")
+    pytest.importorskip("triton")
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", "interpreted"],
+        check=False, env=dict(os.environ, TRITON_INTERPRET="1"), capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "4 passed" in result.stdout
 
 
 @cuda

@@ -5,9 +5,10 @@ Both operators map sequences to sequences with a state that is updated linearly 
 what lets LION run one recurrence over thousands of voxels of a group. Each has:
 
 - a pure-PyTorch chunked implementation (the reference; any device, differentiable by autograd);
-- a GPU path imported lazily: for the selective scan our Triton kernel
-  (:mod:`voxsparse.ops.linear_rnn_triton`; its backward recomputes through the reference), for
-  retention and WKV ``flash-linear-attention`` (``fla``) where it is installed.
+- a GPU path imported lazily: for the selective scan our Triton kernels, forward and backward
+  (:mod:`voxsparse.ops.linear_rnn_triton`; the backward recomputes the states into one scan's
+  (Bt, L, Dc, N) scratch buffer), for retention and WKV ``flash-linear-attention`` (``fla``) where it
+  is installed.
 
 ``backend="auto"`` takes the GPU path for CUDA tensors when it is importable, else the reference;
 ``"torch"`` always takes the reference, ``"triton"`` / ``"fla"`` insist on the GPU path.
