@@ -223,3 +223,15 @@ def test_fla_retention_equals_the_reference():
     pytest.importorskip("fla")
     q, k, v = (torch.randn(2, 4, 300, 32, device="cuda") for _ in range(3))
     torch.testing.assert_close(retention(q, k, v, backend="fla"), retention_torch(q, k, v), rtol=1e-3, atol=1e-3)
+
+
+def test_fla_naive_references_equal_ours():
+    """fla's own step-by-step / quadratic references (any device) compute what our references compute,
+    so a difference of its kernels on a GPU is their arithmetic, not the call."""
+    retention_naive_fla = pytest.importorskip("fla.ops.retention.naive").naive_retention
+    rwkv6_naive_fla = pytest.importorskip("fla.ops.rwkv6.recurrent_naive").naive_recurrent_rwkv6
+    q, k, v = (torch.randn(2, 4, 150, 16, generator=torch.Generator().manual_seed(i)) for i in range(3))
+    torch.testing.assert_close(retention_naive_fla(q, k, v), retention_torch(q, k, v), rtol=1e-4, atol=1e-4)
+    r, k, v, log_w, u = _wkv_inputs(b=2, h=4, length=120, dk=16, dv=16, decay_scale=1.0, decay_shift=-2.0)
+    expected, _ = rwkv6_naive_fla(r, k, v, log_w, u, scale=1.0)
+    torch.testing.assert_close(wkv6_torch(r, k, v, log_w, u), expected, rtol=1e-4, atol=1e-4)
