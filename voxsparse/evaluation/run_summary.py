@@ -127,9 +127,9 @@ def markdown(table: Mapping[str, Mapping[str, MetricSpread | None]], runs: Seque
     metrics = list(next(iter(table.values()), {}))
     lines = ["| run | seeds | " + " | ".join(metrics) + " |", "|---|---|" + "---|" * len(metrics)]
     for name, row in table.items():
-        seeds = ", ".join(str(r.seed) for r in sorted((r for r in runs if r.name == name), key=lambda r: r.seed))
-        runs_of_name = sum(r.name == name for r in runs)
-        cells = [_cell(s, digits, runs_of_name) for s in row.values()]
+        of_name = sorted((r for r in runs if r.name == name), key=lambda r: r.seed)
+        seeds = ", ".join(str(r.seed) for r in of_name)
+        cells = [_cell(s, digits, len(of_name)) for s in row.values()]
         lines.append(f"| {name} | {seeds} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
