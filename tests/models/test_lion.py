@@ -114,6 +114,9 @@ def _fixture(name: str) -> dict:
 #: ~1e-6 of it; the whole backbone to ~2e-4, as far as the reference itself is from a float64 run.
 STAGE_TOLERANCE = 1e-5
 WHOLE_TOLERANCE = 5e-4
+#: On CUDA a stage sums in other orders (cuBLAS, the Triton scan): one value in 60,624 of the Mamba
+#: fixture's first stage was 1.04e-5 of the scale away on an H100; 1e-4 is the parity bound.
+CUDA_STAGE_TOLERANCE = 1e-4
 
 
 def _compare(level: Level, expected: dict, tolerance: float) -> None:
@@ -130,9 +133,10 @@ def _converted(record: dict) -> LIONBackbone:
     return model
 
 
-def _check_stages(name: str, device: str) -> LIONBackbone:
+def _check_stages(name: str, device: str, tolerance: float = STAGE_TOLERANCE) -> LIONBackbone:
     """Each stage (LION block + merge, then the last layer) on ``device`` from the reference's own
-    input to it, against the reference's output; returns the model (eval mode, on ``device``)."""
+    input to it, against the reference's output within ``tolerance`` of its scale; returns the model
+    (eval mode, on ``device``)."""
     record, stages = _fixture(name), _fixture(f"{name}_stages")["stages"]
     model = _converted(record).eval().to(device)
     x, y, z = record["grid"]
@@ -143,7 +147,7 @@ def _check_stages(name: str, device: str) -> LIONBackbone:
                 out, _ = getattr(model, f"dow{i + 1}")(getattr(model, f"linear_{i + 1}")(level))
             else:
                 out = model.linear_out(level)
-        _compare(Level(out.coords.cpu(), out.features.cpu(), out.spatial_shape, 2), stage, STAGE_TOLERANCE)
+        _compare(Level(out.coords.cpu(), out.features.cpu(), out.spatial_shape, 2), stage, tolerance)
         level = Level(stage["indices"].int().to(device), stage["features"].to(device), out.spatial_shape, 2)
     return model
 
@@ -160,13 +164,13 @@ def test_cuda_stages_equal_the_reference(name):
     recorded output from its own input, as on the CPU; and the first stage's gradients equal the CPU's."""
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
-    model = _check_stages(name, "cuda")
+    model = _check_stages(name, "cuda", CUDA_STAGE_TOLERANCE)
     record = _fixture(name)
     x, y, z = record["grid"]
     grads = []
     for device in ("cpu", "cuda"):
         model.to(device).train().zero_grad()
-        features = record["features"].to(device).requires_grad_(True)
+        features = record["features"].detach().to(device).requires_grad_(True)  # a leaf on each device
         out = model.linear_1(Level(record["coords"].to(device), features, (z, y, x), 2))
         out.features.square().mean().backward()
         grads.append([features.grad.cpu()] + [p.grad.cpu() for p in model.linear_1.parameters()])

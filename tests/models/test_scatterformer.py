@@ -108,7 +108,7 @@ def test_cuda_equals_cpu_in_fp32():
     results = []
     for device in ("cpu", "cuda"):
         model.to(device).zero_grad()
-        features = voxels.features.to(device).requires_grad_(True)
+        features = voxels.features.detach().to(device).requires_grad_(True)  # a leaf on each device
         bev = model(SparseVoxels(voxels.coords.to(device), features, GRID, 2))
         bev.features.square().mean().backward()
         grads = [p.grad.detach().cpu() for p in model.parameters()]

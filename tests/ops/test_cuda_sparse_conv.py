@@ -96,11 +96,14 @@ def test_cuda_5x5x5_equals_the_cpu(monkeypatch, kind, dtype):
         x = feats.to(device).requires_grad_(True)
         with torch.autocast("cuda", dtype=torch.float16, enabled=dtype == torch.float16 and device == "cuda"):
             out = model(SparseConvTensor(x, coords.to(device), shape, 2))
-        grad = torch.randn(out.features.shape, generator=torch.Generator().manual_seed(1)).to(device)
-        (out.features.float() * grad).sum().backward()
-        # Output rows in coordinate order: the devices may list a strided conv's outputs differently.
+        # Output rows in coordinate order: the devices may list a strided conv's outputs differently,
+        # so each output voxel takes the same gradient on both by its coordinates, not its row.
         keys = out.indices.long().cpu() @ torch.tensor([1 << 30, 1 << 20, 1 << 10, 1])
-        rows = out.features.detach().float().cpu()[torch.argsort(keys)]
+        order = torch.argsort(keys)
+        grad = torch.empty(out.features.shape)
+        grad[order] = torch.randn(out.features.shape, generator=torch.Generator().manual_seed(1))
+        (out.features.float() * grad.to(device)).sum().backward()
+        rows = out.features.detach().float().cpu()[order]
         return [rows, x.grad.float().cpu(), *[p.grad.float().cpu() for p in model.parameters()]]
 
     calls = _count_calls(monkeypatch)
