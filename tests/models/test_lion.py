@@ -114,8 +114,8 @@ def _fixture(name: str) -> dict:
 #: ~1e-6 of it; the whole backbone to ~2e-4, as far as the reference itself is from a float64 run.
 STAGE_TOLERANCE = 1e-5
 WHOLE_TOLERANCE = 5e-4
-#: On CUDA a stage sums in other orders (cuBLAS, the Triton scan): one value in 60,624 of the Mamba
-#: fixture's first stage was 1.04e-5 of the scale away on an H100; 1e-4 is the parity bound.
+#: On CUDA a stage sums in other orders (cuBLAS, the Triton scan): one value in 60,624 of a Mamba
+#: fixture stage was 1.04e-5 of the scale away on an H100; 1e-4 is the parity bound.
 CUDA_STAGE_TOLERANCE = 1e-4
 
 
