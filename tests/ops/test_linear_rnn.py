@@ -131,14 +131,33 @@ def test_wkv6_checks_shapes_and_backend():
         wkv6(r, k, v, log_w, u, backend="triton")
 
 
-@cuda
-def test_wkv6_on_cuda_equals_the_cpu_and_fla():
+#: fla's chunked kernels multiply float32 in TF32 (Triton's default precision for ``tl.dot``): its
+#: retention was 1.4e-3 of the output's scale from the float64 reference on an H100 (ours: 3e-7).
+#: This bound admits that rounding and still catches a wrong call (layout, scale, decay), which
+#: is off by the order of the output itself.
+FLA_TF32_TOLERANCE = 5e-3
+
+
+def _assert_within_scale(actual: torch.Tensor, expected: torch.Tensor, tolerance: float) -> None:
+    torch.testing.assert_close(actual, expected, rtol=0, atol=tolerance * expected.abs().max().item())
+
+
+def _wkv_cuda_problem() -> tuple[list[torch.Tensor], torch.Tensor]:
     inputs = _wkv_inputs(b=4, h=4, length=700, dk=32, dv=32, decay_scale=1.0, decay_shift=-2.0)
-    expected = wkv6_torch(*inputs)
-    cuda_inputs = [t.cuda() for t in inputs]
+    return [t.cuda() for t in inputs], wkv6_torch(*inputs)
+
+
+@cuda
+def test_wkv6_on_cuda_equals_the_cpu():
+    cuda_inputs, expected = _wkv_cuda_problem()
     torch.testing.assert_close(wkv6_torch(*cuda_inputs).cpu(), expected, rtol=1e-4, atol=1e-4)
+
+
+@cuda
+def test_fla_wkv6_equals_the_reference():
     pytest.importorskip("fla")
-    torch.testing.assert_close(wkv6(*cuda_inputs, backend="fla").cpu(), expected, rtol=1e-3, atol=1e-3)
+    cuda_inputs, expected = _wkv_cuda_problem()
+    _assert_within_scale(wkv6(*cuda_inputs, backend="fla").cpu(), expected, FLA_TF32_TOLERANCE)
 
 
 _SCAN_NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
@@ -222,7 +241,8 @@ def test_triton_selective_scan_in_a_fresh_interpreter():
 def test_fla_retention_equals_the_reference():
     pytest.importorskip("fla")
     q, k, v = (torch.randn(2, 4, 300, 32, device="cuda") for _ in range(3))
-    torch.testing.assert_close(retention(q, k, v, backend="fla"), retention_torch(q, k, v), rtol=1e-3, atol=1e-3)
+    expected = retention_torch(q.double(), k.double(), v.double())
+    _assert_within_scale(retention(q, k, v, backend="fla").double(), expected, FLA_TF32_TOLERANCE)
 
 
 def test_fla_naive_references_equal_ours():
