@@ -67,7 +67,8 @@ def main() -> None:
     parser.add_argument("--train", action="store_true", help="also time forward+backward")
     parser.add_argument("--json", type=Path, help="write the numbers here")
     parser.add_argument("--compare", type=Path, help="an OpenPCDet checkout: time its VoxelNeXt backbone beside ours")
-    parser.add_argument("--rounds", type=int, default=5, help="alternation rounds of --compare")
+    parser.add_argument("--rounds", type=int, default=5,
+                        help="alternation rounds of --compare, and of --voxelkp's two CUDA paths for 5x5x5 convolutions")
     parser.add_argument("--profile", type=Path, help="write a torch.profiler table and trace of the backbone here")
     parser.add_argument("--voxelkp", nargs="?", const="", metavar="MODULE,...", help="voxelkp_small training steps/s "
                         "(batch 4 unless --batch) with the given backbone modules off, and voxelkp_waymo_reference forward "

@@ -173,7 +173,9 @@ def test_cuda_stages_equal_the_reference(name):
         features = record["features"].detach().to(device).requires_grad_(True)  # a leaf on each device
         out = model.linear_1(Level(record["coords"].to(device), features, (z, y, x), 2))
         out.features.square().mean().backward()
-        grads.append([features.grad.cpu()] + [p.grad.cpu() for p in model.linear_1.parameters()])
+        # copies: on the CPU, .cpu() returns the gradient itself, which the next .to() moves in place
+        leaves = [features, *model.linear_1.parameters()]
+        grads.append([leaf.grad.to("cpu", copy=True) for leaf in leaves])
     for cuda_grad, cpu_grad in zip(grads[1], grads[0]):
         torch.testing.assert_close(cuda_grad, cpu_grad, rtol=1e-3, atol=1e-3 * cpu_grad.abs().max().item())
 

@@ -3,13 +3,15 @@
 
     python tools/benchmark.py --voxelkp --device cuda                          # both, batch 4
     python tools/benchmark.py --voxelkp --device cuda --compare /path/to/VoxelKP   # + the authors'
-    python tools/benchmark.py --voxelkp --device cuda --train --model voxelkp_small \
-        --voxelkp-off box_attention            # a module switched off (selective_kernel, hybrid, ...)
+    python tools/benchmark.py --voxelkp box_attention --device cuda   # a module switched off (also
+                                                                      # selective_kernel, hybrid, ...)
 
 Training: ``--batch`` synthetic training frames with their humans' keypoints (the model's range),
 one step = ``loss`` + backward + AdamW step (optionally under fp16 autocast), timed alone (from its
 launch to its last kernel) and back to back (a loop's rate: one step's host work overlaps the device
 work of the one before; the trainer lies between the two, reading the loss after each forward).
+On CUDA it is timed with both paths of the 5x5x5 convolutions, the gather tables of
+:mod:`voxsparse.ops.cuda_sparse_conv` and spconv's own loop, alternating over ``--rounds``.
 Forward: the reference config in eval mode on one synthetic frame of ``--voxels`` voxels of its grid
 (Waymo scale: ~100k), detector forward without grad (voxelization included). With ``--compare``,
 the authors' backbone and head (``VoxelResBackBone8xVoxelNeXtEffv2Next4``, ``VoxelNeXtHeadKPMerge``,
@@ -41,6 +43,7 @@ from voxsparse.data.dataset import DetectionDataset
 from voxsparse.data.sample import collate
 from voxsparse.data.synthetic import SyntheticDataset
 from voxsparse.engine.cli import CONFIG_DIR
+from voxsparse.ops import cuda_sparse_conv
 from voxsparse.structures import PointBatch, VoxelGrid
 from voxsparse.utils.timing import Timing, measure, measure_back_to_back
 
@@ -203,9 +206,26 @@ def _profile(fn, device: torch.device, rows: int) -> str:
     return "\n".join(tables)
 
 
-def time_training(options: VoxelKPSpeedOptions) -> tuple[Timing, float, str]:
-    """Training step timing of ``options.train_model`` at ``options.batch`` frames (each step alone,
-    and the mean ms of steps launched back to back), and its profile."""
+@dataclass(frozen=True)
+class StepTiming:
+    """Training step times with one path for the large-kernel convolutions.
+
+    Attributes:
+        path: ``"gather tables"`` or ``"spconv loop"`` on CUDA (:mod:`voxsparse.ops.cuda_sparse_conv`),
+            ``""`` on the CPU, which has one path.
+        alone: each step synchronised on its own; over several rounds the median of the rounds'
+            medians, the lowest p10 and the highest p90 (ms).
+        back_to_back_ms: mean ms of steps launched back to back, median over the rounds.
+    """
+
+    path: str
+    alone: Timing
+    back_to_back_ms: float
+
+
+def time_training(options: VoxelKPSpeedOptions) -> tuple[list[StepTiming], str]:
+    """Training step timings of ``options.train_model`` at ``options.batch`` frames, per large-kernel
+    path (on CUDA both, alternating over ``options.rounds``), and the profile with the default path."""
     device = torch.device(options.device)
     torch.manual_seed(0)
     overrides = [f"model.backbone.{name}=false" for name in options.modules_off]
@@ -214,9 +234,25 @@ def time_training(options: VoxelKPSpeedOptions) -> tuple[Timing, float, str]:
                               tuple(model.voxel_encoder.grid.point_cloud_range))
     batch = collate([frames[i] for i in range(options.batch)]).to(device)
     step = training_step(model, batch, options.amp)
-    timing = measure(step, device, options.repeats, options.warmup)
-    back_to_back = measure_back_to_back(step, device, options.repeats)  # warmed up by measure
-    return timing, back_to_back, _profile(step, device, options.profile_rows)
+    paths = {"gather tables": True, "spconv loop": False} if device.type == "cuda" else {"": True}
+    rounds: dict[str, list[tuple[Timing, float]]] = {path: [] for path in paths}
+    default = cuda_sparse_conv.enabled
+    try:
+        for _ in range(options.rounds if device.type == "cuda" else 1):
+            for path, enabled in paths.items():
+                cuda_sparse_conv.enabled = enabled
+                timing = measure(step, device, options.repeats, options.warmup)
+                rounds[path].append((timing, measure_back_to_back(step, device, options.repeats)))
+    finally:
+        cuda_sparse_conv.enabled = default
+    results = []
+    for path, measured in rounds.items():
+        timings = [t for t, _ in measured]
+        peaks = [t.peak_memory_mb for t in timings if t.peak_memory_mb is not None]
+        alone = Timing(float(np.median([t.median_ms for t in timings])), min(t.p10_ms for t in timings),
+                       max(t.p90_ms for t in timings), sum(t.repeats for t in timings), max(peaks) if peaks else None)
+        results.append(StepTiming(path, alone, float(np.median([b for _, b in measured]))))
+    return results, _profile(step, device, options.profile_rows)
 
 
 def _build(name: str, overrides: list[str]) -> nn.Module:
@@ -267,12 +303,15 @@ def run_voxelkp_speed(options: VoxelKPSpeedOptions, report: Callable[[str], None
     """Every measurement ``options`` asks for, handed to ``report`` as text as each finishes."""
     report(f"VoxelKP speed on {options.device}" + (" (fp16 autocast)" if options.amp else ""))
     if options.train:
-        timing, back_to_back, profile = time_training(options)
+        results, profile = time_training(options)
         off = f", off: {', '.join(options.modules_off)}" if options.modules_off else ""
-        report(f"{options.train_model} training, batch {options.batch}{off}: {timing.median_ms:.1f} ms/step "
-               f"(p10 {timing.p10_ms:.1f}, p90 {timing.p90_ms:.1f}) = {1000 / timing.median_ms:.2f} steps/s"
-               + (f", peak {timing.peak_memory_mb:.0f} MB" if timing.peak_memory_mb else "")
-               + f"; back to back {back_to_back:.1f} ms/step = {1000 / back_to_back:.2f} steps/s")
+        for result in results:
+            timing, back_to_back = result.alone, result.back_to_back_ms
+            path = f", 5x5x5 by {result.path}" if result.path else ""
+            report(f"{options.train_model} training, batch {options.batch}{off}{path}: {timing.median_ms:.1f} ms/step "
+                   f"(p10 {timing.p10_ms:.1f}, p90 {timing.p90_ms:.1f}) = {1000 / timing.median_ms:.2f} steps/s"
+                   + (f", peak {timing.peak_memory_mb:.0f} MB" if timing.peak_memory_mb else "")
+                   + f"; back to back {back_to_back:.1f} ms/step = {1000 / back_to_back:.2f} steps/s")
         report(profile)
     if options.forward:
         result = time_forward(options)

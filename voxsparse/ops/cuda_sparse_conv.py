@@ -50,7 +50,7 @@ enabled = True
 #: Largest gathered size (M_out x K x C_in values) routed here. The products cover every offset, so
 #: their cost grows with the layer's size whatever its neighbours; spconv's loop costs launches per
 #: offset and work per pair, and wins on large sparse layers (docs/benchmarks.md).
-ROUTE_ELEMENTS = 1 << 28
+ROUTE_ELEMENTS = 1 << 29
 
 
 def supports(features: torch.Tensor, filters: torch.Tensor, num_out: int) -> bool:
