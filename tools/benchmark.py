@@ -12,6 +12,7 @@
     python tools/benchmark.py ... --profile trace_dir   # torch.profiler table of the backbone
     python tools/benchmark.py ... --tf32                # fp32 products on TF32 tensor cores
     python tools/benchmark.py --voxelkp [MODULE,...] --device cuda [--compare /path/to/VoxelKP]   # VoxelKP speed
+    python tools/benchmark.py --large-kernels --device cuda   # 5x5x5 convolutions: gather tables vs spconv's loop
 
 The input is one frame of the synthetic world scanned by a dense spinning LiDAR whose beam count
 is chosen to give about ``--points`` returns, cut to exactly that many (or, with ``--voxels``, to
@@ -44,6 +45,7 @@ from pathlib import Path
 
 import torch
 
+from voxsparse.benchmark import large_kernels
 from voxsparse.benchmark.compare import NeedsCuda
 from voxsparse.benchmark.detector_speed import BenchmarkOptions, format_table, run_benchmark
 from voxsparse.benchmark.inputs import FrameCountError
@@ -68,12 +70,21 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="write the numbers here")
     parser.add_argument("--compare", type=Path, help="an OpenPCDet checkout: time its VoxelNeXt backbone beside ours")
     parser.add_argument("--rounds", type=int, default=5,
-                        help="alternation rounds of --compare, and of --voxelkp's two CUDA paths for 5x5x5 convolutions")
+                        help="alternation rounds of --compare, and of the two CUDA paths for 5x5x5 convolutions")
     parser.add_argument("--profile", type=Path, help="write a torch.profiler table and trace of the backbone here")
     parser.add_argument("--voxelkp", nargs="?", const="", metavar="MODULE,...", help="voxelkp_small training steps/s "
                         "(batch 4 unless --batch) with the given backbone modules off, and voxelkp_waymo_reference forward "
                         "(--voxels, default 100k) beside --compare's VoxelKP checkout (voxsparse.benchmark.voxelkp)")
+    parser.add_argument("--large-kernels", action="store_true", help="5x5x5 convolutions on CUDA, gather tables "
+                        "against spconv's loop over layer sizes (voxsparse.benchmark.large_kernels)")
     args = parser.parse_args()
+    if args.large_kernels:
+        if torch.device(args.device).type != "cuda":
+            parser.error("--large-kernels compares the two CUDA paths of 5x5x5 convolutions: use --device cuda")
+        print(large_kernels.HEADER, flush=True)
+        for row in large_kernels.sweep(args.device, rounds=args.rounds, repeats=args.repeats, warmup=args.warmup):
+            print(large_kernels.markdown_row(row), flush=True)
+        return
     if args.voxelkp is not None:
         run_voxelkp_speed(VoxelKPSpeedOptions(
             args.device, batch=args.batch if args.batch > 1 else 4, voxels=args.voxels or 100_000, repeats=args.repeats,

@@ -199,10 +199,10 @@ def test_benchmark_tool(tmp_path):
     assert [t["repeats"] for t in info["timings"].values()] == [2] * 7
     # each row also goes to stderr as soon as it is measured
     assert re.findall(r"^(.+): [\d.]+ ms$", run.stderr, flags=re.MULTILINE) == STAGES + TRAIN_ROWS
-    # Every option but --json and --voxelkp (a mode of its own) is a field of BenchmarkOptions,
-    # which the tool fills from them.
+    # Every option but --json, --voxelkp and --large-kernels (modes of their own) is a field of
+    # BenchmarkOptions, which the tool fills from them.
     run = run_tool("benchmark", "--help", timeout=120)
-    flags = set(re.findall(r"^  --([a-z0-9]+)", run.stdout, flags=re.MULTILINE)) - {"help", "json", "voxelkp"}
+    flags = set(re.findall(r"^  --([a-z0-9]+)", run.stdout, flags=re.MULTILINE)) - {"help", "json", "voxelkp", "large"}
     assert flags == {f.name for f in dataclasses.fields(BenchmarkOptions)}
 
 
