@@ -336,6 +336,27 @@ def test_keypoint_loss_equals_hand_computed_terms():
     assert pred.keypoints.grad[cell_row(bev, 2.5, 3.5), 9:].abs().sum() == 0  # invisible keypoints: no L1
 
 
+def test_keypoint_loss_assigns_the_detection_targets_once(monkeypatch):
+    """The keypoint loss reuses the detection targets (a training step assigned them twice before) and
+    equals the detection loss plus the keypoint terms from separately assigned targets."""
+    torch.manual_seed(0)
+    head, bev, ann = make_head(), dense_bev(), annotations()
+    pred = head(bev)
+    detection = head.detection.loss(pred.detection, [ann])
+    keypoint_targets = head.assign_targets(pred, [ann])
+    calls = []
+    assign = head.detection.assign_targets
+    monkeypatch.setattr(head.detection, "assign_targets", lambda *args: calls.append(1) or assign(*args))
+    losses = head.loss(pred, [ann])
+    assert len(calls) == 1
+    keypoints = pred.keypoints[keypoint_targets.positive]
+    visible = keypoint_targets.visibility
+    expected_keypoint = ((keypoints - keypoint_targets.keypoints).abs().sum(-1) * visible).sum() / visible.sum()
+    assert torch.equal(losses.keypoint, expected_keypoint.detach())
+    for name in ("heatmap", "regression", "iou"):
+        assert torch.equal(getattr(losses, name), getattr(detection, name)), name
+
+
 @pytest.mark.parametrize("offset, read_at", [(0.3, (2.5, 3.5)), (0.7, (3.5, 3.5))])
 def test_decode_reads_keypoints_at_the_cell_nearest_to_each_detection(offset, read_at):
     torch.manual_seed(0)

@@ -302,7 +302,16 @@ class CenterHeadBase(nn.Module):
                 the mean over ranks (``voxsparse.engine.distributed.mean_over_ranks``) so the
                 gradient equals that of one process with the global batch. None: the local counts.
         """
-        targets = self.assign_targets(pred, annotations)
+        return self.loss_from_targets(pred, self.assign_targets(pred, annotations), reduce_counts)
+
+    def loss_from_targets(
+        self,
+        pred: CenterPredictions,
+        targets: CenterTargets,
+        reduce_counts: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ) -> HeadLosses:
+        """:meth:`loss` from the targets :meth:`assign_targets` gave for ``pred``, for heads that use
+        them for more than the detection losses (the keypoint head)."""
         logits = pred.heatmap.float()
         positive_mask = targets.heatmap == 1.0
         num_pos = len(targets.positive)

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from voxsparse.constants import KEYPOINT_NAMES
-from voxsparse.models.heads.center_head import CenterHeadBase, CenterPredictions
+from voxsparse.models.heads.center_head import CenterHeadBase, CenterPredictions, CenterTargets
 from voxsparse.models.layers import sparse_conv_block
 from voxsparse.models.voxelkp.structures import KeypointDetections3D
 from voxsparse.ops.sparse_backend import SparseConvTensor, spnn
@@ -148,8 +148,13 @@ class KeypointHead(nn.Module):
     @torch.no_grad()
     def assign_targets(self, pred: KeypointPredictions, annotations: list[Annotations3D]) -> KeypointTargets:
         """Keypoint targets at the detection head's regression positives of labelled humans."""
+        return self._keypoint_targets(pred, self.detection.assign_targets(pred.detection, annotations), annotations)
+
+    @torch.no_grad()
+    def _keypoint_targets(self, pred: KeypointPredictions, targets: CenterTargets,
+                          annotations: list[Annotations3D]) -> KeypointTargets:
+        """:meth:`assign_targets` from the detection head's ``targets`` for ``pred.detection``."""
         det = pred.detection
-        targets = self.detection.assign_targets(det, annotations)
         device = det.cell_xy.device
         frame = det.coords[targets.positive, 0].long()
         positives, keypoints, visibility = [], [], []
@@ -190,8 +195,10 @@ class KeypointHead(nn.Module):
             reduce_counts: as in :meth:`CenterHeadBase.loss`; here it also maps the (visible
                 keypoints, keypoint positives) counts that divide the keypoint losses.
         """
-        det = self.detection.loss(pred.detection, annotations, reduce_counts)
-        targets = self.assign_targets(pred, annotations)
+        # The detection targets are assigned once and serve both losses.
+        det_targets = self.detection.assign_targets(pred.detection, annotations)
+        det = self.detection.loss_from_targets(pred.detection, det_targets, reduce_counts)
+        targets = self._keypoint_targets(pred, det_targets, annotations)
         # Indexing keeps every output in the graph even without positives (DDP needs each parameter).
         keypoints = pred.keypoints[targets.positive].float()
         logits = pred.visibility[targets.positive].float()
