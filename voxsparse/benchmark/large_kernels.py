@@ -75,8 +75,8 @@ def sweep(device: str = "cuda", points: int = 400_000, voxel_sizes: Sequence[flo
                 conv = spnn.SubMConv3d(c, c, 5, padding=2, bias=False, indice_key="sweep").to(dev)
                 x = torch.randn(len(cells), c, device=dev, requires_grad=True)
                 pairs = conv(SparseConvTensor(x, coords, shape, 1)).indice_dict["sweep"].indice_pair_num
-                # spconv counts the offsets before the centre (62), each pair standing for its mirror too
-                filled = float(pairs[:62].sum() * 2 + len(cells)) / (len(cells) * 125)
+                # spconv counts the offsets before the centre, each pair standing for its mirror too
+                filled = float(pairs[: len(pairs) // 2].sum() * 2 + len(cells)) / (len(cells) * len(pairs))
                 for amp in (False, True):
                     step = _training_step(conv, x, coords, shape, amp)
                     best = {True: float("inf"), False: float("inf")}
