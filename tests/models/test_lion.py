@@ -176,8 +176,14 @@ def test_cuda_stages_equal_the_reference(name):
         # copies: on the CPU, .cpu() returns the gradient itself, which the next .to() moves in place
         leaves = [features, *model.linear_1.parameters()]
         grads.append([leaf.grad.to("cpu", copy=True) for leaf in leaves])
+    largest = max(g.abs().max().item() for g in grads[0])
     for cuda_grad, cpu_grad in zip(grads[1], grads[0]):
-        torch.testing.assert_close(cuda_grad, cpu_grad, rtol=1e-3, atol=1e-3 * cpu_grad.abs().max().item())
+        scale = cpu_grad.abs().max().item()
+        if scale < 1e-6 * largest:
+            # zero in exact arithmetic (a bias ahead of train-mode BatchNorm): rounding on both devices
+            assert cuda_grad.abs().max().item() < 1e-6 * largest
+            continue
+        torch.testing.assert_close(cuda_grad, cpu_grad, rtol=1e-3, atol=1e-3 * scale)
 
 
 def test_rwkv_fixture_parity_first_stage_and_last_layer():
