@@ -252,3 +252,27 @@ def test_reference_detector_on_cuda():
     with torch.no_grad():
         out = detector(_scan(detector).cuda())
     assert out.final_box_dicts[0]["pred_boxes"].is_cuda
+
+
+@pytest.mark.parametrize("hard", [True, False])
+def test_compare_voxelization_check_takes_the_encoders_own_torch_path(hard):
+    """The voxelization check of the VoxelNeXt comparison compares the encoder with the path it
+    replaced for the same kind of voxelization: hard (P points, float32 keys, a per-frame cap) or dynamic."""
+    from voxsparse.benchmark.compare import _dynamic_mean_torch, _hard_mean_dense
+    from voxsparse.models.voxel_encoders import MeanVFE
+    from voxsparse.structures import PointBatch, VoxelGrid
+
+    grid = VoxelGrid((0.075, 0.075, 0.2), (-54.0, -54.0, -5.0, 54.0, 54.0, 3.0))
+    gen = torch.Generator().manual_seed(0)
+    # Clustered points so that voxels hold more than P of them, and a column that tanh changes.
+    frames = [torch.cat([torch.rand(3000, 3, generator=gen) * 0.3 + torch.tensor([1.0, 2.0, 0.0]),
+                         torch.rand(3000, 2, generator=gen) * 4], dim=1) for _ in range(2)]
+    points = PointBatch.from_frames(frames)
+    options = dict(max_points_per_voxel=4, max_voxels=30, quantization="float32") if hard else {}
+    encoder = MeanVFE(grid, 5, tanh_columns=(3,), **options).eval()
+    coords, features = (_hard_mean_dense if hard else _dynamic_mean_torch)(encoder, points)
+    out = encoder(points)
+    assert torch.equal(out.coords, coords)
+    torch.testing.assert_close(out.features, features)
+    if hard:
+        assert torch.bincount(coords[:, 0].long()).tolist() == [30, 30]  # the cap binds

@@ -13,6 +13,7 @@ from voxsparse.ops.voxelize import (
     Voxelizer,
     dynamic_voxelize,
     hard_voxelize,
+    hard_voxelize_mean,
     voxel_keys,
     voxelize_mean,
 )
@@ -298,7 +299,7 @@ def test_large_grid_keys_do_not_overflow():
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("max_points, max_voxels", [(3, None), (2, 15), (5, 1), (1, 1000)])
+@pytest.mark.parametrize("max_points, max_voxels", [(3, None), (2, 15), (5, 1), (2, 200), (1, 1000)])
 def test_hard_matches_reference(max_points, max_voxels, device):
     points = _cloud(EXACT_GRID, [400, 0, 250, 3], 6)
     out = hard_voxelize(points.to(device), EXACT_GRID, max_points, max_voxels)
@@ -321,6 +322,37 @@ def test_hard_is_deterministic_and_order_dependent_as_documented():
     c = hard_voxelize(shuffled, EXACT_GRID, 2, 20)
     keys, _, _ = _reference_hard(shuffled, EXACT_GRID, 2, 20)
     assert c.coords.tolist() == [list(k) for k in keys] and not torch.equal(a.coords, c.coords)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("max_points, max_voxels", [(3, None), (2, 15), (5, 1), (2, 200), (1, 1000), (4, 10_000)])
+def test_hard_mean_is_the_mean_of_the_reference_voxels(max_points, max_voxels, device):
+    """MeanVFE's hard path: the mean of the stored points of the loop reference, the cap binding
+    (15, 1) or not (200: more voxels than that in all frames, not in any one; 1000, 10000: fewer in all)."""
+    points = _cloud(EXACT_GRID, [400, 0, 250, 3], 6)
+    coords, means = hard_voxelize_mean(points.to(device), EXACT_GRID, max_points, max_voxels)
+    keys, dense, counts = _reference_hard(points, EXACT_GRID, max_points, max_voxels)
+    assert coords.dtype == torch.int32 and means.dtype == points.points.dtype
+    assert coords.cpu().tolist() == [list(k) for k in keys]
+    expected = dense.sum(axis=1) / np.asarray(counts, dtype=np.float64)[:, None]
+    torch.testing.assert_close(means.cpu().double(), torch.from_numpy(expected))
+
+
+@pytest.mark.parametrize("max_points, max_voxels", [(2, None), (3, 40), (10, 160000)])
+def test_hard_mean_float32_quantization_matches_loop(max_points, max_voxels):
+    points = _cloud(NUSCENES_GRID, [500, 300], 11)
+    coords, means = hard_voxelize_mean(points, NUSCENES_GRID, max_points, max_voxels, quantization="float32")
+    keys, dense, counts = _reference_hard_float32(points, NUSCENES_GRID, max_points, max_voxels)
+    assert coords.tolist() == [list(k) for k in keys]
+    expected = dense.astype(np.float64).sum(axis=1) / np.asarray(counts, dtype=np.float64)[:, None]
+    torch.testing.assert_close(means.double(), torch.from_numpy(expected), rtol=1e-6, atol=1e-6)
+
+
+def test_hard_mean_empty_and_invalid():
+    coords, means = hard_voxelize_mean(PointBatch.from_frames([torch.zeros(0, 5)]), EXACT_GRID, 4, 10)
+    assert coords.shape == (0, 4) and means.shape == (0, 5)
+    with pytest.raises(ValueError, match="caps must be >= 1"):
+        hard_voxelize_mean(PointBatch.from_frames([torch.zeros(1, 4)]), EXACT_GRID, 0)
 
 
 def test_hard_empty_and_invalid():

@@ -29,8 +29,9 @@ from voxsparse.convert.openpcdet import ours_to_openpcdet
 from voxsparse.models.backbones.dsvt import DSVTReferenceBackbone
 from voxsparse.models.detectors.sparse_detector import SparseDetector
 from voxsparse.models.fusion import fuse_for_inference
+from voxsparse.models.voxel_encoders import MeanVFE
 from voxsparse.ops.sparse_utils import linear_keys
-from voxsparse.ops.voxelize import voxelize_mean_torch
+from voxsparse.ops.voxelize import hard_voxelize, voxelize_mean_torch
 from voxsparse.structures import PointBatch, SparseBEV, SparseVoxels
 from voxsparse.utils.timing import Timing, measure_interleaved
 
@@ -88,6 +89,18 @@ def compare_with_openpcdet(
     return compare_voxelnext(model, voxels, points, root, alternation, train=train)
 
 
+def _dynamic_mean_torch(encoder: MeanVFE, points: PointBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    """A dynamic ``MeanVFE``'s output by the torch unique + scatter path (no Triton keys)."""
+    return voxelize_mean_torch(encoder.prepared(points), encoder.grid, encoder.quantization)
+
+
+def _hard_mean_dense(encoder: MeanVFE, points: PointBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    """A hard ``MeanVFE``'s output through the (M, P, D) voxels of :func:`hard_voxelize`, summed."""
+    cap = encoder.max_voxels_train if encoder.training else encoder.max_voxels
+    out = hard_voxelize(encoder.prepared(points), encoder.grid, encoder.max_points_per_voxel, cap, encoder.quantization)
+    return out.coords, out.voxels.sum(dim=1) / out.num_points.to(out.voxels.dtype)[:, None]
+
+
 def compare_voxelnext(
     model: SparseDetector, voxels: SparseVoxels, points: PointBatch, root: Path, alternation: Alternation,
     train: bool = False,
@@ -97,8 +110,8 @@ def compare_voxelnext(
 
     Returns:
         Parameter counts, output cell counts, the largest differences of the optimised outputs from
-        the layer-by-layer one (``inf`` where the cells differ), whether the voxelization gives the
-        voxels of the torch path it replaced, the detectors' numbers, and ``timings``.
+        the layer-by-layer one (``inf`` where the cells differ), whether the voxel encoder gives the
+        voxels of the torch path it replaced (the same kind of voxelization) and the largest difference, the detectors' numbers, and ``timings``.
     """
     device = voxels.features.device
     grid = model.grid
@@ -161,9 +174,13 @@ def compare_voxelnext(
         ours.zero_grad(set_to_none=True)
         theirs.zero_grad(set_to_none=True)
         ours.eval()
+    encoder = model.voxel_encoder
+    hard = getattr(encoder, "max_points_per_voxel", None) is not None
+    before = _hard_mean_dense if hard else _dynamic_mean_torch
+    name = f"hard, P = {encoder.max_points_per_voxel}" if hard else "dynamic"
     voxelize = {
-        "ours: dynamic voxelize + mean": lambda: model.voxel_encoder(points),
-        "ours: torch unique + scatter mean (before)": lambda: voxelize_mean_torch(points, grid),
+        f"ours: {name} voxelize + mean": lambda: encoder(points),
+        f"ours: {name} voxelize + mean, the torch path it replaced": lambda: before(encoder, points),
     }
     try:
         from spconv.pytorch.utils import PointToVoxel
@@ -175,8 +192,8 @@ def compare_voxelnext(
                            max_num_points_per_voxel=10, device=device)
         voxelize["spconv PointToVoxel (no mean)"] = lambda: gen(points.points)
     with torch.no_grad():
-        fast = model.voxel_encoder(points)
-        before_coords, before_features = voxelize_mean_torch(points, grid)
+        fast = encoder(points)
+        before_coords, before_features = before(encoder, points)
         same_voxels = torch.equal(fast.coords, before_coords)
         diff_voxelize = (fast.features - before_features).abs().max().item() if same_voxels else math.inf
         timings |= alternation.measure(voxelize, device)

@@ -250,6 +250,51 @@ def voxelize_mean_torch(
     return voxels.coords, sums / voxels.num_points.to(sums.dtype)[:, None]
 
 
+@dataclass
+class _HardSelection:
+    """Which points a hard voxelization stores, over all N input points (out-of-range points form a
+    last group M that is never stored).
+
+    Attributes:
+        order: (N,) input position of each point when sorted by voxel (stable: input order within a voxel).
+        voxel_of_sorted: (N,) voxel row of each sorted point (M for out of range).
+        rank: (N,) position of each sorted point within its voxel.
+        keep_voxel: (M,) bool voxels within the per-frame cap, or None when no frame can exceed it.
+    """
+
+    order: torch.Tensor
+    voxel_of_sorted: torch.Tensor
+    rank: torch.Tensor
+    keep_voxel: torch.Tensor | None
+
+
+def _hard_selection(dyn: DynamicVoxels, batch_size: int, max_voxels: int | None) -> _HardSelection:
+    num_voxels = len(dyn)
+    voxel_of_sorted, order = torch.sort(dyn.voxel_of_point, stable=True)
+    run_start = torch.zeros(num_voxels + 1, dtype=torch.int64, device=order.device)
+    torch.cumsum(dyn.num_points, 0, out=run_start[1:])
+    rank = torch.arange(order.shape[0], device=order.device) - run_start[voxel_of_sorted]
+    keep_voxel = None
+    # The voxel count is known on the host: at most max_voxels in all frames caps none of them.
+    if max_voxels is not None and num_voxels > max_voxels:
+        first_point = order[run_start[:num_voxels]]  # (M,) input position of each voxel's first point
+        frame = dyn.coords[:, 0].long()
+        # Sort voxels by (frame, first appearance); the rank within the frame decides.
+        by_appearance = torch.argsort(frame * max(order.shape[0], 1) + first_point)
+        per_frame = torch.bincount(frame, minlength=batch_size)
+        frame_start = torch.cumsum(per_frame, 0) - per_frame
+        voxel_rank = torch.empty_like(frame)
+        position = torch.arange(num_voxels, device=frame.device)
+        voxel_rank[by_appearance] = position - frame_start[frame[by_appearance]]
+        keep_voxel = voxel_rank < max_voxels
+    return _HardSelection(order, voxel_of_sorted, rank, keep_voxel)
+
+
+def _check_caps(max_points_per_voxel: int, max_voxels: int | None) -> None:
+    if max_points_per_voxel < 1 or (max_voxels is not None and max_voxels < 1):
+        raise ValueError(f"hard_voxelize: caps must be >= 1, got {max_points_per_voxel}, {max_voxels}")
+
+
 def hard_voxelize(
     points: PointBatch, grid: VoxelGrid, max_points_per_voxel: int, max_voxels: int | None = None,
     quantization: str = "float64",
@@ -269,41 +314,53 @@ def hard_voxelize(
     Returns:
         HardVoxels with ``voxels`` (M, P, D), D = ``points.num_features``, in the points' dtype.
     """
-    if max_points_per_voxel < 1 or (max_voxels is not None and max_voxels < 1):
-        raise ValueError(f"hard_voxelize: caps must be >= 1, got {max_points_per_voxel}, {max_voxels}")
+    _check_caps(max_points_per_voxel, max_voxels)
     dyn = dynamic_voxelize(points, grid, quantization)
-    kept_points = dyn.kept_rows(points.points)
-    device = kept_points.device
-    num_kept, num_voxels = len(kept_points), len(dyn)
-
-    # Stable sort by voxel: each voxel's points become one run, in input order.
-    voxel_of_sorted, order = torch.sort(dyn.point_to_voxel, stable=True)
-    run_start = torch.cumsum(dyn.num_points, 0) - dyn.num_points  # (M,)
-    rank = torch.arange(num_kept, device=device) - run_start[voxel_of_sorted]  # rank within the voxel
-
-    keep_voxel = torch.ones(num_voxels, dtype=torch.bool, device=device)
-    if max_voxels is not None:
-        first_point = order[run_start]  # (M,) input position of each voxel's first point
-        frame = dyn.coords[:, 0].long()
-        # Sort voxels by (frame, first appearance); the rank within the frame decides.
-        by_appearance = torch.argsort(frame * max(num_kept, 1) + first_point)
-        per_frame = torch.bincount(frame, minlength=points.batch_size)
-        frame_start = torch.cumsum(per_frame, 0) - per_frame
-        voxel_rank = torch.empty_like(frame)
-        position = torch.arange(num_voxels, device=device)
-        voxel_rank[by_appearance] = position - frame_start[frame[by_appearance]]
-        keep_voxel = voxel_rank < max_voxels
-
+    num_voxels = len(dyn)
+    sel = _hard_selection(dyn, points.batch_size, max_voxels)
+    in_range = sel.voxel_of_sorted < num_voxels
+    if sel.keep_voxel is None:
+        keep_voxel = torch.ones(num_voxels, dtype=torch.bool, device=in_range.device)
+        num_out = num_voxels
+    else:
+        keep_voxel = sel.keep_voxel
+        num_out = int(keep_voxel.sum())
     new_id = torch.cumsum(keep_voxel, 0) - 1  # renumbering that keeps the (b, z, y, x) order
-    stored = (rank < max_points_per_voxel) & keep_voxel[voxel_of_sorted]
-    num_out = int(keep_voxel.sum())
-    voxels = kept_points.new_zeros(num_out, max_points_per_voxel, kept_points.shape[1])
-    voxels[new_id[voxel_of_sorted[stored]], rank[stored]] = kept_points[order[stored]]
+    voxel = sel.voxel_of_sorted.clamp(max=max(num_voxels - 1, 0))
+    stored = in_range & (sel.rank < max_points_per_voxel) & keep_voxel[voxel] if num_voxels else in_range
+    voxels = points.points.new_zeros(num_out, max_points_per_voxel, points.num_features)
+    voxels[new_id[voxel[stored]], sel.rank[stored]] = points.points[sel.order[stored]]
     return HardVoxels(
         voxels=voxels,
         num_points=dyn.num_points[keep_voxel].clamp(max=max_points_per_voxel),
         coords=dyn.coords[keep_voxel],
     )
+
+
+def hard_voxelize_mean(
+    points: PointBatch, grid: VoxelGrid, max_points_per_voxel: int, max_voxels: int | None = None,
+    quantization: str = "float64",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The voxels of :func:`hard_voxelize` and the mean of each one's stored points (OpenPCDet's
+    ``MeanVFE`` over hard voxels), without building the (M, P, D) voxel tensor.
+
+    Returns:
+        coords (M, 4) int32 (b, z, y, x) sorted as :func:`hard_voxelize`'s, and features (M, D) in the
+        points' dtype: the mean of the first ``max_points_per_voxel`` points of each voxel in input
+        order. When no frame exceeds ``max_voxels`` nothing waits for the device after the unique.
+    """
+    _check_caps(max_points_per_voxel, max_voxels)
+    dyn = dynamic_voxelize(points, grid, quantization)
+    num_voxels = len(dyn)
+    sel = _hard_selection(dyn, points.batch_size, max_voxels)
+    # Each point's rank within its voxel, in input order; points past the cap join the dropped group.
+    rank = torch.empty_like(sel.rank).scatter_(0, sel.order, sel.rank)
+    target = torch.where(rank < max_points_per_voxel, dyn.voxel_of_point, num_voxels)
+    sums = scatter_sum(points.points, target, num_voxels + 1)[:num_voxels]
+    means = sums / dyn.num_points.clamp(max=max_points_per_voxel).to(sums.dtype)[:, None]
+    if sel.keep_voxel is None:
+        return dyn.coords, means
+    return dyn.coords[sel.keep_voxel], means[sel.keep_voxel]
 
 
 class Voxelizer(nn.Module):

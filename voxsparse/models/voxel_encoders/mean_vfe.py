@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from voxsparse.models.keys import KeyPair
-from voxsparse.ops.voxelize import check_quantization, hard_voxelize, voxelize_mean
+from voxsparse.ops.voxelize import check_quantization, hard_voxelize_mean, voxelize_mean
 from voxsparse.structures import PointBatch, SparseVoxels, VoxelGrid
 
 
@@ -67,20 +67,22 @@ class MeanVFE(nn.Module):
         if any(not 3 <= c < in_channels for c in self.tanh_columns):
             raise ValueError(f"MeanVFE.tanh_columns: feature columns in [3, {in_channels}), got {list(self.tanh_columns)}")
 
-    def forward(self, points: PointBatch) -> SparseVoxels:
+    def prepared(self, points: PointBatch) -> PointBatch:
+        """``points`` checked and with ``tanh_columns`` applied: what is voxelized."""
         _check_columns(self, points)
-        if self.tanh_columns:
-            p = points.points.clone()
-            p[:, self.tanh_columns] = torch.tanh(p[:, self.tanh_columns])
-            points = PointBatch(p, points.batch_index, points.batch_size)
+        if not self.tanh_columns:
+            return points
+        p = points.points.clone()
+        p[:, self.tanh_columns] = torch.tanh(p[:, self.tanh_columns])
+        return PointBatch(p, points.batch_index, points.batch_size)
+
+    def forward(self, points: PointBatch) -> SparseVoxels:
+        points = self.prepared(points)
         if self.max_points_per_voxel is None:
             coords, features = voxelize_mean(points, self.grid, self.quantization)
         else:
             cap = self.max_voxels_train if self.training else self.max_voxels
-            hard = hard_voxelize(points, self.grid, self.max_points_per_voxel, cap, self.quantization)
-            # Zero rows past each voxel's count: the sum over all P rows is the sum of its points.
-            coords = hard.coords
-            features = hard.voxels.sum(dim=1) / hard.num_points.clamp(min=1).to(hard.voxels.dtype)[:, None]
+            coords, features = hard_voxelize_mean(points, self.grid, self.max_points_per_voxel, cap, self.quantization)
         return SparseVoxels(coords, features, self.grid, points.batch_size)
 
     def openpcdet_keys(self) -> list[KeyPair]:
