@@ -268,7 +268,7 @@ def test_compare_voxelization_check_takes_the_encoders_own_torch_path(hard):
     frames = [torch.cat([torch.rand(3000, 3, generator=gen) * 0.3 + torch.tensor([1.0, 2.0, 0.0]),
                          torch.rand(3000, 2, generator=gen) * 4], dim=1) for _ in range(2)]
     points = PointBatch.from_frames(frames)
-    options = dict(max_points_per_voxel=4, max_voxels=30, quantization="float32") if hard else {}
+    options = {"max_points_per_voxel": 4, "max_voxels": 30, "quantization": "float32"} if hard else {}
     encoder = MeanVFE(grid, 5, tanh_columns=(3,), **options).eval()
     coords, features = (_hard_mean_dense if hard else _dynamic_mean_torch)(encoder, points)
     out = encoder(points)

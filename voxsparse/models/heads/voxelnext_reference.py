@@ -305,8 +305,7 @@ class VoxelNeXtReferenceHead(nn.Module):
     def assign_targets(self, pred: SparseCenterPredictions, annotations: Sequence[Annotations3D]) -> list[SparseGroupTargets]:
         """Per class group, the targets of every frame (OpenPCDet's ``assign_targets``)."""
         device = pred.coords.device
-        batch = pred.coords[:, 0].long()
-        frames = [torch.nonzero(batch == b).squeeze(1) for b in range(pred.batch_size)]
+        frames = self._rows_per_frame(pred)
         code_size = len(self.code_weights)
         targets = []
         for g, group in enumerate(self.class_groups):
@@ -456,8 +455,9 @@ class VoxelNeXtReferenceHead(nn.Module):
         in the model's class order."""
         found = [[] for _ in range(pred.batch_size)]
         first_class = 0
+        frames = self._rows_per_frame(pred)
         for g, (out, group) in enumerate(zip(pred.groups, self.class_groups)):
-            for b, (boxes, scores, classes, iou, rows) in enumerate(self._decode_group(out, pred)):
+            for b, (boxes, scores, classes, iou, rows) in enumerate(self._decode_group(out, pred, frames)):
                 found[b].append((boxes, scores, classes + first_class, iou, rows, torch.full_like(classes, g)))
             first_class += len(group)
         results = []
@@ -478,15 +478,22 @@ class VoxelNeXtReferenceHead(nn.Module):
                                         self.group_class_labels[classes[order]], query_xy=query))
         return results
 
-    def _decode_group(self, out: dict[str, torch.Tensor], pred: SparseCenterPredictions) -> list[tuple]:
-        """Per frame of one group: (boxes, scores, class in the groups' order minus the group's first,
-        rectification IoU or None, rows in ``pred``) above the score threshold in the centre range."""
-        hm = out["hm"].float().sigmoid()
+    @staticmethod
+    def _rows_per_frame(pred: SparseCenterPredictions) -> list[torch.Tensor]:
+        """Each frame's rows in ``pred``, ascending: read once, shared by the class groups."""
         batch = pred.coords[:, 0].long()
+        return [torch.nonzero(batch == b).squeeze(1) for b in range(pred.batch_size)]
+
+    def _decode_group(
+        self, out: dict[str, torch.Tensor], pred: SparseCenterPredictions, frames: list[torch.Tensor]
+    ) -> list[tuple]:
+        """Per frame of one group: (boxes, scores, class in the groups' order minus the group's first,
+        rectification IoU or None, rows in ``pred``) above the score threshold in the centre range.
+        ``frames``: each frame's rows in ``pred``, ascending."""
+        hm = out["hm"].float().sigmoid()
         limit = _f32(self.post_center_limit_range, hm.device)
         decoded = []
-        for b in range(pred.batch_size):
-            cells = torch.nonzero(batch == b).squeeze(1)
+        for cells in frames:
             score = hm[cells].T  # (C, Mb)
             per_class = min(self.max_obj_per_sample, score.shape[1])
             top_scores, top_cells = torch.topk(score, per_class)
@@ -496,9 +503,10 @@ class VoxelNeXtReferenceHead(nn.Module):
             boxes = self._boxes(out, pred, rows)
             keep = (boxes[:, :3] >= limit[:3]).all(1) & (boxes[:, :3] <= limit[3:]).all(1)
             keep &= scores > self.score_threshold
-            iou = (out["iou"][rows[keep], 0].float() + 1) * 0.5 if self.with_iou else None
-            decoded.append((boxes[keep], scores[keep], classes[keep], None if iou is None else iou.clamp(0, 1),
-                            rows[keep]))
+            keep = keep.nonzero().squeeze(1)  # one host read for the five selections
+            boxes, scores, classes, rows = boxes[keep], scores[keep], classes[keep], rows[keep]
+            iou = (out["iou"][rows, 0].float() + 1) * 0.5 if self.with_iou else None
+            decoded.append((boxes, scores, classes, None if iou is None else iou.clamp(0, 1), rows))
         return decoded
 
     def _rectify_and_nms(

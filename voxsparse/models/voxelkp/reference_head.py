@@ -311,7 +311,7 @@ class VoxelKPReferenceHead(VoxelNeXtReferenceHead):
         device = pred.coords.device
         low, size = _f32(pred.grid.point_cloud_range[:2], device), _f32(pred.grid.voxel_size[:2], device)
         results = []
-        for boxes, scores, classes, iou, rows in self._decode_group(out, pred):
+        for boxes, scores, classes, iou, rows in self._decode_group(out, pred, self._rows_per_frame(pred)):
             boxes, scores, classes, rows = self._rectify_and_nms(boxes, scores, classes, iou, rows)
             order = scores.argsort(descending=True, stable=True)
             boxes, scores, classes, rows = boxes[order], scores[order], classes[order], rows[order]
