@@ -186,3 +186,24 @@ def test_sync_batchnorm_function_matches_batchnorm_on_one_rank(tmp_path):
         torch.testing.assert_close(g, r)
     for s, r in zip(stats, ref_stats):
         torch.testing.assert_close(s, r)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_training_step_uses_fused_adamw_equal_to_the_default(frames, tmp_path):
+    """On CUDA the trainer's AdamW is the fused kernel; its step equals the per-tensor AdamW's."""
+    info = DistInfo(device=torch.device("cuda"))
+    data = DetectionDataset(frames[:2], RANGE, [GlobalAugment()], seed=0)
+    cfg = TrainerConfig(epochs=1, batch_size=2, num_workers=0, grad_clip=0.0, sync_bn=False, tensorboard=False,
+                        amp=False)
+    trainer = Trainer(_model().cuda(), data, cfg, tmp_path, info, config_dict={})
+    assert trainer.optimizer.defaults["fused"]
+    start = {name: p.detach().clone() for name, p in trainer.model.named_parameters()}
+    group = trainer.optimizer.param_groups[0]  # the first step's rate and betas (one-cycle's start)
+    reference = torch.optim.AdamW(list(start.values()), lr=group["lr"], betas=group["betas"],
+                                  weight_decay=group["weight_decay"], foreach=True)
+    trainer.fit()
+    for value, (_, p) in zip(start.values(), trainer.model.named_parameters()):
+        value.grad = p.grad.detach().clone()
+    reference.step()
+    for (name, p), expected in zip(trainer.model.named_parameters(), start.values()):
+        torch.testing.assert_close(p.detach(), expected, rtol=1e-5, atol=1e-6, msg=name)

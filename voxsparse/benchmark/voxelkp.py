@@ -170,7 +170,7 @@ class VoxelKPSpeedOptions:
 
 def training_step(model: nn.Module, batch, amp: bool):
     """One training step as the trainer takes it: loss, backward, AdamW step; returns the step function."""
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=next(model.parameters()).is_cuda)  # as the trainer
     scaler = torch.amp.GradScaler("cuda", enabled=amp)
 
     def step() -> None:
