@@ -271,12 +271,12 @@ class _HardSelection:
 def _hard_selection(dyn: DynamicVoxels, batch_size: int, max_voxels: int | None) -> _HardSelection:
     num_voxels = len(dyn)
     voxel_of_sorted, order = torch.sort(dyn.voxel_of_point, stable=True)
-    run_start = torch.zeros(num_voxels + 1, dtype=torch.int64, device=order.device)
-    torch.cumsum(dyn.num_points, 0, out=run_start[1:])
+    run_start = torch.cat([dyn.num_points.new_zeros(1), torch.cumsum(dyn.num_points, 0)])  # (M + 1,)
     rank = torch.arange(order.shape[0], device=order.device) - run_start[voxel_of_sorted]
     keep_voxel = None
-    # The voxel count is known on the host: at most max_voxels in all frames caps none of them.
-    if max_voxels is not None and num_voxels > max_voxels:
+    # The voxel count is known on the host: at most max_voxels in all frames caps none of them (a
+    # traced program cannot branch on the count, so it always applies the cap).
+    if max_voxels is not None and (torch.compiler.is_compiling() or num_voxels > max_voxels):
         first_point = order[run_start[:num_voxels]]  # (M,) input position of each voxel's first point
         frame = dyn.coords[:, 0].long()
         # Sort voxels by (frame, first appearance); the rank within the frame decides.
@@ -318,18 +318,18 @@ def hard_voxelize(
     dyn = dynamic_voxelize(points, grid, quantization)
     num_voxels = len(dyn)
     sel = _hard_selection(dyn, points.batch_size, max_voxels)
-    in_range = sel.voxel_of_sorted < num_voxels
     if sel.keep_voxel is None:
-        keep_voxel = torch.ones(num_voxels, dtype=torch.bool, device=in_range.device)
+        keep_voxel = torch.ones(num_voxels, dtype=torch.bool, device=sel.order.device)
         num_out = num_voxels
     else:
         keep_voxel = sel.keep_voxel
         num_out = int(keep_voxel.sum())
     new_id = torch.cumsum(keep_voxel, 0) - 1  # renumbering that keeps the (b, z, y, x) order
-    voxel = sel.voxel_of_sorted.clamp(max=max(num_voxels - 1, 0))
-    stored = in_range & (sel.rank < max_points_per_voxel) & keep_voxel[voxel] if num_voxels else in_range
+    # One more entry for the out-of-range group M, never kept.
+    keep_or_out = torch.cat([keep_voxel, keep_voxel.new_zeros(1)])
+    stored = (sel.rank < max_points_per_voxel) & keep_or_out[sel.voxel_of_sorted]
     voxels = points.points.new_zeros(num_out, max_points_per_voxel, points.num_features)
-    voxels[new_id[voxel[stored]], sel.rank[stored]] = points.points[sel.order[stored]]
+    voxels[new_id[sel.voxel_of_sorted[stored]], sel.rank[stored]] = points.points[sel.order[stored]]
     return HardVoxels(
         voxels=voxels,
         num_points=dyn.num_points[keep_voxel].clamp(max=max_points_per_voxel),
