@@ -111,7 +111,8 @@ def compare_voxelnext(
     Returns:
         Parameter counts, output cell counts, the largest differences of the optimised outputs from
         the layer-by-layer one (``inf`` where the cells differ), whether the voxel encoder gives the
-        voxels of the torch path it replaced (the same kind of voxelization) and the largest difference, the detectors' numbers, and ``timings``.
+        voxels of the torch path it replaced (the same kind of voxelization) and the largest
+        difference of the means, the detectors' numbers, and ``timings``.
     """
     device = voxels.features.device
     grid = model.grid
